@@ -1,0 +1,24 @@
+"""billing: bills a Flask SaaS's usage to Stripe Billing meter events, exactly once, after the fact.
+
+`create_app()` builds the Flask app (`flask --app billing billing --help`), `Billing(app)` adopts an
+existing one, and `billing.celery_app` is the Celery app configured from `celeryconfig.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Billing", "celery_app", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `import billing.config` (e.g. from celeryconfig.py) stays cheap and cycle-free.
+    if name in ("create_app", "Billing"):
+        from billing import app
+
+        return getattr(app, name)
+    if name == "celery_app":
+        from billing.celery_app import celery_app
+
+        return celery_app
+    raise AttributeError(f"module 'billing' has no attribute {name!r}")

@@ -1,0 +1,180 @@
+"""`flask billing ...`: thin commands over the service layer; names and flags follow the guide."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from flask.cli import AppGroup
+
+from billing import db, logs
+from billing.app import current_runtime
+from billing.config import ConfigError
+from billing.locks import LockUnavailableError
+from billing.runtime import Runtime
+from billing.stripe_gateway import StripeGatewayError
+from billing.usage import FlushResult, TransientFlushError
+
+billing_cli = AppGroup("billing", help="Stripe usage billing: flush, checks, and maintenance.")
+
+# Errors an operator can act on: shown as one line and a non-zero exit, not a traceback.
+OPERATOR_ERRORS = (ConfigError, LockUnavailableError, StripeGatewayError, TransientFlushError)
+
+
+def runtime() -> Runtime:
+    """The app's runtime, with logging configured; a config error becomes a clean exit 1."""
+    try:
+        rt = current_runtime()
+        logs.configure_logging(rt.settings.log_level, rt.settings.log_format)
+    except ConfigError as error:
+        raise click.ClickException(f"configuration error: {error}") from error
+    return rt
+
+
+@contextmanager
+def operator_errors() -> Iterator[None]:
+    try:
+        yield
+    except OPERATOR_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+
+
+def emit(payload: dict[str, Any], summary: str | None = None) -> None:
+    """JSON on stdout for scripts; a one-line summary too when a person is watching."""
+    click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    if summary and sys.stdout.isatty():
+        click.echo(summary, err=True)
+
+
+def flush_summary(result: FlushResult) -> str:
+    if not result.enabled:
+        return "billing disabled (STRIPE_BILLING_ENABLED is not 1): nothing sent"
+    if result.skipped:
+        return "skipped: another flush holds the lock"
+    if result.blocked:
+        return "blocked by the contract checks: " + ", ".join(
+            f["check"] for f in result.contract_failures
+        )
+    return (
+        f"claimed {result.events_claimed} events in {result.batches} batch(es); "
+        f"sent {result.submissions_sent}, failed {result.submissions_failed}, "
+        f"pending {result.submissions_pending}, held {result.submissions_held}; "
+        f"billed {result.billed_value}; unbillable {result.unbillable}; "
+        f"{result.duration_seconds:.2f}s"
+    )
+
+
+def progress_printer() -> Callable[[FlushResult], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(result: FlushResult) -> None:
+        click.echo(
+            f"\rbatch {result.batches}: {result.events_claimed} events claimed, "
+            f"{result.submissions_sent} submissions sent",
+            err=True,
+            nl=False,
+        )
+
+    return show
+
+
+def finish_flush(result: FlushResult) -> None:
+    emit(result.to_dict(), flush_summary(result))
+    if not result.ok:
+        sys.exit(1)
+
+
+@billing_cli.command("flush_now")
+@click.option("--org-id", type=int, default=None, help="Flush one organization only.")
+def flush_now_command(org_id: int | None) -> None:
+    """Run one flush pass immediately (no lock, no retries)."""
+    from billing.services import flush_once
+
+    rt = runtime()
+    with operator_errors():
+        result = flush_once(rt, organization_id=org_id, on_progress=progress_printer())
+    finish_flush(result)
+
+
+@billing_cli.command("flush_hourly")
+def flush_hourly_command() -> None:
+    """The hourly flush: under the overlap lock, 3 attempts with exponential backoff."""
+    from billing.services import flush_with_retries
+
+    rt = runtime()
+    try:
+        with operator_errors():
+            result = flush_with_retries(rt, on_progress=progress_printer())
+    except click.ClickException as error:
+        cause = error.__cause__
+        if isinstance(cause, TransientFlushError):
+            emit(cause.result.to_dict(), flush_summary(cause.result))
+        raise
+    finish_flush(result)
+
+
+@billing_cli.command("enqueue_hourly")
+def enqueue_hourly_command() -> None:
+    """Queue the hourly flush as a Celery task on STRIPE_BILLING_QUEUE; prints the task id."""
+    from billing.tasks import enqueue_hourly_flush
+
+    rt = runtime()
+    with operator_errors():
+        task_id = enqueue_hourly_flush(rt.settings)
+    emit({"task_id": task_id, "queue": rt.settings.billing_queue})
+
+
+@billing_cli.command("seed_demo")
+@click.option("--orgs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--events", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--hours", type=click.IntRange(min=1, max=24 * 30), default=3, show_default=True)
+@click.option("--seed", type=int, default=None, help="Random seed, for repeatable demos.")
+def seed_demo_command(orgs: int, events: int, hours: int, seed: int | None) -> None:
+    """Create demo meters, customers, billing accounts and random events (test mode only)."""
+    from billing.demo import seed_demo
+
+    rt = runtime()
+    with operator_errors():
+        made = seed_demo(rt, orgs=orgs, events=events, hours=hours, seed=seed)
+    emit(made, f"seeded {made['events']} events for {len(made['organizations'])} organizations")
+
+
+@billing_cli.group("db")
+def db_cli() -> None:
+    """Database migrations (Alembic)."""
+
+
+@db_cli.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade_command(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    rt = runtime()
+    db.upgrade(rt.engine, revision)
+    click.echo(f"database at {db.current_revision(rt.engine)}")
+
+
+@db_cli.command("downgrade")
+@click.argument("revision")
+def db_downgrade_command(revision: str) -> None:
+    """Revert migrations down to REVISION (`base` removes every billing table)."""
+    rt = runtime()
+    db.downgrade(rt.engine, revision)
+    click.echo(f"database at {db.current_revision(rt.engine)}")
+
+
+@db_cli.command("current")
+def db_current_command() -> None:
+    """Print the applied and the head revision."""
+    rt = runtime()
+    click.echo(f"current {db.current_revision(rt.engine)} head {db.head_revision()}")
+
+
+@billing_cli.command("config")
+def config_command() -> None:
+    """Print the effective settings, secrets masked."""
+    emit(runtime().settings.masked())

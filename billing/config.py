@@ -1,0 +1,262 @@
+"""Settings read from the environment: the only module that reads billing configuration.
+
+Every variable of the operations guide is here with its documented default. A bad value raises one
+`ConfigError` naming the variable and the value, so a misconfigured worker fails at start-up rather
+than half-way through a flush.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BOOKING_URL = "https://cal.com/andreas-duess-fd/fishdog-demo"
+DEFAULT_DATABASE_URL = "sqlite:///billing.db"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_FLUSH_LOCK_KEY = "billing:stripe-usage-flush:lock"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_KEY_PREFIX = re.compile(r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_)")
+SECRET_FIELDS = frozenset({"stripe_secret_key", "stripe_webhook_secret"})
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or has a value that cannot be used."""
+
+
+def mask_secret(value: str | None) -> str:
+    """`sk_test_…1234`: enough to tell keys apart in logs, never enough to use one."""
+    if not value:
+        return "<unset>"
+    match = _KEY_PREFIX.match(value)
+    prefix = match.group(0) if match else ""
+    return f"{prefix}…{value[-4:]}" if len(value) - len(prefix) >= 12 else f"{prefix}…"
+
+
+def mask_url_password(url: str | None) -> str | None:
+    """Hide the password of a connection URL (`redis://:secret@host` → `redis://:***@host`)."""
+    if not url or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    if ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class _Env:
+    """Typed reads of one environment mapping; every error names the variable and its value."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.environ.get(name)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be one of 1/0/true/false/yes/no, got {value!r}")
+
+    def int(self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name} must be {bounds}, got {value!r}")
+        return number
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if number < minimum or number != number:  # NaN compares unequal to itself
+            raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name) or default
+        if value.lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+
+def parse_meter_map(name: str, value: str | None) -> dict[str, str]:
+    """`api_call,storage=storage_gb_hours` → {event_type: Stripe meter event_name}."""
+    meters: dict[str, str] = {}
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        event_type, _, event_name = item.partition("=")
+        event_type, event_name = event_type.strip(), (event_name.strip() or event_type.strip())
+        if not event_type or len(event_name) > 100 or " " in event_name:
+            raise ConfigError(
+                f"{name} has an invalid entry {item!r} (want type or type=event_name)"
+            )
+        meters[event_type] = event_name
+    return meters
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Billing configuration. Build it with `Settings.from_env()`; tests use `.replace(...)`."""
+
+    billing_enabled: bool = False
+    stripe_secret_key: str | None = field(default=None, repr=False)
+    stripe_webhook_secret: str | None = field(default=None, repr=False)
+    stripe_api_base: str | None = None
+    stripe_max_network_retries: int = 2
+    stripe_meter_event_rate_per_second: float = 20.0
+    stripe_meters: dict[str, str] = field(default_factory=dict)
+
+    billing_queue: str = "default"
+    flush_lock_key: str = DEFAULT_FLUSH_LOCK_KEY
+    flush_lock_ttl_seconds: int = 3300
+    flush_lock_backend: str = "redis"
+    flush_batch_size: int = 5000
+    submit_concurrency: int = 8
+    resend_window_hours: int = 23
+
+    validate_contract_before_flush: bool = True
+    contract_lookback_days: int = 30
+    contract_require_zeitgeist: bool = False
+    contract_fail_closed: bool = False
+    contract_zeitgeist_max_age_hours: int = 24
+
+    saas_workspace_booking_url: str = DEFAULT_BOOKING_URL
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    celery_broker_url: str = DEFAULT_REDIS_URL
+    celery_result_backend: str | None = None
+    broker_visibility_timeout_seconds: int = 7200
+
+    retry_backoff_seconds: float = 2.0
+    retry_backoff_max_seconds: float = 600.0
+    task_max_retries: int = 5
+
+    log_level: str = "INFO"
+    log_format: str = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        secret_key = env.str("STRIPE_SECRET_KEY")
+        redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL
+        lock_ttl = env.int("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", 3300, minimum=1)
+        settings = cls(
+            billing_enabled=env.bool("STRIPE_BILLING_ENABLED", False),
+            stripe_secret_key=secret_key,
+            stripe_webhook_secret=env.str("STRIPE_WEBHOOK_SECRET"),
+            stripe_api_base=env.str("STRIPE_API_BASE"),
+            stripe_max_network_retries=env.int("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0),
+            # Test mode allows 25 requests/s for all calls, live 1,000 meter events/s: stay below.
+            stripe_meter_event_rate_per_second=env.float(
+                "STRIPE_METER_EVENT_RATE_PER_SECOND",
+                900.0 if (secret_key or "").startswith(("sk_live_", "rk_live_")) else 20.0,
+                minimum=0.1,
+            ),
+            stripe_meters=parse_meter_map(
+                "STRIPE_BILLING_METERS", env.str("STRIPE_BILLING_METERS")
+            ),
+            billing_queue=env.str("STRIPE_BILLING_QUEUE", "default") or "default",
+            flush_lock_key=env.str("STRIPE_USAGE_FLUSH_LOCK_KEY", DEFAULT_FLUSH_LOCK_KEY)
+            or DEFAULT_FLUSH_LOCK_KEY,
+            flush_lock_ttl_seconds=lock_ttl,
+            flush_lock_backend=env.choice(
+                "STRIPE_USAGE_FLUSH_LOCK_BACKEND", "redis", ("redis", "file")
+            ),
+            flush_batch_size=env.int("STRIPE_USAGE_FLUSH_BATCH_SIZE", 5000, maximum=100_000),
+            submit_concurrency=env.int("STRIPE_USAGE_SUBMIT_CONCURRENCY", 8, maximum=256),
+            resend_window_hours=env.int("STRIPE_USAGE_RESEND_WINDOW_HOURS", 23, maximum=23),
+            validate_contract_before_flush=env.bool(
+                "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH", True
+            ),
+            contract_lookback_days=env.int("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", 30),
+            contract_require_zeitgeist=env.bool("STRIPE_BILLING_CONTRACT_REQUIRE_ZEITGEIST", False),
+            contract_fail_closed=env.bool("STRIPE_BILLING_CONTRACT_FAIL_CLOSED", False),
+            contract_zeitgeist_max_age_hours=env.int(
+                "STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", 24
+            ),
+            saas_workspace_booking_url=env.str("SAAS_WORKSPACE_BOOKING_URL", DEFAULT_BOOKING_URL)
+            or DEFAULT_BOOKING_URL,
+            database_url=env.str("DATABASE_URL", DEFAULT_DATABASE_URL) or DEFAULT_DATABASE_URL,
+            redis_url=redis_url,
+            celery_broker_url=env.str("CELERY_BROKER_URL", redis_url) or redis_url,
+            celery_result_backend=env.str("CELERY_RESULT_BACKEND"),
+            # Redis redelivers an unacked (acks_late) task after this: it must outlast the lock
+            # TTL and the longest flush, or a second worker starts the same flush.
+            broker_visibility_timeout_seconds=env.int(
+                "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", max(7200, lock_ttl + 3600)
+            ),
+            retry_backoff_seconds=env.float("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", 2.0),
+            retry_backoff_max_seconds=env.float("STRIPE_BILLING_RETRY_BACKOFF_MAX_SECONDS", 600.0),
+            task_max_retries=env.int("STRIPE_BILLING_TASK_MAX_RETRIES", 5, minimum=0),
+            log_level=env.choice(
+                "BILLING_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ).upper(),
+            log_format=env.choice("BILLING_LOG_FORMAT", "auto", ("auto", "json", "text")),
+        )
+        if settings.broker_visibility_timeout_seconds <= settings.flush_lock_ttl_seconds:
+            raise ConfigError(
+                "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed "
+                f"STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS ({settings.flush_lock_ttl_seconds}), got "
+                f"{settings.broker_visibility_timeout_seconds!r}"
+            )
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def stripe_live_mode(self) -> bool:
+        return (self.stripe_secret_key or "").startswith(("sk_live_", "rk_live_"))
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict safe to print or log."""
+        shown: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in SECRET_FIELDS:
+                value = mask_secret(value)
+            elif item.name.endswith(("_url", "_backend")) and isinstance(value, str):
+                value = mask_url_password(value)
+            shown[item.name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.masked().items())
+        return f"Settings({fields})"
+
+    __str__ = __repr__
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    return Settings.from_env(environ)

@@ -1,0 +1,114 @@
+"""Structured logging: JSON lines with stable field names, and the guide's messages as constants.
+
+The messages are a public interface (dashboards and alerts filter on them): change none of them.
+Structured fields go in `extra=` (`organization_id`, `idempotency_key`, `event_id`, `task_id`,
+counts, `duration_ms`); `bind()` adds fields to every record logged inside its block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+LOGGER_NAME = "billing"
+
+# Usage flush
+FLUSH_STARTED = "Stripe usage flush started"
+FLUSH_NO_PENDING = "Stripe usage flush found no pending events"
+FLUSH_COMPLETED = "Stripe usage flush completed"
+FLUSH_BATCH_STARTED = "Stripe usage flush batch started"
+FLUSH_BATCH_COMPLETED = "Stripe usage flush batch completed"
+# Meter submission
+METER_SUBMIT_ATTEMPT = "Stripe meter event submit attempt"
+METER_SUBMIT_FAILED = "Stripe meter event submit failed"
+METER_SUBMIT_SUCCEEDED = "Stripe meter event submit succeeded"
+# Webhook ingest and processing
+WEBHOOK_ACCEPTED = "Stripe webhook accepted and queued"
+WEBHOOK_DUPLICATE = "Stripe webhook duplicate ignored"
+WEBHOOK_PROCESSING_STARTED = "Stripe webhook processing started"
+WEBHOOK_EVENT_IGNORED = "Stripe webhook event ignored"
+WEBHOOK_PROCESSING_COMPLETED = "Stripe webhook processing completed"
+WEBHOOK_ALREADY_PROCESSED = "Stripe webhook processing skipped (already processed)"
+# invoice.created adjustments
+INVOICE_ADJUSTMENTS_APPLIED = "Stripe invoice.created billing adjustments applied"
+
+# Besides the guide's: operator-facing messages of this package.
+FLUSH_SKIPPED_LOCKED = "Stripe usage flush skipped: another flush holds the lock"
+FLUSH_DISABLED = "Stripe usage flush skipped: STRIPE_BILLING_ENABLED is not 1"
+FLUSH_BLOCKED = "Stripe usage flush blocked by failed contract validation"
+FLUSH_CONTRACT_WARNING = "Stripe usage flush contract validation failed; flushing anyway"
+FLUSH_UNBILLABLE = "Stripe usage flush left unbillable events pending"
+FLUSH_HELD = "Stripe usage submission held for reconciliation"
+
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "billing_log_context", default=None
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` or `bind()`.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add fields (e.g. task_id, task_name) to every billing record logged inside the block."""
+    token = _context.set({**(_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in (_context.get() or {}).items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal: the message, then its fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS}
+        if extras:
+            line += " " + " ".join(f"{key}={value}" for key, value in extras.items())
+        return line
+
+
+def json_formatter() -> logging.Formatter:
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "timestamp", "levelname": "level", "name": "logger"},
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+
+
+def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
+    """Send the `billing` logger to `stream` (stderr) as JSON lines, or text on a TTY."""
+    stream = stream or sys.stderr
+    use_text = fmt == "text" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        TextFormatter("%(asctime)s %(levelname)s %(message)s") if use_text else json_formatter()
+    )
+    handler.addFilter(ContextFilter())
+    logger = get_logger()
+    for old in list(logger.handlers):
+        if getattr(old, "_billing_handler", False):
+            logger.removeHandler(old)
+    handler._billing_handler = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

@@ -1,0 +1,210 @@
+"""SQLAlchemy models. The schema itself is created by the Alembic chain in `billing/migrations`."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identity columns.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, also on SQLite (which stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: billing stores timezone-aware UTC only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SubmissionStatus(enum.StrEnum):
+    PENDING = "pending"  # claimed and written, not yet confirmed by Stripe
+    SENT = "sent"  # Stripe accepted it (or already had its identifier)
+    FAILED = "failed"  # Stripe refused it permanently; the error is kept
+    HELD = "held"  # unsent past Stripe's identifier window: reconcile before re-sending
+
+
+class WebhookStatus(enum.StrEnum):
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+class BillableEvent(Base):
+    """The upstream table: written by the product, read (and claimed) by billing."""
+
+    __tablename__ = "billable_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    source: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Billing-owned: which outbox row claimed this event, and when.
+    usage_submission_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT")
+    )
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # The flush scans only unclaimed rows; a partial index keeps that scan small forever.
+        Index(
+            "ix_billable_events_unclaimed",
+            "occurred_at",
+            "organization_id",
+            postgresql_where=text("usage_submission_id IS NULL"),
+            sqlite_where=text("usage_submission_id IS NULL"),
+        ),
+        Index("ix_billable_events_usage_submission_id", "usage_submission_id"),
+        Index("ix_billable_events_organization_id_occurred_at", "organization_id", "occurred_at"),
+    )
+
+
+class BillingAccount(Base):
+    __tablename__ = "billing_accounts"
+
+    organization_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
+    subscription_status: Mapped[str | None] = mapped_column(String(32))
+    current_period_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    current_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+
+class UsageSubmission(Base):
+    """The outbox: one meter event sent, or still to send, to Stripe."""
+
+    __tablename__ = "usage_submissions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    stripe_customer_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    event_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    identifier: Mapped[str] = mapped_column(String(100), nullable=False, unique=True)
+    status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=SubmissionStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def idempotency_key(self) -> str:
+        """Derived from the outbox row, so every retry of it is the same request to Stripe."""
+        return f"billing-usage-{self.identifier}"
+
+    __table_args__ = (
+        Index(
+            "ix_usage_submissions_unsent",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_usage_submissions_organization_id_window_start", "organization_id", "window_start"
+        ),
+    )
+
+
+class WebhookEvent(Base):
+    """Every accepted Stripe delivery, stored once per Stripe event id."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stripe_event_id: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    type: Mapped[str] = mapped_column(String(255), nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=WebhookStatus.RECEIVED.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_traceback: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    __table_args__ = (Index("ix_webhook_events_status_received_at", "status", "received_at"),)
+
+
+class Entitlement(Base):
+    __tablename__ = "entitlements"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    lookup_key: Mapped[str] = mapped_column(String(80), nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    source: Mapped[str] = mapped_column(String(64), nullable=False, default="stripe")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    __table_args__ = (UniqueConstraint("organization_id", "lookup_key"),)

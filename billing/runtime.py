@@ -1,0 +1,75 @@
+"""The process-wide handles (engine, sessions, Redis, Stripe gateway) built from one Settings.
+
+Flask keeps one in `app.extensions["billing"]`; a Celery worker process builds its own on first use.
+Handles are created lazily so that `--help` and config errors never need a database or Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import db
+from billing.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    import redis
+
+    from billing.stripe_gateway import StripeGateway
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.make_engine(self.settings.database_url)
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return db.make_session_factory(self.engine)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        import redis
+
+        return redis.Redis.from_url(
+            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30
+        )
+
+    @cached_property
+    def stripe(self) -> StripeGateway:
+        from billing.stripe_gateway import StripeGateway
+
+        return StripeGateway.from_settings(self.settings)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        if "redis" in self.__dict__:
+            self.redis.close()
+
+
+_process_runtime: Runtime | None = None
+_process_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The runtime of this (worker) process, built from the environment on first use."""
+    global _process_runtime
+    with _process_lock:
+        if _process_runtime is None:
+            _process_runtime = Runtime(load_settings())
+        return _process_runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime for this process (tests, or a Flask app that also runs tasks eagerly)."""
+    global _process_runtime
+    with _process_lock:
+        _process_runtime = runtime

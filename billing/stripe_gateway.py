@@ -1,0 +1,251 @@
+"""The only module that calls Stripe.
+
+It owns the `StripeClient` (pointed at `STRIPE_API_BASE` when set, e.g. the local emulator), a
+client-side rate limit under Stripe's, and the translation of Stripe's errors into the two kinds the
+rest of billing cares about: transient (retry later, same request) and permanent (record, move on).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import stripe
+
+from billing.config import Settings
+
+DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
+
+
+class StripeGatewayError(Exception):
+    """A Stripe call failed; `transient` says whether repeating the same request may succeed."""
+
+    transient = False
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class TransientStripeError(StripeGatewayError):
+    transient = True
+
+
+class PermanentStripeError(StripeGatewayError):
+    transient = False
+
+
+class LiveKeyRefusedError(PermanentStripeError):
+    """A test-mode-only operation (seeding, smoke checks) was given a live key."""
+
+
+class MeterEventOutcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # Stripe already has this identifier: delivered earlier
+
+
+@dataclass(frozen=True)
+class MeterEvent:
+    event_name: str
+    stripe_customer_id: str
+    value: int
+    timestamp: datetime
+    identifier: str
+    idempotency_key: str
+
+
+class RateLimiter:
+    """A token bucket shared by the threads of one process: keeps us under Stripe's ceiling."""
+
+    def __init__(self, rate_per_second: float, burst: float | None = None) -> None:
+        self.rate = rate_per_second
+        self.capacity = burst if burst is not None else max(1.0, rate_per_second / 10)
+        self._tokens = self.capacity
+        self._updated = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                wait = (1 - self._tokens) / self.rate
+            time.sleep(wait)
+
+
+class _RequestsClient(stripe.RequestsClient):
+    """stripe-python's HTTP client with its network-retry delay capped by our backoff setting.
+
+    Production keeps the library's delays (0.5 s doubling to 5 s); tests set a near-zero backoff.
+    """
+
+    def __init__(self, initial_delay: float) -> None:
+        super().__init__()
+        self.initial_delay = min(stripe.HTTPClient.INITIAL_DELAY, initial_delay)
+
+    def _sleep_time_seconds(self, num_retries: int) -> float:
+        delay = min(self.initial_delay * 2 ** (num_retries - 1), stripe.HTTPClient.MAX_DELAY)
+        return max(self.initial_delay, self._add_jitter_time(delay))
+
+
+def translate_error(error: stripe.StripeError) -> StripeGatewayError:
+    status = error.http_status
+    code = (getattr(error.error, "code", None) if error.error else None) or error.code
+    message = f"{type(error).__name__}: {error.user_message or error}"
+    if isinstance(error, stripe.RateLimitError | stripe.APIConnectionError | stripe.APIError):
+        return TransientStripeError(message, status=status, code=code)
+    if status is not None and (status >= 500 or status in (409, 429)):
+        return TransientStripeError(message, status=status, code=code)
+    return PermanentStripeError(message, status=status, code=code)
+
+
+class StripeGateway:
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        *,
+        live_mode: bool,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.client = client
+        self.live_mode = live_mode
+        self.rate_limiter = rate_limiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StripeGateway:
+        if not settings.stripe_secret_key:
+            raise PermanentStripeError("STRIPE_SECRET_KEY is not set")
+        base = settings.stripe_api_base
+        addresses: Any = (
+            {"api": base, "meter_events": base, "files": base, "connect": base} if base else None
+        )
+        client = stripe.StripeClient(
+            settings.stripe_secret_key,
+            base_addresses=addresses,
+            max_network_retries=settings.stripe_max_network_retries,
+            http_client=_RequestsClient(settings.retry_backoff_seconds),
+        )
+        return cls(
+            client,
+            live_mode=settings.stripe_live_mode,
+            rate_limiter=RateLimiter(settings.stripe_meter_event_rate_per_second),
+        )
+
+    def require_test_mode(self, purpose: str) -> None:
+        if self.live_mode:
+            raise LiveKeyRefusedError(f"{purpose} runs in Stripe test mode only; got a live key")
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        try:
+            return fn(*args)
+        except stripe.StripeError as error:
+            raise translate_error(error) from error
+
+    # Meter events -------------------------------------------------------------------------
+
+    def send_meter_event(self, event: MeterEvent) -> MeterEventOutcome:
+        params = {
+            "event_name": event.event_name,
+            "identifier": event.identifier,
+            "timestamp": int(event.timestamp.timestamp()),
+            "payload": {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)},
+        }
+        try:
+            created = self._call(
+                self.client.v1.billing.meter_events.create,
+                params,
+                {"idempotency_key": event.idempotency_key},
+            )
+        except PermanentStripeError as error:
+            # A re-sent identifier means an earlier attempt was delivered: success, not failure.
+            if error.status == 400 and DUPLICATE_IDENTIFIER_MESSAGE in str(error):
+                return MeterEventOutcome.DUPLICATE
+            raise
+        response = created.last_response
+        # A replayed idempotent response is also an earlier delivery, not a new one.
+        if response is not None and response.headers.get("idempotent-replayed") == "true":
+            return MeterEventOutcome.DUPLICATE
+        return MeterEventOutcome.ACCEPTED
+
+    # Meters and summaries (reconciliation, smoke checks, preflight) ------------------------
+
+    def list_meters(self) -> list[Any]:
+        meters = self._call(self.client.v1.billing.meters.list, {"limit": 100})
+        return list(meters.auto_paging_iter())
+
+    def meter_by_event_name(self) -> dict[str, Any]:
+        return {meter.event_name: meter for meter in self.list_meters()}
+
+    def meter_event_total(
+        self, meter_id: str, customer_id: str, start: datetime, end: datetime
+    ) -> int:
+        """Sum of a customer's meter events in [start, end), as Stripe aggregated them."""
+        summaries = self._call(
+            self.client.v1.billing.meters.event_summaries.list,
+            meter_id,
+            {
+                "customer": customer_id,
+                "start_time": int(start.timestamp()),
+                "end_time": int(end.timestamp()),
+                "limit": 100,
+            },
+        )
+        return int(sum(item.aggregated_value for item in summaries.auto_paging_iter()))
+
+    # Customers, subscriptions ---------------------------------------------------------------
+
+    def retrieve_customer(self, customer_id: str) -> Any:
+        return self._call(self.client.v1.customers.retrieve, customer_id)
+
+    def retrieve_subscription(self, subscription_id: str) -> Any:
+        return self._call(self.client.v1.subscriptions.retrieve, subscription_id)
+
+    def check_access(self) -> None:
+        """A cheap authenticated read: proves the key works and Stripe answers."""
+        self._call(self.client.v1.customers.list, {"limit": 1})
+
+    # Test-mode set-up (seed_demo) -----------------------------------------------------------
+
+    def create_customer(self, name: str, organization_id: int) -> Any:
+        self.require_test_mode("Creating demo customers")
+        return self._call(
+            self.client.v1.customers.create,
+            {"name": name, "metadata": {"organization_id": str(organization_id)}},
+        )
+
+    def ensure_meter(self, event_name: str) -> Any:
+        self.require_test_mode("Creating demo meters")
+        existing = self.meter_by_event_name().get(event_name)
+        if existing is not None:
+            return existing
+        return self._call(
+            self.client.v1.billing.meters.create,
+            {
+                "display_name": event_name.replace("_", " ").title(),
+                "event_name": event_name,
+                "default_aggregation": {"formula": "sum"},
+                "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+                "value_settings": {"event_payload_key": "value"},
+            },
+        )
+
+
+def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:
+    """The current period, from the items (API 2025-03-31 and later keep it there)."""
+    items = subscription.items.data if getattr(subscription, "items", None) else []
+    starts = [item.current_period_start for item in items if item.current_period_start]
+    ends = [item.current_period_end for item in items if item.current_period_end]
+    if not starts or not ends:
+        return None
+    return datetime.fromtimestamp(min(starts), UTC), datetime.fromtimestamp(max(ends), UTC)

@@ -1,0 +1,136 @@
+import logging
+
+import pytest
+
+from billing import logs
+from billing.config import ConfigError, Settings, mask_secret
+
+GUIDE_DEFAULTS = {
+    "billing_enabled": False,
+    "billing_queue": "default",
+    "flush_lock_ttl_seconds": 3300,
+    "validate_contract_before_flush": True,
+    "contract_lookback_days": 30,
+    "contract_require_zeitgeist": False,
+    "contract_fail_closed": False,
+    "saas_workspace_booking_url": "https://cal.com/andreas-duess-fd/fishdog-demo",
+    "stripe_secret_key": None,
+    "stripe_webhook_secret": None,
+    "stripe_api_base": None,
+    "database_url": "sqlite:///billing.db",
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "celery_broker_url": "redis://127.0.0.1:6379/0",
+    "celery_result_backend": None,
+    "flush_lock_key": "billing:stripe-usage-flush:lock",
+    "stripe_meters": {},
+}
+
+
+class TestDefaults:
+    @pytest.mark.parametrize(("name", "expected"), sorted(GUIDE_DEFAULTS.items()))
+    def test_every_default_of_an_empty_environment(self, name, expected):
+        assert getattr(Settings.from_env({}), name) == expected
+
+    def test_broker_defaults_to_redis_url(self):
+        settings = Settings.from_env({"REDIS_URL": "redis://cache:6379/3"})
+        assert settings.celery_broker_url == "redis://cache:6379/3"
+
+    def test_visibility_timeout_outlasts_lock_ttl(self):
+        settings = Settings.from_env({"STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS": "7000"})
+        assert settings.broker_visibility_timeout_seconds == 10600
+
+
+class TestParsing:
+    @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on"])
+    def test_true_values(self, value):
+        assert Settings.from_env({"STRIPE_BILLING_ENABLED": value}).billing_enabled is True
+
+    @pytest.mark.parametrize("value", ["0", "false", "No", "off"])
+    def test_false_values(self, value):
+        env = {"STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": value}
+        assert Settings.from_env(env).validate_contract_before_flush is False
+
+    def test_values_are_read(self):
+        settings = Settings.from_env(
+            {
+                "STRIPE_BILLING_QUEUE": "billing",
+                "STRIPE_USAGE_FLUSH_LOCK_KEY": "lock:x",
+                "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS": "600",
+                "STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS": "7",
+                "STRIPE_BILLING_CONTRACT_REQUIRE_ZEITGEIST": "yes",
+                "STRIPE_BILLING_CONTRACT_FAIL_CLOSED": "1",
+                "SAAS_WORKSPACE_BOOKING_URL": "https://example.test/book",
+                "STRIPE_BILLING_METERS": "api_call, storage=storage_gb_hours",
+            }
+        )
+        assert (settings.billing_queue, settings.flush_lock_key) == ("billing", "lock:x")
+        assert settings.flush_lock_ttl_seconds == 600
+        assert settings.contract_lookback_days == 7
+        assert settings.contract_require_zeitgeist and settings.contract_fail_closed
+        assert settings.saas_workspace_booking_url == "https://example.test/book"
+        assert settings.stripe_meters == {"api_call": "api_call", "storage": "storage_gb_hours"}
+
+    def test_live_key_raises_the_default_rate(self):
+        live = Settings.from_env({"STRIPE_SECRET_KEY": "sk_live_" + "x" * 24})
+        test = Settings.from_env({"STRIPE_SECRET_KEY": "sk_test_" + "x" * 24})
+        assert (
+            live.stripe_meter_event_rate_per_second > 25 > test.stripe_meter_event_rate_per_second
+        )
+
+
+BAD_VALUES = [
+    ("STRIPE_BILLING_ENABLED", "maybe"),
+    ("STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH", "2"),
+    ("STRIPE_BILLING_CONTRACT_REQUIRE_ZEITGEIST", "y e s"),
+    ("STRIPE_BILLING_CONTRACT_FAIL_CLOSED", "enabled"),
+    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "abc"),
+    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "0"),
+    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "12.5"),
+    ("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", "0"),
+    ("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", "-3"),
+    ("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", "thirty"),
+    ("STRIPE_USAGE_FLUSH_BATCH_SIZE", "0"),
+    ("STRIPE_USAGE_SUBMIT_CONCURRENCY", "1000"),
+    ("STRIPE_USAGE_FLUSH_LOCK_BACKEND", "memcached"),
+    ("STRIPE_METER_EVENT_RATE_PER_SECOND", "fast"),
+    ("STRIPE_BILLING_METERS", "api call"),
+    ("CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", "60"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_bad_value_names_the_variable_and_the_value(name, value):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({name: value})
+    assert name in str(raised.value)
+    assert repr(value) in str(raised.value) or value in str(raised.value)
+
+
+class TestSecrets:
+    KEY = "sk_test_51AbCdEfGhIjKlMnOpQrStUv1234"
+    HOOK = "whsec_AbCdEfGhIjKlMnOpQrStUv9876"
+
+    def test_mask_keeps_prefix_and_last_four(self):
+        assert mask_secret(self.KEY) == "sk_test_…1234"
+        assert mask_secret(self.HOOK) == "whsec_…9876"
+        assert mask_secret(None) == "<unset>"
+        assert mask_secret("sk_test_short") == "sk_test_…"
+
+    def test_repr_and_str_never_show_secrets(self):
+        settings = Settings.from_env(
+            {
+                "STRIPE_SECRET_KEY": self.KEY,
+                "STRIPE_WEBHOOK_SECRET": self.HOOK,
+                "REDIS_URL": "redis://:hunter2pass@cache:6379/0",
+            }
+        )
+        for text in (repr(settings), str(settings), str(settings.masked())):
+            assert self.KEY not in text and self.HOOK not in text and "hunter2pass" not in text
+            assert "sk_test_…1234" in text
+
+    def test_logged_settings_are_masked(self, caplog):
+        settings = Settings.from_env({"STRIPE_SECRET_KEY": self.KEY})
+        with caplog.at_level(logging.INFO, logger="billing"):
+            logs.get_logger().info("settings loaded", extra={"settings": settings.masked()})
+            logs.get_logger().info("settings %s", settings)
+        assert caplog.records and self.KEY not in caplog.text

@@ -1,0 +1,87 @@
+import time
+
+import pytest
+import redis
+
+from billing.locks import FileFlushLock, LockUnavailableError, RedisFlushLock, held
+
+KEY = "billing:test:flush-lock"
+
+
+def test_second_holder_is_refused_until_release(redis_client):
+    first, second = RedisFlushLock(redis_client, KEY, 30), RedisFlushLock(redis_client, KEY, 30)
+    with held(first) as got_first:
+        assert got_first
+        with held(second) as got_second:
+            assert not got_second
+        assert redis_client.exists(KEY)
+    assert not redis_client.exists(KEY)
+    with held(second) as got_again:
+        assert got_again
+
+
+def test_lock_of_a_killed_holder_expires_after_its_ttl(redis_client):
+    # A SIGKILLed worker leaves its key behind with only its TTL to clear it.
+    redis_client.set(KEY, "dead-worker-token", px=300)
+    lock = RedisFlushLock(redis_client, KEY, 30)
+    assert not lock.acquire()
+    time.sleep(0.4)
+    assert lock.acquire()
+    lock.release()
+
+
+def test_non_owner_cannot_release(redis_client):
+    owner, intruder = RedisFlushLock(redis_client, KEY, 30), RedisFlushLock(redis_client, KEY, 30)
+    assert owner.acquire()
+    token = redis_client.get(KEY)
+    intruder.release()  # never acquired: must not delete the owner's key
+    assert redis_client.get(KEY) == token
+    owner.release()
+    assert not redis_client.exists(KEY)
+
+
+def test_release_after_expiry_leaves_the_new_holders_lock(redis_client, caplog):
+    first = RedisFlushLock(redis_client, KEY, 1)
+    assert first.acquire()
+    first._stop.set()  # stop the heartbeat: simulate a holder stalled past its TTL
+    time.sleep(1.2)
+    second = RedisFlushLock(redis_client, KEY, 30)
+    assert second.acquire()
+    first.release()
+    assert redis_client.exists(KEY), "the stale holder deleted the new holder's lock"
+    assert "expired before release" in caplog.text
+    second.release()
+
+
+def test_heartbeat_keeps_a_long_flush_locked(redis_client):
+    lock = RedisFlushLock(redis_client, KEY, 1)
+    assert lock.acquire()
+    time.sleep(2.2)  # twice the TTL: only the heartbeat keeps the key alive
+    assert redis_client.exists(KEY) and not lock.lost
+    lock.release()
+
+
+def test_heartbeat_reports_a_stolen_lock(redis_client):
+    lock = RedisFlushLock(redis_client, KEY, 1)
+    assert lock.acquire()
+    redis_client.set(KEY, "someone-else")
+    time.sleep(0.6)
+    assert lock.lost
+    lock.release()
+    assert redis_client.get(KEY) == b"someone-else"
+
+
+def test_unreachable_redis_is_a_clear_error():
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    with pytest.raises(LockUnavailableError, match="refusing to flush without the overlap guard"):
+        RedisFlushLock(client, KEY, 30).acquire()
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path):
+    first, second = FileFlushLock(KEY, tmp_path), FileFlushLock(KEY, tmp_path)
+    with held(first) as got_first:
+        assert got_first
+        with held(second) as got_second:
+            assert not got_second
+    with held(second) as got_again:
+        assert got_again
