@@ -1,0 +1,146 @@
+"""`flask billing ...` flush commands: exit codes and JSON output."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from billing import create_app
+from billing.models import BillingAccount, utcnow
+from tests.conftest import TEST_BROKER_URL
+from tests.usage.factories import add_accounts, add_events, expected_totals
+
+
+def invoke(settings, *args):
+    runner = create_app(settings).test_cli_runner()
+    return runner.invoke(args=["billing", *args])
+
+
+def _events(runtime, orgs):
+    rows = [
+        {
+            "organization_id": org,
+            "event_type": "storage_gb_hour",
+            "quantity": 10 * org,
+            "occurred_at": utcnow() - timedelta(minutes=30),
+        }
+        for org in orgs
+    ]
+    add_events(runtime, rows)
+    return rows
+
+
+def test_help_lists_the_guides_commands(settings):
+    result = invoke(settings, "--help")
+    assert result.exit_code == 0
+    for command in ("flush_now", "flush_hourly", "enqueue_hourly", "seed_demo", "db"):
+        assert command in result.output
+
+
+def test_flush_now_prints_json_and_exits_zero(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1, 2])
+    rows = _events(billing_runtime, [1, 2])
+    result = invoke(billing_runtime.settings, "flush_now")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["ok"] and payload["events_claimed"] == 2
+    assert payload["billed_value"] == {"storage_gb_hour": 30}
+    assert emulator.billed() == expected_totals(rows, customers)
+
+
+def test_flush_now_exits_non_zero_when_stripe_refuses_a_row(billing_runtime, emulator):
+    with billing_runtime.session_factory.begin() as session:
+        session.add(BillingAccount(organization_id=5, stripe_customer_id="cus_gone"))
+    _events(billing_runtime, [5])
+    result = invoke(billing_runtime.settings, "flush_now")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["submissions_failed"] == 1
+
+
+def test_flush_now_with_billing_disabled_sends_nothing(billing_runtime, emulator):
+    add_accounts(billing_runtime, [1])
+    _events(billing_runtime, [1])
+    result = invoke(billing_runtime.settings.replace(billing_enabled=False), "flush_now")
+    assert result.exit_code == 0 and json.loads(result.stdout)["enabled"] is False
+    assert emulator.billed() == {}
+
+
+def test_flush_hourly_skips_while_the_lock_is_held(billing_runtime, emulator, redis_client):
+    add_accounts(billing_runtime, [1])
+    _events(billing_runtime, [1])
+    redis_client.set(billing_runtime.settings.flush_lock_key, "other-run", ex=30)
+    result = invoke(billing_runtime.settings, "flush_hourly")
+    assert result.exit_code == 0 and json.loads(result.stdout)["skipped"] is True
+    assert emulator.billed() == {}
+
+
+def test_flush_hourly_retries_then_reports_pending_and_fails(billing_runtime, emulator):
+    add_accounts(billing_runtime, [1])
+    _events(billing_runtime, [1])
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 1000})
+    result = invoke(billing_runtime.settings, "flush_hourly")
+    assert result.exit_code == 1
+    assert "still pending after transient Stripe errors" in result.output
+    # 3 in-process attempts, each retrying the 429 per call: 3 x 5 meter event calls.
+    assert emulator.stats()["requests"]["POST /v1/billing/meter_events"] == 15
+
+
+def test_flush_hourly_refuses_to_run_unguarded(billing_runtime, emulator):
+    settings = billing_runtime.settings.replace(redis_url="redis://127.0.0.1:1/0")
+    result = invoke(settings, "flush_hourly")
+    assert result.exit_code == 1
+    assert "refusing to flush without the overlap guard" in result.output
+
+
+def test_bad_configuration_is_one_line_and_exit_one(monkeypatch):
+    monkeypatch.setenv("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "soon")
+    result = create_app().test_cli_runner().invoke(args=["billing", "flush_now"])
+    assert result.exit_code == 1
+    assert "configuration error: STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_enqueue_hourly_puts_the_task_on_the_configured_queue(settings):
+    import redis
+
+    broker = redis.Redis.from_url(TEST_BROKER_URL)
+    broker.delete("billing-cli-queue")
+    result = invoke(settings.replace(billing_queue="billing-cli-queue"), "enqueue_hourly")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    message = json.loads(broker.lpop("billing-cli-queue"))
+    assert message["headers"]["task"] == "billing.usage.flush_hourly"
+    assert message["headers"]["id"] == payload["task_id"]
+    assert payload["queue"] == "billing-cli-queue"
+
+
+def test_seed_demo_refuses_a_live_key(settings):
+    result = invoke(settings.replace(stripe_secret_key="sk_live_" + "a" * 24), "seed_demo")
+    assert result.exit_code == 1 and "test mode only" in result.output
+
+
+@pytest.mark.parametrize("args", [["--orgs", "0"], ["--events", "-1"], ["--hours", "abc"]])
+def test_seed_demo_rejects_bad_flags(settings, args):
+    assert invoke(settings, "seed_demo", *args).exit_code == 2
+
+
+def test_seed_demo_then_flush_bills_what_was_seeded(billing_runtime, emulator):
+    seeded = invoke(
+        billing_runtime.settings,
+        "seed_demo",
+        "--orgs",
+        "3",
+        "--events",
+        "120",
+        "--hours",
+        "2",
+        "--seed",
+        "4",
+    )
+    assert seeded.exit_code == 0, seeded.output
+    made = json.loads(seeded.stdout)
+    flushed = json.loads(invoke(billing_runtime.settings, "flush_now").stdout)
+    assert flushed["events_claimed"] == 120
+    assert flushed["billed_value"] == made["quantity_by_event_type"]
