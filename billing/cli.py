@@ -178,3 +178,7 @@ def db_current_command() -> None:
 def config_command() -> None:
     """Print the effective settings, secrets masked."""
     emit(runtime().settings.masked())
+
+
+# The safety commands (validate_contract, preflight, smoke_org, sync_periods) join the group.
+import billing.cli_checks  # noqa: E402,F401

@@ -45,6 +45,8 @@ FLUSH_BLOCKED = "Stripe usage flush blocked by failed contract validation"
 FLUSH_CONTRACT_WARNING = "Stripe usage flush contract validation failed; flushing anyway"
 FLUSH_UNBILLABLE = "Stripe usage flush left unbillable events pending"
 FLUSH_HELD = "Stripe usage submission held for reconciliation"
+PERIOD_SYNCED = "Stripe subscription period synced"
+PERIOD_SYNC_FAILED = "Stripe subscription period sync failed"
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "billing_log_context", default=None

@@ -28,11 +28,19 @@ def make_flush_lock(runtime: Runtime) -> FlushLock:
     return RedisFlushLock(runtime.redis, settings.flush_lock_key, settings.flush_lock_ttl_seconds)
 
 
-def contract_gate(runtime: Runtime) -> Callable[[], list[dict[str, Any]]]:
+def contract_gate(
+    runtime: Runtime, organization_id: int | None = None
+) -> Callable[[], list[dict[str, Any]]]:
+    """The pre-flush contract checks, over the organization being flushed (or all)."""
+
     def failed_checks() -> list[dict[str, Any]]:
         from billing.contract import run_contract_checks
 
-        report = run_contract_checks(runtime, lookback_days=runtime.settings.contract_lookback_days)
+        report = run_contract_checks(
+            runtime,
+            lookback_days=runtime.settings.contract_lookback_days,
+            organization_id=organization_id,
+        )
         return report.failures()
 
     return failed_checks
@@ -45,8 +53,13 @@ def flush_once(
     clock: Callable[[], datetime] = utcnow,
     lost_lock: Callable[[], bool] = lambda: False,
     on_progress: Callable[[FlushResult], None] | None = None,
+    contract_check: bool = True,
 ) -> FlushResult:
-    """A single flush pass, without the overlap guard (`flask billing flush_now`)."""
+    """A single flush pass, without the overlap guard (`flask billing flush_now`).
+
+    `contract_check=False` leaves out the pre-flush gate, for callers that ran the checks
+    themselves or were told to skip them (smoke_org).
+    """
     return flush_usage(
         runtime.settings,
         runtime.session_factory,
@@ -54,7 +67,7 @@ def flush_once(
         organization_id=organization_id,
         clock=clock,
         lost_lock=lost_lock,
-        contract_gate=contract_gate(runtime),
+        contract_gate=contract_gate(runtime, organization_id) if contract_check else None,
         on_progress=on_progress,
     )
 

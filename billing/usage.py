@@ -148,28 +148,17 @@ class UsageFlush:
             batch = self._claim_batch()
             if batch is None:
                 break
-            number = self.result.batches + 1
-            log.info(
-                logs.FLUSH_BATCH_STARTED,
-                extra={
-                    **fields,
-                    "batch": number,
-                    "events": batch.events,
-                    "submissions": len(batch.submission_ids),
-                },
-            )
-            self.result.batches = number
+            self.result.batches += 1
+            batch_fields = {
+                **fields,
+                "batch": self.result.batches,
+                "events": batch.events,
+                "submissions": len(batch.submission_ids),
+            }
+            log.info(logs.FLUSH_BATCH_STARTED, extra=batch_fields)
             self.result.events_claimed += batch.events
             self._submit(batch.submission_ids)
-            log.info(
-                logs.FLUSH_BATCH_COMPLETED,
-                extra={
-                    **fields,
-                    "batch": number,
-                    "events": batch.events,
-                    "submissions": len(batch.submission_ids),
-                },
-            )
+            log.info(logs.FLUSH_BATCH_COMPLETED, extra=batch_fields)
             if self.on_progress:
                 self.on_progress(self.result)
         self._count_unbillable()
@@ -244,32 +233,9 @@ class UsageFlush:
             ids = list(session.scalars(pick))
             if not ids:
                 return None
-            hour = _hour_bucket(event.occurred_at, dialect)
-            groups = session.execute(
-                sa.select(
-                    event.organization_id,
-                    event.event_type,
-                    hour.label("hour"),
-                    sa.func.sum(event.quantity),
-                    sa.func.count(),
-                )
-                .where(_id_in(event.id, ids, dialect))
-                .group_by(event.organization_id, event.event_type, hour)
-            ).all()
-            customers = dict(
-                session.execute(
-                    sa.select(
-                        BillingAccount.organization_id, BillingAccount.stripe_customer_id
-                    ).where(BillingAccount.organization_id.in_({g[0] for g in groups}))
-                ).all()
-            )
+            groups = session.execute(_group_query(ids, dialect)).all()
             token = uuid.uuid4().hex[:12]
-            rows = [
-                self._outbox_row(
-                    org, event_type, _as_utc(bucket), value, count, customers[org], token, now
-                )
-                for org, event_type, bucket, value, count in groups
-            ]
+            rows = [self._outbox_row(group, token, now) for group in groups]
             submission_ids = list(
                 session.scalars(sa.insert(UsageSubmission).returning(UsageSubmission.id), rows)
             )
@@ -292,27 +258,23 @@ class UsageFlush:
                 raise RuntimeError(f"claimed {len(ids)} billable events but linked {linked}")
         return ClaimedBatch(events=len(ids), submission_ids=submission_ids)
 
-    def _outbox_row(
-        self,
-        organization_id: int,
-        event_type: str,
-        window_start: datetime,
-        value: int,
-        count: int,
-        customer_id: str,
-        token: str,
-        now: datetime,
-    ) -> dict[str, Any]:
+    def _outbox_row(self, group: Any, token: str, now: datetime) -> dict[str, Any]:
+        hour = _as_utc(group.hour)
+        window_start, window_end = billing_window(
+            hour, group.after_boundary, group.period_start, group.period_end
+        )
         return {
-            "organization_id": organization_id,
-            "stripe_customer_id": customer_id,
-            "event_type": event_type,
-            "event_name": self.settings.stripe_meters[event_type],
-            "value": int(value),
-            "event_count": int(count),
+            "organization_id": group.organization_id,
+            "stripe_customer_id": group.stripe_customer_id,
+            "event_type": group.event_type,
+            "event_name": self.settings.stripe_meters[group.event_type],
+            "value": int(group.value),
+            "event_count": int(group.event_count),
             "window_start": window_start,
-            "window_end": window_start + HOUR,
-            "identifier": usage_identifier(organization_id, event_type, window_start, token),
+            "window_end": window_end,
+            "identifier": usage_identifier(
+                group.organization_id, group.event_type, window_start, token
+            ),
             "status": SubmissionStatus.PENDING.value,
             "attempts": 0,
             "created_at": now,
@@ -496,14 +458,69 @@ class UsageFlush:
             log.warning(logs.FLUSH_UNBILLABLE, extra={**self._scope_fields(), "unbillable": counts})
 
 
-def usage_identifier(organization_id: int, event_type: str, hour: datetime, token: str) -> str:
+def _group_query(ids: Sequence[int], dialect: str) -> sa.Select[Any]:
+    """Sum the claimed events per (organization, event type, hour), in SQL.
+
+    An hour that holds the account's period boundary is split at it (`after_boundary`), so usage
+    on each side is stamped inside its own billing period.
+    """
+    event, account = BillableEvent, BillingAccount
+    hour = _hour_bucket(event.occurred_at, dialect)
+    after_boundary = sa.case(
+        *(
+            (
+                sa.and_(_hour_bucket(boundary, dialect) == hour, event.occurred_at >= boundary),
+                1,
+            )
+            for boundary in (account.current_period_start, account.current_period_end)
+        ),
+        else_=0,
+    )
+    keys = (
+        event.organization_id,
+        event.event_type,
+        hour.label("hour"),
+        after_boundary.label("after_boundary"),
+        account.stripe_customer_id,
+        account.current_period_start.label("period_start"),
+        account.current_period_end.label("period_end"),
+    )
+    return (
+        sa.select(
+            *keys,
+            sa.func.sum(event.quantity).label("value"),
+            sa.func.count().label("event_count"),
+        )
+        .join(account, account.organization_id == event.organization_id)
+        .where(_id_in(event.id, ids, dialect))
+        .group_by(*keys)
+    )
+
+
+def billing_window(
+    hour: datetime,
+    after_boundary: int,
+    period_start: datetime | None,
+    period_end: datetime | None,
+) -> tuple[datetime, datetime]:
+    """The [start, end) an outbox row covers: its hour, or the part of it on one side of the
+    period boundary inside it. The meter event's timestamp is the start, so it lands in the
+    period the usage belongs to."""
+    end = hour + HOUR
+    for boundary in (period_start, period_end):
+        if boundary is not None and hour < boundary < end:
+            return (boundary, end) if after_boundary else (hour, boundary)
+    return hour, end
+
+
+def usage_identifier(organization_id: int, event_type: str, start: datetime, token: str) -> str:
     """Stripe's dedupe key for one outbox row: fixed once written, unique across batches.
 
     The random batch token keeps identifiers unique even if the database is restored or its ids
     restart; a re-used identifier inside Stripe's window would silently drop real usage.
     """
     type_part = "".join(c if c.isalnum() else "-" for c in event_type)[:40]
-    return f"{organization_id}-{type_part}-{hour:%Y%m%d%H}-{token}"[:100]
+    return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"[:100]
 
 
 def _is_rate_limited(error: BaseException) -> bool:

@@ -2,7 +2,9 @@
 
 Services are found at BILLING_TEST_DATABASE_URL / BILLING_TEST_REDIS_URL; `scripts/test.sh` starts
 them when they do not answer. Each test that asks for `db_engine` starts from empty tables, and each
-that asks for `redis_client` from an empty Redis database.
+that asks for `redis_client` from no Redis keys: every key a test session writes starts with its own
+prefix (`REDIS_PREFIX`), and the fixture deletes those, so two test runs on one Redis never
+disturb each other (flushing the whole database would).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("BILLING_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_SCHEMA = f"billing_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+REDIS_PREFIX = f"{TEST_SCHEMA}:"
 
 
 def _redis_db_url(url: str, db: int) -> str:
@@ -38,7 +41,7 @@ os.environ["CELERY_BROKER_URL"] = TEST_BROKER_URL
 os.environ["CELERY_RESULT_BACKEND"] = TEST_BROKER_URL
 os.environ["STRIPE_BILLING_RETRY_BACKOFF_SECONDS"] = "0"
 # Task routes are fixed when billing.celery_app loads; tests run their worker on this queue.
-TEST_QUEUE = os.environ["STRIPE_BILLING_QUEUE"] = "billing-tests"
+TEST_QUEUE = os.environ["STRIPE_BILLING_QUEUE"] = f"billing-tests-{os.getpid()}"
 os.environ["STRIPE_BILLING_TASK_MAX_RETRIES"] = "3"
 
 from billing import db  # noqa: E402
@@ -86,8 +89,15 @@ def redis_client():
     import redis
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
+
+    def delete_session_keys() -> None:
+        keys = list(client.scan_iter(match=f"{REDIS_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+    delete_session_keys()
     yield client
+    delete_session_keys()
     client.close()
 
 
@@ -100,6 +110,7 @@ def settings(database_url: str) -> Settings:
         stripe_meters=dict(METERS),
         database_url=database_url,
         billing_queue=TEST_QUEUE,
+        flush_lock_key=f"{REDIS_PREFIX}flush-lock",
         redis_url=TEST_REDIS_URL,
         celery_broker_url=TEST_BROKER_URL,
         celery_result_backend=TEST_BROKER_URL,

@@ -351,3 +351,38 @@ def test_outbox_rows_say_sent_with_one_attempt(billing_runtime, emulator, seeded
         sent_at = session.scalars(sa.select(UsageSubmission.sent_at)).all()
     assert attempts == {1} and all(sent_at)
     assert SubmissionStatus.SENT.value == "sent"
+
+
+def test_an_hour_holding_the_period_boundary_is_split_at_it(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1])
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    boundary = hour + timedelta(minutes=23)
+    with billing_runtime.session_factory.begin() as session:
+        account = session.get(BillingAccount, 1)
+        account.current_period_start = boundary
+        account.current_period_end = boundary + timedelta(days=30)
+    add_events(
+        billing_runtime,
+        [
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": q,
+                "occurred_at": hour + timedelta(minutes=m),
+            }
+            for q, m in ((2, 5), (3, 22), (7, 23), (11, 59), (13, 75))
+        ],
+    )
+    assert flush_once(billing_runtime).ok
+    with billing_runtime.session_factory() as session:
+        windows = session.execute(
+            sa.select(
+                UsageSubmission.window_start, UsageSubmission.window_end, UsageSubmission.value
+            ).order_by(UsageSubmission.window_start)
+        ).all()
+    assert windows == [
+        (hour, boundary, 5),  # before the new period: stamped in the old one
+        (boundary, hour + timedelta(hours=1), 18),  # stamped at the period start
+        (hour + timedelta(hours=1), hour + timedelta(hours=2), 13),
+    ]
+    assert emulator.billed() == {customers[1]: {"api_call": 36}}

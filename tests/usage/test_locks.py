@@ -4,8 +4,9 @@ import pytest
 import redis
 
 from billing.locks import FileFlushLock, LockUnavailableError, RedisFlushLock, held
+from tests.conftest import REDIS_PREFIX
 
-KEY = "billing:test:flush-lock"
+KEY = f"{REDIS_PREFIX}flush-lock"
 
 
 def test_second_holder_is_refused_until_release(redis_client):

@@ -1,0 +1,385 @@
+"""`flask billing smoke_org`: one organization end to end against Stripe test mode.
+
+Steps: test-mode guard → billing enabled → billing account → Stripe customer → subscription →
+period refresh → contract → flush of this organization only → meter event summaries, which must
+hold exactly what our outbox says was sent to this customer in the current period. A failed step
+skips the steps that depend on it (a live key skips everything, nothing reaches Stripe); the
+others still run, so one report shows every problem found.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from billing.config import mask_secret
+from billing.contract import run_contract_checks
+from billing.models import BillableEvent, BillingAccount, SubmissionStatus, UsageSubmission
+from billing.periods import store_subscription
+from billing.reports import Status, StatusReport
+from billing.runtime import Runtime
+from billing.stripe_gateway import LiveKeyRefusedError, StripeGatewayError, subscription_period
+from billing.usage import FlushResult, UnbillableReason
+
+ACTIVE_SUBSCRIPTION = ("active", "trialing")
+MINUTE = timedelta(minutes=1)
+# Stripe aggregates meter events asynchronously: give a just-sent total this long to show up.
+DEFAULT_SETTLE_SECONDS = 30.0
+SETTLE_POLL_SECONDS = 2.0
+
+
+class UnknownOrganizationError(LookupError):
+    """No billing account and no billable events: the id names no organization billing knows."""
+
+
+@dataclass
+class SmokeStep:
+    step: str
+    status: Status
+    detail: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "status": self.status.value,
+            "detail": self.detail,
+            "values": self.values,
+        }
+
+
+@dataclass
+class SmokeReport(StatusReport):
+    organization_id: int
+    steps: list[SmokeStep] = field(default_factory=list)
+    entry_name = "step"
+
+    def entries(self) -> list[SmokeStep]:
+        return self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "organization_id": self.organization_id,
+            "ok": self.ok,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+class _StepFailed(Exception):
+    def __init__(self, detail: str, **values: Any) -> None:
+        super().__init__(detail)
+        self.values = values
+
+
+@dataclass
+class _Run:
+    """What one step learns and a later one needs."""
+
+    runtime: Runtime
+    organization_id: int
+    account: BillingAccount | None = None
+    subscription: Any = None
+    flush: FlushResult | None = None
+
+    @property
+    def billing_account(self) -> BillingAccount:
+        if self.account is None:  # only if the step order changed
+            raise _StepFailed("no billing account loaded")
+        return self.account
+
+
+def smoke_org(
+    runtime: Runtime,
+    organization_id: int,
+    *,
+    require_enabled: bool,
+    validate_contract: bool,
+    refresh_period: bool,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+) -> SmokeReport:
+    """Run every step for one organization; raises UnknownOrganizationError for an unknown id."""
+    run = _Run(runtime, organization_id)
+    # (step, the steps it needs to have not failed, what it does), in report order.
+    steps: list[tuple[str, tuple[str, ...], Callable[[], SmokeStep]]] = [
+        ("test_mode", (), lambda: _test_mode(run)),
+        ("billing_enabled", ("test_mode",), lambda: _billing_enabled(run, require_enabled)),
+        ("billing_account", ("test_mode",), lambda: _billing_account(run)),
+        ("stripe_customer", ("billing_account",), lambda: _stripe_customer(run)),
+        ("stripe_subscription", ("stripe_customer",), lambda: _stripe_subscription(run)),
+        ("refresh_period", ("stripe_subscription",), lambda: _refresh_period(run, refresh_period)),
+        ("contract", ("billing_account",), lambda: _contract(run, validate_contract)),
+        ("flush", ("billing_enabled", "refresh_period", "contract"), lambda: _flush(run)),
+        ("meter_summaries", ("flush",), lambda: _meter_summaries(run, settle_seconds)),
+    ]
+    report = SmokeReport(organization_id)
+    broken: dict[str, str] = {}  # step → the failed step that stopped it (itself if it failed)
+    for name, needs, action in steps:
+        cause = next((broken[need] for need in needs if need in broken), None)
+        result = _skipped(f"not run: {cause} failed") if cause else _attempt(action)
+        result.step = name
+        report.steps.append(result)
+        if cause or result.status is Status.FAIL:
+            broken[name] = cause or name
+    return report
+
+
+def _attempt(action: Callable[[], SmokeStep]) -> SmokeStep:
+    try:
+        return action()
+    except _StepFailed as error:
+        return SmokeStep("", Status.FAIL, str(error), error.values)
+    except StripeGatewayError as error:
+        return SmokeStep("", Status.FAIL, f"Stripe: {error}")
+
+
+def _passed(detail: str, **values: Any) -> SmokeStep:
+    return SmokeStep("", Status.PASS, detail, values)
+
+
+def _skipped(detail: str) -> SmokeStep:
+    return SmokeStep("", Status.SKIP, detail)
+
+
+# steps
+
+
+def _test_mode(run: _Run) -> SmokeStep:
+    key = run.runtime.settings.stripe_secret_key
+    if not key:
+        raise _StepFailed("STRIPE_SECRET_KEY is not set")
+    try:
+        run.runtime.stripe.require_test_mode("smoke_org")
+    except LiveKeyRefusedError as error:
+        raise _StepFailed(
+            f"refused: {error} ({mask_secret(key)}); nothing was read or sent"
+        ) from error
+    return _passed(f"test-mode key {mask_secret(key)}")
+
+
+def _billing_enabled(run: _Run, required: bool) -> SmokeStep:
+    enabled = run.runtime.settings.billing_enabled
+    value = f"STRIPE_BILLING_ENABLED={int(enabled)}"
+    if required and not enabled:
+        raise _StepFailed(f"{value}: billing is off")
+    if not required:
+        consequence = "" if enabled else "; the flush will send nothing"
+        return _skipped(f"{value} (not required){consequence}")
+    return _passed(value)
+
+
+def _billing_account(run: _Run) -> SmokeStep:
+    with run.runtime.session_factory() as session:
+        run.account = session.get(BillingAccount, run.organization_id)
+        if run.account is not None:
+            account = run.account
+            return _passed(
+                f"customer {account.stripe_customer_id}, "
+                f"subscription {account.stripe_subscription_id}",
+                stripe_customer_id=account.stripe_customer_id,
+                stripe_subscription_id=account.stripe_subscription_id,
+            )
+        events = session.scalar(
+            sa.select(sa.func.count()).where(BillableEvent.organization_id == run.organization_id)
+        )
+    if not events:
+        raise UnknownOrganizationError(
+            f"organization {run.organization_id} is unknown: no billing account and no billable "
+            "events"
+        )
+    raise _StepFailed(
+        f"organization {run.organization_id} has {events} billable event(s) but no billing account",
+        billable_events=events,
+    )
+
+
+def _stripe_customer(run: _Run) -> SmokeStep:
+    customer_id = run.account.stripe_customer_id if run.account else None
+    if not customer_id:
+        raise _StepFailed("the billing account has no Stripe customer")
+    customer = run.runtime.stripe.retrieve_customer(customer_id)
+    if getattr(customer, "deleted", False):
+        raise _StepFailed(f"Stripe customer {customer_id} is deleted")
+    return _passed(f"{customer_id} exists", stripe_customer_id=customer_id)
+
+
+def _stripe_subscription(run: _Run) -> SmokeStep:
+    account = run.billing_account
+    subscription_id = account.stripe_subscription_id
+    if not subscription_id:
+        raise _StepFailed("the billing account has no Stripe subscription")
+    subscription = run.subscription = run.runtime.stripe.retrieve_subscription(subscription_id)
+    customer = subscription.customer
+    customer_id = customer if isinstance(customer, str) else customer.id
+    values = {
+        "subscription_id": subscription_id,
+        "status": subscription.status,
+        "customer": customer_id,
+    }
+    if customer_id != account.stripe_customer_id:
+        raise _StepFailed(
+            f"subscription {subscription_id} belongs to {customer_id}, not to the "
+            f"account's customer {account.stripe_customer_id}",
+            **values,
+        )
+    if subscription.status not in ACTIVE_SUBSCRIPTION:
+        raise _StepFailed(f"subscription {subscription_id} is {subscription.status}", **values)
+    return _passed(f"{subscription_id} {subscription.status}", **values)
+
+
+def _refresh_period(run: _Run, requested: bool) -> SmokeStep:
+    if not requested:
+        return _skipped("not requested (--refresh-period)")
+    synced = store_subscription(run.runtime, run.organization_id, run.subscription)
+    if synced.period_start is None:
+        raise _StepFailed("the subscription has no current period on its items")
+    return _passed(
+        f"{synced.period_start:%Y-%m-%d %H:%M} → {synced.period_end:%Y-%m-%d %H:%M} UTC"
+        + (" (updated)" if synced.changed else " (unchanged)"),
+        **synced.to_dict(),
+    )
+
+
+def _contract(run: _Run, requested: bool) -> SmokeStep:
+    if not requested:
+        return _skipped("not requested (--validate-contract), or --skip-contract")
+    settings = run.runtime.settings
+    report = run_contract_checks(
+        run.runtime,
+        lookback_days=settings.contract_lookback_days,
+        organization_id=run.organization_id,
+    )
+    failures = report.failures()
+    if failures:
+        raise _StepFailed(
+            "; ".join(f"{f['check']}: {f['detail']}" for f in failures), failures=failures
+        )
+    passed = sum(check.status is Status.PASS for check in report.checks)
+    return _passed(f"{passed} checks passed for this organization", checks=report.to_dict())
+
+
+def _flush(run: _Run) -> SmokeStep:
+    from billing.services import flush_once
+
+    # The smoke run's own contract step (scoped, and skippable) replaces the pre-flush gate.
+    result = run.flush = flush_once(
+        run.runtime, organization_id=run.organization_id, contract_check=False
+    )
+    values = result.to_dict()
+    if not result.enabled:
+        return _skipped("billing disabled: nothing flushed")
+    if result.blocked:
+        checks = ", ".join(f["check"] for f in result.contract_failures)
+        raise _StepFailed(f"blocked by the pre-flush contract gate: {checks}", **values)
+    # Events a few seconds ahead wait for the next flush; anything else left behind is a defect.
+    stuck = {k: v for k, v in result.unbillable.items() if k != UnbillableReason.FUTURE}
+    if not result.ok or stuck:
+        raise _StepFailed(
+            f"sent {result.submissions_sent}, failed {result.submissions_failed}, pending "
+            f"{result.submissions_pending}, unbillable {stuck}; last error: {result.last_error}",
+            **values,
+        )
+    return _passed(
+        f"claimed {result.events_claimed} event(s), sent {result.submissions_sent} "
+        f"submission(s), billed {result.billed_value}",
+        **values,
+    )
+
+
+def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
+    period = _current_period(run)
+    if period is None:
+        raise _StepFailed("no current billing period: neither stored nor on the subscription")
+    start, end = period
+    gateway = run.runtime.stripe
+    customer_id = run.billing_account.stripe_customer_id or ""
+    meters = gateway.meter_by_event_name()
+    expected = _outbox_sent(run, customer_id, start, end)
+    sent_now = _sent_this_run(run)
+    missing = sorted(set(run.runtime.settings.stripe_meters.values()) - set(meters))
+    if missing:
+        raise _StepFailed(f"no Stripe meter for {', '.join(missing)}")
+    compared: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + settle_seconds
+    for event_name in sorted(set(run.runtime.settings.stripe_meters.values())):
+        meter_id = meters[event_name].id
+        want = expected.get(event_name, 0)
+        total = _stripe_total(gateway, meter_id, customer_id, start, end, want, deadline)
+        compared[event_name] = {
+            "meter": meter_id,
+            "sent_this_run": sent_now.get(event_name, 0),
+            "outbox_sent_in_period": want,
+            "stripe_total": total,
+        }
+    values = {"period_start": start.isoformat(), "period_end": end.isoformat(), "meters": compared}
+    summary = "; ".join(
+        f"{name}: Stripe {c['stripe_total']} vs outbox {c['outbox_sent_in_period']} "
+        f"(this run {c['sent_this_run']})"
+        for name, c in compared.items()
+    )
+    if any(c["stripe_total"] != c["outbox_sent_in_period"] for c in compared.values()):
+        raise _StepFailed(f"mismatch: {summary}", **values)
+    return _passed(summary, **values)
+
+
+def _current_period(run: _Run) -> tuple[datetime, datetime] | None:
+    """The period Stripe just reported (the stored one may be stale), else the stored one;
+    widened to whole minutes, as event summaries require."""
+    account = run.billing_account
+    period = subscription_period(run.subscription)
+    if period is None and account.current_period_start and account.current_period_end:
+        period = account.current_period_start, account.current_period_end
+    if period is None:
+        return None
+    start, end = period
+    floor = start.replace(second=0, microsecond=0)
+    ceiling = end.replace(second=0, microsecond=0)
+    return floor, ceiling if ceiling == end else ceiling + MINUTE
+
+
+def _outbox_sent(run: _Run, customer_id: str, start: datetime, end: datetime) -> dict[str, int]:
+    """What our outbox says reached Stripe for this customer, by meter, in [start, end)."""
+    submission = UsageSubmission
+    with run.runtime.session_factory() as session:
+        rows = session.execute(
+            sa.select(submission.event_name, sa.func.sum(submission.value))
+            .where(
+                submission.organization_id == run.organization_id,
+                submission.stripe_customer_id == customer_id,
+                submission.status == SubmissionStatus.SENT.value,
+                submission.window_start >= start,
+                submission.window_start < end,
+            )
+            .group_by(submission.event_name)
+        ).all()
+    return {name: int(total) for name, total in rows}
+
+
+def _sent_this_run(run: _Run) -> dict[str, int]:
+    sent: dict[str, int] = {}
+    billed = run.flush.billed_value if run.flush else {}
+    for event_type, value in billed.items():
+        event_name = run.runtime.settings.stripe_meters.get(event_type, event_type)
+        sent[event_name] = sent.get(event_name, 0) + value
+    return sent
+
+
+def _stripe_total(
+    gateway: Any,
+    meter_id: str,
+    customer_id: str,
+    start: datetime,
+    end: datetime,
+    want: int,
+    deadline: float,
+) -> int:
+    """Stripe's total, re-read while it is still short of what was sent and time remains."""
+    while True:
+        total = gateway.meter_event_total(meter_id, customer_id, start, end)
+        if total >= want or time.monotonic() >= deadline:
+            return total
+        time.sleep(SETTLE_POLL_SECONDS)

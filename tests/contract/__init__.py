@@ -1,0 +1,146 @@
+"""Rows, schema changes and Stripe objects shared by the contract, smoke and period tests."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from billing.models import BillableEvent, BillingAccount, UsageSubmission, utcnow
+from billing.runtime import Runtime
+
+_keys = itertools.count(1)
+
+
+def add_events(engine: sa.Engine, *rows: dict[str, Any], **defaults: Any) -> list[int]:
+    """Insert billable events (org 1, api_call, quantity 1, an hour ago, zeitgeist); their ids."""
+    now = utcnow()
+    base = {
+        "organization_id": 1,
+        "event_type": "api_call",
+        "quantity": 1,
+        "occurred_at": now - timedelta(hours=1),
+        "source": "zeitgeist",
+        "created_at": now,
+    }
+    values = [
+        {**base, **defaults, "idempotency_key": f"evt-{next(_keys)}", **row} for row in rows or [{}]
+    ]
+    with engine.begin() as connection:
+        return list(
+            connection.scalars(sa.insert(BillableEvent).returning(BillableEvent.id), values)
+        )
+
+
+def add_account(
+    engine: sa.Engine,
+    organization_id: int,
+    customer: str | None = None,
+    subscription: str | None = None,
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            sa.insert(BillingAccount),
+            {
+                "organization_id": organization_id,
+                "stripe_customer_id": customer,
+                "stripe_subscription_id": subscription,
+                "created_at": utcnow(),
+                "updated_at": utcnow(),
+            },
+        )
+
+
+def add_submission(
+    engine: sa.Engine,
+    organization_id: int,
+    customer: str,
+    window_start: datetime,
+    value: int,
+    *,
+    event_name: str = "api_call",
+    status: str = "sent",
+) -> int:
+    """An outbox row, as if a flush had written (and, by default, sent) it."""
+    now = utcnow()
+    row = {
+        "organization_id": organization_id,
+        "stripe_customer_id": customer,
+        "event_type": event_name,
+        "event_name": event_name,
+        "value": value,
+        "event_count": 1,
+        "window_start": window_start,
+        "window_end": window_start + timedelta(hours=1),
+        "identifier": f"test-{next(_keys)}",
+        "status": status,
+        "attempts": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
+    with engine.begin() as connection:
+        return connection.scalar(sa.insert(UsageSubmission).returning(UsageSubmission.id), row)
+
+
+@contextlib.contextmanager
+def altered(engine: sa.Engine, change: str, restore: str, *, truncate: bool = True
+            ) -> Iterator[None]:
+    """Change the schema (e.g. to seed a defect it forbids); empty the table and restore after."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(change)
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            if truncate:
+                connection.exec_driver_sql("TRUNCATE billable_events")
+            connection.exec_driver_sql(restore)
+
+
+def execute(engine: sa.Engine, sql: str) -> None:
+    with engine.begin() as connection:
+        connection.exec_driver_sql(sql)
+
+
+def account_row(runtime: Runtime, organization_id: int) -> BillingAccount | None:
+    with runtime.session_factory() as session:
+        return session.get(BillingAccount, organization_id)
+
+
+def subscribe(runtime: Runtime, organization_id: int, *, interval: str = "month") -> Any:
+    """A Stripe customer with a metered subscription (one price per meter) and its account."""
+    gateway = runtime.stripe
+    client = gateway.client
+    customer = gateway.create_customer(f"Org {organization_id}", organization_id)
+    items = [
+        {
+            "price": client.v1.prices.create(
+                {
+                    "currency": "usd",
+                    "unit_amount": 1,
+                    "product_data": {"name": name},
+                    "recurring": {"interval": interval, "usage_type": "metered",
+                                  "meter": meter.id},
+                }
+            ).id
+        }
+        for name, meter in sorted(gateway.meter_by_event_name().items())
+    ]
+    subscription = client.v1.subscriptions.create({"customer": customer.id, "items": items})
+    add_account(runtime.engine, organization_id, customer.id, subscription.id)
+    return subscription
+
+
+def subscribe_hours_ago(runtime: Runtime, emulator: Any, organization_id: int, hours: int) -> Any:
+    """`subscribe`, with the current period started `hours` ago (the emulator's clock set back)."""
+    now = int(time.time())
+    emulator.control("POST", "clock", {"set": now - hours * 3600})
+    try:
+        return subscribe(runtime, organization_id)
+    finally:
+        emulator.control("POST", "clock", {"set": int(time.time())})
