@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install billing with its test and dev extras into it.
+# Create .venv (if missing) and install billing with its test and dev extras into it. Re-installs
+# only when pyproject.toml changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+stamp=.venv/.billing-installed
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    log=$(mktemp)
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -e '.[dev]' >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "bootstrap: installing billing into .venv failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    echo "$wanted" >"$stamp"
+fi
 .venv/bin/python -c "import billing, celery, stripe, sqlalchemy, flask" \
-    || { echo "bootstrap: installing billing into .venv failed" >&2; exit 1; }
+    || { echo "bootstrap: billing does not import from .venv" >&2; exit 1; }
