@@ -106,6 +106,16 @@ class BillableEvent(Base):
             postgresql_where=text("usage_submission_id IS NULL"),
             sqlite_where=text("usage_submission_id IS NULL"),
         ),
+        # The claim reads unclaimed rows in group order (organization, type, time).
+        Index(
+            "ix_billable_events_unclaimed_by_group",
+            "organization_id",
+            "event_type",
+            "occurred_at",
+            "id",
+            postgresql_where=text("usage_submission_id IS NULL"),
+            sqlite_where=text("usage_submission_id IS NULL"),
+        ),
         Index("ix_billable_events_usage_submission_id", "usage_submission_id"),
         Index("ix_billable_events_organization_id_occurred_at", "organization_id", "occurred_at"),
     )

@@ -31,7 +31,8 @@ BROKER_TIMEOUT_SECONDS = 3
 ACTIVE_METER = "active"
 
 # Anything shaped like a Stripe secret or a URL password, wherever it appears in a message.
-_SECRET_TOKEN = re.compile(r"\b(?:(?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9+/=]+")
+# Wider than a real key's alphabet on purpose: better to mask too much than to leak a tail.
+_SECRET_TOKEN = re.compile(r"\b(?:(?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9_+/=]+")
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
 
 SettingsSource = Runtime | Settings | Callable[[], Runtime | Settings]

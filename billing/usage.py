@@ -135,6 +135,7 @@ class UsageFlush:
         self.lost_lock = lost_lock
         self.on_progress = on_progress
         self.result = FlushResult()
+        self._cursor: tuple[Any, ...] | None = None  # group-order key of the last claimed row
 
     # The pass ---------------------------------------------------------------------------------
 
@@ -143,7 +144,10 @@ class UsageFlush:
         fields = self._scope_fields()
         log.info(logs.FLUSH_STARTED, extra=fields)
         self._hold_stale_submissions()
-        self._submit(self._pending_submission_ids())
+        pending = self._pending_submission_ids()  # left by an earlier run: re-send first
+        page = self.settings.flush_batch_size
+        for start in range(0, len(pending), page):
+            self._submit(pending[start : start + page])
         while not self._should_stop():
             batch = self._claim_batch()
             if batch is None:
@@ -221,18 +225,26 @@ class UsageFlush:
             if dialect == "sqlite":
                 # SQLite has no row locks: take the write lock up front so two claimers serialise.
                 session.execute(sa.text("UPDATE billable_events SET id = id WHERE 0"))
+            # Group order keeps each (organization, type, hour) whole inside one batch, except at
+            # a batch's edges, so a batch yields few meter events; the cursor continues after the
+            # previous batch instead of re-reading rows this run left unbillable.
+            order = (event.organization_id, event.event_type, event.occurred_at, event.id)
             pick = (
-                sa.select(event.id)
+                sa.select(*order)
                 .join(BillingAccount, BillingAccount.organization_id == event.organization_id)
                 .where(*self._billable_filter(now))
-                .order_by(event.id)
+                .order_by(*order)
                 .limit(self.settings.flush_batch_size)
             )
+            if self._cursor is not None:
+                pick = pick.where(sa.tuple_(*order) > sa.tuple_(*self._cursor))
             if dialect == "postgresql":
                 pick = pick.with_for_update(of=event, skip_locked=True)
-            ids = list(session.scalars(pick))
-            if not ids:
+            picked = session.execute(pick).all()
+            if not picked:
                 return None
+            self._cursor = tuple(picked[-1])
+            ids = [row.id for row in picked]
             groups = session.execute(_group_query(ids, dialect)).all()
             token = uuid.uuid4().hex[:12]
             rows = [self._outbox_row(group, token, now) for group in groups]

@@ -16,8 +16,8 @@ port=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1
 export FLASK_APP=billing
 export DATABASE_URL="sqlite:///$workdir/billing.db"
 export STRIPE_API_BASE="http://127.0.0.1:$port"
-export STRIPE_SECRET_KEY=sk_test_embedded_demo_0000
-export STRIPE_WEBHOOK_SECRET=whsec_embedded_demo_0000
+export STRIPE_SECRET_KEY=sk_test_embeddeddemo0000
+export STRIPE_WEBHOOK_SECRET=whsec_embeddeddemo0000
 export STRIPE_BILLING_ENABLED=1
 export STRIPE_BILLING_METERS=api_call,storage_gb_hour
 export STRIPE_USAGE_FLUSH_LOCK_BACKEND=file

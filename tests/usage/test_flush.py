@@ -55,6 +55,16 @@ def test_many_small_batches_and_a_second_run_bill_nothing_twice(billing_runtime,
     second = flush_once(runtime)
 
     assert first.batches == -(-len(rows) // 37) and first.events_claimed == len(rows)
+    # Claimed in group order: only a batch's edges split a group into two meter events.
+    groups = {
+        (
+            r["organization_id"],
+            r["event_type"],
+            r["occurred_at"].replace(minute=0, second=0, microsecond=0),
+        )
+        for r in rows
+    }
+    assert len(groups) <= first.submissions_sent <= len(groups) + first.batches
     assert second.events_claimed == 0 and second.submissions_sent == 0
     assert emulator.billed() == expected_totals(rows, customers)
 

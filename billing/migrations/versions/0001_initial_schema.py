@@ -134,6 +134,14 @@ def upgrade() -> None:
         postgresql_where=sa.text("usage_submission_id IS NULL"),
         sqlite_where=sa.text("usage_submission_id IS NULL"),
     )
+    # The claim reads unclaimed rows in group order (organization, type, time).
+    op.create_index(
+        "ix_billable_events_unclaimed_by_group",
+        "billable_events",
+        ["organization_id", "event_type", "occurred_at", "id"],
+        postgresql_where=sa.text("usage_submission_id IS NULL"),
+        sqlite_where=sa.text("usage_submission_id IS NULL"),
+    )
     op.create_index(
         "ix_billable_events_usage_submission_id", "billable_events", ["usage_submission_id"]
     )
