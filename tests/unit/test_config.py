@@ -23,7 +23,27 @@ GUIDE_DEFAULTS = {
     "celery_result_backend": None,
     "flush_lock_key": "billing:stripe-usage-flush:lock",
     "stripe_meters": {},
+    # Besides the guide's: this package's tuning variables.
+    "stripe_max_network_retries": 2,
+    "stripe_meter_event_rate_per_second": 20.0,
+    "flush_lock_backend": "redis",
+    "flush_batch_size": 5000,
+    "submit_concurrency": 8,
+    "resend_window_hours": 23,
+    "contract_zeitgeist_max_age_hours": 24,
+    "broker_visibility_timeout_seconds": 7200,
+    "retry_backoff_seconds": 2.0,
+    "retry_backoff_max_seconds": 600.0,
+    "task_max_retries": 5,
+    "log_level": "INFO",
+    "log_format": "auto",
 }
+
+
+def test_the_defaults_cover_every_setting():
+    import dataclasses
+
+    assert {f.name for f in dataclasses.fields(Settings)} == set(GUIDE_DEFAULTS)
 
 
 class TestDefaults:
@@ -95,6 +115,13 @@ BAD_VALUES = [
     ("STRIPE_METER_EVENT_RATE_PER_SECOND", "fast"),
     ("STRIPE_BILLING_METERS", "api call"),
     ("CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", "60"),
+    ("STRIPE_MAX_NETWORK_RETRIES", "-1"),
+    ("STRIPE_USAGE_RESEND_WINDOW_HOURS", "48"),
+    ("STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", "0"),
+    ("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", "-2"),
+    ("STRIPE_BILLING_TASK_MAX_RETRIES", "many"),
+    ("BILLING_LOG_LEVEL", "loud"),
+    ("BILLING_LOG_FORMAT", "xml"),
 ]
 
 
