@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 from flask.cli import AppGroup
+from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db, logs
 from billing.app import current_runtime
-from billing.config import ConfigError
+from billing.config import ConfigError, scrub
 from billing.locks import LockUnavailableError
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
@@ -37,10 +38,13 @@ def runtime() -> Runtime:
 
 @contextmanager
 def operator_errors() -> Iterator[None]:
+    """Errors an operator can act on, and database errors, as one masked line and exit 1."""
     try:
         yield
     except OPERATOR_ERRORS as error:
-        raise click.ClickException(str(error)) from error
+        raise click.ClickException(scrub(str(error))) from error
+    except SQLAlchemyError as error:
+        raise click.ClickException(scrub(f"database error: {error}")) from error
 
 
 def emit(payload: dict[str, Any], summary: str | None = None) -> None:
@@ -154,8 +158,9 @@ def db_cli() -> None:
 def db_upgrade_command(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
     rt = runtime()
-    db.upgrade(rt.engine, revision)
-    click.echo(f"database at {db.current_revision(rt.engine)}")
+    with operator_errors():
+        db.upgrade(rt.engine, revision)
+        click.echo(f"database at {db.current_revision(rt.engine)}")
 
 
 @db_cli.command("downgrade")
@@ -163,15 +168,17 @@ def db_upgrade_command(revision: str) -> None:
 def db_downgrade_command(revision: str) -> None:
     """Revert migrations down to REVISION (`base` removes every billing table)."""
     rt = runtime()
-    db.downgrade(rt.engine, revision)
-    click.echo(f"database at {db.current_revision(rt.engine)}")
+    with operator_errors():
+        db.downgrade(rt.engine, revision)
+        click.echo(f"database at {db.current_revision(rt.engine)}")
 
 
 @db_cli.command("current")
 def db_current_command() -> None:
     """Print the applied and the head revision."""
     rt = runtime()
-    click.echo(f"current {db.current_revision(rt.engine)} head {db.head_revision()}")
+    with operator_errors():
+        click.echo(f"current {db.current_revision(rt.engine)} head {db.head_revision()}")
 
 
 @billing_cli.command("config")

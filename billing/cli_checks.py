@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
 from billing.app import current_runtime
 from billing.cli import billing_cli, emit, operator_errors, runtime
 from billing.contract import run_contract_checks
-from billing.preflight import run_preflight, scrub
+from billing.preflight import run_preflight
 from billing.smoke import UnknownOrganizationError, smoke_org
 
 
@@ -29,16 +26,6 @@ class Report(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def table(self) -> str: ...
-
-
-@contextmanager
-def checked_errors() -> Iterator[None]:
-    """Operator errors and database errors as one masked line and exit 1, not a traceback."""
-    with operator_errors():
-        try:
-            yield
-        except SQLAlchemyError as error:
-            raise click.ClickException(scrub(f"database error: {error}")) from error
 
 
 def show(report: Report, as_json: bool) -> None:
@@ -84,7 +71,7 @@ def validate_contract_command(
     """Check the upstream billable_events table against the billing contract."""
     rt = runtime()
     settings = rt.settings
-    with checked_errors():
+    with operator_errors():
         report = run_contract_checks(
             rt,
             lookback_days=lookback_days or settings.contract_lookback_days,
@@ -139,7 +126,7 @@ def smoke_org_command(
     """End-to-end check of one organization in Stripe test mode: flush it, confirm in Stripe."""
     rt = runtime()
     try:
-        with checked_errors():
+        with operator_errors():
             report = smoke_org(
                 rt,
                 org_id,
@@ -160,7 +147,7 @@ def sync_periods_command() -> None:
     from billing.periods import sync_all_periods
 
     rt = runtime()
-    with checked_errors():
+    with operator_errors():
         summary = sync_all_periods(rt)
     emit(
         summary,

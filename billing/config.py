@@ -38,16 +38,16 @@ def mask_secret(value: str | None) -> str:
     return f"{prefix}…{value[-4:]}" if len(value) - len(prefix) >= 12 else f"{prefix}…"
 
 
-def mask_url_password(url: str | None) -> str | None:
-    """Hide the password of a connection URL (`redis://:secret@host` → `redis://:***@host`)."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    if ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+# Anything shaped like a Stripe secret or a URL password, wherever it appears in a message.
+# Wider than a real key's alphabet on purpose: better to mask too much than to leak a tail.
+_SECRET_TOKEN = re.compile(r"\b(?:(?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9_+/=]+")
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Mask Stripe secrets and connection-URL passwords (`redis://:***@host`) in any text."""
+    text = _SECRET_TOKEN.sub(lambda m: mask_secret(m.group(0)), text)
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class _Env:
@@ -247,7 +247,7 @@ class Settings:
             if item.name in SECRET_FIELDS:
                 value = mask_secret(value)
             elif item.name.endswith(("_url", "_backend")) and isinstance(value, str):
-                value = mask_url_password(value)
+                value = scrub(value)
             shown[item.name] = value
         return shown
 

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from billing import db
-from billing.config import ConfigError, Settings, mask_secret, mask_url_password
+from billing.config import ConfigError, Settings, mask_secret, scrub
 from billing.locks import FileFlushLock
 from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
@@ -30,18 +30,7 @@ PROBE_TTL_MS = 10_000
 BROKER_TIMEOUT_SECONDS = 3
 ACTIVE_METER = "active"
 
-# Anything shaped like a Stripe secret or a URL password, wherever it appears in a message.
-# Wider than a real key's alphabet on purpose: better to mask too much than to leak a tail.
-_SECRET_TOKEN = re.compile(r"\b(?:(?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9_+/=]+")
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
-
 SettingsSource = Runtime | Settings | Callable[[], Runtime | Settings]
-
-
-def scrub(text: str) -> str:
-    """Mask Stripe secrets and connection-URL passwords in a message."""
-    text = _SECRET_TOKEN.sub(lambda m: mask_secret(m.group(0)), text)
-    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 @dataclass
@@ -200,7 +189,7 @@ class _Preflight:
             connection.ensure_connection(
                 max_retries=1, interval_start=0, interval_step=0, timeout=BROKER_TIMEOUT_SECONDS
             )
-        return Status.PASS, f"{mask_url_password(url)} reachable"
+        return Status.PASS, f"{scrub(url)} reachable"
 
     def stripe_access(self) -> Outcome:
         if "stripe_secret_key" not in self.passed:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from billing.config import ConfigError, Settings
-from billing.preflight import run_preflight, scrub
+from billing.config import ConfigError, Settings, scrub
+from billing.preflight import run_preflight
 from billing.reports import Status
 
 LIVE_KEY = "sk_live_" + "preflightsecret9876"

@@ -144,3 +144,12 @@ def test_seed_demo_then_flush_bills_what_was_seeded(billing_runtime, emulator):
     flushed = json.loads(invoke(billing_runtime.settings, "flush_now").stdout)
     assert flushed["events_claimed"] == 120
     assert flushed["billed_value"] == made["quantity_by_event_type"]
+
+
+@pytest.mark.parametrize("command", [["flush_now"], ["db", "upgrade"]])
+def test_unreachable_database_is_one_masked_line(settings, command):
+    broken = settings.replace(database_url="postgresql://billing:s3cretpw@127.0.0.1:1/none")
+    result = invoke(broken, *command)
+    assert result.exit_code == 1
+    assert "database error" in result.output and "Traceback" not in result.output
+    assert "s3cretpw" not in result.output
