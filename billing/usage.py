@@ -237,7 +237,14 @@ class UsageFlush:
                 .limit(self.settings.flush_batch_size)
             )
             if self._cursor is not None:
-                pick = pick.where(sa.tuple_(*order) > sa.tuple_(*self._cursor))
+                # Bound with the columns' own types, so timestamps compare as stored.
+                after = sa.tuple_(
+                    *(
+                        sa.bindparam(None, v, type_=c.type)
+                        for c, v in zip(order, self._cursor, strict=True)
+                    )
+                )
+                pick = pick.where(sa.tuple_(*order) > after)
             if dialect == "postgresql":
                 pick = pick.with_for_update(of=event, skip_locked=True)
             picked = session.execute(pick).all()

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from billing.models import BillableEvent, BillingAccount, SubmissionStatus, UsageSubmission, utcnow
+from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
 from billing.services import flush_once
 from billing.usage import FlushResult, TransientFlushError, UsageFlush, flush_usage
 from tests.usage.factories import (
@@ -327,14 +327,20 @@ def test_log_lines_carry_organization_and_idempotency_key(billing_runtime, emula
     assert submit.organization_id == 9 and submit.idempotency_key.startswith("billing-usage-9-")
 
 
-def test_embedded_sqlite_flush_bills_exact_totals(
-    make_runtime, billing_settings, emulator, tmp_path
-):
+@pytest.fixture
+def sqlite_runtime(billing_settings, tmp_path):
+    """The embedded default's database: a migrated SQLite file, same emulator."""
     from billing import db
     from billing.runtime import Runtime
 
     runtime = Runtime(billing_settings.replace(database_url=f"sqlite:///{tmp_path / 'b.db'}"))
     db.upgrade(runtime.engine)
+    yield runtime
+    runtime.close()
+
+
+def test_embedded_sqlite_flush_bills_exact_totals(sqlite_runtime, emulator):
+    runtime = sqlite_runtime
     customers = add_accounts(runtime, [1, 2])
     rows = random_events([1, 2], TYPES, 150)
     add_events(runtime, rows)
@@ -342,16 +348,7 @@ def test_embedded_sqlite_flush_bills_exact_totals(
     result = flush_once(runtime)
     assert result.ok and result.events_claimed == 150
     assert emulator.billed() == expected_totals(rows, customers)
-    with runtime.session_factory() as session:
-        assert (
-            session.scalar(
-                sa.select(sa.func.count())
-                .select_from(BillableEvent)
-                .where(BillableEvent.usage_submission_id.is_(None))
-            )
-            == 0
-        )
-    runtime.close()
+    assert unclaimed_count(runtime) == 0
 
 
 def test_outbox_rows_say_sent_with_one_attempt(billing_runtime, emulator, seeded):
@@ -396,3 +393,21 @@ def test_an_hour_holding_the_period_boundary_is_split_at_it(billing_runtime, emu
         (hour + timedelta(hours=1), hour + timedelta(hours=2), 13),
     ]
     assert emulator.billed() == {customers[1]: {"api_call": 36}}
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_batches_split_inside_equal_timestamps_claim_every_row(request, emulator, database):
+    runtime = request.getfixturevalue(
+        "billing_runtime" if database == "postgresql" else "sqlite_runtime"
+    )
+    customers = add_accounts(runtime, [1])
+    same_moment = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    rows = [
+        {"organization_id": 1, "event_type": "api_call", "quantity": n, "occurred_at": same_moment}
+        for n in range(1, 26)
+    ]
+    add_events(runtime, rows)
+    runtime.settings = runtime.settings.replace(flush_batch_size=4)
+    result = flush_once(runtime)
+    assert result.events_claimed == 25 and result.batches == 7
+    assert emulator.billed() == {customers[1]: {"api_call": sum(range(1, 26))}}
