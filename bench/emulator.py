@@ -175,6 +175,19 @@ def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def _latency_summary(lat: list[float], duration: float, errors: int) -> dict[str, Any]:
+    """Throughput and latency figures of one run; `lat` sorted ascending, in seconds."""
+    return {
+        "duration_s": duration,
+        "requests": len(lat),
+        "requests_per_s": round(len(lat) / duration, 1),
+        "p50_ms": round(_pct(lat, 0.50) * 1000, 3),
+        "p99_ms": round(_pct(lat, 0.99) * 1000, 3),
+        "max_ms": round(lat[-1] * 1000, 3) if lat else None,
+        "errors": errors,
+    }
+
+
 def raw_run(url: str, customers: list[str], duration: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -182,16 +195,9 @@ def raw_run(url: str, customers: list[str], duration: float) -> dict[str, Any]:
     proc.start()
     result = out.get(timeout=duration + 60)
     proc.join()
-    lat = result["latencies"]
     return {
         "connections": len(customers),
-        "duration_s": duration,
-        "requests": len(lat),
-        "requests_per_s": round(len(lat) / duration, 1),
-        "p50_ms": round(_pct(lat, 0.50) * 1000, 3),
-        "p99_ms": round(_pct(lat, 0.99) * 1000, 3),
-        "max_ms": round(lat[-1] * 1000, 3) if lat else None,
-        "errors": result["errors"],
+        **_latency_summary(result["latencies"], duration, result["errors"]),
         "statuses": result["statuses"],
     }
 
@@ -238,15 +244,7 @@ def stripe_run(url: str, customers: list[str], duration: float) -> dict[str, Any
     for p in procs:
         p.join()
     lat.sort()
-    return {
-        "client_processes": len(procs),
-        "duration_s": duration,
-        "requests": len(lat),
-        "requests_per_s": round(len(lat) / duration, 1),
-        "p50_ms": round(_pct(lat, 0.50) * 1000, 3),
-        "p99_ms": round(_pct(lat, 0.99) * 1000, 3),
-        "errors": errors,
-    }
+    return {"client_processes": len(procs), **_latency_summary(lat, duration, errors)}
 
 
 def main(argv: list[str] | None = None) -> int:

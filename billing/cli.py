@@ -157,19 +157,20 @@ def db_cli() -> None:
 @click.argument("revision", default="head")
 def db_upgrade_command(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
-    rt = runtime()
-    with operator_errors():
-        db.upgrade(rt.engine, revision)
-        click.echo(f"database at {db.current_revision(rt.engine)}")
+    migrate(db.upgrade, revision)
 
 
 @db_cli.command("downgrade")
 @click.argument("revision")
 def db_downgrade_command(revision: str) -> None:
     """Revert migrations down to REVISION (`base` removes every billing table)."""
+    migrate(db.downgrade, revision)
+
+
+def migrate(step: Callable[[Any, str], None], revision: str) -> None:
     rt = runtime()
     with operator_errors():
-        db.downgrade(rt.engine, revision)
+        step(rt.engine, revision)
         click.echo(f"database at {db.current_revision(rt.engine)}")
 
 

@@ -153,3 +153,10 @@ def test_unreachable_database_is_one_masked_line(settings, command):
     assert result.exit_code == 1
     assert "database error" in result.output and "Traceback" not in result.output
     assert "s3cretpw" not in result.output
+
+
+def test_db_commands_migrate_a_sqlite_file_up_and_down(settings, tmp_path):
+    local = settings.replace(database_url=f"sqlite:///{tmp_path / 'cli.db'}")
+    assert invoke(local, "db", "upgrade").output.strip() == "database at 0001"
+    assert invoke(local, "db", "current").output.strip() == "current 0001 head 0001"
+    assert invoke(local, "db", "downgrade", "base").output.strip() == "database at None"
