@@ -184,16 +184,32 @@ def create_subscription(st: State, p: dict[str, Any]) -> dict[str, Any]:
     return sub
 
 
+def _draft_invoice(
+    st: State,
+    sub: dict[str, Any],
+    reason: str,
+    covers: tuple[int, int],
+    *,
+    metered: tuple[int, int] | None,
+    licensed: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """A draft invoice for `sub` with a line per item: metered usage over `metered`, licensed
+    quantities over `licensed` (None leaves that kind of item off the invoice)."""
+    inv = invoices.new_invoice(st, sub["customer"], subscription=sub, billing_reason=reason,
+                               period=covers, currency=sub["currency"])
+    for item in sub["items"]["data"]:
+        if item["price"]["recurring"]["usage_type"] == "metered":
+            if metered is not None:
+                invoices.add_metered_line(st, inv, item, metered)
+        elif licensed is not None:
+            invoices.price_line(st, inv, item, item["quantity"], licensed)
+    return inv
+
+
 def _first_invoice(st: State, sub: dict[str, Any], start: int, end: int) -> None:
     now = st.now()
-    inv = invoices.new_invoice(st, sub["customer"], subscription=sub,
-                               billing_reason="subscription_create", period=(now, now),
-                               currency=sub["currency"])
-    for item in sub["items"]["data"]:
-        if item["price"]["recurring"]["usage_type"] == "licensed":
-            invoices.price_line(st, inv, item, item["quantity"], (start, end))
-        else:
-            invoices.add_metered_line(st, inv, item, (start, end))
+    inv = _draft_invoice(st, sub, "subscription_create", (now, now),
+                         metered=(start, end), licensed=(start, end))
     invoices.attach_pending_items(st, inv, sub["id"])
     invoices.refresh(st, inv)
     sub["latest_invoice"] = inv["id"]
@@ -214,15 +230,10 @@ def run_period_end(st: State, sub_id: str, due: int) -> None:
         return  # a stale entry: the period changed since it was scheduled
     ending = sub["cancel_at_period_end"] or (sub["cancel_at"] is not None
                                             and sub["cancel_at"] <= end)
-    inv = invoices.new_invoice(st, sub["customer"], subscription=sub,
-                               billing_reason="subscription_cycle", period=(start, end),
-                               currency=sub["currency"])
     _, next_end = period(st, sub, 1)
-    for item in sub["items"]["data"]:
-        if item["price"]["recurring"]["usage_type"] == "metered":
-            invoices.add_metered_line(st, inv, item, (start, end))
-        elif not ending:  # licensed items are billed in advance for the next period
-            invoices.price_line(st, inv, item, item["quantity"], (end, next_end))
+    # Usage is billed in arrears; licensed items in advance for the next period, if there is one.
+    inv = _draft_invoice(st, sub, "subscription_cycle", (start, end), metered=(start, end),
+                         licensed=None if ending else (end, next_end))
     invoices.attach_pending_items(st, inv, sub_id)
     invoices.open_draft(st, inv)
     if ending:
@@ -373,12 +384,8 @@ def subscriptions_cancel(st: State, p: dict[str, Any], ident: str) -> dict[str, 
     if p.get("invoice_now"):  # bill the usage so far
         start, _ = period(st, sub)
         now = st.now()
-        inv = invoices.new_invoice(st, sub["customer"], subscription=sub,
-                                   billing_reason="subscription_update", period=(start, now),
-                                   currency=sub["currency"])
-        for item in sub["items"]["data"]:
-            if item["price"]["recurring"]["usage_type"] == "metered":
-                invoices.add_metered_line(st, inv, item, (start, now))
+        inv = _draft_invoice(st, sub, "subscription_update", (start, now),
+                             metered=(start, now), licensed=None)
         invoices.attach_pending_items(st, inv, ident)
         invoices.refresh(st, inv)
         sub["latest_invoice"] = inv["id"]
