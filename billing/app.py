@@ -23,7 +23,6 @@ class Billing:
 
         app.extensions[EXTENSION_KEY] = _LazyRuntime(settings or self._settings)
         app.cli.add_command(billing_cli)
-        app.teardown_appcontext(lambda _exc: None)
 
 
 class _LazyRuntime:
