@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from billing import db, logs
 from billing.app import current_runtime
 from billing.config import ConfigError, scrub
+from billing.entitlements.service import EntitlementError
 from billing.locks import LockUnavailableError
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
@@ -23,7 +24,13 @@ from billing.usage import FlushResult, TransientFlushError
 billing_cli = AppGroup("billing", help="Stripe usage billing: flush, checks, and maintenance.")
 
 # Errors an operator can act on: shown as one line and a non-zero exit, not a traceback.
-OPERATOR_ERRORS = (ConfigError, LockUnavailableError, StripeGatewayError, TransientFlushError)
+OPERATOR_ERRORS = (
+    ConfigError,
+    EntitlementError,
+    LockUnavailableError,
+    StripeGatewayError,
+    TransientFlushError,
+)
 
 
 def runtime() -> Runtime:
@@ -189,4 +196,5 @@ def config_command() -> None:
 
 
 # The safety commands (validate_contract, preflight, smoke_org, sync_periods) join the group.
-import billing.cli_checks  # noqa: E402,F401
+import billing.cli_checks  # noqa: E402
+import billing.entitlements.cli  # noqa: E402,F401

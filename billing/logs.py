@@ -47,6 +47,10 @@ FLUSH_UNBILLABLE = "Stripe usage flush left unbillable events pending"
 FLUSH_HELD = "Stripe usage submission held for reconciliation"
 PERIOD_SYNCED = "Stripe subscription period synced"
 PERIOD_SYNC_FAILED = "Stripe subscription period sync failed"
+ENTITLEMENTS_REFRESHED = "Stripe entitlements refreshed"
+ENTITLEMENT_GRANTED = "Entitlement granted manually"
+ENTITLEMENT_REVOKED = "Manual entitlement revoked"
+SAAS_CHECKOUT_STARTED = "SaaS upgrade checkout session created"
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "billing_log_context", default=None

@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -204,17 +205,36 @@ class WebhookEvent(Base):
     __table_args__ = (Index("ix_webhook_events_status_received_at", "status", "received_at"),)
 
 
+class EntitlementSource(enum.StrEnum):
+    STRIPE = "stripe"  # mirrored from Stripe's active entitlements; replaced on every refresh
+    MANUAL = "manual"  # granted by an operator; only `entitlements revoke` takes it away
+
+
 class Entitlement(Base):
+    """A feature (Stripe lookup key) an organization holds, one row per source.
+
+    Access is any active row of any source, so a Stripe refresh (which rewrites only the `stripe`
+    rows) never takes away what an operator granted by hand, and a manual revoke never hides what
+    Stripe says the customer paid for.
+    """
+
     __tablename__ = "entitlements"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     lookup_key: Mapped[str] = mapped_column(String(80), nullable=False)
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
-    source: Mapped[str] = mapped_column(String(64), nullable=False, default="stripe")
+    source: Mapped[str] = mapped_column(
+        String(64), nullable=False, default=EntitlementSource.STRIPE.value
+    )
+    note: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
     )
 
-    __table_args__ = (UniqueConstraint("organization_id", "lookup_key"),)
+    __table_args__ = (
+        # Its leading columns serve the gate's lookup (organization_id, lookup_key).
+        UniqueConstraint("organization_id", "lookup_key", "source"),
+        CheckConstraint("source IN ('stripe', 'manual')", name="source_known"),
+    )

@@ -59,6 +59,17 @@ class MeterEvent:
     idempotency_key: str
 
 
+@dataclass(frozen=True)
+class SubscriptionCheckout:
+    """A Checkout Session that subscribes one organization to one price."""
+
+    organization_id: int
+    price_id: str
+    success_url: str
+    cancel_url: str
+    customer_id: str | None = None  # reused when the organization already has one
+
+
 class RateLimiter:
     """A token bucket shared by the threads of one process: keeps us under Stripe's ceiling."""
 
@@ -239,6 +250,72 @@ class StripeGateway:
                 "value_settings": {"event_payload_key": "value"},
             },
         )
+
+    # Entitlements and the SaaS upgrade checkout ---------------------------------------------
+
+    def active_entitlement_lookup_keys(self, customer_id: str) -> set[str]:
+        """Lookup keys of the customer's active entitlements, every page of them."""
+
+        def every_page() -> set[str]:
+            page = self.client.v1.entitlements.active_entitlements.list(
+                {"customer": customer_id, "limit": 100}
+            )
+            return {entitlement.lookup_key for entitlement in page.auto_paging_iter()}
+
+        # Later pages are fetched while iterating: their errors must be translated too.
+        return self._call(every_page)
+
+    def create_subscription_checkout(self, checkout: SubscriptionCheckout) -> Any:
+        params: dict[str, Any] = {
+            "mode": "subscription",
+            "line_items": [{"price": checkout.price_id, "quantity": 1}],
+            # Webhook handlers link the organization to the customer from these, never from
+            # anything the browser sends back.
+            "client_reference_id": str(checkout.organization_id),
+            "metadata": {"organization_id": str(checkout.organization_id)},
+            "subscription_data": {
+                "metadata": {"organization_id": str(checkout.organization_id)}
+            },
+            "success_url": checkout.success_url,
+            "cancel_url": checkout.cancel_url,
+        }
+        if checkout.customer_id:
+            params["customer"] = checkout.customer_id
+        return self._call(self.client.v1.checkout.sessions.create, params)
+
+    def ensure_feature_price(
+        self, lookup_key: str, *, product_name: str, unit_amount: int, currency: str = "usd"
+    ) -> str:
+        """Test-mode set-up (demo app, tests): a monthly price whose product grants the feature.
+
+        Returns the price id (what `STRIPE_SAAS_PRICE_ID` names). The feature is reused when it
+        exists; a new product and price are created on each call.
+        """
+        self.require_test_mode("Creating demo products")
+        found = self._call(
+            self.client.v1.entitlements.features.list, {"lookup_key": lookup_key, "limit": 1}
+        )
+        feature = found.data[0] if found.data else self._call(
+            self.client.v1.entitlements.features.create,
+            {"lookup_key": lookup_key, "name": lookup_key},
+        )
+        product = self._call(
+            self.client.v1.products.create,
+            {
+                "name": product_name,
+                "default_price_data": {
+                    "currency": currency,
+                    "unit_amount": unit_amount,
+                    "recurring": {"interval": "month"},
+                },
+            },
+        )
+        self._call(
+            self.client.v1.products.features.create,
+            product.id,
+            {"entitlement_feature": feature.id},
+        )
+        return str(product.default_price)
 
 
 def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:

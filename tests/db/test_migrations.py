@@ -2,6 +2,7 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from sqlalchemy.exc import IntegrityError
 
 from billing import db
@@ -97,8 +98,10 @@ DUPLICATES = [
         ],
     ),
     (
-        "entitlement per organization and lookup key",
-        lambda: [Entitlement(organization_id=1, lookup_key="saas") for _ in range(2)],
+        "entitlement per organization, lookup key and source",
+        lambda: [
+            Entitlement(organization_id=1, lookup_key="saas", source="manual") for _ in range(2)
+        ],
     ),
 ]
 
@@ -133,3 +136,53 @@ def test_naive_datetimes_are_refused(db_engine):
     event.occurred_at = datetime(2026, 11, 25, 12, 0)
     with pytest.raises(sa.exc.StatementError, match="naive datetime"), factory.begin() as session:
         session.add(event)
+
+
+def test_an_entitlement_may_come_from_stripe_and_by_hand_at_once(db_engine):
+    factory = db.make_session_factory(db_engine)
+    with factory.begin() as session:
+        for source in ("stripe", "manual"):
+            session.add(Entitlement(organization_id=1, lookup_key="saas", source=source))
+    with pytest.raises(IntegrityError), factory.begin() as session:
+        session.add(Entitlement(organization_id=1, lookup_key="saas", source="guess"))
+
+
+@pytest.mark.parametrize("url", ["sqlite", "postgresql"])
+def test_0004_downgrade_refuses_to_merge_two_sources(tmp_path, url):
+    """Below 0004 one row per key: dropping either source would change who has access."""
+    if url == "sqlite":
+        engine = db.make_engine(f"sqlite:///{tmp_path / 'down.db'}")
+        cleanup = engine.dispose
+    else:
+        schema = f"billing_0004_down_{tmp_path.name[-8:].lower()}".replace("-", "_")
+        admin = db.make_engine(TEST_DATABASE_URL)
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        engine = db.make_engine(schema_url(TEST_DATABASE_URL, schema))
+
+        def cleanup() -> None:
+            engine.dispose()
+            with admin.begin() as connection:
+                connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            admin.dispose()
+
+    below_0004 = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_revision("0004").down_revision
+    try:
+        db.upgrade(engine)
+        factory = db.make_session_factory(engine)
+        with factory.begin() as session:
+            for source in ("stripe", "manual"):
+                session.add(Entitlement(organization_id=1, lookup_key="saas", source=source))
+        with pytest.raises(RuntimeError, match="held both from Stripe and manually"):
+            db.downgrade(engine, below_0004)
+        assert db.current_revision(engine) == db.head_revision()
+        with factory.begin() as session:
+            session.execute(sa.delete(Entitlement).where(Entitlement.source == "manual"))
+        db.downgrade(engine, below_0004)
+        assert db.current_revision(engine) == below_0004
+        with engine.connect() as connection:
+            kept = connection.execute(sa.text("SELECT source FROM entitlements")).scalars().all()
+        assert kept == ["stripe"]
+    finally:
+        cleanup()
