@@ -1,7 +1,7 @@
 """billing: bills a Flask SaaS's usage to Stripe Billing meter events, exactly once, after the fact.
 
 `create_app()` builds the Flask app (`flask --app billing billing --help`), `Billing(app)` adopts an
-existing one, and `billing.celery_app` is the Celery app configured from `celeryconfig.py`.
+existing one, and `billing.celery_app` is the Celery app, configured from the same settings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ __all__ = ["Billing", "celery_app", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `import billing.config` (e.g. from celeryconfig.py) stays cheap and cycle-free.
+    # Lazy, so that `import billing.config` (e.g. from a celeryconfig) stays cheap and cycle-free.
     if name in ("create_app", "Billing"):
         from billing import app
 

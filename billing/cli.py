@@ -44,11 +44,11 @@ def runtime() -> Runtime:
 
 
 @contextmanager
-def operator_errors() -> Iterator[None]:
-    """Errors an operator can act on, and database errors, as one masked line and exit 1."""
+def operator_errors(*more: type[Exception]) -> Iterator[None]:
+    """Errors an operator can act on (and `more`), database errors: one masked line, exit 1."""
     try:
         yield
-    except OPERATOR_ERRORS as error:
+    except (*OPERATOR_ERRORS, *more) as error:
         raise click.ClickException(scrub(str(error))) from error
     except SQLAlchemyError as error:
         raise click.ClickException(scrub(f"database error: {error}")) from error
@@ -132,10 +132,10 @@ def flush_hourly_command() -> None:
 @billing_cli.command("enqueue_hourly")
 def enqueue_hourly_command() -> None:
     """Queue the hourly flush as a Celery task on STRIPE_BILLING_QUEUE; prints the task id."""
-    from billing.tasks import enqueue_hourly_flush
+    from billing.tasks import BrokerUnavailableError, enqueue_hourly_flush
 
     rt = runtime()
-    with operator_errors():
+    with operator_errors(BrokerUnavailableError):
         task_id = enqueue_hourly_flush(rt.settings)
     emit({"task_id": task_id, "queue": rt.settings.billing_queue})
 

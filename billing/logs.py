@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -52,6 +53,9 @@ ENTITLEMENT_GRANTED = "Entitlement granted manually"
 ENTITLEMENT_REVOKED = "Manual entitlement revoked"
 SAAS_CHECKOUT_STARTED = "SaaS upgrade checkout session created"
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "billing_log_context", default=None
 )
@@ -66,12 +70,21 @@ def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
 
 @contextlib.contextmanager
 def bind(**fields: Any) -> Iterator[None]:
-    """Add fields (e.g. task_id, task_name) to every billing record logged inside the block."""
-    token = _context.set({**(_context.get() or {}), **fields})
+    """Add fields (e.g. organization_id) to every record logged inside the block."""
+    token = bind_fields(**fields)
     try:
         yield
     finally:
-        _context.reset(token)
+        unbind_fields(token)
+
+
+def bind_fields(**fields: Any) -> contextvars.Token[dict[str, Any] | None]:
+    """`bind()` for callers with separate start and end hooks (Celery's task_prerun/postrun)."""
+    return _context.set({**(_context.get() or {}), **fields})
+
+
+def unbind_fields(token: contextvars.Token[dict[str, Any] | None]) -> None:
+    _context.reset(token)
 
 
 class ContextFilter(logging.Filter):
@@ -101,20 +114,54 @@ def json_formatter() -> logging.Formatter:
     )
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
-    """Send the `billing` logger to `stream` (stderr) as JSON lines, or text on a TTY."""
+def carry_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` with this thread's bound fields, for work handed to a thread pool (the submit lanes)."""
+    fields = _context.get()
+
+    @functools.wraps(fn)
+    def with_fields(*args: P.args, **kwargs: P.kwargs) -> R:
+        token = _context.set(fields)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _context.reset(token)
+
+    return with_fields
+
+
+def configure_logging(
+    level: str = "INFO",
+    fmt: str = "auto",
+    stream: Any = None,
+    *,
+    others_level: int | str = logging.WARNING,
+) -> None:
+    """The one logging set-up of every entry point (CLI, Celery worker and beat).
+
+    One handler on the root logger writes every record to `stream` (stderr) as a JSON line (text
+    on a TTY, or as `fmt` says), so Celery's own lines share the format of billing's. The
+    `billing` loggers log at `level`; other libraries at `others_level` (a worker's --loglevel).
+    stripe-python logs one INFO line per request: shown only when `level` is DEBUG.
+    """
     stream = stream or sys.stderr
     use_text = fmt == "text" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        TextFormatter("%(asctime)s %(levelname)s %(message)s") if use_text else json_formatter()
+        TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        if use_text
+        else json_formatter()
     )
     handler.addFilter(ContextFilter())
-    logger = get_logger()
-    for old in list(logger.handlers):
-        if getattr(old, "_billing_handler", False):
-            logger.removeHandler(old)
     handler._billing_handler = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    root = logging.getLogger()
+    for logger in (root, get_logger()):
+        for old in list(logger.handlers):
+            if getattr(old, "_billing_handler", False):
+                logger.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(others_level)
+    billing = get_logger()
+    billing.setLevel(level)
+    billing.propagate = True
+    logging.captureWarnings(True)  # a library's warnings become lines of the same format
+    logging.getLogger("stripe").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -1,40 +1,60 @@
-"""Celery tasks: thin adapters over billing.services. Task names are a wire contract: keep them."""
+"""Celery tasks: thin adapters over billing.services. Task names are a wire contract: keep them.
+
+The retry policy is read when a task runs, from the settings of the worker's runtime (the
+environment at worker start, or what a test or host app installed): nothing is fixed at import.
+"""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from celery import Task
+from kombu.exceptions import OperationalError
 
-from billing import logs
-from billing.celery_app import celery_app
-from billing.config import Settings, load_settings
+from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.config import Settings, scrub
 from billing.runtime import get_runtime
 from billing.services import TRANSIENT_ERRORS, flush_guarded
 
-FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
-
-_settings = load_settings()
+__all__ = ["FLUSH_HOURLY_TASK", "BrokerUnavailableError", "enqueue_hourly_flush"]
 
 
-@celery_app.task(
-    name=FLUSH_HOURLY_TASK,
-    bind=True,
-    acks_late=True,
-    autoretry_for=TRANSIENT_ERRORS,
-    retry_backoff=max(0, round(_settings.retry_backoff_seconds)),
-    # Used when the backoff factor is 0 (tests): Celery's own default would wait 180 s.
-    default_retry_delay=_settings.retry_backoff_seconds,
-    retry_backoff_max=round(_settings.retry_backoff_max_seconds),
-    retry_jitter=True,
-    max_retries=_settings.task_max_retries,
-)
+class BrokerUnavailableError(RuntimeError):
+    """The Celery broker refused or dropped the connection: nothing was queued."""
+
+
+def retry_countdown(settings: Settings, retries: int) -> float:
+    """Exponential backoff with full jitter, capped: the delay before Celery retry `retries`+1."""
+    ceiling = min(settings.retry_backoff_max_seconds, settings.retry_backoff_seconds * 2**retries)
+    return random.uniform(0, ceiling)
+
+
+@celery_app.task(name=FLUSH_HOURLY_TASK, bind=True, acks_late=True)
 def flush_hourly_usage(self: Task) -> dict[str, Any]:
     """The hourly flush under the overlap lock; transient failures retry with backoff."""
-    with logs.bind(task_id=self.request.id, task_name=self.name):
-        return flush_guarded(get_runtime()).raise_if_transient().to_dict()
+    runtime = get_runtime()
+    settings = runtime.settings
+    try:
+        return flush_guarded(runtime).raise_if_transient().to_dict()
+    except TRANSIENT_ERRORS as error:
+        raise self.retry(
+            exc=error,
+            countdown=retry_countdown(settings, self.request.retries),
+            max_retries=settings.task_max_retries,
+        ) from error
 
 
 def enqueue_hourly_flush(settings: Settings) -> str:
-    result = flush_hourly_usage.apply_async(queue=settings.billing_queue)
+    """Queue the hourly flush on these settings' broker and queue; returns the task id."""
+    try:
+        with celery_app.connection_for_write(settings.celery_broker_url) as connection:
+            result = flush_hourly_usage.apply_async(
+                queue=settings.billing_queue, connection=connection
+            )
+    except (OperationalError, OSError) as error:
+        raise BrokerUnavailableError(
+            f"Celery broker unreachable at {scrub(settings.celery_broker_url)}: {error}; "
+            "nothing was queued"
+        ) from error
     return str(result.id)

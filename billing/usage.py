@@ -356,7 +356,9 @@ class UsageFlush:
             lanes[(row.stripe_customer_id, row.event_name)].append(row)
         workers = min(self.settings.submit_concurrency, len(lanes))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meter-submit") as pool:
-            outcomes = [o for lane in pool.map(self._submit_lane, lanes.values()) for o in lane]
+            # carry_context: the lanes' log lines keep the task_id/task_name bound by the caller.
+            submit_lane = logs.carry_context(self._submit_lane)
+            outcomes = [o for lane in pool.map(submit_lane, lanes.values()) for o in lane]
         self._record(outcomes)
 
     def _submit_lane(

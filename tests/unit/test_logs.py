@@ -38,3 +38,32 @@ def test_guide_messages_are_verbatim():
     assert logs.FLUSH_NO_PENDING == "Stripe usage flush found no pending events"
     assert logs.WEBHOOK_ALREADY_PROCESSED == "Stripe webhook processing skipped (already processed)"
     assert logs.INVOICE_ADJUSTMENTS_APPLIED == "Stripe invoice.created billing adjustments applied"
+
+
+def test_stripe_request_lines_only_at_debug():
+    import logging
+
+    for level, shown in (("INFO", False), ("DEBUG", True)):
+        stream = io.StringIO()
+        logs.configure_logging(level, "json", stream=stream, others_level="INFO")
+        logging.getLogger("stripe").info("message='Request to Stripe api' method=post")
+        logging.getLogger("celery.worker").info("celery@host ready.")
+        lines = _lines(stream)
+        assert any(line["logger"] == "stripe" for line in lines) is shown
+        assert any(line["logger"] == "celery.worker" for line in lines)
+
+
+def test_bound_fields_follow_work_into_a_thread_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    stream = io.StringIO()
+    logs.configure_logging("INFO", "json", stream=stream)
+
+    def submit(org: int) -> None:
+        logs.get_logger("billing.usage").info(
+            logs.METER_SUBMIT_ATTEMPT, extra={"organization_id": org}
+        )
+
+    with logs.bind(task_id="t-9"), ThreadPoolExecutor(2) as pool:
+        list(pool.map(logs.carry_context(submit), [1, 2]))
+    assert [line["task_id"] for line in _lines(stream)] == ["t-9", "t-9"]

@@ -3,11 +3,10 @@ from datetime import UTC, datetime
 import pytest
 from freezegun import freeze_time
 
-import celeryconfig
 from billing.celery_app import celery_app
 from billing.tasks import FLUSH_HOURLY_TASK
 
-ENTRY = celeryconfig.beat_schedule["billing-hourly-usage-flush"]
+ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 
 
 def _is_due(now: str, last_run: str) -> bool:
@@ -38,3 +37,34 @@ def test_entry_runs_the_named_task_on_the_billing_queue():
 def test_broker_redelivery_outlasts_the_lock():
     visibility = celery_app.conf.broker_transport_options["visibility_timeout"]
     assert visibility > 3300 and celery_app.conf.task_acks_late
+
+
+def test_celery_settings_come_from_the_settings_given():
+    from billing.celery_app import celery_config
+    from billing.config import Settings
+
+    config = celery_config(
+        Settings(
+            billing_queue="billing-x",
+            celery_broker_url="redis://broker.example:6379/3",
+            flush_lock_ttl_seconds=1800,
+            broker_visibility_timeout_seconds=9000,
+        )
+    )
+    assert config["broker_url"] == "redis://broker.example:6379/3"
+    assert config["task_default_queue"] == "billing-x"
+    assert config["task_routes"] == {"billing.*": {"queue": "billing-x"}}
+    entry = config["beat_schedule"]["billing-hourly-usage-flush"]
+    assert entry["options"] == {"queue": "billing-x"}
+    assert config["broker_transport_options"] == {"visibility_timeout": 9000}
+
+
+def test_the_repos_celeryconfig_delegates_to_the_package():
+    import celeryconfig
+    from billing.celery_app import celery_config
+    from billing.runtime import get_runtime
+
+    for name, value in celery_config(get_runtime().settings).items():
+        if name != "beat_schedule":  # crontab objects compare by identity of their app
+            assert getattr(celeryconfig, name) == value, name
+    assert celeryconfig.beat_schedule.keys() == celery_app.conf.beat_schedule.keys()

@@ -11,7 +11,12 @@ from celery.signals import task_retry
 from billing.celery_app import celery_app
 from billing.models import utcnow
 from billing.runtime import set_runtime
-from billing.tasks import FLUSH_HOURLY_TASK, enqueue_hourly_flush, flush_hourly_usage
+from billing.tasks import (
+    FLUSH_HOURLY_TASK,
+    enqueue_hourly_flush,
+    flush_hourly_usage,
+    retry_countdown,
+)
 from billing.usage import CALL_ATTEMPTS
 from tests.conftest import TEST_QUEUE
 from tests.usage.factories import add_accounts, add_events, expected_totals, submission_statuses
@@ -66,8 +71,27 @@ def _run(settings) -> dict:
 
 def test_task_name_and_options_are_the_wire_contract():
     assert flush_hourly_usage.name == FLUSH_HOURLY_TASK
-    assert flush_hourly_usage.acks_late and flush_hourly_usage.max_retries >= 1
-    assert flush_hourly_usage.retry_jitter
+    assert flush_hourly_usage.acks_late
+
+
+def test_retry_countdown_grows_exponentially_with_full_jitter_up_to_the_cap(settings):
+    policy = settings.replace(retry_backoff_seconds=2.0, retry_backoff_max_seconds=10.0)
+    for retries, ceiling in ((0, 2.0), (1, 4.0), (2, 8.0), (3, 10.0), (30, 10.0)):
+        delays = [retry_countdown(policy, retries) for _ in range(200)]
+        assert min(delays) >= 0 and max(delays) <= ceiling
+        assert max(delays) > ceiling / 2  # jittered across the range, not a constant
+
+
+def test_worker_takes_the_retry_policy_of_the_installed_settings(
+    worker, task_runtime, emulator, retries, make_runtime
+):
+    """The environment says 3 Celery retries (conftest); the injected settings say 1."""
+    set_runtime(make_runtime(task_runtime.settings.replace(task_max_retries=1)))
+    _seed(task_runtime, orgs=(1,))
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 100_000})
+    with pytest.raises(RuntimeError, match="still pending after transient"):
+        _run(task_runtime.settings)
+    assert len(retries) == 1
 
 
 def test_worker_retries_rate_limited_flush_and_succeeds(worker, task_runtime, emulator, retries):
@@ -125,3 +149,31 @@ def test_task_skips_when_another_flush_holds_the_lock(worker, task_runtime, emul
     result = _run(task_runtime.settings)
     assert result["skipped"] is True and result["events_claimed"] == 0
     assert emulator.billed() == {}
+
+
+def test_enqueue_uses_the_brokers_and_queue_of_the_given_settings(settings):
+    """Not the environment's broker (conftest's): the one in the settings a host app injected."""
+    import redis
+
+    from tests.conftest import TEST_BROKER_URL, _redis_db_url
+
+    other_db = int(TEST_BROKER_URL.rsplit("/", 1)[1]) - 1
+    other_broker = _redis_db_url(TEST_BROKER_URL, other_db)
+    queue = f"{TEST_QUEUE}-injected"
+    client = redis.Redis.from_url(other_broker)
+    client.delete(queue)
+    try:
+        enqueue_hourly_flush(settings.replace(celery_broker_url=other_broker, billing_queue=queue))
+        assert client.llen(queue) == 1
+    finally:
+        client.delete(queue)
+        client.close()
+
+
+def test_enqueue_to_an_unreachable_broker_is_one_error_naming_it(settings):
+    from billing.tasks import BrokerUnavailableError
+
+    dead = "redis://:s3cret-pw@127.0.0.1:1/0"
+    with pytest.raises(BrokerUnavailableError) as raised:
+        enqueue_hourly_flush(settings.replace(celery_broker_url=dead))
+    assert "127.0.0.1:1" in str(raised.value) and "s3cret-pw" not in str(raised.value)
