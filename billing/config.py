@@ -124,6 +124,23 @@ def parse_meter_map(name: str, value: str | None) -> dict[str, str]:
     return meters
 
 
+def _url(name: str, value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _optional_url(name: str, value: str | None) -> str | None:
+    return None if value is None else _url(name, value).rstrip("/")
+
+
+def _price_id(name: str, value: str | None) -> str | None:
+    # A product id (prod_…) here is the usual slip; Checkout would refuse it only at click time.
+    if value is not None and not value.startswith("price_"):
+        raise ConfigError(f"{name} must be a Stripe price id (price_…), got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Billing configuration. Build it with `Settings.from_env()`; tests use `.replace(...)`."""
@@ -151,6 +168,10 @@ class Settings:
     contract_zeitgeist_max_age_hours: int = 24
 
     saas_workspace_booking_url: str = DEFAULT_BOOKING_URL
+    # Set: gated organizations get the self-service upgrade (Checkout); unset: the booking page.
+    saas_price_id: str | None = None
+    saas_public_base_url: str | None = None
+    saas_unlock_wait_seconds: int = 60
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
@@ -205,8 +226,15 @@ class Settings:
             contract_zeitgeist_max_age_hours=env.int(
                 "STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", 24
             ),
-            saas_workspace_booking_url=env.str("SAAS_WORKSPACE_BOOKING_URL", DEFAULT_BOOKING_URL)
-            or DEFAULT_BOOKING_URL,
+            saas_workspace_booking_url=_url(
+                "SAAS_WORKSPACE_BOOKING_URL",
+                env.str("SAAS_WORKSPACE_BOOKING_URL", DEFAULT_BOOKING_URL) or DEFAULT_BOOKING_URL,
+            ),
+            saas_price_id=_price_id("STRIPE_SAAS_PRICE_ID", env.str("STRIPE_SAAS_PRICE_ID")),
+            saas_public_base_url=_optional_url(
+                "SAAS_PUBLIC_BASE_URL", env.str("SAAS_PUBLIC_BASE_URL")
+            ),
+            saas_unlock_wait_seconds=env.int("SAAS_UNLOCK_WAIT_SECONDS", 60, maximum=3600),
             database_url=env.str("DATABASE_URL", DEFAULT_DATABASE_URL) or DEFAULT_DATABASE_URL,
             redis_url=redis_url,
             celery_broker_url=env.str("CELERY_BROKER_URL", redis_url) or redis_url,
@@ -234,6 +262,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def saas_gate_mode(self) -> str:
+        """`upgrade` (self-service Checkout) when a price is configured, else `booking`."""
+        return "upgrade" if self.saas_price_id else "booking"
 
     @property
     def stripe_live_mode(self) -> bool:

@@ -66,3 +66,19 @@ def refresh_command(org_id: int) -> None:
     with operator_errors():
         keys = service.refresh_from_stripe(rt, org_id)
     emit({"organization_id": org_id, "stripe_lookup_keys": sorted(keys)})
+
+
+@entitlements_cli.command("demo_price")
+@click.option("--amount-cents", type=click.IntRange(min=0), default=4900, show_default=True)
+@click.option("--currency", default="usd", show_default=True)
+def demo_price_command(amount_cents: int, currency: str) -> None:
+    """Create a monthly price whose product grants `saas` (Stripe test mode only).
+
+    Prints the price id to set as STRIPE_SAAS_PRICE_ID (scripts/demo_saas.sh does).
+    """
+    rt = runtime()
+    with operator_errors():
+        price_id = rt.stripe.ensure_feature_price(
+            SAAS_FEATURE, product_name="SaaS workspace", unit_amount=amount_cents, currency=currency
+        )
+    emit({"price_id": price_id, "feature": SAAS_FEATURE})

@@ -95,3 +95,20 @@ def test_a_bad_feature_exits_one(billing_runtime):
     result = invoke(billing_runtime.settings, "grant", "--org-id", "3", "--feature", "x" * 81)
     assert result.exit_code == 1
     assert "lookup key of 1 to 80 characters" in result.output
+
+
+def test_demo_price_creates_a_price_that_grants_saas(billing_runtime):
+    result = invoke(billing_runtime.settings, "demo_price", "--amount-cents", "1500")
+    assert result.exit_code == 0, result.output
+    price_id = json.loads(result.stdout)["price_id"]
+    price = billing_runtime.stripe.client.v1.prices.retrieve(price_id)
+    assert (price.unit_amount, price.recurring.interval) == (1500, "month")
+    features = billing_runtime.stripe.client.v1.products.features.list(price.product)
+    assert [f.entitlement_feature.lookup_key for f in features.data] == [SAAS_FEATURE]
+
+
+def test_demo_price_refuses_a_live_key(billing_runtime):
+    live = billing_runtime.settings.replace(stripe_secret_key="sk_live_" + "x" * 24)
+    result = invoke(live, "demo_price")
+    assert result.exit_code == 1
+    assert "test mode only" in result.output

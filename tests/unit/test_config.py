@@ -37,6 +37,9 @@ GUIDE_DEFAULTS = {
     "task_max_retries": 5,
     "log_level": "INFO",
     "log_format": "auto",
+    "saas_price_id": None,
+    "saas_public_base_url": None,
+    "saas_unlock_wait_seconds": 60,
 }
 
 
@@ -122,6 +125,11 @@ BAD_VALUES = [
     ("STRIPE_BILLING_TASK_MAX_RETRIES", "many"),
     ("BILLING_LOG_LEVEL", "loud"),
     ("BILLING_LOG_FORMAT", "xml"),
+    ("STRIPE_SAAS_PRICE_ID", "prod_Workspace"),
+    ("SAAS_WORKSPACE_BOOKING_URL", "cal.com/andreas"),
+    ("SAAS_WORKSPACE_BOOKING_URL", "javascript:alert(1)"),
+    ("SAAS_PUBLIC_BASE_URL", "app.example.com"),
+    ("SAAS_UNLOCK_WAIT_SECONDS", "0"),
 ]
 
 
@@ -131,6 +139,18 @@ def test_bad_value_names_the_variable_and_the_value(name, value):
         Settings.from_env({name: value})
     assert name in str(raised.value)
     assert repr(value) in str(raised.value) or value in str(raised.value)
+
+
+class TestSaasGateMode:
+    def test_booking_until_a_price_is_configured(self):
+        assert Settings.from_env({}).saas_gate_mode == "booking"
+        upgraded = Settings.from_env({"STRIPE_SAAS_PRICE_ID": "price_123"})
+        assert upgraded.saas_gate_mode == "upgrade"
+        assert upgraded.saas_price_id == "price_123"
+
+    def test_public_base_url_loses_its_trailing_slash(self):
+        settings = Settings.from_env({"SAAS_PUBLIC_BASE_URL": "https://app.example.com/"})
+        assert settings.saas_public_base_url == "https://app.example.com"
 
 
 class TestSecrets:

@@ -1,0 +1,49 @@
+"""Self-service upgrade: a Stripe Checkout Session that subscribes an organization to the `saas`
+price. Starting one grants nothing: access follows the `saas` entitlement, which only the webhook
+flow (or an operator) sets once Stripe says the subscription is live."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from billing import logs
+from billing.config import ConfigError
+from billing.models import BillingAccount
+from billing.runtime import Runtime
+from billing.stripe_gateway import SubscriptionCheckout
+
+log = logs.get_logger("billing.entitlements")
+
+
+def start_upgrade_checkout(
+    runtime: Runtime, organization_id: int, *, success_url: str, cancel_url: str
+) -> str:
+    """Create the Checkout Session for the organization; the URL to send the browser to."""
+    price_id = runtime.settings.saas_price_id
+    if not price_id:
+        raise ConfigError("STRIPE_SAAS_PRICE_ID is not set: the SaaS gate is in booking mode")
+    with runtime.session_factory() as session:
+        # Reusing the customer keeps one Stripe customer per organization (and its usage billing).
+        customer_id = session.scalar(
+            select(BillingAccount.stripe_customer_id).where(
+                BillingAccount.organization_id == organization_id
+            )
+        )
+    checkout = runtime.stripe.create_subscription_checkout(
+        SubscriptionCheckout(
+            organization_id=organization_id,
+            price_id=price_id,
+            success_url=success_url,
+            cancel_url=cancel_url,
+            customer_id=customer_id,
+        )
+    )
+    log.info(
+        logs.SAAS_CHECKOUT_STARTED,
+        extra={
+            "organization_id": organization_id,
+            "checkout_session_id": checkout.id,
+            "stripe_customer_id": customer_id,
+        },
+    )
+    return str(checkout.url)
