@@ -73,7 +73,8 @@ def flush_summary(result: FlushResult) -> str:
     return (
         f"claimed {result.events_claimed} events in {result.batches} batch(es); "
         f"sent {result.submissions_sent}, failed {result.submissions_failed}, "
-        f"pending {result.submissions_pending}, held {result.submissions_held}; "
+        f"pending {result.submissions_pending}, held {result.submissions_held}, "
+        f"stopped {result.submissions_stopped}; "
         f"billed {result.billed_value}; unbillable {result.unbillable}; "
         f"{result.duration_seconds:.2f}s"
     )
@@ -94,8 +95,39 @@ def progress_printer() -> Callable[[FlushResult], None] | None:
     return show
 
 
+def attention_lines(result: FlushResult) -> list[str]:
+    """What an operator must fix, one line each, on stderr whoever is watching."""
+    lines = []
+    if result.stop_error:
+        lines.append(
+            f"error: Stripe refused the account, flush stopped ({result.stop_error}); no row was "
+            "marked failed and unsent usage stays pending: fix STRIPE_SECRET_KEY or the account, "
+            "then flush again"
+        )
+    for event_name, error in result.stopped_meters.items():
+        lines.append(
+            f"error: meter event name {event_name!r} refused ({error}); its usage stays pending: "
+            "fix STRIPE_BILLING_METERS or create the meter, then flush again"
+        )
+    for customer, error in result.stopped_customers.items():
+        lines.append(
+            f"error: customer {customer} refused ({error}); its usage stays pending: fix the "
+            "organization's billing account, then flush again"
+        )
+    waiting = {s: n for s, n in result.awaiting_operator.items() if n}
+    if waiting:
+        counts = ", ".join(f"{n} {status}" for status, n in waiting.items())
+        lines.append(
+            f"error: usage submissions wait for an operator ({counts}): see "
+            "`flask billing submissions list`, then retry or write them off"
+        )
+    return [scrub(line) for line in lines]
+
+
 def finish_flush(result: FlushResult) -> None:
     emit(result.to_dict(), flush_summary(result))
+    for line in attention_lines(result):
+        click.echo(line, err=True)
     if not result.ok:
         sys.exit(1)
 
@@ -125,6 +157,8 @@ def flush_hourly_command() -> None:
         cause = error.__cause__
         if isinstance(cause, TransientFlushError):
             emit(cause.result.to_dict(), flush_summary(cause.result))
+            for line in attention_lines(cause.result):
+                click.echo(line, err=True)
         raise
     finish_flush(result)
 

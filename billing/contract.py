@@ -25,7 +25,7 @@ from sqlalchemy.types import TypeEngine
 from billing.models import BillableEvent, BillingAccount, utcnow
 from billing.reports import Status, StatusReport, render_table
 from billing.runtime import Runtime
-from billing.usage import MAX_EVENT_AGE
+from billing.usage import MAX_EVENT_AGE, whole_positive_quantity
 
 TABLE = "billable_events"
 ZEITGEIST_SOURCE = "zeitgeist"
@@ -296,9 +296,10 @@ def _in_window(scope: Scope) -> sa.ColumnElement[bool]:
 
 
 def _not_whole_positive(scope: Scope) -> sa.ColumnElement[bool]:
-    bad = event.quantity <= 0
-    if not scope.quantity_is_integer:  # a numeric column can hold fractions
-        bad = sa.or_(bad, event.quantity != sa.cast(event.quantity, sa.BigInteger))
+    if scope.quantity_is_integer:
+        bad = event.quantity <= 0
+    else:  # a numeric column can hold fractions: the flush's own rule leaves those unclaimed
+        bad = sa.not_(whole_positive_quantity(event.quantity))
     return sa.and_(event.quantity.is_not(None), bad)
 
 

@@ -6,6 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -69,6 +70,13 @@ class SubmissionStatus(enum.StrEnum):
     SENT = "sent"  # Stripe accepted it (or already had its identifier)
     FAILED = "failed"  # Stripe refused it permanently; the error is kept
     HELD = "held"  # unsent past Stripe's identifier window: reconcile before re-sending
+    WRITTEN_OFF = "written_off"  # an operator decided it is never billed (reason recorded)
+
+
+class SubmissionAction(enum.StrEnum):
+    RETRY = "retry"  # failed -> pending, same identifier
+    REISSUE = "reissue"  # held -> pending with a new identifier, after reconciliation
+    WRITE_OFF = "write_off"  # failed or held -> written_off
 
 
 class WebhookStatus(enum.StrEnum):
@@ -91,7 +99,11 @@ class BillableEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     source: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Not in the contract: a database default, so a producer's plain INSERT of the contract's
+    # columns succeeds.
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, server_default=sa.func.current_timestamp()
+    )
     # Billing-owned: which outbox row claimed this event, and when.
     usage_submission_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT")
@@ -157,16 +169,25 @@ class UsageSubmission(Base):
     )
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # What the last refusal was about (`stripe_gateway.ErrorScope`): `meter` and `customer` rows
+    # follow the fixed configuration on their next send.
+    last_error_scope: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
     )
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Bumped after Stripe refused the row: the next send is a new request, same identifier.
+    key_generation: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default=text("0")
+    )
 
     @property
     def idempotency_key(self) -> str:
-        """Derived from the outbox row, so every retry of it is the same request to Stripe."""
-        return f"billing-usage-{self.identifier}"
+        """Derived from the outbox row, so every retry of it is the same request to Stripe
+        (until Stripe refuses it: a refusal may be replayed for the key, so the key moves on)."""
+        key = f"billing-usage-{self.identifier}"
+        return f"{key}-r{self.key_generation}" if self.key_generation else key
 
     __table_args__ = (
         Index(
@@ -178,7 +199,35 @@ class UsageSubmission(Base):
         Index(
             "ix_usage_submissions_organization_id_window_start", "organization_id", "window_start"
         ),
+        # Every flush counts the rows waiting for an operator; they are few, the outbox is not.
+        Index(
+            "ix_usage_submissions_awaiting_operator",
+            "status",
+            postgresql_where=text("status IN ('failed', 'held')"),
+            sqlite_where=text("status IN ('failed', 'held')"),
+        ),
     )
+
+
+class UsageSubmissionAction(Base):
+    """The audit trail of operator actions on outbox rows: what was there before, who, why."""
+
+    __tablename__ = "usage_submission_actions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    submission_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT"), nullable=False
+    )
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    previous_status: Mapped[str] = mapped_column(String(16), nullable=False)
+    new_status: Mapped[str] = mapped_column(String(16), nullable=False)
+    previous_error: Mapped[str | None] = mapped_column(Text)
+    previous_identifier: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_usage_submission_actions_submission_id", "submission_id"),)
 
 
 class WebhookEvent(Base):

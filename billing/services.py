@@ -6,9 +6,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from billing import logs
+from billing import logs, retry_policy
 from billing.locks import FileFlushLock, FlushLock, RedisFlushLock, held
 from billing.models import utcnow
 from billing.runtime import Runtime
@@ -17,7 +17,6 @@ from billing.usage import FlushResult, TransientFlushError, flush_usage
 
 log = logs.get_logger("billing.services")
 
-HOURLY_ATTEMPTS = 3
 TRANSIENT_ERRORS = (TransientFlushError, TransientStripeError)
 
 
@@ -54,6 +53,7 @@ def flush_once(
     lost_lock: Callable[[], bool] = lambda: False,
     on_progress: Callable[[FlushResult], None] | None = None,
     contract_check: bool = True,
+    call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
 ) -> FlushResult:
     """A single flush pass, without the overlap guard (`flask billing flush_now`).
 
@@ -69,6 +69,7 @@ def flush_once(
         lost_lock=lost_lock,
         contract_gate=contract_gate(runtime, organization_id) if contract_check else None,
         on_progress=on_progress,
+        call_attempts=call_attempts,
     )
 
 
@@ -77,6 +78,7 @@ def flush_guarded(
     *,
     clock: Callable[[], datetime] = utcnow,
     on_progress: Callable[[FlushResult], None] | None = None,
+    call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
 ) -> FlushResult:
     """The hourly flush under the overlap lock: a second concurrent run returns skipped=true."""
     if not runtime.settings.billing_enabled:
@@ -89,21 +91,29 @@ def flush_guarded(
             )
             return FlushResult(skipped=True)
         return flush_once(
-            runtime, clock=clock, lost_lock=lambda: lock.lost, on_progress=on_progress
+            runtime,
+            clock=clock,
+            lost_lock=lambda: lock.lost,
+            on_progress=on_progress,
+            call_attempts=call_attempts,
         )
 
 
 def flush_with_retries(
     runtime: Runtime, *, on_progress: Callable[[FlushResult], None] | None = None
 ) -> FlushResult:
-    """`flask billing flush_hourly`: the guarded flush, retried in-process on transient errors."""
-    base = runtime.settings.retry_backoff_seconds
+    """`flask billing flush_hourly`: the guarded flush, retried in-process on transient errors;
+    the passes share one call budget per row (`billing.retry_policy`)."""
+    passes = retry_policy.HOURLY_PASSES
     retrying = Retrying(
-        stop=stop_after_attempt(HOURLY_ATTEMPTS),
-        wait=wait_exponential_jitter(
-            multiplier=base, max=runtime.settings.retry_backoff_max_seconds, jitter=base
-        ),
+        stop=stop_after_attempt(retry_policy.passes_allowed(passes)),
+        wait=retry_policy.pass_wait(runtime.settings),
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
         reraise=True,
     )
-    return retrying(lambda: flush_guarded(runtime, on_progress=on_progress).raise_if_transient())
+    for attempt in retrying:
+        with attempt:
+            calls = retry_policy.calls_in_pass(attempt.retry_state.attempt_number - 1, passes)
+            result = flush_guarded(runtime, on_progress=on_progress, call_attempts=calls)
+            result.raise_if_transient()
+    return result

@@ -1,8 +1,9 @@
 """The only module that calls Stripe.
 
 It owns the `StripeClient` (pointed at `STRIPE_API_BASE` when set, e.g. the local emulator), a
-client-side rate limit under Stripe's, and the translation of Stripe's errors into the two kinds the
-rest of billing cares about: transient (retry later, same request) and permanent (record, move on).
+client-side rate limit under Stripe's, and the one translation of Stripe's errors into what the rest
+of billing acts on: transient or permanent (may the same request succeed later?) and the error's
+scope (what it is about: the whole account, one meter, one customer, or this one request).
 """
 
 from __future__ import annotations
@@ -21,15 +22,32 @@ from billing.config import Settings
 DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
 
 
+class ErrorScope(StrEnum):
+    """What a Stripe error is about, so one bad setting never fails rows it says nothing about."""
+
+    RUN = "run"  # the key, its permissions or the account: no call can succeed; stop the run
+    METER = "meter"  # Stripe has no active meter for the event name: stop sending for that meter
+    CUSTOMER = "customer"  # the customer is missing or deleted: stop sending for that customer
+    ROW = "row"  # this request alone
+
+
 class StripeGatewayError(Exception):
     """A Stripe call failed; `transient` says whether repeating the same request may succeed."""
 
     transient = False
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        scope: ErrorScope = ErrorScope.ROW,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.scope = scope
 
 
 class TransientStripeError(StripeGatewayError):
@@ -93,30 +111,53 @@ class RateLimiter:
             time.sleep(wait)
 
 
-class _RequestsClient(stripe.RequestsClient):
-    """stripe-python's HTTP client with its network-retry delay capped by our backoff setting.
-
-    Production keeps the library's delays (0.5 s doubling to 5 s); tests set a near-zero backoff.
-    """
-
-    def __init__(self, initial_delay: float) -> None:
-        super().__init__()
-        self.initial_delay = min(stripe.HTTPClient.INITIAL_DELAY, initial_delay)
-
-    def _sleep_time_seconds(self, num_retries: int) -> float:
-        delay = min(self.initial_delay * 2 ** (num_retries - 1), stripe.HTTPClient.MAX_DELAY)
-        return max(self.initial_delay, self._add_jitter_time(delay))
+# Account-level refusals: every call with this key would get the same answer.
+ACCOUNT_ERROR_CODES = frozenset(
+    {
+        "account_invalid",
+        "api_key_expired",
+        "livemode_mismatch",
+        "platform_api_key_expired",
+        "secret_key_required",
+        "testmode_charges_only",
+    }
+)
+# Stripe's codes for an event name without an active meter (sync answers and error reports).
+METER_ERROR_CODES = frozenset({"no_meter", "archived_meter", "meter_inactive"})
+CUSTOMER_ERROR_CODES = frozenset({"meter_event_customer_not_found", "customer_deleted"})
 
 
 def translate_error(error: stripe.StripeError) -> StripeGatewayError:
+    """The one place that decides what a Stripe error means for billing."""
     status = error.http_status
-    code = (getattr(error.error, "code", None) if error.error else None) or error.code
+    body = error.error
+    code = (getattr(body, "code", None) if body else None) or error.code
+    param = (getattr(body, "param", None) if body else None) or ""
     message = f"{type(error).__name__}: {error.user_message or error}"
     if isinstance(error, stripe.RateLimitError | stripe.APIConnectionError | stripe.APIError):
         return TransientStripeError(message, status=status, code=code)
     if status is not None and (status >= 500 or status in (409, 429)):
         return TransientStripeError(message, status=status, code=code)
-    return PermanentStripeError(message, status=status, code=code)
+    return PermanentStripeError(
+        message, status=status, code=code, scope=_scope(error, status, code, param, message)
+    )
+
+
+def _scope(
+    error: stripe.StripeError, status: int | None, code: str | None, param: str, message: str
+) -> ErrorScope:
+    if isinstance(error, stripe.AuthenticationError | stripe.PermissionError) or status in (
+        401,
+        403,
+    ):
+        return ErrorScope.RUN
+    if code in ACCOUNT_ERROR_CODES:
+        return ErrorScope.RUN
+    if code in METER_ERROR_CODES or param == "event_name":
+        return ErrorScope.METER
+    if code in CUSTOMER_ERROR_CODES or "No such customer" in message:
+        return ErrorScope.CUSTOMER
+    return ErrorScope.ROW
 
 
 class StripeGateway:
@@ -143,7 +184,6 @@ class StripeGateway:
             settings.stripe_secret_key,
             base_addresses=addresses,
             max_network_retries=settings.stripe_max_network_retries,
-            http_client=_RequestsClient(settings.retry_backoff_seconds),
         )
         return cls(
             client,
@@ -166,6 +206,8 @@ class StripeGateway:
     # Meter events -------------------------------------------------------------------------
 
     def send_meter_event(self, event: MeterEvent) -> MeterEventOutcome:
+        """One call, never repeated here: the flush's retry policy (`billing.retry_policy`)
+        decides every repeat, so stripe-python's own network retries are off for meter events."""
         params = {
             "event_name": event.event_name,
             "identifier": event.identifier,
@@ -176,7 +218,7 @@ class StripeGateway:
             created = self._call(
                 self.client.v1.billing.meter_events.create,
                 params,
-                {"idempotency_key": event.idempotency_key},
+                {"idempotency_key": event.idempotency_key, "max_network_retries": 0},
             )
         except PermanentStripeError as error:
             # A re-sent identifier means an earlier attempt was delivered: success, not failure.

@@ -6,41 +6,44 @@ environment at worker start, or what a test or host app installed): nothing is f
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from celery import Task
 from kombu.exceptions import OperationalError
 
+from billing import retry_policy
 from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
 from billing.config import Settings, scrub
+from billing.retry_policy import retry_countdown
 from billing.runtime import get_runtime
 from billing.services import TRANSIENT_ERRORS, flush_guarded
 
-__all__ = ["FLUSH_HOURLY_TASK", "BrokerUnavailableError", "enqueue_hourly_flush"]
+__all__ = ["FLUSH_HOURLY_TASK", "BrokerUnavailableError", "enqueue_hourly_flush", "retry_countdown"]
 
 
 class BrokerUnavailableError(RuntimeError):
     """The Celery broker refused or dropped the connection: nothing was queued."""
 
 
-def retry_countdown(settings: Settings, retries: int) -> float:
-    """Exponential backoff with full jitter, capped: the delay before Celery retry `retries`+1."""
-    ceiling = min(settings.retry_backoff_max_seconds, settings.retry_backoff_seconds * 2**retries)
-    return random.uniform(0, ceiling)
-
-
 @celery_app.task(name=FLUSH_HOURLY_TASK, bind=True, acks_late=True)
 def flush_hourly_usage(self: Task) -> dict[str, Any]:
-    """The hourly flush under the overlap lock; transient failures retry with backoff."""
+    """The hourly flush under the overlap lock; transient failures retry with backoff.
+
+    Celery's retries are the run's passes: they share the run's call budget per row
+    (`billing.retry_policy`), and the last pass raises instead of retrying."""
     runtime = get_runtime()
     settings = runtime.settings
+    passes = 1 + settings.task_max_retries
+    pass_index = self.request.retries
     try:
-        return flush_guarded(runtime).raise_if_transient().to_dict()
+        calls = retry_policy.calls_in_pass(pass_index, passes)
+        return flush_guarded(runtime, call_attempts=calls).raise_if_transient().to_dict()
     except TRANSIENT_ERRORS as error:
+        if retry_policy.is_last_pass(pass_index, passes):
+            raise
         raise self.retry(
             exc=error,
-            countdown=retry_countdown(settings, self.request.retries),
+            countdown=retry_countdown(settings, pass_index),
             max_retries=settings.task_max_retries,
         ) from error
 

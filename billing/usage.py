@@ -10,10 +10,14 @@ Exactly once, whatever crashes:
   re-send is answered "An event already exists with identifier …", which means delivered.
 - Stripe keeps identifiers for at least 24 hours only, so a row unsent for longer is held for
   reconciliation instead of re-sent blindly.
+- Only an error about one request fails its row. An error about the account (key, permissions),
+  a meter or a customer stops sending for what it is about and leaves those rows pending, so the
+  next flush after the fix bills them once (`stripe_gateway.ErrorScope`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -21,25 +25,22 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_when_event_set
 
-from billing import logs
+from billing import logs, retry_policy
 from billing.config import Settings
 from billing.models import BillableEvent, BillingAccount, SubmissionStatus, UsageSubmission, utcnow
 from billing.stripe_gateway import (
+    ErrorScope,
     MeterEvent,
     MeterEventOutcome,
     PermanentStripeError,
     StripeGateway,
+    StripeGatewayError,
     TransientStripeError,
 )
 
@@ -49,8 +50,16 @@ log = logs.get_logger("billing.usage")
 # days so that a re-send inside the 23-hour window still lands inside Stripe's limit.
 MAX_EVENT_AGE = timedelta(days=34)
 HOUR = timedelta(hours=1)
-# Per call: 429 (`rate_limit`, `lock_timeout`) is not retried by stripe-python, so we do it here.
-CALL_ATTEMPTS = 5
+# Outcomes of a row that is left pending because an error about more than the row stopped it:
+STOPPED = "stopped"  # this row's call got the error
+SKIPPED = "skipped"  # not sent: an earlier row's error already covers it
+AWAITING_OPERATOR = (SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value)
+
+
+def whole_positive_quantity(quantity: Any) -> sa.ColumnElement[bool]:
+    """A quantity that is a meter event value: a whole number > 0. A `numeric` column may hold
+    0.4 or 1.5; summing and truncating those would bill usage that never happened."""
+    return sa.and_(quantity > 0, quantity == sa.cast(quantity, sa.BigInteger))
 
 
 class UnbillableReason:
@@ -84,6 +93,13 @@ class FlushResult:
     submissions_failed: int = 0
     submissions_pending: int = 0
     submissions_held: int = 0
+    # Left pending because an error about the account, a meter or a customer stopped them.
+    submissions_stopped: int = 0
+    stop_error: str | None = None  # the account-level error that stopped the whole run
+    stopped_meters: dict[str, str] = field(default_factory=dict)  # event name -> error
+    stopped_customers: dict[str, str] = field(default_factory=dict)  # customer id -> error
+    # Current counts (this run's scope), not only what this run touched: they wait for an operator.
+    awaiting_operator: dict[str, int] = field(default_factory=dict)
     billed_value: dict[str, int] = field(default_factory=dict)
     unbillable: dict[str, int] = field(default_factory=dict)
     contract_failures: list[dict[str, Any]] = field(default_factory=list)
@@ -93,16 +109,24 @@ class FlushResult:
 
     @property
     def ok(self) -> bool:
-        """False when the run was blocked, left work pending, or Stripe refused something."""
+        """False when the run was blocked or stopped, left work pending, Stripe refused something,
+        or failed or held rows wait for an operator (from any run)."""
         return not (
-            self.blocked or self.submissions_pending or self.submissions_failed or self.lock_lost
+            self.blocked
+            or self.submissions_pending
+            or self.submissions_failed
+            or self.submissions_stopped
+            or self.stop_error
+            or self.lock_lost
+            or any(self.awaiting_operator.values())
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
 
     def raise_if_transient(self) -> FlushResult:
-        if self.submissions_pending or self.lock_lost:
+        """Another pass may finish the work, unless the account itself was refused."""
+        if (self.submissions_pending or self.lock_lost) and not self.stop_error:
             raise TransientFlushError(self)
         return self
 
@@ -111,6 +135,46 @@ class FlushResult:
 class ClaimedBatch:
     events: int
     submission_ids: list[int]
+
+
+class Stops:
+    """What errors about more than one row have stopped, shared by the submit lanes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.run = threading.Event()  # set: every lane stops at once
+        self.run_error: str | None = None
+        self.meters: dict[str, str] = {}
+        self.customers: dict[str, str] = {}
+
+    def stop(self, error: StripeGatewayError, row: UsageSubmission) -> None:
+        with self._lock:
+            if error.scope == ErrorScope.RUN:
+                self.run_error = self.run_error or str(error)
+                self.run.set()
+            elif error.scope == ErrorScope.METER:
+                self.meters.setdefault(row.event_name, str(error))
+            elif error.scope == ErrorScope.CUSTOMER:
+                self.customers.setdefault(row.stripe_customer_id, str(error))
+
+    def covering(self, row: UsageSubmission) -> tuple[ErrorScope, str] | None:
+        """The stop that covers this row, if any: (scope, error)."""
+        if self.run.is_set():
+            return ErrorScope.RUN, self.run_error or ""
+        if row.event_name in self.meters:
+            return ErrorScope.METER, self.meters[row.event_name]
+        if row.stripe_customer_id in self.customers:
+            return ErrorScope.CUSTOMER, self.customers[row.stripe_customer_id]
+        return None
+
+
+class Attempt(NamedTuple):
+    """What happened to one outbox row in this pass."""
+
+    row: UsageSubmission
+    outcome: str  # a MeterEventOutcome, `failed`, `pending`, STOPPED or SKIPPED
+    error: str | None = None
+    scope: ErrorScope | None = None
 
 
 class UsageFlush:
@@ -126,6 +190,7 @@ class UsageFlush:
         clock: Callable[[], datetime] = utcnow,
         lost_lock: Callable[[], bool] = lambda: False,
         on_progress: Callable[[FlushResult], None] | None = None,
+        call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
@@ -134,6 +199,8 @@ class UsageFlush:
         self.clock = clock
         self.lost_lock = lost_lock
         self.on_progress = on_progress
+        self.call_attempts = call_attempts
+        self.stops = Stops()
         self.result = FlushResult()
         self._cursor: tuple[Any, ...] | None = None  # group-order key of the last claimed row
 
@@ -147,6 +214,8 @@ class UsageFlush:
         pending = self._pending_submission_ids()  # left by an earlier run: re-send first
         page = self.settings.flush_batch_size
         for start in range(0, len(pending), page):
+            if self.stops.run.is_set():
+                break
             self._submit(pending[start : start + page])
         while not self._should_stop():
             batch = self._claim_batch()
@@ -166,6 +235,8 @@ class UsageFlush:
             if self.on_progress:
                 self.on_progress(self.result)
         self._count_unbillable()
+        self._report_stops()
+        self._count_awaiting_operator()
         self.result.lock_lost = self.lost_lock()
         self.result.duration_seconds = round(time.monotonic() - started, 3)
         if not self.result.events_claimed and not self._sent_anything():
@@ -175,7 +246,7 @@ class UsageFlush:
 
     def _should_stop(self) -> bool:
         # Losing the lock means another flush may be running: stop claiming (it is still safe).
-        return self.lost_lock()
+        return self.stops.run.is_set() or self.lost_lock()
 
     def _sent_anything(self) -> bool:
         r = self.result
@@ -193,6 +264,8 @@ class UsageFlush:
             "submissions_failed": r.submissions_failed,
             "submissions_pending": r.submissions_pending,
             "submissions_held": r.submissions_held,
+            "submissions_stopped": r.submissions_stopped,
+            "awaiting_operator": r.awaiting_operator,
             "billed_value": r.billed_value,
             "unbillable": r.unbillable,
             "duration_ms": int(r.duration_seconds * 1000),
@@ -200,23 +273,31 @@ class UsageFlush:
 
     # Claiming ---------------------------------------------------------------------------------
 
+    def _claimable_event_types(self) -> list[str]:
+        """Mapped event types whose meter no error has stopped in this run."""
+        stopped = self.stops.meters
+        return sorted(t for t, name in self.settings.stripe_meters.items() if name not in stopped)
+
     def _billable_filter(self, now: datetime) -> list[sa.ColumnElement[bool]]:
         event = BillableEvent
         conditions = [
             event.usage_submission_id.is_(None),
-            event.quantity > 0,
+            whole_positive_quantity(event.quantity),
             event.occurred_at <= now,
             event.occurred_at > now - MAX_EVENT_AGE,
-            event.event_type.in_(sorted(self.settings.stripe_meters)),
+            event.event_type.in_(self._claimable_event_types()),
             BillingAccount.stripe_customer_id.is_not(None),
         ]
+        if self.stops.customers:
+            # Left unclaimed (not parked in the outbox) until the customer is fixed.
+            conditions.append(BillingAccount.stripe_customer_id.not_in(sorted(self.stops.customers)))
         if self.organization_id is not None:
             conditions.append(event.organization_id == self.organization_id)
         return conditions
 
     def _claim_batch(self) -> ClaimedBatch | None:
         """Claim up to one batch of events into outbox rows, in one transaction."""
-        if not self.settings.stripe_meters:
+        if not self._claimable_event_types():
             return None
         now = self.clock()
         event = BillableEvent
@@ -351,6 +432,7 @@ class UsageFlush:
                     )
                 )
             )
+            self._repoint(session, rows)
         lanes: dict[tuple[str, str], list[UsageSubmission]] = defaultdict(list)
         for row in rows:
             lanes[(row.stripe_customer_id, row.event_name)].append(row)
@@ -361,12 +443,38 @@ class UsageFlush:
             outcomes = [o for lane in pool.map(submit_lane, lanes.values()) for o in lane]
         self._record(outcomes)
 
-    def _submit_lane(
-        self, rows: Iterable[UsageSubmission]
-    ) -> list[tuple[UsageSubmission, str, str | None]]:
+    def _repoint(self, session: Session, rows: list[UsageSubmission]) -> None:
+        """Rows that Stripe refused for their meter or customer follow the fixed configuration.
+
+        Safe: a refused meter or customer means Stripe never accepted the row under that name, and
+        the identifier (which dedupes billing) stays the same."""
+        for row in rows:
+            if row.last_error_scope == ErrorScope.METER:
+                row.event_name = self.settings.stripe_meters.get(row.event_type, row.event_name)
+        orgs = {r.organization_id for r in rows if r.last_error_scope == ErrorScope.CUSTOMER}
+        if not orgs:
+            return
+        customers = dict(
+            session.execute(
+                sa.select(BillingAccount.organization_id, BillingAccount.stripe_customer_id).where(
+                    BillingAccount.organization_id.in_(sorted(orgs)),
+                    BillingAccount.stripe_customer_id.is_not(None),
+                )
+            ).all()
+        )
+        for row in rows:
+            if row.last_error_scope == ErrorScope.CUSTOMER and row.organization_id in customers:
+                row.stripe_customer_id = customers[row.organization_id]
+
+    def _submit_lane(self, rows: Iterable[UsageSubmission]) -> list[Attempt]:
         return [self._submit_one(row) for row in rows]
 
-    def _submit_one(self, row: UsageSubmission) -> tuple[UsageSubmission, str, str | None]:
+    def _submit_one(self, row: UsageSubmission) -> Attempt:
+        covering = self.stops.covering(row)
+        if covering is not None:
+            return Attempt(row, SKIPPED, covering[1], covering[0])
+        if self.call_attempts < 1:
+            return Attempt(row, SKIPPED)
         fields = {
             "organization_id": row.organization_id,
             "idempotency_key": row.idempotency_key,
@@ -394,45 +502,68 @@ class UsageFlush:
             outcome = self._call_retrying(send)
         except PermanentStripeError as error:
             log.error(
-                logs.METER_SUBMIT_FAILED, extra={**fields, "error": str(error), "transient": False}
+                logs.METER_SUBMIT_FAILED,
+                extra={**fields, "error": str(error), "transient": False, "scope": error.scope},
             )
-            return row, SubmissionStatus.FAILED.value, str(error)
+            if error.scope != ErrorScope.ROW:
+                self.stops.stop(error, row)
+                return Attempt(row, STOPPED, str(error), error.scope)
+            return Attempt(row, SubmissionStatus.FAILED.value, str(error), error.scope)
         except TransientStripeError as error:
             log.warning(
                 logs.METER_SUBMIT_FAILED, extra={**fields, "error": str(error), "transient": True}
             )
-            return row, SubmissionStatus.PENDING.value, str(error)
+            return Attempt(row, SubmissionStatus.PENDING.value, str(error))
         log.info(logs.METER_SUBMIT_SUCCEEDED, extra={**fields, "outcome": outcome.value})
-        return row, outcome.value, None
+        return Attempt(row, outcome.value)
 
     def _call_retrying(self, send: Callable[[], MeterEventOutcome]) -> MeterEventOutcome:
-        base = self.settings.retry_backoff_seconds
+        """Transient errors (429, 409, 5xx, connection) are retried here, within the row's share
+        of the run's call budget (`billing.retry_policy`); a run-level stop ends the retries."""
         retrying = Retrying(
-            stop=stop_after_attempt(CALL_ATTEMPTS),
-            wait=wait_exponential_jitter(
-                multiplier=base / 4, max=max(base * 8, 0.001), jitter=base / 4
-            ),
-            retry=retry_if_exception(_is_rate_limited),
+            stop=stop_after_attempt(self.call_attempts) | stop_when_event_set(self.stops.run),
+            wait=retry_policy.call_wait(self.settings),
+            retry=retry_if_exception_type(TransientStripeError),
             reraise=True,
         )
         return retrying(send)
 
-    def _record(self, outcomes: list[tuple[UsageSubmission, str, str | None]]) -> None:
+    def _record(self, attempts: list[Attempt]) -> None:
         now = self.clock()
         updates: list[dict[str, Any]] = []
-        for row, outcome, error in outcomes:
+        for row, outcome, error, scope in attempts:
             delivered = outcome in (MeterEventOutcome.ACCEPTED, MeterEventOutcome.DUPLICATE)
-            status = SubmissionStatus.SENT.value if delivered else outcome
+            called = outcome != SKIPPED
+            if outcome in (STOPPED, SKIPPED):
+                self.result.submissions_stopped += 1
+                if not called and scope in (None, ErrorScope.RUN):
+                    continue  # nothing learnt about this row
+            status = (
+                SubmissionStatus.SENT.value
+                if delivered
+                else outcome
+                if outcome == SubmissionStatus.FAILED.value
+                else SubmissionStatus.PENDING.value
+            )
+            refused = outcome in (STOPPED, SubmissionStatus.FAILED.value)
             updates.append(
                 {
                     "id": row.id,
                     "status": status,
-                    "attempts": row.attempts + 1,
+                    "attempts": row.attempts + (1 if called else 0),
                     "last_error": error,
+                    "last_error_scope": scope.value if scope else None,
+                    "event_name": row.event_name,
+                    "stripe_customer_id": row.stripe_customer_id,
                     "sent_at": now if delivered else None,
                     "updated_at": now,
+                    # Stripe may keep a refusal under the idempotency key; the next send of this
+                    # row is a new request (its identifier, which dedupes billing, is unchanged).
+                    "key_generation": row.key_generation + (1 if refused else 0),
                 }
             )
+            if outcome in (STOPPED, SKIPPED):
+                continue
             if delivered:
                 self.result.submissions_sent += 1
                 if outcome == MeterEventOutcome.DUPLICATE:
@@ -445,10 +576,47 @@ class UsageFlush:
             else:
                 self.result.submissions_pending += 1
                 self.result.last_error = error
+        if not updates:
+            return
         with self.sessions.begin() as session:
             session.execute(sa.update(UsageSubmission), updates)
 
     # Reporting --------------------------------------------------------------------------------
+
+    def _report_stops(self) -> None:
+        stops, result = self.stops, self.result
+        result.stop_error = stops.run_error
+        result.stopped_meters = dict(stops.meters)
+        result.stopped_customers = dict(stops.customers)
+        fields = self._scope_fields()
+        if stops.run_error:
+            log.error(logs.FLUSH_STOPPED, extra={**fields, "error": stops.run_error})
+        for event_name, error in stops.meters.items():
+            log.error(
+                logs.FLUSH_METER_STOPPED, extra={**fields, "event_name": event_name, "error": error}
+            )
+        for customer, error in stops.customers.items():
+            log.error(
+                logs.FLUSH_CUSTOMER_STOPPED,
+                extra={**fields, "stripe_customer_id": customer, "error": error},
+            )
+
+    def _count_awaiting_operator(self) -> None:
+        """Failed and held rows from any run stay in every result until an operator acts."""
+        query = (
+            sa.select(UsageSubmission.status, sa.func.count())
+            .where(UsageSubmission.status.in_(AWAITING_OPERATOR))
+            .group_by(UsageSubmission.status)
+        )
+        if self.organization_id is not None:
+            query = query.where(UsageSubmission.organization_id == self.organization_id)
+        with self.sessions() as session:
+            counts = dict.fromkeys(AWAITING_OPERATOR, 0) | {
+                status: int(n) for status, n in session.execute(query)
+            }
+        self.result.awaiting_operator = counts
+        if any(counts.values()):
+            log.error(logs.FLUSH_AWAITING_OPERATOR, extra={**self._scope_fields(), **counts})
 
     def _count_unbillable(self) -> None:
         """Unclaimed rows that this flush could not bill, by reason. Nothing is dropped."""
@@ -456,7 +624,7 @@ class UsageFlush:
         event = BillableEvent
         meters = sorted(self.settings.stripe_meters)
         reason = sa.case(
-            (event.quantity <= 0, UnbillableReason.INVALID_QUANTITY),
+            (sa.not_(whole_positive_quantity(event.quantity)), UnbillableReason.INVALID_QUANTITY),
             (event.occurred_at > now, UnbillableReason.FUTURE),
             (event.occurred_at <= now - MAX_EVENT_AGE, UnbillableReason.TOO_OLD),
             (event.event_type.not_in(meters) if meters else sa.true(), UnbillableReason.NO_METER),
@@ -544,10 +712,6 @@ def usage_identifier(organization_id: int, event_type: str, start: datetime, tok
     return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"[:100]
 
 
-def _is_rate_limited(error: BaseException) -> bool:
-    return isinstance(error, TransientStripeError) and error.status == 429
-
-
 def _hour_bucket(column: Any, dialect: str) -> Any:
     if dialect == "postgresql":
         return sa.func.date_trunc("hour", column, "UTC")
@@ -577,8 +741,11 @@ def flush_usage(
     lost_lock: Callable[[], bool] = lambda: False,
     contract_gate: Callable[[], list[dict[str, Any]]] | None = None,
     on_progress: Callable[[FlushResult], None] | None = None,
+    call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
 ) -> FlushResult:
-    """One flush pass (no lock): the service function every entry point ends in."""
+    """One flush pass (no lock): the service function every entry point ends in.
+
+    `call_attempts` is this pass's share of the run's calls per row (`billing.retry_policy`)."""
     if not settings.billing_enabled:
         log.info(logs.FLUSH_DISABLED)
         return FlushResult(enabled=False)
@@ -598,6 +765,7 @@ def flush_usage(
         clock=clock,
         lost_lock=lost_lock,
         on_progress=on_progress,
+        call_attempts=call_attempts,
     )
     result = flush.run()
     result.contract_failures = failures

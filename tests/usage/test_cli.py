@@ -8,7 +8,8 @@ from datetime import timedelta
 import pytest
 
 from billing import create_app, db
-from billing.models import BillingAccount, utcnow
+from billing.models import utcnow
+from billing.retry_policy import CALLS_PER_ROW_PER_RUN
 from tests.conftest import TEST_BROKER_URL
 from tests.usage.factories import add_accounts, add_events, expected_totals
 
@@ -51,12 +52,15 @@ def test_flush_now_prints_json_and_exits_zero(billing_runtime, emulator):
 
 
 def test_flush_now_exits_non_zero_when_stripe_refuses_a_row(billing_runtime, emulator):
-    with billing_runtime.session_factory.begin() as session:
-        session.add(BillingAccount(organization_id=5, stripe_customer_id="cus_gone"))
+    add_accounts(billing_runtime, [5])
     _events(billing_runtime, [5])
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
     result = invoke(billing_runtime.settings, "flush_now")
     assert result.exit_code == 1
-    assert json.loads(result.stdout)["submissions_failed"] == 1
+    payload = json.loads(result.stdout)
+    assert payload["submissions_failed"] == 1
+    assert payload["awaiting_operator"] == {"failed": 1, "held": 0}
+    assert "wait for an operator (1 failed)" in result.stderr
 
 
 def test_flush_now_with_billing_disabled_sends_nothing(billing_runtime, emulator):
@@ -76,15 +80,16 @@ def test_flush_hourly_skips_while_the_lock_is_held(billing_runtime, emulator, re
     assert emulator.billed() == {}
 
 
-def test_flush_hourly_retries_then_reports_pending_and_fails(billing_runtime, emulator):
+@pytest.mark.parametrize("status", [429, 500])
+def test_flush_hourly_retries_then_reports_pending_and_fails(billing_runtime, emulator, status):
     add_accounts(billing_runtime, [1])
     _events(billing_runtime, [1])
-    emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 1000})
+    emulator.faults({"path": "/v1/billing/meter_events", "status": status, "count": 1000})
     result = invoke(billing_runtime.settings, "flush_hourly")
     assert result.exit_code == 1
     assert "still pending after transient Stripe errors" in result.output
-    # 3 in-process attempts, each retrying the 429 per call: 3 x 5 meter event calls.
-    assert emulator.stats()["requests"]["POST /v1/billing/meter_events"] == 15
+    # 3 in-process passes share one budget: 5 meter event calls for the row in all (was 3 x 5).
+    assert emulator.stats()["requests"]["POST /v1/billing/meter_events"] == CALLS_PER_ROW_PER_RUN
 
 
 def test_flush_hourly_refuses_to_run_unguarded(billing_runtime, emulator):

@@ -207,35 +207,32 @@ def test_unbillable_rows_are_reported_and_billed_once_fixed(billing_runtime, emu
 
 
 def test_permanent_stripe_error_marks_the_row_failed_and_goes_on(billing_runtime, emulator):
-    customers = add_accounts(billing_runtime, [1])
-    with billing_runtime.session_factory.begin() as session:
-        session.add(BillingAccount(organization_id=2, stripe_customer_id="cus_doesnotexist"))
+    customers = add_accounts(billing_runtime, [1, 2])
     hour_ago = utcnow() - timedelta(hours=1)
     add_events(
         billing_runtime,
         [
-            {
-                "organization_id": org,
-                "event_type": "api_call",
-                "quantity": 5,
-                "occurred_at": hour_ago,
-            }
-            for org in (1, 2)
+            {"organization_id": org, "event_type": kind, "quantity": n, "occurred_at": hour_ago}
+            for org, kind, n in ((1, "api_call", 5), (2, "storage_gb_hour", 7))
         ],
     )
+    # A refusal that names nothing beyond the request (a 400 without a param): this row only.
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
     result = flush_once(billing_runtime)
     assert (result.submissions_sent, result.submissions_failed, result.submissions_pending) == (
         1,
         1,
         0,
     )
-    assert not result.ok
+    assert not result.ok and result.awaiting_operator == {"failed": 1, "held": 0}
     with billing_runtime.session_factory() as session:
         failed = session.scalars(
             sa.select(UsageSubmission).where(UsageSubmission.status == "failed")
         ).one()
-    assert failed.organization_id == 2 and "InvalidRequestError" in failed.last_error
-    assert emulator.billed() == {customers[1]: {"api_call": 5}}
+    assert "InvalidRequestError" in failed.last_error and failed.last_error_scope == "row"
+    billed = emulator.billed()
+    assert len(billed) == 1 and sum(sum(v.values()) for v in billed.values()) in (5, 7)
+    assert set(billed) < set(customers.values())
 
 
 def test_rate_limited_calls_are_retried_with_backoff(billing_runtime, emulator, seeded):
@@ -325,18 +322,6 @@ def test_log_lines_carry_organization_and_idempotency_key(billing_runtime, emula
         assert message in messages, message
     submit = next(r for r in caplog.records if r.getMessage() == logs.METER_SUBMIT_SUCCEEDED)
     assert submit.organization_id == 9 and submit.idempotency_key.startswith("billing-usage-9-")
-
-
-@pytest.fixture
-def sqlite_runtime(billing_settings, tmp_path):
-    """The embedded default's database: a migrated SQLite file, same emulator."""
-    from billing import db
-    from billing.runtime import Runtime
-
-    runtime = Runtime(billing_settings.replace(database_url=f"sqlite:///{tmp_path / 'b.db'}"))
-    db.upgrade(runtime.engine)
-    yield runtime
-    runtime.close()
 
 
 def test_embedded_sqlite_flush_bills_exact_totals(sqlite_runtime, emulator):

@@ -10,6 +10,7 @@ from celery.signals import task_retry
 
 from billing.celery_app import celery_app
 from billing.models import utcnow
+from billing.retry_policy import CALLS_PER_ROW_PER_RUN, calls_in_pass, passes_allowed
 from billing.runtime import set_runtime
 from billing.tasks import (
     FLUSH_HOURLY_TASK,
@@ -17,7 +18,6 @@ from billing.tasks import (
     flush_hourly_usage,
     retry_countdown,
 )
-from billing.usage import CALL_ATTEMPTS
 from tests.conftest import TEST_QUEUE
 from tests.usage.factories import add_accounts, add_events, expected_totals, submission_statuses
 
@@ -65,6 +65,10 @@ def _seed(runtime, orgs=(1, 2)):
     return customers, rows
 
 
+def _first_pass_calls(settings) -> int:
+    return calls_in_pass(0, 1 + settings.task_max_retries)
+
+
 def _run(settings) -> dict:
     return flush_hourly_usage.apply_async(queue=settings.billing_queue).get(timeout=60)
 
@@ -96,8 +100,9 @@ def test_worker_takes_the_retry_policy_of_the_installed_settings(
 
 def test_worker_retries_rate_limited_flush_and_succeeds(worker, task_runtime, emulator, retries):
     customers, rows = _seed(task_runtime)
-    # Every call of the first pass is refused (5 tries x 2 rows): it ends pending, the task retries.
-    emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 2 * CALL_ATTEMPTS})
+    # Every call of the first pass is refused (2 rows): it ends pending, the task retries.
+    first_pass = _first_pass_calls(task_runtime.settings)
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 2 * first_pass})
     result = _run(task_runtime.settings)
     assert result["ok"] and result["submissions_sent"] >= 1
     assert len(retries) >= 1 and "pending after transient" in retries[0]
@@ -106,33 +111,36 @@ def test_worker_retries_rate_limited_flush_and_succeeds(worker, task_runtime, em
 
 def test_worker_retries_server_errors_and_succeeds(worker, task_runtime, emulator, retries):
     customers, rows = _seed(task_runtime, orgs=(1,))
-    emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": 3})
+    first_pass = _first_pass_calls(task_runtime.settings)
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": first_pass})
     result = _run(task_runtime.settings)
     assert result["ok"] and len(retries) == 1
     assert emulator.billed() == expected_totals(rows, customers)
 
 
-def test_bad_request_marks_row_failed_and_the_flush_completes(worker, task_runtime, emulator):
-    from billing.models import BillingAccount
+@pytest.mark.parametrize("status", [429, 500])
+def test_a_persistent_stripe_error_costs_a_row_at_most_the_run_budget(
+    worker, task_runtime, emulator, retries, status
+):
+    _seed(task_runtime, orgs=(1,))
+    emulator.faults({"path": "/v1/billing/meter_events", "status": status})
+    with pytest.raises(RuntimeError, match="still pending after transient"):
+        _run(task_runtime.settings)
+    # The task's retries are the run's passes: they share one budget (was 5 calls per execution).
+    assert emulator.stats()["requests"]["POST /v1/billing/meter_events"] == CALLS_PER_ROW_PER_RUN
+    assert len(retries) == passes_allowed(1 + task_runtime.settings.task_max_retries) - 1
 
-    customers, rows = _seed(task_runtime, orgs=(1,))
-    with task_runtime.session_factory.begin() as session:
-        session.add(BillingAccount(organization_id=2, stripe_customer_id="cus_missing"))
-    add_events(
-        task_runtime,
-        [
-            {
-                "organization_id": 2,
-                "event_type": "api_call",
-                "quantity": 9,
-                "occurred_at": utcnow() - timedelta(hours=1),
-            }
-        ],
-    )
+
+def test_bad_request_marks_row_failed_and_the_flush_completes(worker, task_runtime, emulator):
+    customers, rows = _seed(task_runtime, orgs=(1, 2))
+    # A refusal about one request (no scope): that row fails, the other is billed.
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
     result = _run(task_runtime.settings)
     assert (result["submissions_sent"], result["submissions_failed"]) == (1, 1)
+    assert result["awaiting_operator"] == {"failed": 1, "held": 0} and not result["ok"]
     assert submission_statuses(task_runtime) == {"sent": 1, "failed": 1}
-    assert emulator.billed() == expected_totals(rows, customers)
+    assert sum(sum(v.values()) for v in emulator.billed().values()) in {r["quantity"] for r in rows}
+    assert set(emulator.billed()) < set(customers.values())
 
 
 def test_enqueue_hourly_routes_to_the_configured_queue(worker, task_runtime, emulator):

@@ -1,0 +1,100 @@
+"""`billable_events` as other programs write it: plain SQL with the contract's columns only, and a
+`numeric` quantity column whose fractions must never be rounded into a meter event."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from billing import db
+from billing.contract import run_contract_checks
+from billing.models import utcnow
+from billing.runtime import Runtime
+from billing.services import flush_once
+from tests.conftest import TEST_DATABASE_URL, schema_url
+from tests.usage.factories import add_accounts, unclaimed_count
+
+PRODUCER_INSERT = sa.text(
+    "INSERT INTO billable_events "
+    "(organization_id, event_type, quantity, occurred_at, source, idempotency_key) "
+    "VALUES (:org, :type, :quantity, :occurred_at, 'zeitgeist', :key)"
+)
+
+
+def _produce(runtime: Runtime, org: int, quantities: list, occurred_at) -> None:
+    with runtime.engine.begin() as connection:
+        for quantity in quantities:
+            connection.execute(
+                PRODUCER_INSERT,
+                {
+                    "org": org,
+                    "type": "api_call",
+                    "quantity": quantity,
+                    "occurred_at": occurred_at,
+                    "key": uuid.uuid4().hex,
+                },
+            )
+
+
+@pytest.fixture
+def numeric_runtime(billing_settings):
+    """A schema of its own whose `quantity` is `numeric`, as the contract allows."""
+    schema = f"billing_numeric_{uuid.uuid4().hex[:10]}"
+    admin = db.make_engine(TEST_DATABASE_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    runtime = Runtime(billing_settings.replace(database_url=schema_url(TEST_DATABASE_URL, schema)))
+    db.upgrade(runtime.engine)
+    with runtime.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric(18, 4)"
+        )
+    yield runtime
+    runtime.close()
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_producers_plain_insert_of_the_contract_columns_is_billed(request, emulator, database):
+    runtime = request.getfixturevalue(
+        "billing_runtime" if database == "postgresql" else "sqlite_runtime"
+    )
+    customers = add_accounts(runtime, [1])
+    hour_ago = (
+        "now() - interval '1 hour'" if database == "postgresql" else "datetime('now', '-1 hour')"
+    )
+    with runtime.engine.begin() as connection:
+        for key, quantity in (("k1", 4), ("k2", 5)):
+            connection.exec_driver_sql(
+                "INSERT INTO billable_events "
+                "(organization_id, event_type, quantity, occurred_at, source, idempotency_key) "
+                f"VALUES (1, 'api_call', {quantity}, {hour_ago}, 'zeitgeist', '{key}')"
+            )
+        created = connection.exec_driver_sql("SELECT created_at FROM billable_events").all()
+    assert len(created) == 2 and all(row[0] is not None for row in created)
+    result = flush_once(runtime)
+    assert result.ok and result.events_claimed == 2
+    assert emulator.billed() == {customers[1]: {"api_call": 9}}
+
+
+def test_fractional_quantities_are_never_rounded_into_a_meter_event(numeric_runtime, emulator):
+    runtime = numeric_runtime
+    customers = add_accounts(runtime, [1])
+    occurred_at = utcnow() - timedelta(hours=1)
+    _produce(runtime, 1, ["0.4", "1.5", "2.7"], occurred_at)
+    _produce(runtime, 1, ["3", "2.0"], occurred_at)
+
+    result = flush_once(runtime)
+    assert result.events_claimed == 2
+    assert result.unbillable == {"invalid_quantity": 3}
+    assert emulator.billed() == {customers[1]: {"api_call": 5}}
+    assert unclaimed_count(runtime) == 3
+
+    report = run_contract_checks(runtime, lookback_days=30)
+    failed = {f["check"]: f for f in report.failures()}
+    assert "quantity_positive_integer" in failed
