@@ -4,37 +4,54 @@ from __future__ import annotations
 
 from flask import Flask, current_app
 
-from billing.config import Settings, load_settings
+from billing import logs
+from billing.config import Settings, load_settings, webhook_path_from_env
 from billing.runtime import Runtime
 
 EXTENSION_KEY = "billing"
 
 
 class Billing:
-    """Flask extension: registers the `flask billing` command group and the runtime handles."""
+    """Flask extension: the `flask billing` command group, the Stripe webhook endpoint
+    (`STRIPE_WEBHOOK_PATH`, default `/stripe/webhook`) and the runtime handles."""
 
-    def __init__(self, app: Flask | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        app: Flask | None = None,
+        settings: Settings | None = None,
+        *,
+        configure_logging: bool = False,
+    ) -> None:
         self._settings = settings
+        self._configure_logging = configure_logging
         if app is not None:
             self.init_app(app, settings)
 
     def init_app(self, app: Flask, settings: Settings | None = None) -> None:
         from billing.cli import billing_cli
+        from billing.webhooks.views import make_blueprint
 
-        app.extensions[EXTENSION_KEY] = _LazyRuntime(settings or self._settings)
+        settings = settings or self._settings
+        app.extensions[EXTENSION_KEY] = _LazyRuntime(settings, self._configure_logging)
         app.cli.add_command(billing_cli)
+        path = settings.webhook_path if settings else webhook_path_from_env()
+        app.register_blueprint(make_blueprint(path))
 
 
 class _LazyRuntime:
     """Reads settings on first use, so `flask billing --help` works even with a bad environment."""
 
-    def __init__(self, settings: Settings | None) -> None:
+    def __init__(self, settings: Settings | None, configure_logging: bool = False) -> None:
         self._settings = settings
+        self._configure_logging = configure_logging
         self._runtime: Runtime | None = None
 
     def get(self) -> Runtime:
         if self._runtime is None:
-            self._runtime = Runtime(self._settings or load_settings())
+            runtime = Runtime(self._settings or load_settings())
+            if self._configure_logging:
+                logs.configure_logging(runtime.settings.log_level, runtime.settings.log_format)
+            self._runtime = runtime
         return self._runtime
 
 
@@ -43,6 +60,8 @@ def current_runtime() -> Runtime:
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    """The standalone app (`flask --app billing run`, `gunicorn 'billing:create_app()'`); it
+    configures billing's JSON logging, which a host app using `Billing(app)` does itself."""
     app = Flask("billing")
-    Billing(app, settings)
+    Billing(app, settings, configure_logging=True)
     return app

@@ -27,6 +27,8 @@ from billing.runtime import get_runtime
 
 # Task names are a wire contract (beat entries, queued messages, Flower): never rename one.
 FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
+WEBHOOK_PROCESS_TASK = "billing.webhooks.process"
+WEBHOOK_SWEEP_TASK = "billing.webhooks.sweep"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "timezone": "UTC",
         "enable_utc": True,
-        "imports": ("billing.tasks",),
+        "imports": ("billing.tasks", "billing.webhooks.tasks"),
         "beat_schedule": {
             # The hourly usage flush runs at minute 13 (the operations guide's schedule).
             "billing-hourly-usage-flush": {
@@ -63,8 +65,39 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": crontab(minute=13),
                 "options": {"queue": queue},
             },
+            # Queues again stored webhook events no task is working on (broker down at ingest,
+            # worker died): no accepted event is ever parked for good.
+            "billing-webhook-sweep": {
+                "task": WEBHOOK_SWEEP_TASK,
+                "schedule": float(settings.webhook_sweep_interval_seconds),
+                "options": {"queue": queue},
+            },
         },
     }
+
+
+def make_sender(settings: Settings) -> Celery:
+    """A Celery app that only sends, built from `settings` (its broker URL, its queue).
+
+    The web process enqueues with it; publishing retries once, briefly, so a broker outage costs
+    a request a fraction of a second, never a lost event (the row is already stored).
+    """
+    sender = Celery("billing-webhook-sender", set_as_current=False)
+    sender.conf.update(
+        # Celery lets a CELERY_BROKER_URL in the environment override `broker_url`; the write
+        # URL it does not, so the sender publishes where `settings` says.
+        broker_url=settings.celery_broker_url,
+        broker_write_url=settings.celery_broker_url,
+        broker_connection_timeout=2,
+        broker_connection_retry=False,
+        broker_transport_options={"socket_connect_timeout": 2, "socket_timeout": 5},
+        task_serializer="json",
+        accept_content=["json"],
+        task_publish_retry_policy={
+            "max_retries": 1, "interval_start": 0.05, "interval_step": 0.1, "interval_max": 0.1,
+        },
+    )
+    return sender
 
 
 def process_settings() -> Settings:

@@ -20,6 +20,8 @@ from billing.locks import LockUnavailableError
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
 from billing.usage import FlushResult, TransientFlushError
+from billing.webhooks.adjustments import AdjustmentError
+from billing.webhooks.service import ReplayRefused
 
 billing_cli = AppGroup("billing", help="Stripe usage billing: flush, checks, and maintenance.")
 
@@ -30,6 +32,8 @@ OPERATOR_ERRORS = (
     LockUnavailableError,
     StripeGatewayError,
     TransientFlushError,
+    AdjustmentError,
+    ReplayRefused,
 )
 
 
@@ -229,6 +233,8 @@ def config_command() -> None:
     emit(runtime().settings.masked())
 
 
-# The safety commands (validate_contract, preflight, smoke_org, sync_periods) join the group.
+# The safety commands (validate_contract, preflight, smoke_org, sync_periods), the entitlements,
+# webhook and adjustments commands join the group.
 import billing.cli_checks  # noqa: E402
-import billing.entitlements.cli  # noqa: E402,F401
+import billing.entitlements.cli  # noqa: E402
+import billing.webhooks.cli  # noqa: E402,F401

@@ -18,6 +18,7 @@ DEFAULT_BOOKING_URL = "https://cal.com/andreas-duess-fd/fishdog-demo"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_FLUSH_LOCK_KEY = "billing:stripe-usage-flush:lock"
+DEFAULT_WEBHOOK_PATH = "/stripe/webhook"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -107,6 +108,27 @@ class _Env:
         return value.lower()
 
 
+def parse_webhook_secrets(name: str, value: str | None) -> tuple[str, ...]:
+    """`whsec_new,whsec_old`: every listed secret verifies, so a rotation never drops events."""
+    secrets = tuple(part.strip() for part in (value or "").split(",") if part.strip())
+    for secret in secrets:
+        if not secret.startswith("whsec_"):
+            raise ConfigError(f"{name} entries must start with whsec_, got {mask_secret(secret)!r}")
+    return secrets
+
+
+def webhook_path_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """The webhook route, read alone: Flask needs it when the app is built, before any other
+    setting is (so `flask billing --help` still works with a bad environment)."""
+    value = _Env(os.environ if environ is None else environ).str(
+        "STRIPE_WEBHOOK_PATH", DEFAULT_WEBHOOK_PATH
+    )
+    path = value or DEFAULT_WEBHOOK_PATH
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise ConfigError(f"STRIPE_WEBHOOK_PATH must be a URL path starting with /, got {value!r}")
+    return path
+
+
 def parse_meter_map(name: str, value: str | None) -> dict[str, str]:
     """`api_call,storage=storage_gb_hours` → {event_type: Stripe meter event_name}."""
     meters: dict[str, str] = {}
@@ -152,6 +174,13 @@ class Settings:
     stripe_max_network_retries: int = 2
     stripe_meter_event_rate_per_second: float = 20.0
     stripe_meters: dict[str, str] = field(default_factory=dict)
+
+    webhook_path: str = DEFAULT_WEBHOOK_PATH
+    webhook_tolerance_seconds: int = 300
+    webhook_max_body_bytes: int = 512 * 1024
+    webhook_requeue_after_seconds: int = 120
+    webhook_processing_timeout_seconds: int = 900
+    webhook_sweep_interval_seconds: int = 60
 
     billing_queue: str = "default"
     flush_lock_key: str = DEFAULT_FLUSH_LOCK_KEY
@@ -207,6 +236,18 @@ class Settings:
             stripe_meters=parse_meter_map(
                 "STRIPE_BILLING_METERS", env.str("STRIPE_BILLING_METERS")
             ),
+            webhook_path=webhook_path_from_env(env.environ),
+            webhook_tolerance_seconds=env.int(
+                "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, maximum=3600
+            ),
+            webhook_max_body_bytes=env.int(
+                "STRIPE_WEBHOOK_MAX_BODY_BYTES", 512 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+            ),
+            webhook_requeue_after_seconds=env.int("STRIPE_WEBHOOK_REQUEUE_AFTER_SECONDS", 120),
+            webhook_processing_timeout_seconds=env.int(
+                "STRIPE_WEBHOOK_PROCESSING_TIMEOUT_SECONDS", 900, minimum=30
+            ),
+            webhook_sweep_interval_seconds=env.int("STRIPE_WEBHOOK_SWEEP_INTERVAL_SECONDS", 60),
             billing_queue=env.str("STRIPE_BILLING_QUEUE", "default") or "default",
             flush_lock_key=env.str("STRIPE_USAGE_FLUSH_LOCK_KEY", DEFAULT_FLUSH_LOCK_KEY)
             or DEFAULT_FLUSH_LOCK_KEY,
@@ -252,6 +293,7 @@ class Settings:
             ).upper(),
             log_format=env.choice("BILLING_LOG_FORMAT", "auto", ("auto", "json", "text")),
         )
+        parse_webhook_secrets("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secret)
         if settings.broker_visibility_timeout_seconds <= settings.flush_lock_ttl_seconds:
             raise ConfigError(
                 "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed "
@@ -269,6 +311,11 @@ class Settings:
         return "upgrade" if self.saas_price_id else "booking"
 
     @property
+    def webhook_secrets(self) -> tuple[str, ...]:
+        """Every accepted signing secret (`STRIPE_WEBHOOK_SECRET` is comma-separated)."""
+        return parse_webhook_secrets("STRIPE_WEBHOOK_SECRET", self.stripe_webhook_secret)
+
+    @property
     def stripe_live_mode(self) -> bool:
         return (self.stripe_secret_key or "").startswith(("sk_live_", "rk_live_"))
 
@@ -278,7 +325,8 @@ class Settings:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if item.name in SECRET_FIELDS:
-                value = mask_secret(value)
+                # Comma-separated lists (webhook secret rotation) are masked one by one.
+                value = ",".join(mask_secret(part.strip()) for part in (value or "").split(","))
             elif item.name.endswith(("_url", "_backend")) and isinstance(value, str):
                 value = scrub(value)
             shown[item.name] = value

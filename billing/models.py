@@ -287,3 +287,63 @@ class Entitlement(Base):
         UniqueConstraint("organization_id", "lookup_key", "source"),
         CheckConstraint("source IN ('stripe', 'manual')", name="source_known"),
     )
+
+class AdjustmentKind(enum.StrEnum):
+    MINIMUM_COMMITMENT = "minimum_commitment"  # top metered usage up to this, every period
+    CREDIT = "credit"  # one-off: taken off the next period invoice, then consumed
+
+
+class BillingAdjustment(Base):
+    """An organization's configured adjustment (`flask billing adjustments add`)."""
+
+    __tablename__ = "billing_adjustments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    amount_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    # A credit is spent once: the invoice it went on (set in the transaction that plans it).
+    consumed_invoice_id: Mapped[str | None] = mapped_column(String(255))
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_billing_adjustments_organization_id", "organization_id"),)
+
+
+class InvoiceAdjustmentStatus(enum.StrEnum):
+    PLANNED = "planned"  # amount fixed and stored; the invoice item may not exist yet
+    APPLIED = "applied"  # the invoice item is on the draft (or nothing was due: amount 0)
+    MISSED = "missed"  # the invoice was finalized first; a credit goes back to pending
+
+
+class InvoiceAdjustment(Base):
+    """What one invoice.created applied to one invoice: at most one row per (invoice, adjustment),
+    which is what makes a redelivered or replayed event apply nothing twice."""
+
+    __tablename__ = "invoice_adjustments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stripe_invoice_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    adjustment_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("billing_adjustments.id", ondelete="RESTRICT"), nullable=False
+    )
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    # Signed as it appears on the invoice: a top-up is positive, a credit negative.
+    amount_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    metered_usage_cents: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=InvoiceAdjustmentStatus.PLANNED.value
+    )
+    stripe_invoice_item_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    applied_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("stripe_invoice_id", "adjustment_id"),)
+
+    @property
+    def idempotency_key(self) -> str:
+        """Fixed per (invoice, adjustment): a retried create is the same request to Stripe."""
+        return f"billing-adjustment-{self.stripe_invoice_id}-{self.adjustment_id}"

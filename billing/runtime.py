@@ -18,6 +18,7 @@ from billing.config import Settings, load_settings
 
 if TYPE_CHECKING:
     import redis
+    from celery import Celery
 
     from billing.stripe_gateway import StripeGateway
 
@@ -48,11 +49,20 @@ class Runtime:
 
         return StripeGateway.from_settings(self.settings)
 
+    @cached_property
+    def task_sender(self) -> Celery:
+        """Publishes tasks to this runtime's broker (the web process's webhook enqueue)."""
+        from billing.celery_app import make_sender
+
+        return make_sender(self.settings)
+
     def close(self) -> None:
         if "engine" in self.__dict__:
             self.engine.dispose()
         if "redis" in self.__dict__:
             self.redis.close()
+        if "task_sender" in self.__dict__:
+            self.task_sender.close()
 
 
 _process_runtime: Runtime | None = None

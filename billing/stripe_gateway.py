@@ -264,6 +264,42 @@ class StripeGateway:
     def retrieve_subscription(self, subscription_id: str) -> Any:
         return self._call(self.client.v1.subscriptions.retrieve, subscription_id)
 
+    def retrieve_price(self, price_id: str) -> Any:
+        return self._call(self.client.v1.prices.retrieve, price_id)
+
+    # Invoices (invoice.created adjustments) --------------------------------------------------
+
+    def retrieve_invoice(self, invoice_id: str) -> Any:
+        return self._call(self.client.v1.invoices.retrieve, invoice_id)
+
+    def invoice_lines(self, invoice_id: str) -> list[Any]:
+        lines = self._call(self.client.v1.invoices.line_items.list, invoice_id, {"limit": 100})
+        return list(lines.auto_paging_iter())
+
+    def add_invoice_item(
+        self,
+        invoice: Any,
+        *,
+        amount_cents: int,
+        currency: str,
+        description: str,
+        metadata: dict[str, str],
+        idempotency_key: str,
+    ) -> Any:
+        """A one-off line on a draft invoice; the idempotency key makes a retry the same call."""
+        return self._call(
+            self.client.v1.invoice_items.create,
+            {
+                "customer": invoice.customer,
+                "invoice": invoice.id,
+                "amount": amount_cents,
+                "currency": currency,
+                "description": description,
+                "metadata": metadata,
+            },
+            {"idempotency_key": idempotency_key},
+        )
+
     def check_access(self) -> None:
         """A cheap authenticated read: proves the key works and Stripe answers."""
         self._call(self.client.v1.customers.list, {"limit": 1})

@@ -48,7 +48,10 @@ from billing import db  # noqa: E402
 from billing.config import Settings  # noqa: E402
 from billing.runtime import Runtime  # noqa: E402
 
-TABLES = "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements"
+TABLES = (
+    "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements, "
+    "invoice_adjustments, billing_adjustments"
+)
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 
 
@@ -137,6 +140,38 @@ def make_runtime(db_engine, redis_client):
     for runtime in made:
         runtime.__dict__.pop("engine", None)
         runtime.close()
+
+
+# A real Celery worker ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """A real worker (an in-process thread) consuming the session's queue on the Redis broker."""
+    from celery.contrib.testing.worker import start_worker
+
+    from billing.celery_app import celery_app
+
+    celery_app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 1}}
+    with start_worker(
+        celery_app, perform_ping_check=False, queues=[TEST_QUEUE], shutdown_timeout=5
+    ) as w:
+        yield w
+
+
+@pytest.fixture
+def retries():
+    """The reasons of every task retry the worker schedules during the test."""
+    from celery.signals import task_retry
+
+    seen: list[str] = []
+
+    def record(sender=None, request=None, reason=None, **_):
+        seen.append(str(reason))
+
+    task_retry.connect(record, weak=False)
+    yield seen
+    task_retry.disconnect(record)
 
 
 # The Stripe emulator ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ BILLING_TABLES = {
     "usage_submissions",
     "webhook_events",
     "entitlements",
+    "billing_adjustments",
+    "invoice_adjustments",
 }
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

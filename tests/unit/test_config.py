@@ -40,6 +40,12 @@ GUIDE_DEFAULTS = {
     "saas_price_id": None,
     "saas_public_base_url": None,
     "saas_unlock_wait_seconds": 60,
+    "webhook_path": "/stripe/webhook",
+    "webhook_tolerance_seconds": 300,
+    "webhook_max_body_bytes": 512 * 1024,
+    "webhook_requeue_after_seconds": 120,
+    "webhook_processing_timeout_seconds": 900,
+    "webhook_sweep_interval_seconds": 60,
 }
 
 
@@ -181,3 +187,34 @@ class TestSecrets:
             logs.get_logger().info("settings loaded", extra={"settings": settings.masked()})
             logs.get_logger().info("settings %s", settings)
         assert caplog.records and self.KEY not in caplog.text
+
+
+class TestWebhookSettings:
+    def test_secret_rotation_list(self):
+        settings = Settings.from_env(
+            {"STRIPE_WEBHOOK_SECRET": " whsec_new1234567890, whsec_old1234567890 "}
+        )
+        assert settings.webhook_secrets == ("whsec_new1234567890", "whsec_old1234567890")
+        assert settings.masked()["stripe_webhook_secret"] == "whsec_…7890,whsec_…7890"
+
+    def test_a_secret_that_is_not_a_signing_secret_is_refused(self):
+        with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRET") as refused:
+            Settings.from_env({"STRIPE_WEBHOOK_SECRET": "whsec_ok1234567890,sk_test_oops123456789"})
+        assert "oops" not in str(refused.value)
+
+    @pytest.mark.parametrize("path", ["stripe/webhook", "/a b"])
+    def test_webhook_path_must_be_a_path(self, path):
+        with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_PATH"):
+            Settings.from_env({"STRIPE_WEBHOOK_PATH": path})
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("STRIPE_WEBHOOK_MAX_BODY_BYTES", "10"),
+            ("STRIPE_WEBHOOK_TOLERANCE_SECONDS", "0"),
+            ("STRIPE_WEBHOOK_PROCESSING_TIMEOUT_SECONDS", "5"),
+        ],
+    )
+    def test_webhook_bounds(self, name, value):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})

@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from celery.contrib.testing.worker import start_worker
-from celery.signals import task_retry
 
 from billing.celery_app import celery_app
 from billing.models import utcnow
@@ -22,32 +20,11 @@ from tests.conftest import TEST_QUEUE
 from tests.usage.factories import add_accounts, add_events, expected_totals, submission_statuses
 
 
-@pytest.fixture(scope="module")
-def worker():
-    celery_app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 1}}
-    with start_worker(
-        celery_app, perform_ping_check=False, queues=[TEST_QUEUE], shutdown_timeout=5
-    ) as w:
-        yield w
-
-
 @pytest.fixture
 def task_runtime(billing_runtime):
     set_runtime(billing_runtime)
     yield billing_runtime
     set_runtime(None)
-
-
-@pytest.fixture
-def retries():
-    seen: list[str] = []
-
-    def record(sender=None, request=None, reason=None, **_):
-        seen.append(str(reason))
-
-    task_retry.connect(record, weak=False)
-    yield seen
-    task_retry.disconnect(record)
 
 
 def _seed(runtime, orgs=(1, 2)):

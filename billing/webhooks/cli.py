@@ -1,0 +1,112 @@
+"""`flask billing webhooks list|replay|sweep` and `flask billing adjustments add|list|remove`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.models import AdjustmentKind, WebhookStatus
+from billing.webhooks import adjustments, service
+
+
+@billing_cli.group("webhooks")
+def webhooks_cli() -> None:
+    """Stored Stripe webhook events: inspect, replay dead letters, sweep."""
+
+
+@webhooks_cli.command("list")
+@click.option("--status", type=click.Choice([s.value for s in WebhookStatus]), default=None)
+@click.option("--type", "event_type", default=None, help="e.g. invoice.payment_failed")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=100, show_default=True)
+def webhooks_list_command(status: str | None, event_type: str | None, limit: int) -> None:
+    """Stored events, newest first, with status, attempts and last error."""
+    rt = runtime()
+    with operator_errors():
+        events = service.list_events(rt, status=status, event_type=event_type, limit=limit)
+    emit({"events": events, "count": len(events)}, f"{len(events)} event(s)")
+
+
+@webhooks_cli.command("replay")
+@click.argument("event_id")
+@click.option("--force", is_flag=True, help="Also re-run an event already processed.")
+def webhooks_replay_command(event_id: str, force: bool) -> None:
+    """Run a stored event's handler again now (a dead letter once its cause is fixed)."""
+    from billing.webhooks.handlers import HANDLERS, TRANSIENT_ERRORS
+
+    rt = runtime()
+    with operator_errors():
+        previous = service.reset_for_replay(rt, event_id, force=force)
+        try:
+            outcome = service.process_event(
+                rt, event_id, HANDLERS, final_attempt=True, transient_errors=TRANSIENT_ERRORS
+            )
+        except TRANSIENT_ERRORS as error:  # only re-raised when not final; kept for safety
+            raise click.ClickException(str(error)) from error
+    emit({"event_id": event_id, "previous_status": previous, "outcome": outcome.value})
+    if outcome not in (service.ProcessOutcome.PROCESSED, service.ProcessOutcome.IGNORED):
+        sys.exit(1)
+
+
+@webhooks_cli.command("sweep")
+def webhooks_sweep_command() -> None:
+    """Queue again the events stuck in received/processing (what beat runs every minute)."""
+    from billing.webhooks.tasks import enqueuer
+
+    rt = runtime()
+    with operator_errors():
+        result = service.sweep_stuck(rt, enqueuer(rt))
+    emit(result.to_dict())
+    if result.not_queued:
+        sys.exit(1)
+
+
+@billing_cli.group("adjustments")
+def adjustments_cli() -> None:
+    """Per-organization invoice adjustments applied on invoice.created."""
+
+
+KIND = click.Choice([k.value for k in AdjustmentKind])
+
+
+@adjustments_cli.command("add")
+@click.option("--org-id", type=int, required=True)
+@click.option("--kind", type=KIND, required=True)
+@click.option("--amount-cents", type=click.IntRange(min=1), required=True)
+@click.option("--currency", default="usd", show_default=True)
+def adjustments_add_command(org_id: int, kind: str, amount_cents: int, currency: str) -> None:
+    """Add a minimum monthly commitment or a one-off credit."""
+    rt = runtime()
+    with operator_errors():
+        made = adjustments.add_adjustment(rt, org_id, kind, amount_cents, currency)
+    emit(made)
+
+
+@adjustments_cli.command("list")
+@click.option("--org-id", type=int, default=None)
+@click.option("--all", "include_removed", is_flag=True, help="Include removed adjustments.")
+def adjustments_list_command(org_id: int | None, include_removed: bool) -> None:
+    """Adjustments with what each invoice received."""
+    rt = runtime()
+    with operator_errors():
+        found = adjustments.list_adjustments(rt, org_id, include_removed)
+    emit({"adjustments": found, "count": len(found)})
+
+
+@adjustments_cli.command("remove")
+@click.option("--id", "adjustment_id", type=int, default=None, help="One adjustment by id.")
+@click.option("--org-id", type=int, default=None)
+@click.option("--kind", type=KIND, default=None)
+def adjustments_remove_command(
+    adjustment_id: int | None, org_id: int | None, kind: str | None
+) -> None:
+    """Stop applying adjustments: one by --id, or an organization's (--org-id [--kind])."""
+    if adjustment_id is None and org_id is None:
+        raise click.UsageError("give --id or --org-id")
+    rt = runtime()
+    with operator_errors():
+        removed = adjustments.remove_adjustments(
+            rt, adjustment_id=adjustment_id, organization_id=org_id, kind=kind
+        )
+    emit({"removed": removed})

@@ -1,0 +1,124 @@
+"""Ingest over HTTP: what is refused stores nothing; what is accepted is stored once and queued."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from billing import logs
+from tests.webhooks.conftest import OLD_SECRET, make_event, post, rows, sign
+
+BAD_DELIVERIES = {
+    "missing signature": lambda body: (body, None),
+    "forged signature": lambda body: (body, f"t={int(time.time())},v1={'ab' * 32}"),
+    "garbled header": lambda body: (body, "nonsense"),
+    "tampered body": lambda body: (body.replace(b"obj_1", b"obj_2"), sign(body)),
+    "wrong secret": lambda body: (body, sign(body, "whsec_someone_else")),
+    "stale timestamp": lambda body: (body, sign(body, timestamp=int(time.time()) - 301)),
+    "future timestamp": lambda body: (body, sign(body, timestamp=int(time.time()) + 301)),
+    "malformed JSON": lambda body: (b'{"id": "evt_1", ', sign(b'{"id": "evt_1", ')),
+    "JSON that is not an event": lambda body: (b'{"id": "cus_1"}', sign(b'{"id": "cus_1"}')),
+    "event without a type": lambda body: (
+        b'{"id": "evt_1", "object": "event"}',
+        sign(b'{"id": "evt_1", "object": "event"}'),
+    ),
+    "not UTF-8": lambda body: (b"\xff\xfe", f"t={int(time.time())},v1=00"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DELIVERIES))
+def test_bad_delivery_is_refused_with_400_and_nothing_stored(app_server, captured, case):
+    body, signature = BAD_DELIVERIES[case](make_event())
+    response = post(app_server.url, body, signature)
+    assert response.status_code == 400
+    assert rows(app_server.runtime) == []
+    (rejected,) = captured.messages(logs.WEBHOOK_REJECTED)
+    assert rejected.status == 400 and rejected.reason
+    # The log line never carries the (attacker-controlled) body.
+    assert "obj_1" not in json.dumps(rejected.__dict__, default=str)
+
+
+def test_oversized_body_is_refused_with_413_declared_or_chunked(app_server, webhook_runtime):
+    limit = webhook_runtime.settings.webhook_max_body_bytes
+    body = make_event(padding="x" * limit)
+    assert post(app_server.url, body).status_code == 413
+    chunked = post(app_server.url, iter([body[:1000], body[1000:]]), sign(body))
+    assert chunked.status_code == 413
+    assert rows(webhook_runtime) == []
+
+
+def test_accepted_event_is_stored_once_and_a_duplicate_is_only_acknowledged(
+    app_server, webhook_runtime, captured
+):
+    body = make_event("customer.created", "evt_once")
+    first, second = post(app_server.url, body), post(app_server.url, body)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert (first.json()["outcome"], second.json()["outcome"]) == ("queued", "duplicate")
+    (row,) = rows(webhook_runtime)
+    assert (row.stripe_event_id, row.type, row.status) == ("evt_once", "customer.created",
+                                                           "received")
+    assert row.payload == json.loads(body)
+    for message in (logs.WEBHOOK_ACCEPTED, logs.WEBHOOK_DUPLICATE):
+        (record,) = captured.messages(message)
+        assert (record.event_id, record.event_type) == ("evt_once", "customer.created")
+
+
+def test_an_old_secret_still_verifies_during_rotation(app_server, webhook_runtime):
+    body = make_event(event_id="evt_rotated")
+    assert post(app_server.url, body, sign(body, OLD_SECRET)).status_code == 200
+    assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_rotated"]
+
+
+def test_thin_v2_event_is_accepted(app_server, webhook_runtime):
+    body = json.dumps({
+        "id": "evt_thin", "object": "v2.core.event",
+        "type": "v1.billing.meter.error_report_triggered",
+        "related_object": {"id": "mtr_1", "type": "billing.meter"},
+    }).encode()
+    assert post(app_server.url, body).status_code == 200
+    assert rows(webhook_runtime)[0].type == "v1.billing.meter.error_report_triggered"
+
+
+def test_broker_down_still_answers_200_and_keeps_the_row(make_runtime, webhook_settings, captured):
+    from tests.webhooks.conftest import AppServer
+
+    # Nothing listens on port 1: every publish fails at once.
+    runtime = make_runtime(webhook_settings.replace(celery_broker_url="redis://127.0.0.1:1/0"))
+    server = AppServer(runtime)
+    try:
+        started = time.perf_counter()
+        response = post(server.url, make_event(event_id="evt_nobroker"))
+        elapsed = time.perf_counter() - started
+    finally:
+        server.close()
+    assert response.status_code == 200 and response.json()["outcome"] == "stored_not_queued"
+    assert elapsed < 5
+    assert [(r.stripe_event_id, r.status) for r in rows(runtime)] == [("evt_nobroker", "received")]
+    (failed,) = captured.messages(logs.WEBHOOK_ENQUEUE_FAILED)
+    assert failed.event_id == "evt_nobroker"
+    assert captured.messages(logs.WEBHOOK_ACCEPTED) == []
+
+
+def test_missing_secret_is_a_server_error_not_an_acceptance(make_runtime, webhook_settings):
+    from tests.webhooks.conftest import AppServer
+
+    server = AppServer(make_runtime(webhook_settings.replace(stripe_webhook_secret=None)))
+    try:
+        response = post(server.url, make_event())
+    finally:
+        server.close()
+    assert response.status_code == 500
+    assert rows(server.runtime) == []
+
+
+def test_webhook_path_is_configurable(make_runtime, webhook_settings):
+    from tests.webhooks.conftest import AppServer
+
+    server = AppServer(make_runtime(webhook_settings.replace(webhook_path="/hooks/stripe")))
+    try:
+        assert server.url.endswith("/hooks/stripe")
+        assert post(server.url, make_event(event_id="evt_path")).status_code == 200
+    finally:
+        server.close()
