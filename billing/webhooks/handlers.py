@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from billing import logs
+from billing.entitlements.service import refresh_from_stripe
 from billing.models import BillingAccount
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError, subscription_period
@@ -185,14 +186,9 @@ def on_entitlements_updated(runtime: Runtime, event: Mapping[str, Any]) -> None:
 
 
 def refresh_entitlements(runtime: Runtime, organization_id: int) -> None:
-    """Replace the organization's Stripe-sourced entitlements with Stripe's active ones."""
-    from billing.entitlements.service import refresh_from_stripe
-
-    lookup_keys = refresh_from_stripe(runtime, organization_id)
-    log.info(
-        logs.ENTITLEMENTS_REFRESHED,
-        extra={"organization_id": organization_id, "lookup_keys": sorted(lookup_keys)},
-    )
+    """Replace the organization's Stripe-sourced entitlements with Stripe's active ones (manual
+    grants are left alone; a Stripe error changes nothing and retries the event)."""
+    refresh_from_stripe(runtime, organization_id)
 
 
 # invoices and meter errors --------------------------------------------------------------------

@@ -171,14 +171,16 @@ def test_0004_downgrade_refuses_to_merge_two_sources(tmp_path, url):
 
     below_0004 = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_revision("0004").down_revision
     try:
-        db.upgrade(engine)
+        # At 0004 itself: SQLite does not roll back DDL, so a later revision's downgrade, run
+        # first on the way down, would stay applied when 0004's refuses.
+        db.upgrade(engine, "0004")
         factory = db.make_session_factory(engine)
         with factory.begin() as session:
             for source in ("stripe", "manual"):
                 session.add(Entitlement(organization_id=1, lookup_key="saas", source=source))
         with pytest.raises(RuntimeError, match="held both from Stripe and manually"):
             db.downgrade(engine, below_0004)
-        assert db.current_revision(engine) == db.head_revision()
+        assert db.current_revision(engine) == "0004"
         with factory.begin() as session:
             session.execute(sa.delete(Entitlement).where(Entitlement.source == "manual"))
         db.downgrade(engine, below_0004)
