@@ -19,6 +19,7 @@ from billing.entitlements.service import EntitlementError
 from billing.locks import LockUnavailableError
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
+from billing.submissions import SubmissionActionError
 from billing.usage import FlushResult, TransientFlushError
 from billing.webhooks.adjustments import AdjustmentError
 from billing.webhooks.service import ReplayRefused
@@ -31,6 +32,7 @@ OPERATOR_ERRORS = (
     EntitlementError,
     LockUnavailableError,
     StripeGatewayError,
+    SubmissionActionError,
     TransientFlushError,
     AdjustmentError,
     ReplayRefused,
@@ -233,8 +235,9 @@ def config_command() -> None:
     emit(runtime().settings.masked())
 
 
-# The safety commands (validate_contract, preflight, smoke_org, sync_periods), the entitlements,
-# webhook and adjustments commands join the group.
+# The safety commands (validate_contract, preflight, smoke_org, sync_periods), the outbox
+# (submissions), entitlements, webhook and adjustments commands join the group.
 import billing.cli_checks  # noqa: E402
+import billing.cli_submissions  # noqa: E402
 import billing.entitlements.cli  # noqa: E402
 import billing.webhooks.cli  # noqa: E402,F401

@@ -20,6 +20,7 @@ from billing.config import ConfigError, Settings, mask_secret, scrub
 from billing.locks import FileFlushLock
 from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
+from billing.submissions import awaiting_operator_counts
 
 SECRET_KEY_SHAPE = re.compile(r"^(?:sk|rk)_(?:test|live)_[A-Za-z0-9]{8,}$")
 WEBHOOK_SECRET_SHAPE = re.compile(r"^whsec_[A-Za-z0-9+/=]{8,}$")
@@ -72,6 +73,7 @@ class _Preflight:
         "billing_queue",
         "billing_enabled",
         "database",
+        "usage_outbox",
         "flush_lock",
         "celery_broker",
         "stripe_access",
@@ -154,6 +156,17 @@ class _Preflight:
                 "run `flask billing db upgrade`"
             )
         return Status.PASS, f"{where}; migrations at head ({head})"
+
+    def usage_outbox(self) -> Outcome:
+        if "database" not in self.passed:
+            return Status.SKIP, "skipped: the database is not at head"
+        counts = awaiting_operator_counts(self.runtime)
+        if any(counts.values()):
+            return Status.FAIL, (
+                f"{counts['failed']} failed and {counts['held']} held usage submission(s) wait "
+                "for an operator: `flask billing submissions list`, then retry or write off"
+            )
+        return Status.PASS, "no failed or held usage submissions"
 
     def flush_lock(self) -> Outcome:
         probe = f"{self.settings.flush_lock_key}:preflight:{uuid.uuid4().hex}"

@@ -1,0 +1,118 @@
+"""`flask billing submissions list|retry|write-off`: thin commands over `billing.submissions`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+
+import click
+
+from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.models import SubmissionStatus
+from billing.reports import render_table
+from billing.submissions import (
+    DEFAULT_LIMIT,
+    LISTED_BY_DEFAULT,
+    failed_submission_ids,
+    list_submissions,
+    retry_submissions,
+    write_off_submissions,
+)
+
+STATUSES = [s.value for s in SubmissionStatus]
+ACTOR = click.option(
+    "--actor",
+    default=lambda: _default_actor(),
+    show_default="the current user",
+    help="Who acts; kept in the audit trail.",
+)
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (containers)
+        return "unknown"
+
+
+@billing_cli.group("submissions")
+def submissions_cli() -> None:
+    """The usage outbox: list rows, retry failed ones, write off what will never be billed."""
+
+
+@submissions_cli.command("list")
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(STATUSES),
+    multiple=True,
+    help=f"Repeatable; default: {', '.join(LISTED_BY_DEFAULT)}.",
+)
+@click.option("--org-id", type=click.IntRange(min=1), default=None, help="One organization only.")
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=DEFAULT_LIMIT)
+@click.option("--json", "as_json", is_flag=True, help="JSON with each row's audit trail.")
+def list_command(statuses: tuple[str, ...], org_id: int | None, limit: int, as_json: bool) -> None:
+    """List outbox rows, oldest first."""
+    rt = runtime()
+    with operator_errors():
+        rows = list_submissions(
+            rt, statuses=statuses or LISTED_BY_DEFAULT, organization_id=org_id, limit=limit
+        )
+    if as_json:
+        click.echo(json.dumps({"submissions": rows}, indent=2, sort_keys=True, default=str))
+        return
+    headers = ("id", "status", "org", "event_name", "value", "hour", "attempts", "last_error")
+    click.echo(
+        render_table(
+            headers,
+            [
+                (
+                    r["id"],
+                    r["status"],
+                    r["organization_id"],
+                    r["event_name"],
+                    r["value"],
+                    f"{r['window_start']:%Y-%m-%d %H:%M}",
+                    r["attempts"],
+                    r["last_error"] or "",
+                )
+                for r in rows
+            ],
+        )
+    )
+
+
+@submissions_cli.command("retry")
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.option("--all-failed", is_flag=True, help="Every failed row.")
+@click.option(
+    "--reissue-held",
+    is_flag=True,
+    help="Also re-send HELD rows, with a NEW identifier. Only after reconciling them against "
+    "Stripe's meter event summaries: an earlier attempt may have been billed.",
+)
+@ACTOR
+def retry_command(ids: tuple[int, ...], all_failed: bool, reissue_held: bool, actor: str) -> None:
+    """Put failed rows back to pending for the next flush (same identifier)."""
+    if bool(ids) == all_failed:
+        raise click.UsageError("give submission IDs or --all-failed (not both)")
+    rt = runtime()
+    with operator_errors():
+        chosen = list(ids) or failed_submission_ids(rt)
+        if not chosen:
+            emit({"action": "retry", "submission_ids": [], "actor": actor}, "no failed rows")
+            return
+        result = retry_submissions(rt, chosen, actor=actor, reissue_held=reissue_held)
+    emit(result.to_dict(), f"{len(result.submission_ids)} row(s) pending for the next flush")
+
+
+@submissions_cli.command("write-off")
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1), required=True)
+@click.option("--reason", required=True, help="Why this usage is never billed (kept).")
+@ACTOR
+def write_off_command(ids: tuple[int, ...], reason: str, actor: str) -> None:
+    """Mark failed or held rows as never billed, with the reason."""
+    rt = runtime()
+    with operator_errors():
+        result = write_off_submissions(rt, list(ids), reason=reason, actor=actor)
+    emit(result.to_dict(), f"{len(result.submission_ids)} row(s) written off")

@@ -1,0 +1,275 @@
+"""Operator actions on the usage outbox (`usage_submissions`): list, retry, write off.
+
+`failed` and `held` rows wait for a person; every flush reports them until one acts. An action
+changes all the rows it names or none (each row is updated only from the status it was read in),
+and leaves one `usage_submission_actions` row per changed row: what it was, who, when, and why.
+
+- retry `failed` → `pending`, same identifier: Stripe refused the row, so it never accepted that
+  identifier, and re-sending it cannot bill twice.
+- retry `held` → refused unless the operator says `reissue_held`: a held row stayed unsent past
+  Stripe's identifier window, so an earlier attempt may have been accepted and a re-send with the
+  same identifier is no longer deduplicated. Reconcile first (Stripe's meter event summaries for
+  the row's customer and hour against the outbox); if the usage is missing, reissue gives the row
+  a NEW identifier and a new send window; if it is there, write the row off.
+- write-off `failed` or `held` → `written_off`: never billed; the reason is required and kept.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from billing.models import (
+    SubmissionAction,
+    SubmissionStatus,
+    UsageSubmission,
+    UsageSubmissionAction,
+    utcnow,
+)
+from billing.runtime import Runtime
+from billing.usage import usage_identifier
+
+FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
+LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD)
+DEFAULT_LIMIT = 100
+
+
+class SubmissionActionError(ValueError):
+    """The action was refused as a whole: nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    action: str
+    submission_ids: list[int]
+    actor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "submission_ids": self.submission_ids, "actor": self.actor}
+
+
+SUBMISSION_FIELDS = (
+    "id",
+    "status",
+    "organization_id",
+    "stripe_customer_id",
+    "event_type",
+    "event_name",
+    "value",
+    "event_count",
+    "window_start",
+    "window_end",
+    "identifier",
+    "attempts",
+    "last_error",
+    "last_error_scope",
+    "created_at",
+    "updated_at",
+    "sent_at",
+)
+ACTION_FIELDS = (
+    "action",
+    "previous_status",
+    "new_status",
+    "previous_error",
+    "previous_identifier",
+    "reason",
+    "actor",
+    "created_at",
+)
+
+
+def _fields(row: Any, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in names}
+
+
+def list_submissions(
+    runtime: Runtime,
+    *,
+    statuses: Sequence[str] = LISTED_BY_DEFAULT,
+    organization_id: int | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> list[dict[str, Any]]:
+    """Outbox rows (oldest first) with their audit trail."""
+    query = (
+        sa.select(UsageSubmission)
+        .where(UsageSubmission.status.in_(list(statuses)))
+        .order_by(UsageSubmission.id)
+        .limit(limit)
+    )
+    if organization_id is not None:
+        query = query.where(UsageSubmission.organization_id == organization_id)
+    with runtime.session_factory() as session:
+        rows = list(session.scalars(query))
+        trail: dict[int, list[dict[str, Any]]] = {}
+        if rows:
+            actions = session.scalars(
+                sa.select(UsageSubmissionAction)
+                .where(UsageSubmissionAction.submission_id.in_([r.id for r in rows]))
+                .order_by(UsageSubmissionAction.id)
+            )
+            for action in actions:
+                trail.setdefault(action.submission_id, []).append(_fields(action, ACTION_FIELDS))
+    return [{**_fields(r, SUBMISSION_FIELDS), "actions": trail.get(r.id, [])} for r in rows]
+
+
+def awaiting_operator_counts(runtime: Runtime) -> dict[str, int]:
+    """How many rows are failed and held now (from any run)."""
+    query = (
+        sa.select(UsageSubmission.status, sa.func.count())
+        .where(UsageSubmission.status.in_([FAILED, HELD]))
+        .group_by(UsageSubmission.status)
+    )
+    with runtime.session_factory() as session:
+        found = {status: int(n) for status, n in session.execute(query)}
+    return {FAILED: found.get(FAILED, 0), HELD: found.get(HELD, 0)}
+
+
+def failed_submission_ids(runtime: Runtime) -> list[int]:
+    with runtime.session_factory() as session:
+        query = sa.select(UsageSubmission.id).where(UsageSubmission.status == FAILED)
+        return list(session.scalars(query.order_by(UsageSubmission.id)))
+
+
+def retry_submissions(
+    runtime: Runtime, submission_ids: Sequence[int], *, actor: str, reissue_held: bool = False
+) -> ActionResult:
+    """Failed rows back to pending (same identifier); held rows only with `reissue_held`."""
+    allowed = (FAILED, HELD) if reissue_held else (FAILED,)
+
+    def refusal(row: UsageSubmission) -> str | None:
+        if row.status == HELD and not reissue_held:
+            return (
+                f"submission {row.id} is held: it went unsent past Stripe's identifier window, so "
+                "re-sending it could bill twice. Reconcile it against Stripe's meter event "
+                "summaries first, then `retry --reissue-held` (new identifier) if the usage is "
+                "missing there, or `write-off` if it is billed"
+            )
+        if row.status not in allowed:
+            return f"submission {row.id} is {row.status}: only failed rows can be retried"
+        return None
+
+    def change(row: UsageSubmission, now: datetime) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "status": SubmissionStatus.PENDING.value,
+            "last_error": None,
+            "last_error_scope": None,
+            # A refusal may be stored under the old key; the identifier still dedupes.
+            "key_generation": row.key_generation + 1,
+        }
+        if row.status == HELD:
+            token = uuid.uuid4().hex[:12]
+            values |= {
+                "identifier": usage_identifier(
+                    row.organization_id, row.event_type, row.window_start, token
+                ),
+                "key_generation": 0,
+                "created_at": now,  # the new identifier's resend window starts now
+            }
+        return values
+
+    return _apply(
+        runtime,
+        submission_ids,
+        actor=actor,
+        reason=None,
+        refusal=refusal,
+        change=change,
+        action_for=lambda row: (
+            SubmissionAction.REISSUE if row.status == HELD else SubmissionAction.RETRY
+        ),
+    )
+
+
+def write_off_submissions(
+    runtime: Runtime, submission_ids: Sequence[int], *, reason: str, actor: str
+) -> ActionResult:
+    """Failed or held rows that will never be billed; the reason is kept."""
+    if not reason.strip():
+        raise SubmissionActionError("a write-off needs a reason (--reason TEXT)")
+
+    def refusal(row: UsageSubmission) -> str | None:
+        if row.status not in (FAILED, HELD):
+            return (
+                f"submission {row.id} is {row.status}: only failed or held rows can be "
+                "written off"
+            )
+        return None
+
+    return _apply(
+        runtime,
+        submission_ids,
+        actor=actor,
+        reason=reason.strip(),
+        refusal=refusal,
+        change=lambda row, now: {"status": SubmissionStatus.WRITTEN_OFF.value},
+        action_for=lambda row: SubmissionAction.WRITE_OFF,
+    )
+
+
+def _apply(
+    runtime: Runtime,
+    submission_ids: Sequence[int],
+    *,
+    actor: str,
+    reason: str | None,
+    refusal: Callable[[UsageSubmission], str | None],
+    change: Callable[[UsageSubmission, datetime], dict[str, Any]],
+    action_for: Callable[[UsageSubmission], SubmissionAction],
+) -> ActionResult:
+    """Check every row, then change all of them in one transaction, or none."""
+    ids = sorted(set(submission_ids))
+    if not ids:
+        raise SubmissionActionError("no submission ids given")
+    now = utcnow()
+    with runtime.session_factory.begin() as session:
+        rows = {r.id: r for r in session.scalars(_select(ids))}
+        problems = [f"submission {i} does not exist" for i in ids if i not in rows]
+        problems += [p for r in rows.values() if (p := refusal(r))]
+        if problems:
+            raise SubmissionActionError("; ".join(problems) + "; nothing was changed")
+        actions = set()
+        for row in rows.values():
+            action = action_for(row)
+            actions.add(action.value)
+            values = change(row, now)
+            session.add(
+                UsageSubmissionAction(
+                    submission_id=row.id,
+                    action=action.value,
+                    previous_status=row.status,
+                    new_status=values["status"],
+                    previous_error=row.last_error,
+                    previous_identifier=row.identifier,
+                    reason=reason,
+                    actor=actor,
+                    created_at=now,
+                )
+            )
+            _update_from(session, row, {**values, "updated_at": now})
+    return ActionResult(action="+".join(sorted(actions)), submission_ids=ids, actor=actor)
+
+
+def _select(ids: Sequence[int]) -> sa.Select[tuple[UsageSubmission]]:
+    # Row locks: a concurrent action on the same rows waits, then sees the new status.
+    return sa.select(UsageSubmission).where(UsageSubmission.id.in_(ids)).with_for_update()
+
+
+def _update_from(session: Session, row: UsageSubmission, values: dict[str, Any]) -> None:
+    """Update only from the status just read: a flush that moved the row meanwhile wins."""
+    changed = session.execute(
+        sa.update(UsageSubmission)
+        .where(UsageSubmission.id == row.id, UsageSubmission.status == row.status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if changed != 1:
+        raise SubmissionActionError(
+            f"submission {row.id} changed while being updated; nothing was changed"
+        )
