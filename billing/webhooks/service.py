@@ -178,7 +178,13 @@ class Claim:
     attempts: int
 
 
-def claim(runtime: Runtime, event_id: str, now: datetime) -> Claim | ProcessOutcome:
+@dataclass(frozen=True)
+class Unclaimed:
+    outcome: ProcessOutcome
+    event_type: str | None
+
+
+def claim(runtime: Runtime, event_id: str, now: datetime) -> Claim | Unclaimed:
     """received (or processing abandoned past the timeout) → processing, atomically."""
     stale = now - timedelta(seconds=runtime.settings.webhook_processing_timeout_seconds)
     table = WebhookEvent.__table__
@@ -201,16 +207,16 @@ def claim(runtime: Runtime, event_id: str, now: datetime) -> Claim | ProcessOutc
         ).first()
         if claimed is not None:
             return Claim(event_id, claimed.type, claimed.payload, claimed.attempts)
-        status = session.execute(
-            sa.select(table.c.status).where(table.c.stripe_event_id == event_id)
-        ).scalar()
-    if status is None:
-        return ProcessOutcome.MISSING
-    if status in (WebhookStatus.PROCESSED, WebhookStatus.IGNORED):
-        return ProcessOutcome.ALREADY_DONE
-    if status == WebhookStatus.FAILED:
-        return ProcessOutcome.FAILED
-    return ProcessOutcome.BUSY
+        found = session.execute(
+            sa.select(table.c.status, table.c.type).where(table.c.stripe_event_id == event_id)
+        ).first()
+    if found is None:
+        return Unclaimed(ProcessOutcome.MISSING, None)
+    if found.status in (WebhookStatus.PROCESSED, WebhookStatus.IGNORED):
+        return Unclaimed(ProcessOutcome.ALREADY_DONE, found.type)
+    if found.status == WebhookStatus.FAILED:
+        return Unclaimed(ProcessOutcome.FAILED, found.type)
+    return Unclaimed(ProcessOutcome.BUSY, found.type)
 
 
 def process_event(
@@ -224,9 +230,9 @@ def process_event(
     """Run the event's handler once. A transient error goes back to `received` and is re-raised
     for the task to retry, unless this was the final attempt; anything else is a dead letter."""
     claimed = claim(runtime, event_id, utcnow())
-    if not isinstance(claimed, Claim):
+    if isinstance(claimed, Unclaimed):
         _log_unclaimed(event_id, claimed)
-        return claimed
+        return claimed.outcome
     fields = {"event_id": event_id, "event_type": claimed.event_type,
               "attempt": claimed.attempts}
     handler = handlers.get(claimed.event_type)
@@ -259,8 +265,9 @@ def process_event(
     return ProcessOutcome.PROCESSED
 
 
-def _log_unclaimed(event_id: str, outcome: ProcessOutcome) -> None:
-    fields = {"event_id": event_id, "outcome": outcome.value}
+def _log_unclaimed(event_id: str, unclaimed: Unclaimed) -> None:
+    outcome = unclaimed.outcome
+    fields = {"event_id": event_id, "event_type": unclaimed.event_type, "outcome": outcome.value}
     if outcome == ProcessOutcome.ALREADY_DONE:
         log.info(logs.WEBHOOK_ALREADY_PROCESSED, extra=fields)
     elif outcome == ProcessOutcome.MISSING:

@@ -133,3 +133,36 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "c
 
 def statuses(runtime: Runtime) -> dict[str, str]:
     return {row.stripe_event_id: row.status for row in rows(runtime)}
+
+
+class Delivering:
+    """The emulator POSTing its signed events to the app over HTTP, and ways to wait for them."""
+
+    def __init__(self, emulator, server: AppServer) -> None:
+        self.emulator = emulator
+        self.runtime = server.runtime
+        self.url = server.url
+
+    def configure(self, **config: Any) -> None:
+        self.emulator.control("POST", "webhooks", config)
+
+    def settle(self, timeout: float = 30) -> dict[str, str]:
+        """Every delivery answered and every stored event finished by the worker."""
+        assert self.emulator.control("POST", "webhooks/flush", {"timeout": timeout})["idle"]
+        busy = ("received", "processing")
+        wait_until(
+            lambda: not any(s in busy for s in statuses(self.runtime).values()),
+            timeout, "the worker to finish every stored event",
+        )
+        return statuses(self.runtime)
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        return self.emulator.control("GET", "webhooks")["deliveries"]
+
+
+@pytest.fixture
+def delivering(emulator, app_server, worker) -> Iterator[Delivering]:
+    emulator.control("POST", "webhooks", {"url": app_server.url, "secret": SECRET,
+                                          "backoff_ms": 20})
+    yield Delivering(emulator, app_server)
+    emulator.control("POST", "webhooks", {"url": None})

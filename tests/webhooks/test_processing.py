@@ -230,3 +230,29 @@ def test_beat_schedules_the_sweep_and_the_flush_at_minute_13():
     assert set(tasks) >= {"billing.webhooks.sweep", "billing.usage.flush_hourly"}
     assert tasks["billing.usage.flush_hourly"]["schedule"].minute == {13}
     assert float(tasks["billing.webhooks.sweep"]["schedule"]) == 60.0
+
+
+def test_every_guide_webhook_message_carries_event_id_and_type(
+    worker, app_server, webhook_runtime, calls, captured
+):
+    body = make_event("test.counted", "evt_logged")
+    post(app_server.url, body), post(app_server.url, body)
+    post(app_server.url, make_event("customer.created", "evt_logged_ignored"))
+    _final(webhook_runtime, "evt_logged")
+    _final(webhook_runtime, "evt_logged_ignored")
+    process_webhook.apply_async(args=["evt_logged"], queue=webhook_runtime.settings.billing_queue)
+    wait_until(lambda: captured.messages(logs.WEBHOOK_ALREADY_PROCESSED), what="skip log")
+    expected = {
+        logs.WEBHOOK_ACCEPTED: "evt_logged",
+        logs.WEBHOOK_DUPLICATE: "evt_logged",
+        logs.WEBHOOK_PROCESSING_STARTED: "evt_logged",
+        logs.WEBHOOK_PROCESSING_COMPLETED: "evt_logged",
+        logs.WEBHOOK_ALREADY_PROCESSED: "evt_logged",
+        logs.WEBHOOK_EVENT_IGNORED: "evt_logged_ignored",
+    }
+    for message, event_id in expected.items():
+        records = [r for r in captured.messages(message) if r.event_id == event_id]
+        assert records, message
+        assert all(r.event_type for r in records), message
+    (completed,) = captured.messages(logs.WEBHOOK_PROCESSING_COMPLETED)
+    assert completed.duration_ms >= 0 and completed.task_id

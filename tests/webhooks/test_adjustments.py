@@ -1,0 +1,200 @@
+"""invoice.created: late usage flushed onto the draft, adjustments applied once per invoice."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+
+from billing import logs
+from billing.app import EXTENSION_KEY, create_app
+from billing.models import BillingAdjustment, InvoiceAdjustment, utcnow
+from billing.webhooks import adjustments
+from tests.usage.factories import add_accounts, add_events
+from tests.webhooks.conftest import post
+
+ORG = 9
+
+
+@pytest.fixture
+def cli(webhook_runtime):
+    app = create_app(webhook_runtime.settings)
+    app.extensions[EXTENSION_KEY]._runtime = webhook_runtime
+    runner = app.test_cli_runner()
+
+    def invoke(*args: str):
+        return runner.invoke(args=["billing", *args])
+
+    return invoke
+
+
+def applied_rows(runtime) -> list[tuple]:
+    with runtime.session_factory() as session:
+        return [
+            (row.stripe_invoice_id, row.kind, row.amount_cents, row.status)
+            for row in session.scalars(sa.select(InvoiceAdjustment).order_by(InvoiceAdjustment.id))
+        ]
+
+
+def our_items(stripe, invoice_id: str) -> list[tuple[str, int]]:
+    return [
+        (line.metadata["billing_adjustment_kind"], line.amount)
+        for line in stripe.invoice_lines(invoice_id)
+        if adjustments.KEY_METADATA in (line.metadata or {})
+    ]
+
+
+def metered_subscription(runtime, emulator, hour_start) -> tuple[str, object]:
+    """Org 9 on a metered price (1 cent per api_call), its period starting just before this hour
+    so usage stamped at the hour's start falls inside it."""
+    emulator.control("POST", "clock", {"set": int(hour_start.timestamp()) - 60})
+    client = runtime.stripe.client
+    customer = add_accounts(runtime, [ORG])[ORG]
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    product = client.v1.products.create({"name": "API"})
+    price = client.v1.prices.create({
+        "currency": "usd", "unit_amount_decimal": "1", "product": product.id,
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+    })
+    subscription = client.v1.subscriptions.create(
+        {"customer": customer, "items": [{"price": price.id}]}
+    )
+    return customer, subscription
+
+
+def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
+    delivering, webhook_runtime, emulator, captured, cli
+):
+    stripe = webhook_runtime.stripe
+    hour_start = utcnow().replace(minute=0, second=0, microsecond=0)
+    customer, subscription = metered_subscription(webhook_runtime, emulator, hour_start)
+    delivering.settle()  # subscription.created: the account learns its period
+    for args in (("minimum_commitment", "5000"), ("credit", "700"), ("credit", "300", "eur")):
+        kind, amount, *currency = args
+        added = cli("adjustments", "add", "--org-id", str(ORG), "--kind", kind,
+                    "--amount-cents", amount, *(["--currency", currency[0]] if currency else []))
+        assert added.exit_code == 0, added.output
+    # Usage of the closed period that the hourly flush has not sent yet.
+    add_events(webhook_runtime, [
+        {"organization_id": ORG, "event_type": "api_call", "quantity": q, "occurred_at": hour_start}
+        for q in (500, 400, 300)
+    ])
+
+    delivering.configure(duplicate=True)  # every event delivered twice
+    period_end = subscription["items"].data[0].current_period_end
+    emulator.control("POST", "clock", {"set": period_end + 10})
+    delivering.settle()
+    (draft,) = stripe.client.v1.invoices.list({"customer": customer, "status": "draft"}).data
+    assert draft.billing_reason == "subscription_cycle"
+    (created,) = [
+        e for e in stripe.client.v1.events.list({"type": "invoice.created", "limit": 100}).data
+        if e.data.object.id == draft.id
+    ]
+    # A third delivery of the same event, as Stripe's own retries would make.
+    body = json.dumps(created.to_dict(), default=str).encode()  # decimals as Stripe sends them
+    assert post(delivering.url, body).json()["outcome"] == "duplicate"
+    delivering.settle()
+
+    draft = stripe.retrieve_invoice(draft.id)
+    metered = [line.amount for line in stripe.invoice_lines(draft.id)
+               if line.parent.type == "subscription_item_details"]
+    assert metered == [1200]  # the late usage is on this invoice's period
+    assert sorted(our_items(stripe, draft.id)) == [("credit", -700), ("minimum_commitment", 3800)]
+    assert draft.total == 1200 + 3800 - 700
+    assert applied_rows(webhook_runtime) == [
+        (draft.id, "minimum_commitment", 3800, "applied"),
+        (draft.id, "credit", -700, "applied"),
+    ]
+    (applied,) = captured.messages(logs.INVOICE_ADJUSTMENTS_APPLIED)
+    assert (applied.event_id, applied.event_type, applied.invoice_id, applied.organization_id) == (
+        created.id, "invoice.created", draft.id, ORG)
+    assert (applied.metered_usage_cents, applied.minimum_commitment_topup_cents,
+            applied.credit_cents) == (1200, 3800, 700)
+    assert len([r for r in captured.messages(logs.WEBHOOK_DUPLICATE)
+                if r.event_id == created.id]) == 2
+    listed = json.loads(cli("adjustments", "list", "--org-id", str(ORG)).output)["adjustments"]
+    pending = {(a["kind"], a["currency"]): a["pending"] for a in listed}
+    assert pending == {("minimum_commitment", "usd"): True, ("credit", "usd"): False,
+                       ("credit", "eur"): True}
+
+    # The subscription's first invoice was finalized at once: never adjusted.
+    first = [i for i in stripe.client.v1.invoices.list({"customer": customer}).data
+             if i.billing_reason == "subscription_create"]
+    assert first and all(our_items(stripe, i.id) == [] for i in first)
+
+    # Finalized an hour later; running the event again changes nothing on it.
+    emulator.control("POST", "clock", {"advance": 3700})
+    assert stripe.retrieve_invoice(draft.id).status in ("open", "paid")
+    replayed = cli("webhooks", "replay", created.id, "--force")
+    assert replayed.exit_code == 0, replayed.output
+    assert sorted(our_items(stripe, draft.id)) == [("credit", -700), ("minimum_commitment", 3800)]
+    assert len(applied_rows(webhook_runtime)) == 2
+    assert any("only drafts" in r.reason
+               for r in captured.messages(logs.INVOICE_ADJUSTMENTS_SKIPPED))
+
+
+def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(webhook_runtime):
+    adjustments.add_adjustment(webhook_runtime, ORG, "minimum_commitment", 5000, "usd")
+    invoice = SimpleNamespace(id="in_test", currency="usd")
+    pending = adjustments.plan_adjustments(webhook_runtime, ORG, invoice, usage_cents=6100)
+    assert pending == []
+    assert applied_rows(webhook_runtime) == [("in_test", "minimum_commitment", 0, "applied")]
+    # Planned once: a second run for the same invoice plans nothing new, whatever usage says now.
+    adjustments.plan_adjustments(webhook_runtime, ORG, invoice, usage_cents=10)
+    assert applied_rows(webhook_runtime) == [("in_test", "minimum_commitment", 0, "applied")]
+
+
+def test_a_credit_goes_on_one_invoice_only(webhook_runtime):
+    adjustments.add_adjustment(webhook_runtime, ORG, "credit", 700, "usd")
+    first = adjustments.plan_adjustments(
+        webhook_runtime, ORG, SimpleNamespace(id="in_a", currency="usd"), usage_cents=0)
+    second = adjustments.plan_adjustments(
+        webhook_runtime, ORG, SimpleNamespace(id="in_b", currency="usd"), usage_cents=0)
+    assert [(r.stripe_invoice_id, r.amount_cents) for r in first] == [("in_a", -700)]
+    assert second == []
+
+
+class TestAdjustmentsCommands:
+    def test_add_list_remove(self, cli, webhook_runtime):
+        added = json.loads(cli("adjustments", "add", "--org-id", "3", "--kind", "credit",
+                               "--amount-cents", "250", "--currency", "EUR").output)
+        assert (added["kind"], added["amount_cents"], added["currency"]) == ("credit", 250, "eur")
+        listed = json.loads(cli("adjustments", "list").output)
+        assert [a["id"] for a in listed["adjustments"]] == [added["id"]]
+        removed = cli("adjustments", "remove", "--org-id", "3", "--kind", "credit")
+        assert removed.exit_code == 0 and json.loads(removed.output)["removed"] == [added["id"]]
+        assert json.loads(cli("adjustments", "list").output)["count"] == 0
+        assert json.loads(cli("adjustments", "list", "--all").output)["count"] == 1
+
+    def test_a_second_minimum_for_the_same_currency_is_refused(self, cli):
+        args = ("adjustments", "add", "--org-id", "3", "--kind", "minimum_commitment",
+                "--amount-cents", "100")
+        assert cli(*args).exit_code == 0
+        again = cli(*args)
+        assert again.exit_code == 1 and "already has a usd minimum commitment" in again.output
+
+    @pytest.mark.parametrize(
+        ("args", "code"),
+        [
+            (("--kind", "credit", "--amount-cents", "0"), 2),
+            (("--kind", "refund", "--amount-cents", "5"), 2),
+            (("--kind", "credit", "--amount-cents", "5", "--currency", "dollars"), 1),
+        ],
+    )
+    def test_bad_input_exits_non_zero_and_stores_nothing(self, cli, webhook_runtime, args, code):
+        result = cli("adjustments", "add", "--org-id", "3", *args)
+        assert result.exit_code == code
+        with webhook_runtime.session_factory() as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(BillingAdjustment)) == 0
+
+    def test_a_spent_credit_cannot_be_removed(self, cli, webhook_runtime):
+        credit = adjustments.add_adjustment(webhook_runtime, 3, "credit", 500, "usd")
+        adjustments.plan_adjustments(
+            webhook_runtime, 3, SimpleNamespace(id="in_x", currency="usd"), usage_cents=0)
+        refused = cli("adjustments", "remove", "--id", str(credit["id"]))
+        assert refused.exit_code == 1 and "already applied to in_x" in refused.output
+
+    def test_remove_needs_a_target(self, cli):
+        assert cli("adjustments", "remove").exit_code == 2

@@ -1,0 +1,120 @@
+"""Handlers end to end: the emulator signs and delivers over HTTP, a real worker processes, the
+handlers read Stripe (the emulator) back and write billing_accounts and entitlements."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+
+from billing import logs
+from billing.entitlements import SAAS_FEATURE
+from billing.models import BillingAccount, Entitlement
+from billing.stripe_gateway import SubscriptionCheckout
+from tests.webhooks.conftest import post
+
+
+def account(runtime, organization_id: int) -> BillingAccount | None:
+    with runtime.session_factory() as session:
+        return session.get(BillingAccount, organization_id)
+
+
+def active_features(runtime, organization_id: int) -> set[str]:
+    with runtime.session_factory() as session:
+        return set(
+            session.scalars(
+                sa.select(Entitlement.lookup_key).where(
+                    Entitlement.organization_id == organization_id,
+                    Entitlement.active.is_(True),
+                )
+            )
+        )
+
+
+def test_checkout_links_the_organization_and_entitlements_follow_the_subscription(
+    delivering, webhook_runtime, emulator
+):
+    stripe = webhook_runtime.stripe
+    price = stripe.ensure_feature_price(SAAS_FEATURE, product_name="Workspace", unit_amount=4900)
+    checkout = stripe.create_subscription_checkout(
+        SubscriptionCheckout(organization_id=42, price_id=price,
+                             success_url="http://app/ok", cancel_url="http://app/no")
+    )
+    completed = emulator.control("POST", f"checkout_sessions/{checkout.id}/complete", {})
+    final = delivering.settle()
+    assert set(final.values()) <= {"processed", "ignored"}
+    linked = account(webhook_runtime, 42)
+    assert (linked.stripe_customer_id, linked.stripe_subscription_id) == (
+        completed["customer"], completed["subscription"]
+    )
+    subscription = stripe.retrieve_subscription(completed["subscription"])
+    item = subscription["items"].data[0]
+    assert linked.subscription_status == "active"
+    assert int(linked.current_period_start.timestamp()) == item.current_period_start
+    assert int(linked.current_period_end.timestamp()) == item.current_period_end
+    assert active_features(webhook_runtime, 42) == {SAAS_FEATURE}
+
+    stripe.client.v1.subscriptions.cancel(completed["subscription"])
+    delivering.settle()
+    assert account(webhook_runtime, 42).subscription_status == "canceled"
+    assert active_features(webhook_runtime, 42) == set()
+
+
+def test_out_of_order_subscription_updates_end_in_the_newest_state(
+    delivering, webhook_runtime, emulator
+):
+    stripe = webhook_runtime.stripe
+    price = stripe.ensure_feature_price(SAAS_FEATURE, product_name="Workspace", unit_amount=4900)
+    customer = stripe.create_customer("Org 7", 7)
+    with webhook_runtime.session_factory.begin() as session:
+        session.add(BillingAccount(organization_id=7, stripe_customer_id=customer.id))
+    # Hold every delivery, then send them newest first: "deleted" arrives before the updates.
+    delivering.configure(order="reverse", hold_ms=600)
+    subscription = stripe.client.v1.subscriptions.create(
+        {"customer": customer.id, "items": [{"price": price}]}
+    )
+    for n in range(3):
+        stripe.client.v1.subscriptions.update(subscription.id, {"metadata": {"n": str(n)}})
+    stripe.client.v1.subscriptions.cancel(subscription.id)
+    delivering.settle()
+    delivered = [d["type"] for d in delivering.deliveries()
+                 if d["type"].startswith("customer.subscription")]
+    assert delivered[0] == "customer.subscription.deleted"
+    assert delivered[-1] == "customer.subscription.created"
+    final = account(webhook_runtime, 7)
+    assert (final.stripe_subscription_id, final.subscription_status) == (subscription.id,
+                                                                          "canceled")
+    assert active_features(webhook_runtime, 7) == set()
+
+    # A stale "active" update replayed long after: the handler reads Stripe, not the payload.
+    stale = {"id": "evt_stale", "object": "event", "type": "customer.subscription.updated",
+             "data": {"object": {"id": subscription.id, "object": "subscription",
+                                 "customer": customer.id, "status": "active"}}}
+    assert post(delivering.url, json.dumps(stale).encode()).status_code == 200
+    delivering.settle()
+    assert account(webhook_runtime, 7).subscription_status == "canceled"
+
+
+def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
+    delivering, webhook_runtime, captured
+):
+    url = delivering.url
+    failed = {"id": "evt_payfail", "object": "event", "type": "invoice.payment_failed",
+              "data": {"object": {"id": "in_1", "object": "invoice", "customer": "cus_x",
+                                  "amount_due": 4900, "currency": "usd", "attempt_count": 2}}}
+    meter = {"id": "evt_metererr", "object": "v2.core.event",
+             "type": "v1.billing.meter.error_report_triggered",
+             "related_object": {"id": "mtr_1", "type": "billing.meter"},
+             "data": {"reason": {"error_count": 3, "error_types": [
+                 {"code": "meter_event_customer_not_found", "error_count": 3}]}}}
+    for event in (failed, meter):
+        assert post(url, json.dumps(event).encode()).status_code == 200
+    assert delivering.settle() == {"evt_payfail": "processed", "evt_metererr": "processed"}
+    (payment,) = captured.messages(logs.INVOICE_PAYMENT_FAILED)
+    assert payment.levelname == "WARNING"
+    assert (payment.event_id, payment.invoice_id, payment.amount_due) == ("evt_payfail", "in_1",
+                                                                          4900)
+    (report,) = captured.messages(logs.METER_ERROR_REPORTED)
+    assert report.levelname == "WARNING"
+    assert (report.event_id, report.event_type, report.meter_id) == (
+        "evt_metererr", "v1.billing.meter.error_report_triggered", "mtr_1")
