@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+import sqlalchemy as sa
 from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db, logs
+from billing.adopt import AdoptionError, adopt_billable_events
 from billing.app import current_runtime
 from billing.config import ConfigError, scrub
 from billing.entitlements.service import EntitlementError
@@ -28,6 +30,7 @@ billing_cli = AppGroup("billing", help="Stripe usage billing: flush, checks, and
 
 # Errors an operator can act on: shown as one line and a non-zero exit, not a traceback.
 OPERATOR_ERRORS = (
+    AdoptionError,
     ConfigError,
     EntitlementError,
     LockUnavailableError,
@@ -204,7 +207,27 @@ def db_cli() -> None:
 @click.argument("revision", default="head")
 def db_upgrade_command(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
+    rt = runtime()
+    with operator_errors():
+        unmanaged = db.current_revision(rt.engine) is None
+        if unmanaged and sa.inspect(rt.engine).has_table("billable_events"):
+            raise click.ClickException(
+                "billable_events already exists and billing's migrations have never run here: "
+                "adopt it with `flask billing db adopt` (keeps its rows)"
+            )
     migrate(db.upgrade, revision)
+
+
+@db_cli.command("adopt")
+def db_adopt_command() -> None:
+    """Bring an existing billable_events table (with its rows) under billing's migrations."""
+    rt = runtime()
+    with operator_errors():
+        report = adopt_billable_events(rt.engine)
+    emit(
+        report.to_dict(),
+        f"adopted billable_events ({report.rows} rows kept); database at {report.revision}",
+    )
 
 
 @db_cli.command("downgrade")

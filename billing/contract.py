@@ -433,6 +433,18 @@ def _schema_check(inspector: sa.Inspector) -> CheckResult:
     )
 
 
+def upstream_column_problems(inspector: sa.Inspector) -> list[str]:
+    """What keeps an existing table from meeting the contract's upstream columns."""
+    reflected = {c["name"]: c["type"] for c in inspector.get_columns(TABLE)}
+    dialect = inspector.dialect.name
+    return [
+        problem
+        for column in CONTRACT_COLUMNS
+        if column.owner == "upstream"
+        and (problem := _column_problem(column, reflected.get(column.name), dialect))
+    ]
+
+
 def _column_problem(column: ContractColumn, found: Any, dialect: str) -> str | None:
     if found is None:
         return f"missing column {column.name} ({column.sql})"
@@ -534,7 +546,7 @@ def _distinct_values(connection: Connection, check: RowCheck, scope: Scope) -> l
 # idempotency_key_unique
 
 
-def _unique_index_on(inspector: sa.Inspector, column: str) -> str | None:
+def unique_index_on(inspector: sa.Inspector, column: str) -> str | None:
     for constraint in inspector.get_unique_constraints(TABLE):
         if constraint["column_names"] == [column]:
             return constraint.get("name") or "unique constraint"
@@ -542,13 +554,34 @@ def _unique_index_on(inspector: sa.Inspector, column: str) -> str | None:
         partial = any(key.endswith("_where") for key in index.get("dialect_options", {}))
         if index.get("unique") and index["column_names"] == [column] and not partial:
             return index["name"]
+    if inspector.dialect.name == "sqlite":
+        return _sqlite_auto_unique_index_on(inspector, column)
     return None
+
+
+def _sqlite_auto_unique_index_on(inspector: sa.Inspector, column: str) -> str | None:
+    """A column-level UNIQUE on SQLite is an automatic index that reflection does not list."""
+    for index in _pragma(inspector, f"PRAGMA index_list('{TABLE}')"):
+        if not index.unique or index.partial:
+            continue
+        info = _pragma(inspector, f"PRAGMA index_info('{index.name}')")
+        if [row.name for row in info] == [column]:
+            return str(index.name)
+    return None
+
+
+def _pragma(inspector: sa.Inspector, sql: str) -> list[Any]:
+    bind = inspector.bind
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as connection:
+            return list(connection.exec_driver_sql(sql))
+    return list(bind.exec_driver_sql(sql))
 
 
 def _idempotency_check(
     connection: Connection, inspector: sa.Inspector, scope: Scope
 ) -> CheckResult:
-    enforced = _unique_index_on(inspector, "idempotency_key")
+    enforced = unique_index_on(inspector, "idempotency_key")
     if enforced:
         return CheckResult(
             "idempotency_key_unique",

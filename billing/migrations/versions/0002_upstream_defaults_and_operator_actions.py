@@ -29,8 +29,9 @@ AWAITING_OPERATOR = sa.text("status IN ('failed', 'held')")
 def _set_created_at_default(default: sa.TextClause | None) -> None:
     # SQLite cannot alter a column: batch mode rebuilds the table (rows and indexes kept).
     with op.batch_alter_table("billable_events") as batch:
+        # nullable=False restated: an adopted table's own created_at gets it too (`db adopt`).
         batch.alter_column(
-            "created_at", existing_type=TIMESTAMP, existing_nullable=False, server_default=default
+            "created_at", existing_type=TIMESTAMP, nullable=False, server_default=default
         )
 
 
