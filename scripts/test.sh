@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+scripts/install_chromium.sh
 scripts/services.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
