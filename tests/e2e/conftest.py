@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from tests.entitlements.conftest import saas_catalog  # noqa: F401  (the `saas` price)
+
 CHROMIUM = os.environ.get("BILLING_TEST_CHROMIUM", "/usr/bin/chromium")
 # Root in a container: no sandbox; and nothing that phones home or updates itself.
 CHROMIUM_ARGS = [
