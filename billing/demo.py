@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from billing.models import BillableEvent, BillingAccount, utcnow
+from billing.periods import store_subscription
 from billing.runtime import Runtime
 
 DEFAULT_EVENT_TYPES = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
@@ -23,17 +24,30 @@ def seed_demo(
     gateway = runtime.stripe
     gateway.require_test_mode("seed_demo")
     meters = runtime.settings.stripe_meters or DEFAULT_EVENT_TYPES
-    for event_name in sorted(set(meters.values())):
-        gateway.ensure_meter(event_name)
+    prices = [
+        gateway.ensure_metered_price(gateway.ensure_meter(event_name))
+        for event_name in sorted(set(meters.values()))
+    ]
     rng = random.Random(seed)
     with runtime.session_factory.begin() as session:
         first = (session.scalar(sa.select(sa.func.max(BillingAccount.organization_id))) or 0) + 1
         organization_ids = list(range(first, first + orgs))
-        for organization_id in organization_ids:
-            customer = gateway.create_customer(f"Demo org {organization_id}", organization_id)
-            session.add(
-                BillingAccount(organization_id=organization_id, stripe_customer_id=customer.id)
-            )
+        customers = {
+            organization_id: gateway.create_customer(f"Demo org {organization_id}", organization_id)
+            for organization_id in organization_ids
+        }
+        session.add_all(
+            BillingAccount(organization_id=org, stripe_customer_id=customer.id)
+            for org, customer in customers.items()
+        )
+    # A metered subscription per organization, so `smoke_org` and invoices work on demo data.
+    # It starts now, after the seeded usage: Stripe keeps that usage on the meter, but no
+    # invoice of this subscription bills it.
+    subscriptions = {}
+    for organization_id, customer in customers.items():
+        subscription = gateway.create_subscription(customer.id, prices, organization_id)
+        store_subscription(runtime, organization_id, subscription)
+        subscriptions[organization_id] = subscription.id
     now = utcnow()
     event_types = sorted(meters)
     run = uuid.uuid4().hex[:8]
@@ -64,6 +78,8 @@ def seed_demo(
         print(file=sys.stderr)
     return {
         "organizations": organization_ids,
+        "subscriptions": subscriptions,
+        "prices": prices,
         "meters": meters,
         "events": events,
         "quantity_by_event_type": totals,

@@ -2,7 +2,9 @@
 
 Steps: test-mode guard → billing enabled → billing account → Stripe customer → subscription →
 period refresh → contract → flush of this organization only → meter event summaries, which must
-hold exactly what our outbox says was sent to this customer in the current period. A failed step
+hold exactly what our outbox says was sent to this customer over the current period and every
+hour this run sent (usage may predate the period: a fresh subscription). Nothing to compare is a
+failure, not a pass: `Stripe 0 vs outbox 0` verifies nothing. A failed step
 skips the steps that depend on it (a live key skips everything, nothing reaches Stripe); the
 others still run, so one report shows every problem found.
 """
@@ -19,7 +21,13 @@ import sqlalchemy as sa
 
 from billing.config import mask_secret
 from billing.contract import run_contract_checks
-from billing.models import BillableEvent, BillingAccount, SubmissionStatus, UsageSubmission
+from billing.models import (
+    BillableEvent,
+    BillingAccount,
+    SubmissionStatus,
+    UsageSubmission,
+    utcnow,
+)
 from billing.periods import store_subscription
 from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
@@ -85,6 +93,7 @@ class _Run:
     account: BillingAccount | None = None
     subscription: Any = None
     flush: FlushResult | None = None
+    flush_started: datetime | None = None
 
     @property
     def billing_account(self) -> BillingAccount:
@@ -266,6 +275,7 @@ def _flush(run: _Run) -> SmokeStep:
     from billing.services import flush_once
 
     # The smoke run's own contract step (scoped, and skippable) replaces the pre-flush gate.
+    run.flush_started = utcnow()
     result = run.flush = flush_once(
         run.runtime, organization_id=run.organization_id, contract_check=False
     )
@@ -291,12 +301,14 @@ def _flush(run: _Run) -> SmokeStep:
 
 
 def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
+    if run.flush is not None and not run.flush.enabled:
+        return _skipped("billing disabled: nothing was sent, so nothing verified")
     period = _current_period(run)
     if period is None:
         raise _StepFailed("no current billing period: neither stored nor on the subscription")
-    start, end = period
     gateway = run.runtime.stripe
     customer_id = run.billing_account.stripe_customer_id or ""
+    start, end = _compared_span(period, _sent_span(run, customer_id))
     meters = gateway.meter_by_event_name()
     expected = _outbox_sent(run, customer_id, start, end)
     sent_now = _sent_this_run(run)
@@ -312,30 +324,67 @@ def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
         compared[event_name] = {
             "meter": meter_id,
             "sent_this_run": sent_now.get(event_name, 0),
-            "outbox_sent_in_period": want,
+            "outbox_sent": want,
             "stripe_total": total,
         }
-    values = {"period_start": start.isoformat(), "period_end": end.isoformat(), "meters": compared}
+    values = {
+        "period_start": period[0].isoformat(),
+        "period_end": period[1].isoformat(),
+        "compared_from": start.isoformat(),
+        "compared_to": end.isoformat(),
+        "meters": compared,
+    }
     summary = "; ".join(
-        f"{name}: Stripe {c['stripe_total']} vs outbox {c['outbox_sent_in_period']} "
+        f"{name}: Stripe {c['stripe_total']} vs outbox {c['outbox_sent']} "
         f"(this run {c['sent_this_run']})"
         for name, c in compared.items()
     )
-    if any(c["stripe_total"] != c["outbox_sent_in_period"] for c in compared.values()):
+    if any(c["stripe_total"] != c["outbox_sent"] for c in compared.values()):
         raise _StepFailed(f"mismatch: {summary}", **values)
-    return _passed(summary, **values)
+    if not any(c["outbox_sent"] for c in compared.values()):
+        raise _StepFailed(
+            f"nothing verified: no usage was sent to Stripe for {customer_id} between "
+            f"{start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC ({summary}); give the "
+            "organization billable usage (e.g. `flask billing seed_demo`) and run again",
+            **values,
+        )
+    span = f"{start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC"
+    return _passed(f"{summary}; compared {span}", **values)
 
 
 def _current_period(run: _Run) -> tuple[datetime, datetime] | None:
-    """The period Stripe just reported (the stored one may be stale), else the stored one;
-    widened to whole minutes, as event summaries require."""
+    """The period Stripe just reported (the stored one may be stale), else the stored one."""
     account = run.billing_account
     period = subscription_period(run.subscription)
     if period is None and account.current_period_start and account.current_period_end:
         period = account.current_period_start, account.current_period_end
-    if period is None:
+    return period
+
+
+def _sent_span(run: _Run, customer_id: str) -> tuple[datetime, datetime] | None:
+    """The hours this run's flush sent for the customer (outbox rows marked sent since it began)."""
+    if run.flush_started is None:
         return None
-    start, end = period
+    submission = UsageSubmission
+    with run.runtime.session_factory() as session:
+        first, last = session.execute(
+            sa.select(sa.func.min(submission.window_start), sa.func.max(submission.window_end))
+            .where(
+                submission.organization_id == run.organization_id,
+                submission.stripe_customer_id == customer_id,
+                submission.status == SubmissionStatus.SENT.value,
+                submission.sent_at >= run.flush_started,
+            )
+        ).one()
+    return None if first is None else (first, last)
+
+
+def _compared_span(
+    period: tuple[datetime, datetime], sent: tuple[datetime, datetime] | None
+) -> tuple[datetime, datetime]:
+    """The period, widened to whole minutes (as event summaries require) and to cover what this
+    run sent, so that usage outside the period is verified too, never silently left out."""
+    start, end = period if sent is None else (min(period[0], sent[0]), max(period[1], sent[1]))
     floor = start.replace(second=0, microsecond=0)
     ceiling = end.replace(second=0, microsecond=0)
     return floor, ceiling if ceiling == end else ceiling + MINUTE

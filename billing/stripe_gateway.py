@@ -329,6 +329,40 @@ class StripeGateway:
             },
         )
 
+    def ensure_metered_price(self, meter: Any, *, unit_amount: int = 1) -> str:
+        """A monthly metered price on the meter (found again by its lookup key); its id."""
+        self.require_test_mode("Creating demo prices")
+        lookup_key = f"billing-demo-metered-{meter.event_name}"[:200]
+        found = self._call(self.client.v1.prices.list, {"lookup_keys": [lookup_key], "limit": 1})
+        for price in found.data:
+            if price.active and price.recurring and price.recurring.meter == meter.id:
+                return str(price.id)
+        created = self._call(
+            self.client.v1.prices.create,
+            {
+                "currency": "usd",
+                "unit_amount": unit_amount,
+                "lookup_key": lookup_key,
+                "transfer_lookup_key": True,  # a meter made anew (emulator reset) gets it
+                "product_data": {"name": meter.display_name},
+                "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+            },
+        )
+        return str(created.id)
+
+    def create_subscription(
+        self, customer_id: str, price_ids: list[str], organization_id: int
+    ) -> Any:
+        self.require_test_mode("Creating demo subscriptions")
+        return self._call(
+            self.client.v1.subscriptions.create,
+            {
+                "customer": customer_id,
+                "items": [{"price": price_id} for price_id in price_ids],
+                "metadata": {"organization_id": str(organization_id)},
+            },
+        )
+
     # Entitlements and the SaaS upgrade checkout ---------------------------------------------
 
     def active_entitlement_lookup_keys(self, customer_id: str) -> set[str]:

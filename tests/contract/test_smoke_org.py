@@ -15,6 +15,7 @@ from tests.contract import (
     add_account,
     add_events,
     add_submission,
+    subscribe,
     subscribe_hours_ago,
 )
 
@@ -84,7 +85,7 @@ class TestPassing:
         meters = step(report, "meter_summaries").values["meters"]
         for name, total in expected.items():
             assert meters[name]["sent_this_run"] == total
-            assert meters[name]["outbox_sent_in_period"] == total
+            assert meters[name]["outbox_sent"] == total
             assert meters[name]["stripe_total"] == total
         assert emulator.billed()[customer] == expected
         assert step(report, "flush").values["events_claimed"] == 5
@@ -107,6 +108,27 @@ class TestPassing:
         assert meters["api_call"]["stripe_total"] == sum(QUANTITIES["api_call"])
         assert statuses(again)["refresh_period"] is Status.SKIP
         assert statuses(again)["contract"] is Status.SKIP
+
+
+    def test_usage_older_than_a_fresh_subscription_is_verified_not_skipped(
+        self, billing_runtime, emulator
+    ):
+        """The period starts after this run's usage: comparing the period alone is 0 vs 0."""
+        subscription = subscribe(billing_runtime, ORG)
+        add_events(billing_runtime.engine, *(
+            {"organization_id": ORG, "event_type": "api_call", "quantity": quantity,
+             "occurred_at": utcnow() - timedelta(hours=hour + 1)}
+            for hour, quantity in enumerate(QUANTITIES["api_call"])
+        ))
+        report = run(billing_runtime)
+        assert report.ok, report.table()
+        values = step(report, "meter_summaries").values
+        assert values["compared_from"] < values["period_start"]
+        api_call = values["meters"]["api_call"]
+        total = sum(QUANTITIES["api_call"])
+        assert api_call["sent_this_run"] == api_call["outbox_sent"] == total
+        assert api_call["stripe_total"] == total
+        assert emulator.billed()[subscription.customer] == {"api_call": total}
 
 
 class TestRefusals:
@@ -139,6 +161,7 @@ class TestRefusals:
         assert report.ok
         assert statuses(report)["billing_enabled"] is Status.SKIP
         assert step(report, "flush").detail == "billing disabled: nothing flushed"
+        assert statuses(report)["meter_summaries"] is Status.SKIP
         assert unclaimed(rt) == 5
 
 
@@ -191,6 +214,12 @@ class TestFailures:
         assert_outcome(report, "flush", ["meter_summaries"])
         assert step(report, "flush").values["submissions_failed"] > 0
 
+    def test_nothing_sent_and_nothing_to_compare_is_not_a_pass(self, billing_runtime):
+        subscribe(billing_runtime, ORG)
+        report = run(billing_runtime)
+        assert_outcome(report, "meter_summaries", [])
+        assert "nothing verified" in step(report, "meter_summaries").detail
+
     def test_outbox_claims_more_than_stripe_has(self, billing_runtime, customer):
         account = account_row(billing_runtime, ORG)
         hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
@@ -198,7 +227,7 @@ class TestFailures:
         report = run(billing_runtime)
         assert_outcome(report, "meter_summaries", [])
         api_call = step(report, "meter_summaries").values["meters"]["api_call"]
-        assert api_call["outbox_sent_in_period"] == sum(QUANTITIES["api_call"]) + 100
+        assert api_call["outbox_sent"] == sum(QUANTITIES["api_call"]) + 100
         assert api_call["stripe_total"] == sum(QUANTITIES["api_call"])
         assert "mismatch" in step(report, "meter_summaries").detail
 
@@ -211,7 +240,7 @@ class TestFailures:
         report = run(billing_runtime)
         assert_outcome(report, "meter_summaries", [])
         storage = step(report, "meter_summaries").values["meters"]["storage_gb_hour"]
-        assert storage["stripe_total"] == storage["outbox_sent_in_period"] + 9
+        assert storage["stripe_total"] == storage["outbox_sent"] + 9
 
 
 def test_report_forms(billing_runtime, customer):

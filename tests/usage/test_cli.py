@@ -151,6 +151,30 @@ def test_seed_demo_then_flush_bills_what_was_seeded(billing_runtime, emulator):
     assert flushed["billed_value"] == made["quantity_by_event_type"]
 
 
+def test_seed_demo_then_smoke_org_passes_for_every_demo_org(billing_runtime, emulator):
+    seeded = invoke(billing_runtime.settings, "seed_demo", "--orgs", "2", "--events", "60")
+    assert seeded.exit_code == 0, seeded.output
+    made = json.loads(seeded.stdout)
+    assert set(made["subscriptions"]) == {str(org) for org in made["organizations"]}
+    for org in made["organizations"]:
+        smoke = invoke(
+            billing_runtime.settings,
+            "smoke_org",
+            "--org-id",
+            str(org),
+            "--require-enabled",
+            "--validate-contract",
+            "--fail-closed",
+            "--refresh-period",
+            "--json",
+        )
+        assert smoke.exit_code == 0, smoke.output
+        steps = {s["step"]: s for s in json.loads(smoke.stdout)["steps"]}
+        assert {s["status"] for s in steps.values()} == {"pass"}
+        meters = steps["meter_summaries"]["values"]["meters"]
+        assert sum(m["stripe_total"] for m in meters.values()) > 0
+
+
 @pytest.mark.parametrize("command", [["flush_now"], ["db", "upgrade"]])
 def test_unreachable_database_is_one_masked_line(settings, command):
     broken = settings.replace(database_url="postgresql://billing:s3cretpw@127.0.0.1:1/none")
