@@ -1,0 +1,54 @@
+"""`stripe_gateway.translate_error`, the one place that decides what a Stripe error means."""
+
+from __future__ import annotations
+
+import pytest
+import stripe
+
+from billing.stripe_gateway import ErrorScope, translate_error
+
+
+def _invalid(message: str, *, param: str | None = None, code: str | None = None, status=400):
+    body = {"error": {"type": "invalid_request_error", "message": message, "param": param,
+                      "code": code}}
+    return stripe.InvalidRequestError(
+        message, param, code=code, http_status=status, json_body=body
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "scope"),
+    [
+        (stripe.AuthenticationError("Invalid API Key provided", http_status=401), ErrorScope.RUN),
+        (stripe.PermissionError("The key lacks billing.meter_event write", http_status=403),
+         ErrorScope.RUN),
+        (_invalid("This API key expired.", code="api_key_expired"), ErrorScope.RUN),
+        (_invalid("No active meter was found for event_name `typo`.", param="event_name",
+                  code="resource_missing"), ErrorScope.METER),
+        (_invalid("The meter is archived.", code="archived_meter"), ErrorScope.METER),
+        (_invalid("No such customer: 'cus_x'", param="payload[stripe_customer_id]",
+                  code="resource_missing"), ErrorScope.CUSTOMER),
+        (_invalid("Customer not found.", code="meter_event_customer_not_found"),
+         ErrorScope.CUSTOMER),
+        (_invalid("Timestamp must be within the past 35 days.", param="timestamp",
+                  code="timestamp_too_far_in_past"), ErrorScope.ROW),
+        (_invalid("Invalid payload[value]", param="payload[value]"), ErrorScope.ROW),
+    ],
+)
+def test_permanent_errors_get_the_scope_they_are_about(error, scope):
+    translated = translate_error(error)
+    assert not translated.transient and translated.scope is scope
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        stripe.RateLimitError("Too many requests", http_status=429),
+        stripe.APIConnectionError("connection reset"),
+        stripe.APIError("internal", http_status=500),
+        _invalid("Key in use by another request", status=409),
+    ],
+)
+def test_transient_errors_are_retried_not_scoped(error):
+    translated = translate_error(error)
+    assert translated.transient and translated.scope is ErrorScope.ROW
