@@ -1,14 +1,23 @@
-"""Flush benchmark: billing's aggregated flush vs. a naive one-call-per-event submission.
+"""Flush benchmark: the hourly flush of a PostgreSQL backlog to the emulator at Stripe's ceiling.
 
-For backlogs of 10k, 100k and 1M events (PostgreSQL, a scratch schema; the Stripe emulator in its
-own process with its rate ceilings off) it prints events/s, Stripe calls, peak RSS and wall time
-of each, side by side, and writes them to bench/results/flush.json. Every run happens in a fresh
-child process so that peak RSS is that run's own.
+For every backlog size and organization count it builds a fresh schema, puts `size` events of
+2 or 3 meters per organization over the last `--hours` whole hours into a staging table, then side
+by side in one run:
 
-The naive submitter is bounded by --naive-seconds (default 120 s): past that it stops and its wall
-time for the whole backlog is extrapolated from its measured rate, and marked so.
+- **insert**: a plain `INSERT … SELECT` of that backlog into `billable_events` (the baseline: the
+  cheapest thing one can do with every row), and
+- **flush**: `flush_once` in a fresh child process (so its peak RSS is its own), against the Stripe
+  emulator with `--limits` (default `live`: 1,000 meter events/s, as Stripe in live mode) and the
+  client's rate limit at that ceiling, logging at INFO as in production (to a file).
 
-    .venv/bin/python bench/flush.py [--sizes 10000,100000,1000000] [--orgs 100] [--hours 12]
+It prints and writes (`--output`, default bench/results/flush.json): wall time, per-event cost
+(µs/event), its ratio to the smallest size of the same organization count (1.0 = linear), the
+flush/insert ratio, database time per phase (claim = lock + link rows, aggregate, outbox insert,
+submit), meter-event calls / customer·meter·hour groups, 429s seen, peak RSS, and whether the
+totals Stripe billed per customer and meter equal the database's.
+
+    .venv/bin/python bench/flush.py [--sizes 100000,1000000,5000000] [--orgs 100,1000]
+        [--hours 3] [--limits live] [--quick] [--output PATH]
 """
 
 from __future__ import annotations
@@ -16,14 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,152 +44,256 @@ sys.path.insert(0, str(ROOT))
 DATABASE_URL = os.environ.get(
     "BILLING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-SCHEMA = "billing_bench_flush"
-METERS = "api_call,storage_gb_hour"
+SCHEMA = f"billing_bench_flush_{os.getpid()}"
+METERS = ("api_call", "storage_gb_hour", "ai_tokens")
 RESULTS = ROOT / "bench" / "results" / "flush.json"
+LIVE_METER_EVENTS_PER_SECOND = 1000.0
+QUICK = {"sizes": "20000,100000", "orgs": "100,1000"}
+
+# Which phase a statement belongs to, by its text (the bench never imports flush internals).
+PHASES = (
+    ("aggregate", re.compile(r"\bsum\(", re.I)),
+    ("outbox", re.compile(r"^\s*(WITH\b.*)?INSERT INTO usage_submissions", re.I | re.S)),
+    ("claim", re.compile(r"FOR UPDATE|^\s*UPDATE billable_events", re.I)),
+    ("record", re.compile(r"^\s*UPDATE usage_submissions", re.I)),
+)
 
 
-def _schema_url() -> str:
-    return f"{DATABASE_URL}?options=-csearch_path%3D{SCHEMA}"
+def _schema_url(schema: str) -> str:
+    return f"{DATABASE_URL}?options=-csearch_path%3D{schema}"
 
 
-def _settings(api_base: str):
+def _settings(api_base: str, schema: str, rate: float, **overrides: Any):
     from billing.config import Settings, parse_meter_map
 
     return Settings(
         billing_enabled=True,
         stripe_secret_key="sk_test_bench_flush_0000",
         stripe_api_base=api_base,
-        stripe_meters=parse_meter_map("STRIPE_BILLING_METERS", METERS),
-        stripe_meter_event_rate_per_second=100_000,
-        database_url=_schema_url(),
+        stripe_meters=parse_meter_map("STRIPE_BILLING_METERS", ",".join(METERS)),
+        stripe_meter_event_rate_per_second=rate,
+        database_url=_schema_url(schema),
         validate_contract_before_flush=False,
+        **overrides,
     )
 
 
-def _emulator_stats(api_base: str) -> dict:
-    with urllib.request.urlopen(f"{api_base}/_emulator/stats", timeout=30) as response:
+def _control(api_base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"{api_base}/_emulator/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
         return json.load(response)
 
 
-def _post(api_base: str, path: str, body: dict) -> None:
-    request = urllib.request.Request(
-        f"{api_base}/_emulator/{path}",
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    urllib.request.urlopen(request, timeout=30).close()
+# Parent: one emulator, a fresh schema per run ---------------------------------------------------
 
 
-def prepare(api_base: str, size: int, orgs: int, hours: int) -> None:
-    """Fresh schema, meters and customers, and `size` events spread over orgs, types and hours."""
+def prepare(api_base: str, schema: str, size: int, orgs: int, hours: int) -> dict[str, Any]:
+    """Fresh schema, meters and customers; the backlog in a staging table; then the timed
+    INSERT … SELECT of it into billable_events (the baseline)."""
     from billing import db
     from billing.models import BillingAccount
     from billing.runtime import Runtime
 
-    _post(api_base, "reset", {})
-    _post(api_base, "limits", {"preset": "off"})
+    _control(api_base, "reset", {})
+    _control(api_base, "limits", {"preset": "off"})
     admin = db.make_engine(DATABASE_URL)
     with admin.begin() as connection:
-        connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        connection.exec_driver_sql(f"CREATE SCHEMA {SCHEMA}")
+        connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
     admin.dispose()
-    runtime = Runtime(_settings(api_base))
+    runtime = Runtime(_settings(api_base, schema, 100_000))
     db.upgrade(runtime.engine)
-    for event_name in METERS.split(","):
+    for event_name in METERS:
         runtime.stripe.ensure_meter(event_name)
     with runtime.session_factory.begin() as session:
         for org in range(1, orgs + 1):
             customer = runtime.stripe.create_customer(f"Bench org {org}", org)
             session.add(BillingAccount(organization_id=org, stripe_customer_id=customer.id))
+    seconds = hours * 3600
+    with runtime.engine.begin() as connection:
+        # Odd organizations use three meters, even ones two; events spread evenly over the
+        # last `hours` whole hours, so groups = orgs * 2.5 * hours.
+        connection.exec_driver_sql(
+            f"CREATE TABLE bench_backlog AS SELECT 1 + mod(i, {orgs}) AS organization_id, "
+            "(ARRAY['api_call','storage_gb_hour','ai_tokens'])"
+            f"[1 + mod(i / {orgs}, 2 + mod(1 + mod(i, {orgs}), 2))] AS event_type, "
+            "1 + mod(i, 7) AS quantity, "
+            f"date_trunc('hour', now()) - interval '{hours} hours' "
+            f"+ mod(i::bigint * 7919, {seconds}) * interval '1 second' AS occurred_at, "
+            "'zeitgeist'::text AS source, 'bench-' || i AS idempotency_key, now() AS created_at "
+            f"FROM generate_series(1, {int(size)}) AS i"
+        )
+        connection.exec_driver_sql("ANALYZE bench_backlog")
+    with runtime.engine.begin() as connection:
+        connection.exec_driver_sql("CHECKPOINT")
+    started = time.monotonic()
     with runtime.engine.begin() as connection:
         connection.exec_driver_sql(
             "INSERT INTO billable_events (organization_id, event_type, quantity, occurred_at, "
-            "source, idempotency_key, created_at) "
-            f"SELECT 1 + mod(i, {orgs}), "
-            "CASE WHEN mod(i, 2) = 0 THEN 'api_call' ELSE 'storage_gb_hour' END, "
-            "1 + mod(i, 7), "
-            f"now() - interval '1 minute' - mod(i, {hours * 60}) * interval '1 minute', "
-            f"'zeitgeist', 'bench-' || i, now() FROM generate_series(1, {int(size)}) AS i"
+            "source, idempotency_key, created_at) SELECT organization_id, event_type, quantity, "
+            "occurred_at, source, idempotency_key, created_at FROM bench_backlog"
         )
+    insert_seconds = time.monotonic() - started
+    with runtime.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE bench_backlog")
         connection.exec_driver_sql("ANALYZE billable_events")
+        expected = {
+            (customer, event_type): int(total)
+            for customer, event_type, total in connection.exec_driver_sql(
+                "SELECT a.stripe_customer_id, e.event_type, sum(e.quantity) "
+                "FROM billable_events e JOIN billing_accounts a USING (organization_id) "
+                "GROUP BY 1, 2"
+            )
+        }
+        groups = connection.exec_driver_sql(
+            "SELECT count(*) FROM (SELECT DISTINCT organization_id, event_type, "
+            "date_trunc('hour', occurred_at) FROM billable_events) AS g"
+        ).scalar_one()
+        connection.exec_driver_sql("CHECKPOINT")
     runtime.close()
+    return {"insert_seconds": insert_seconds, "groups": int(groups), "expected": expected}
 
 
-def run_billing(api_base: str) -> dict:
-    from billing.runtime import Runtime
-    from billing.services import flush_once
+def check_database(schema: str) -> dict[str, int]:
+    from billing import db
 
-    runtime = Runtime(_settings(api_base))
-    started = time.monotonic()
-    result = flush_once(runtime)
-    wall = time.monotonic() - started
-    runtime.close()
+    engine = db.make_engine(_schema_url(schema))
+    with engine.connect() as connection:
+        unclaimed = connection.exec_driver_sql(
+            "SELECT count(*) FROM billable_events WHERE usage_submission_id IS NULL"
+        ).scalar_one()
+        unsent = connection.exec_driver_sql(
+            "SELECT count(*) FROM usage_submissions WHERE status <> 'sent'"
+        ).scalar_one()
+    engine.dispose()
+    return {"unclaimed": int(unclaimed), "unsent": int(unsent)}
+
+
+def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> dict[str, Any]:
+    schema = SCHEMA
+    prepared = prepare(api_base, schema, size, orgs, args.hours)
+    _control(api_base, "limits", {"preset": args.limits})
+    _control(api_base, "stats/reset", {})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--api-base", api_base, "--schema", schema,
+         "--rate", str(args.rate), "--log-level", args.log_level],
+        check=True, capture_output=True, text=True,
+    )
+    flush = json.loads(out.stdout.strip().splitlines()[-1])
+    stats = _control(api_base, "stats")
+    by_status = stats["responses"].get("POST /v1/billing/meter_events", {})
+    billed = {
+        (customer, event): int(value)
+        for customer, meters in stats["billed"].items()
+        for event, value in meters.items()
+    }
+    database = check_database(schema)
+    exact = billed == prepared["expected"] and database == {"unclaimed": 0, "unsent": 0}
+    calls = sum(by_status.values())
     return {
-        "events": result.events_claimed,
-        "wall_seconds": wall,
-        "ok": result.ok,
-        "billed": sum(result.billed_value.values()),
+        "events": size,
+        "orgs": orgs,
+        "groups": prepared["groups"],
+        "calls": calls,
+        "calls_per_group": calls / prepared["groups"],
+        "rate_limited_429": by_status.get("429", 0),
+        "insert_seconds": prepared["insert_seconds"],
+        "flush_seconds": flush["wall_seconds"],
+        "flush_per_insert": flush["wall_seconds"] / prepared["insert_seconds"],
+        "us_per_event": flush["wall_seconds"] / size * 1e6,
+        "insert_us_per_event": prepared["insert_seconds"] / size * 1e6,
+        "phases_seconds": flush["phases_seconds"],
+        "peak_rss_mb": flush["peak_rss_mb"],
+        "log_lines": flush["log_lines"],
+        "log_bytes": flush["log_bytes"],
+        "batches": flush["batches"],
+        "totals_exact": exact,
+        "database": database,
     }
 
 
-def run_naive(api_base: str, limit_seconds: float) -> dict:
-    """One meter event per row, streamed with a server-side cursor, same concurrency as billing."""
-    import sqlalchemy as sa
+# Child: one flush, instrumented from the outside ------------------------------------------------
 
-    from billing.models import BillableEvent, BillingAccount
+
+class PhaseClock:
+    """Database time per phase, from SQLAlchemy's cursor events; submit = wall time spent
+    between the claims (everything that is not a claim statement, while the flush runs)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._local = threading.local()
+
+    def install(self, engine: Any) -> None:
+        from sqlalchemy import event
+
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        self._local.started = time.perf_counter()
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        elapsed = time.perf_counter() - self._local.started
+        for phase, pattern in PHASES:
+            if pattern.search(statement):
+                self.seconds[phase] += elapsed
+                return
+        self.seconds["other_sql"] += elapsed
+
+
+def child(args: argparse.Namespace) -> None:
+    from billing import logs
     from billing.runtime import Runtime
-    from billing.stripe_gateway import MeterEvent
+    from billing.services import flush_once
+    from billing.stripe_gateway import StripeGateway
 
-    runtime = Runtime(_settings(api_base))
-    gateway = runtime.stripe
-    started = time.monotonic()
-    sent = billed = 0
-    query = (
-        sa.select(
-            BillableEvent.event_type,
-            BillableEvent.quantity,
-            BillableEvent.occurred_at,
-            BillableEvent.idempotency_key,
-            BillingAccount.stripe_customer_id,
-        )
-        .join(BillingAccount, BillingAccount.organization_id == BillableEvent.organization_id)
-        .execution_options(yield_per=5000)
-    )
+    log_path = Path(f"/tmp/billing-bench-flush-{os.getpid()}.log")
+    with log_path.open("w") as log_file:
+        logs.configure_logging(args.log_level, "json", stream=log_file)
+        runtime = Runtime(_settings(args.api_base, args.schema, args.rate))
+        clock = PhaseClock()
+        clock.install(runtime.engine)
+        calls = {"seconds": 0.0}
+        send = StripeGateway.send_meter_event
+        lock = threading.Lock()
 
-    def send(row) -> int:
-        gateway.send_meter_event(
-            MeterEvent(
-                event_name=row.event_type,
-                stripe_customer_id=row.stripe_customer_id,
-                value=row.quantity,
-                timestamp=row.occurred_at,
-                identifier=row.idempotency_key,
-                idempotency_key=f"naive-{row.idempotency_key}",
-            )
-        )
-        return row.quantity
+        def timed_send(self, event):  # summed over lanes: CPU+wait inside stripe-python
+            started = time.perf_counter()
+            try:
+                return send(self, event)
+            finally:
+                with lock:
+                    calls["seconds"] += time.perf_counter() - started
 
-    complete = True
-    with runtime.session_factory() as session, ThreadPoolExecutor(8) as pool:
-        for chunk in session.execute(query).partitions(2000):
-            billed += sum(pool.map(send, chunk))
-            sent += len(chunk)
-            if time.monotonic() - started > limit_seconds:
-                complete = False
-                break
-    wall = time.monotonic() - started
-    runtime.close()
-    return {"events": sent, "wall_seconds": wall, "complete": complete, "billed": billed}
+        StripeGateway.send_meter_event = timed_send
+        started = time.monotonic()
+        result = flush_once(runtime, contract_check=False)
+        wall = time.monotonic() - started
+        runtime.close()
+    log_bytes = log_path.stat().st_size
+    with log_path.open() as log_file:
+        log_lines = sum(1 for _ in log_file)
+    log_path.unlink()
+    phases = dict(clock.seconds)
+    phases["submit_calls_summed"] = calls["seconds"]
+    print(json.dumps({
+        "wall_seconds": wall,
+        "ok": result.ok,
+        "events": result.events_claimed,
+        "batches": result.batches,
+        "phases_seconds": phases,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "log_lines": log_lines,
+        "log_bytes": log_bytes,
+    }))
 
 
-def child(mode: str, api_base: str, naive_seconds: float) -> None:
-    before = _emulator_stats(api_base)["meter_events"]["accepted"]
-    outcome = run_billing(api_base) if mode == "billing" else run_naive(api_base, naive_seconds)
-    outcome["stripe_calls"] = _emulator_stats(api_base)["meter_events"]["accepted"] - before
-    outcome["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(outcome))
+# Output -----------------------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -185,90 +302,100 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_run(mode: str, api_base: str, naive_seconds: float) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            "--api-base",
-            api_base,
-            "--naive-seconds",
-            str(naive_seconds),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+HEADER = (
+    f"{'events':>9} {'orgs':>5} | {'insert s':>8} {'flush s':>8} {'flush/ins':>9} | "
+    f"{'us/ev':>6} {'lin':>5} | {'claim':>6} {'aggr':>5} {'outbox':>6} {'submit':>7} | "
+    f"{'calls':>6} {'groups':>6} {'c/g':>5} {'429':>4} | {'RSS MB':>6} | exact"
+)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    p = row["phases_seconds"]
+    print(
+        f"{row['events']:>9} {row['orgs']:>5} | {row['insert_seconds']:>8.2f} "
+        f"{row['flush_seconds']:>8.2f} {row['flush_per_insert']:>9.2f} | "
+        f"{row['us_per_event']:>6.1f} {row['linearity']:>5.2f} | {p.get('claim', 0):>6.1f} "
+        f"{p.get('aggregate', 0):>5.1f} {p.get('outbox', 0):>6.1f} "
+        f"{p.get('submit_calls_summed', 0):>7.1f} | {row['calls']:>6} {row['groups']:>6} "
+        f"{row['calls_per_group']:>5.2f} {row['rate_limited_429']:>4} | "
+        f"{row['peak_rss_mb']:>6.0f} | {'yes' if row['totals_exact'] else 'NO'}",
+        flush=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--orgs", type=int, default=100)
-    parser.add_argument("--hours", type=int, default=12)
-    parser.add_argument("--naive-seconds", type=float, default=120.0)
-    parser.add_argument("--child", choices=["billing", "naive"])
-    parser.add_argument("--api-base")
-    args = parser.parse_args()
+    parser.add_argument("--sizes", default="100000,1000000,5000000")
+    parser.add_argument("--orgs", default="100,1000", help="comma-separated organization counts")
+    parser.add_argument("--hours", type=int, default=3)
+    parser.add_argument("--limits", choices=("live", "test", "off"), default="live",
+                        help="the emulator's rate ceilings during the flush")
+    parser.add_argument("--rate", type=float, default=LIVE_METER_EVENTS_PER_SECOND,
+                        help="the client's meter-event rate limit (STRIPE_METER_EVENT_RATE_...)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"sizes {QUICK['sizes']}, orgs {QUICK['orgs']} (under a minute)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--api-base", help=argparse.SUPPRESS)
+    parser.add_argument("--schema", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.child:
-        child(args.child, args.api_base, args.naive_seconds)
+        child(args)
         return 0
+    if args.quick:
+        args.sizes, args.orgs = QUICK["sizes"], QUICK["orgs"]
 
     port = _free_port()
     api_base = f"http://127.0.0.1:{port}"
     emulator = subprocess.Popen(
         [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    smallest: dict[int, float] = {}
+    print(HEADER, flush=True)
     try:
         for _ in range(100):
             try:
-                _emulator_stats(api_base)
+                _control(api_base, "stats")
                 break
             except OSError:
                 time.sleep(0.1)
-        for size in (int(s) for s in args.sizes.split(",")):
-            row: dict = {"events": size}
-            for mode in ("billing", "naive"):
-                prepare(api_base, size, args.orgs, args.hours)
-                outcome = _child_run(mode, api_base, args.naive_seconds)
-                rate = outcome["events"] / outcome["wall_seconds"]
-                projected = size / rate if outcome.get("complete", True) is False else None
-                row[mode] = {
-                    **outcome,
-                    "events_per_second": rate,
-                    "extrapolated_wall_seconds": projected,
-                }
-            rows.append(row)
-            _print_row(row)
+        for orgs in (int(o) for o in args.orgs.split(",")):
+            for size in (int(s) for s in args.sizes.split(",")):
+                row = run_one(args, api_base, size, orgs)
+                smallest.setdefault(orgs, row["us_per_event"])
+                row["linearity"] = row["us_per_event"] / smallest[orgs]
+                rows.append(row)
+                _print_row(row)
     finally:
         emulator.terminate()
         emulator.wait(10)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"orgs": args.orgs, "hours": args.hours, "runs": rows}, indent=2))
-    print(f"written to {RESULTS}")
-    return 0
+        _drop_schema()
+    report = {
+        "benchmark": "hourly flush of a billable_events backlog",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "hours": args.hours,
+        "limits": args.limits,
+        "client_rate_per_second": args.rate,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.output}")
+    return 0 if all(row["totals_exact"] for row in rows) else 1
 
 
-def _print_row(row: dict) -> None:
-    b, n = row["billing"], row["naive"]
-    naive_wall = n["extrapolated_wall_seconds"] or n["wall_seconds"]
-    mark = " (extrapolated)" if n["extrapolated_wall_seconds"] else ""
-    print(
-        f"{row['events']:>9} events | billing: {b['events_per_second']:>9.0f} ev/s, "
-        f"{b['stripe_calls']:>6} calls, {b['peak_rss_mb']:>6.0f} MB RSS, "
-        f"{b['wall_seconds']:>7.1f} s"
-        f" | naive: {n['events_per_second']:>6.0f} ev/s, {n['stripe_calls']:>7} calls, "
-        f"{n['peak_rss_mb']:>6.0f} MB RSS, {naive_wall:>7.1f} s{mark}"
-        f" | speed-up x{naive_wall / b['wall_seconds']:.1f}",
-        flush=True,
-    )
+def _drop_schema() -> None:
+    from billing import db
+
+    admin = db.make_engine(DATABASE_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    admin.dispose()
 
 
 if __name__ == "__main__":
