@@ -49,10 +49,12 @@ METERS = ("api_call", "storage_gb_hour", "ai_tokens")
 RESULTS = ROOT / "bench" / "results" / "flush.json"
 # What a live key gets by default (STRIPE_METER_EVENT_RATE_PER_SECOND): under the 1,000/s ceiling.
 LIVE_KEY_CLIENT_RATE = 900.0
+BATCH_SIZE = 5000  # STRIPE_USAGE_FLUSH_BATCH_SIZE's default
 QUICK = {"sizes": "20000,100000", "orgs": "100,1000"}
 
 # Which phase a statement belongs to, by its text (the bench never imports flush internals).
 PHASES = (
+    ("claim_statement", re.compile(r"^\s*WITH picked\b", re.I)),
     ("aggregate", re.compile(r"\bsum\(", re.I)),
     ("outbox", re.compile(r"^\s*(WITH\b.*)?INSERT INTO usage_submissions", re.I | re.S)),
     ("claim", re.compile(r"FOR UPDATE|^\s*UPDATE billable_events", re.I)),
@@ -182,7 +184,8 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
     _control(api_base, "stats/reset", {})
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--api-base", api_base, "--schema", schema,
-         "--rate", str(args.rate), "--log-level", args.log_level],
+         "--rate", str(args.rate), "--log-level", args.log_level,
+         "--sample-every", str(max(1, size // BATCH_SIZE // 4))],
         check=True, capture_output=True, text=True,
     )
     flush = json.loads(out.stdout.strip().splitlines()[-1])
@@ -209,6 +212,7 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
         "us_per_event": flush["wall_seconds"] / size * 1e6,
         "insert_us_per_event": prepared["insert_seconds"] / size * 1e6,
         "phases_seconds": flush["phases_seconds"],
+        "explain_samples": flush["explain_samples"],
         "peak_rss_mb": flush["peak_rss_mb"],
         "log_lines": flush["log_lines"],
         "log_bytes": flush["log_bytes"],
@@ -222,11 +226,21 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
 
 
 class PhaseClock:
-    """Database time per phase, from SQLAlchemy's cursor events; submit = wall time spent
-    between the claims (everything that is not a claim statement, while the flush runs)."""
+    """Database time per statement kind, from SQLAlchemy's cursor events.
 
-    def __init__(self) -> None:
+    On PostgreSQL a batch is one statement (lock, aggregate, outbox, link). To split it, a few
+    sampled batches are first run under `EXPLAIN (ANALYZE, BUFFERS)` inside a savepoint that is
+    rolled back; each plan node's own time is put in its phase, and the statement time is split in
+    the sampled proportions. The sampling time is measured and left out of the flush's wall time.
+    """
+
+    def __init__(self, sample_every: int) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.sampled: dict[str, float] = defaultdict(float)
+        self.samples: list[dict[str, Any]] = []
+        self.sampling_seconds = 0.0
+        self.sample_every = max(1, sample_every)
+        self._claims = 0
         self._local = threading.local()
 
     def install(self, engine: Any) -> None:
@@ -236,6 +250,10 @@ class PhaseClock:
         event.listen(engine, "after_cursor_execute", self._after)
 
     def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if PHASES[0][1].search(statement):
+            self._claims += 1
+            if self._claims % self.sample_every == 1 or self.sample_every == 1:
+                self._explain(cursor, statement, parameters)
         self._local.started = time.perf_counter()
 
     def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
@@ -246,48 +264,111 @@ class PhaseClock:
                 return
         self.seconds["other_sql"] += elapsed
 
+    def _explain(self, cursor, statement, parameters) -> None:
+        started = time.perf_counter()
+        cursor.execute("SAVEPOINT bench_explain")
+        cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters)
+        plan = cursor.fetchone()[0][0]
+        cursor.execute("ROLLBACK TO SAVEPOINT bench_explain")
+        self.sampling_seconds += time.perf_counter() - started
+        own: dict[str, float] = defaultdict(float)
+        _walk(plan["Plan"], "other", own)
+        for trigger in plan.get("Triggers", []):  # the foreign key check of the link
+            own["claim"] += trigger["Time"]
+        for phase, ms in own.items():
+            self.sampled[phase] += ms
+        picked = _find(plan["Plan"], "CTE picked") or {}
+        self.samples.append({
+            "batch": self._claims,
+            "execution_ms": plan["Execution Time"],
+            "shared_hit_buffers": plan["Plan"].get("Shared Hit Blocks", 0),
+            "pick_ms": picked.get("Actual Total Time") if picked.get("Actual Rows") else None,
+            "pick_buffers": picked.get("Shared Hit Blocks", 0)
+            + picked.get("Shared Read Blocks", 0),
+        })
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase; the one-statement claim split in the sampled proportions."""
+        phases = {k: v for k, v in self.seconds.items() if k != "claim_statement"}
+        statement = self.seconds.get("claim_statement", 0.0)
+        total = sum(self.sampled.values())
+        for phase, ms in self.sampled.items():
+            phases[phase] = phases.get(phase, 0.0) + statement * ms / total
+        return phases
+
+
+# Which phase a plan node's own time belongs to: by the CTE it sits in, or its node type.
+CTE_PHASES = {"CTE picked": "claim", "CTE windowed": "aggregate", "CTE outbox": "outbox",
+              "CTE linked": "claim"}
+
+
+def _walk(node: dict[str, Any], phase: str, own: dict[str, float]) -> None:
+    phase = CTE_PHASES.get(node.get("Subplan Name", ""), phase)
+    if node["Node Type"] == "Aggregate" and phase == "outbox":
+        phase = "aggregate"
+    children = node.get("Plans", [])
+    if node["Node Type"] != "CTE Scan":  # a CTE's rows are produced (and timed) in its subplan
+        total = node.get("Actual Total Time", 0.0) * node.get("Actual Loops", 1)
+        inner = sum(
+            c.get("Actual Total Time", 0.0) * c.get("Actual Loops", 1)
+            for c in children
+            if "Subplan Name" not in c
+        )
+        own[phase] += max(0.0, total - inner)
+    for child in children:
+        _walk(child, phase, own)
+
+
+def _find(node: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if node.get("Subplan Name") == name:
+        return node
+    for child in node.get("Plans", []):
+        found = _find(child, name)
+        if found is not None:
+            return found
+    return None
+
 
 def child(args: argparse.Namespace) -> None:
     from billing import logs
     from billing.runtime import Runtime
     from billing.services import flush_once
-    from billing.stripe_gateway import StripeGateway
+    from billing.submitting import Submitter
 
     log_path = Path(f"/tmp/billing-bench-flush-{os.getpid()}.log")
     with log_path.open("w") as log_file:
         logs.configure_logging(args.log_level, "json", stream=log_file)
         runtime = Runtime(_settings(args.api_base, args.schema, args.rate))
-        clock = PhaseClock()
+        clock = PhaseClock(sample_every=args.sample_every)
         clock.install(runtime.engine)
-        calls = {"seconds": 0.0}
-        send = StripeGateway.send_meter_event
-        lock = threading.Lock()
+        submitting = {"seconds": 0.0}
+        submit = Submitter.submit
 
-        def timed_send(self, event):  # summed over lanes: CPU+wait inside stripe-python
+        def timed_submit(self, submission_ids):  # wall time sending (overlaps the claims)
             started = time.perf_counter()
             try:
-                return send(self, event)
+                return submit(self, submission_ids)
             finally:
-                with lock:
-                    calls["seconds"] += time.perf_counter() - started
+                submitting["seconds"] += time.perf_counter() - started
 
-        StripeGateway.send_meter_event = timed_send
+        Submitter.submit = timed_submit
         started = time.monotonic()
         result = flush_once(runtime, contract_check=False)
-        wall = time.monotonic() - started
+        wall = time.monotonic() - started - clock.sampling_seconds
         runtime.close()
     log_bytes = log_path.stat().st_size
     with log_path.open() as log_file:
         log_lines = sum(1 for _ in log_file)
     log_path.unlink()
-    phases = dict(clock.seconds)
-    phases["submit_calls_summed"] = calls["seconds"]
+    phases = clock.phases()
+    phases["submit"] = submitting["seconds"]
     print(json.dumps({
         "wall_seconds": wall,
         "ok": result.ok,
         "events": result.events_claimed,
         "batches": result.batches,
         "phases_seconds": phases,
+        "explain_samples": clock.samples,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "log_lines": log_lines,
         "log_bytes": log_bytes,
@@ -306,8 +387,18 @@ def _free_port() -> int:
 HEADER = (
     f"{'events':>9} {'orgs':>5} | {'insert s':>8} {'flush s':>8} {'flush/ins':>9} | "
     f"{'us/ev':>6} {'lin':>5} | {'claim':>6} {'aggr':>5} {'outbox':>6} {'submit':>7} | "
+    f"{'pick ms first..last':>19} | "
     f"{'calls':>6} {'groups':>6} {'c/g':>5} {'429':>4} | {'RSS MB':>6} | exact"
 )
+
+
+def _pick_ms(row: dict[str, Any]) -> str:
+    """The lock-and-pick step of the first and last sampled batch: flat if the plan is right."""
+    samples = [x for x in row["explain_samples"] if x["pick_ms"] is not None]
+    if not samples:
+        return f"{'-':>19}"
+    first, last = samples[0], samples[-1]
+    return f"{first['pick_ms']:>8.1f}..{last['pick_ms']:<9.1f}"
 
 
 def _print_row(row: dict[str, Any]) -> None:
@@ -317,7 +408,7 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['flush_seconds']:>8.2f} {row['flush_per_insert']:>9.2f} | "
         f"{row['us_per_event']:>6.1f} {row['linearity']:>5.2f} | {p.get('claim', 0):>6.1f} "
         f"{p.get('aggregate', 0):>5.1f} {p.get('outbox', 0):>6.1f} "
-        f"{p.get('submit_calls_summed', 0):>7.1f} | {row['calls']:>6} {row['groups']:>6} "
+        f"{p.get('submit', 0):>7.1f} | {_pick_ms(row)} | {row['calls']:>6} {row['groups']:>6} "
         f"{row['calls_per_group']:>5.2f} {row['rate_limited_429']:>4} | "
         f"{row['peak_rss_mb']:>6.0f} | {'yes' if row['totals_exact'] else 'NO'}",
         flush=True,
@@ -338,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"sizes {QUICK['sizes']}, orgs {QUICK['orgs']} (under a minute)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sample-every", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--api-base", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -18,11 +18,11 @@ from billing.adopt import AdoptionError, adopt_billable_events
 from billing.app import current_runtime
 from billing.config import ConfigError, scrub
 from billing.entitlements.service import EntitlementError
+from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import LockUnavailableError
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
 from billing.submissions import SubmissionActionError
-from billing.usage import FlushResult, TransientFlushError
 from billing.webhooks.adjustments import AdjustmentError
 from billing.webhooks.service import ReplayRefused
 

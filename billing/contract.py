@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
+from billing.claiming import MAX_EVENT_AGE, whole_positive_quantity
 from billing.models import BillableEvent, BillingAccount, utcnow
 from billing.reports import Status, StatusReport, render_table
 from billing.runtime import Runtime
-from billing.usage import MAX_EVENT_AGE, whole_positive_quantity
 
 TABLE = "billable_events"
 ZEITGEIST_SOURCE = "zeitgeist"

@@ -9,11 +9,12 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from billing import logs, retry_policy
+from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import FileFlushLock, FlushLock, RedisFlushLock, held
 from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
-from billing.usage import FlushResult, TransientFlushError, flush_usage
+from billing.usage import flush_usage
 
 log = logs.get_logger("billing.services")
 

@@ -19,8 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from billing.claiming import UnbillableReason
 from billing.config import mask_secret
 from billing.contract import run_contract_checks
+from billing.flush_result import FlushResult
 from billing.models import (
     BillableEvent,
     BillingAccount,
@@ -32,7 +34,6 @@ from billing.periods import store_subscription
 from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
 from billing.stripe_gateway import LiveKeyRefusedError, StripeGatewayError, subscription_period
-from billing.usage import FlushResult, UnbillableReason
 
 ACTIVE_SUBSCRIPTION = ("active", "trialing")
 MINUTE = timedelta(minutes=1)

@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from billing.claiming import usage_identifier
 from billing.models import (
     SubmissionAction,
     SubmissionStatus,
@@ -33,7 +34,6 @@ from billing.models import (
     utcnow,
 )
 from billing.runtime import Runtime
-from billing.usage import usage_identifier
 
 FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
 LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD)

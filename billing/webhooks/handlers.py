@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from billing import logs
 from billing.entitlements.service import refresh_from_stripe
+from billing.flush_result import TransientFlushError
 from billing.models import BillingAccount
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError, subscription_period
-from billing.usage import TransientFlushError
 from billing.webhooks import adjustments
 from billing.webhooks.service import Handler
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from billing import logs
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
 from billing.services import flush_once
+from billing.submitting import Submitter
 from billing.usage import FlushResult, TransientFlushError, UsageFlush, flush_usage
 from tests.usage.factories import (
     add_accounts,
@@ -106,30 +107,30 @@ class Crash(Exception):
     """Stands for the process dying at a chosen point."""
 
 
-def _crash_once(monkeypatch, method: str) -> None:
-    original = getattr(UsageFlush, method)
+def _crash_once(monkeypatch, owner: type, method: str) -> None:
+    original = getattr(owner, method)
     state = {"crashed": False}
 
     def crashing(self, work, *args, **kwargs):
-        # `_submit`: claimed, nothing sent. `_record`: Stripe accepted all, nothing recorded.
+        # `_submit`: claimed, nothing sent. `record`: Stripe accepted all, nothing recorded.
         if work and not state["crashed"]:
             state["crashed"] = True
             raise Crash(method)
         return original(self, work, *args, **kwargs)
 
-    monkeypatch.setattr(UsageFlush, method, crashing)
+    monkeypatch.setattr(owner, method, crashing)
 
 
 @pytest.mark.parametrize(
     "crash_point",
-    ["_submit", "_record"],
+    [(UsageFlush, "_submit"), (Submitter, "record")],
     ids=["after-claim-before-send", "after-stripe-accepted-before-commit"],
 )
 def test_crash_then_rerun_keeps_totals_exact(
     billing_runtime, emulator, seeded, monkeypatch, crash_point
 ):
     customers, rows = seeded
-    _crash_once(monkeypatch, crash_point)
+    _crash_once(monkeypatch, *crash_point)
     with pytest.raises(Crash):
         flush_once(billing_runtime)
     assert submission_statuses(billing_runtime)["pending"] > 0
@@ -137,7 +138,7 @@ def test_crash_then_rerun_keeps_totals_exact(
     rerun = flush_once(billing_runtime)
     assert rerun.ok and unclaimed_count(billing_runtime) == 0
     assert emulator.billed() == expected_totals(rows, customers)
-    if crash_point == "_record":
+    if crash_point[1] == "record":
         # Every re-send was answered "already exists": delivered, and not counted twice.
         assert rerun.submissions_already_delivered == rerun.submissions_sent > 0
 
