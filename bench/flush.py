@@ -309,10 +309,12 @@ def _walk(node: dict[str, Any], phase: str, own: dict[str, float]) -> None:
     children = node.get("Plans", [])
     if node["Node Type"] != "CTE Scan":  # a CTE's rows are produced (and timed) in its subplan
         total = node.get("Actual Total Time", 0.0) * node.get("Actual Loops", 1)
+        # A scalar subquery (InitPlan) runs inside its parent's time; a CTE is timed where a CTE
+        # Scan pulls it, so only its own subplan counts it.
         inner = sum(
             c.get("Actual Total Time", 0.0) * c.get("Actual Loops", 1)
             for c in children
-            if "Subplan Name" not in c
+            if not c.get("Subplan Name", "").startswith("CTE ")
         )
         own[phase] += max(0.0, total - inner)
     for child in children:
