@@ -78,6 +78,7 @@ class _Preflight:
         "celery_broker",
         "stripe_access",
         "stripe_meters",
+        "saas_upgrade",
     )
 
     def __init__(self, runtime: Runtime, require_enabled: bool) -> None:
@@ -228,6 +229,24 @@ class _Preflight:
         if problems:
             return Status.FAIL, "meters " + "; ".join(problems)
         return Status.PASS, f"{len(wanted)} meter(s) active: {', '.join(wanted)}"
+
+    def saas_upgrade(self) -> Outcome:
+        price_id = self.settings.saas_price_id
+        if not price_id:
+            return Status.PASS, (
+                "booking mode (STRIPE_SAAS_PRICE_ID unset): gated organizations go to "
+                f"{self.settings.saas_workspace_booking_url}"
+            )
+        if "stripe_access" not in self.passed:
+            return Status.SKIP, "skipped: Stripe is not reachable with the key"
+        from billing.entitlements.checkout import upgrade_price_problems
+
+        problems = upgrade_price_problems(self.runtime, price_id)
+        if problems:
+            return Status.FAIL, "STRIPE_SAAS_PRICE_ID: " + "; ".join(problems)
+        return Status.PASS, (
+            f"upgrade mode: {price_id} is an active recurring price whose product grants saas"
+        )
 
 
 def _open(source: SettingsSource) -> tuple[Runtime, bool]:

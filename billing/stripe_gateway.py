@@ -195,6 +195,11 @@ class StripeGateway:
         if self.live_mode:
             raise LiveKeyRefusedError(f"{purpose} runs in Stripe test mode only; got a live key")
 
+    def _list_all(self, list_method: Any, *args: Any) -> list[Any]:
+        """Every item of a Stripe list, all pages. The later pages are fetched while iterating,
+        so the iteration runs inside `_call` too: their errors are translated like the first's."""
+        return self._call(lambda: list(list_method(*args).auto_paging_iter()))
+
     def _call(self, fn: Any, *args: Any) -> Any:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
@@ -234,8 +239,7 @@ class StripeGateway:
     # Meters and summaries (reconciliation, smoke checks, preflight) ------------------------
 
     def list_meters(self) -> list[Any]:
-        meters = self._call(self.client.v1.billing.meters.list, {"limit": 100})
-        return list(meters.auto_paging_iter())
+        return self._list_all(self.client.v1.billing.meters.list, {"limit": 100})
 
     def meter_by_event_name(self) -> dict[str, Any]:
         return {meter.event_name: meter for meter in self.list_meters()}
@@ -273,8 +277,7 @@ class StripeGateway:
         return self._call(self.client.v1.invoices.retrieve, invoice_id)
 
     def invoice_lines(self, invoice_id: str) -> list[Any]:
-        lines = self._call(self.client.v1.invoices.line_items.list, invoice_id, {"limit": 100})
-        return list(lines.auto_paging_iter())
+        return self._list_all(self.client.v1.invoices.line_items.list, invoice_id, {"limit": 100})
 
     def add_invoice_item(
         self,
@@ -367,15 +370,16 @@ class StripeGateway:
 
     def active_entitlement_lookup_keys(self, customer_id: str) -> set[str]:
         """Lookup keys of the customer's active entitlements, every page of them."""
+        entitlements = self._list_all(
+            self.client.v1.entitlements.active_entitlements.list,
+            {"customer": customer_id, "limit": 100},
+        )
+        return {entitlement.lookup_key for entitlement in entitlements}
 
-        def every_page() -> set[str]:
-            page = self.client.v1.entitlements.active_entitlements.list(
-                {"customer": customer_id, "limit": 100}
-            )
-            return {entitlement.lookup_key for entitlement in page.auto_paging_iter()}
-
-        # Later pages are fetched while iterating: their errors must be translated too.
-        return self._call(every_page)
+    def product_feature_lookup_keys(self, product_id: str) -> set[str]:
+        """Lookup keys of the features a product grants, every page of them."""
+        attached = self._list_all(self.client.v1.products.features.list, product_id, {"limit": 100})
+        return {item.entitlement_feature.lookup_key for item in attached}
 
     def create_subscription_checkout(self, checkout: SubscriptionCheckout) -> Any:
         params: dict[str, Any] = {

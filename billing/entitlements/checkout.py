@@ -8,9 +8,10 @@ from sqlalchemy import select
 
 from billing import logs
 from billing.config import ConfigError
+from billing.entitlements import SAAS_FEATURE
 from billing.models import BillingAccount
 from billing.runtime import Runtime
-from billing.stripe_gateway import SubscriptionCheckout
+from billing.stripe_gateway import PermanentStripeError, SubscriptionCheckout
 
 log = logs.get_logger("billing.entitlements")
 
@@ -47,3 +48,31 @@ def start_upgrade_checkout(
         },
     )
     return str(checkout.url)
+
+
+def upgrade_price_problems(runtime: Runtime, price_id: str) -> list[str]:
+    """Why `price_id` cannot sell the `saas` upgrade (empty: it can). Read-only, for preflight.
+
+    The costly mistake is a price whose product does not grant `saas`: customers would pay and
+    the workspace would never unlock.
+    """
+    try:
+        price = runtime.stripe.retrieve_price(price_id)
+    except PermanentStripeError as error:
+        if error.status == 404:
+            return [f"{price_id} does not exist in this Stripe account"]
+        raise
+    problems = []
+    if not price.active:
+        problems.append(f"{price_id} is archived")
+    if price.recurring is None:
+        problems.append(f"{price_id} is a one-time price; a subscription needs a recurring one")
+    elif price.recurring.usage_type == "metered":
+        problems.append(f"{price_id} is metered; the upgrade needs a licensed (flat) price")
+    product_id = price.product if isinstance(price.product, str) else price.product.id
+    if SAAS_FEATURE not in runtime.stripe.product_feature_lookup_keys(product_id):
+        problems.append(
+            f"its product {product_id} does not grant the `{SAAS_FEATURE}` feature: a paid "
+            "checkout would never unlock the workspace"
+        )
+    return problems

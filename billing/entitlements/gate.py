@@ -214,7 +214,12 @@ def _upgrade_page(
 
 @blueprint.post("/checkout")
 def checkout() -> ResponseReturnValue:
-    require_csrf()
+    try:
+        require_csrf()
+    except CSRFError:
+        # Most often a page left open past the token's lifetime: say so, with a fresh form.
+        message = "This page expired before you clicked. Please click Upgrade again."
+        return _upgrade_page(safe_next(request.form.get("next")), error=message, status=400)
     # The organization comes from the host's sign-in; an `organization_id` in the form is ignored.
     organization_id = current_organization_id()
     next_path = safe_next(request.form.get("next"))

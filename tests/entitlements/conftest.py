@@ -32,6 +32,17 @@ class SaasCatalog:
         )
         return subscription.id
 
+    def product(self, name: str, unit_amount: int = 100) -> object:
+        """A product with a monthly default price and no features (tests attach what they need)."""
+        recurring = {
+            "currency": "usd",
+            "unit_amount": unit_amount,
+            "recurring": {"interval": "month"},
+        }
+        return self.runtime.stripe.client.v1.products.create(
+            {"name": name, "default_price_data": recurring}
+        )
+
     def cancel(self, subscription_id: str) -> None:
         self.runtime.stripe.client.v1.subscriptions.cancel(subscription_id)
 

@@ -243,6 +243,7 @@ class TestUpgradeMode:
         form = {"next": "/workspace"} if token is None else {"csrf_token": token}
         response = client.post("/billing/saas/checkout", data=form)
         assert response.status_code == 400
+        assert "This page expired before you clicked" in response.get_data(as_text=True)
         assert "POST /v1/checkout/sessions" not in emulator.stats()["requests"]
 
     def test_checkout_is_post_only(self, upgrade_app):

@@ -144,16 +144,7 @@ class TestRefreshFromStripe:
     def test_reads_every_page_of_active_entitlements(self, saas_catalog):
         runtime = saas_catalog.runtime
         client = runtime.stripe.client
-        product = client.v1.products.create(
-            {
-                "name": "Everything",
-                "default_price_data": {
-                    "currency": "usd",
-                    "unit_amount": 100,
-                    "recurring": {"interval": "month"},
-                },
-            }
-        )
+        product = saas_catalog.product("Everything")
         wanted = {f"feature_{n:03d}" for n in range(105)}
         for key in sorted(wanted):
             feature = client.v1.entitlements.features.create({"lookup_key": key, "name": key})
