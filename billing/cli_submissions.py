@@ -55,12 +55,15 @@ def list_command(statuses: tuple[str, ...], org_id: int | None, limit: int, as_j
     """List outbox rows, oldest first."""
     rt = runtime()
     with operator_errors():
-        rows = list_submissions(
+        rows, total = list_submissions(
             rt, statuses=statuses or LISTED_BY_DEFAULT, organization_id=org_id, limit=limit
         )
     if as_json:
-        click.echo(json.dumps({"submissions": rows}, indent=2, sort_keys=True, default=str))
+        listing = {"submissions": rows, "total": total}
+        click.echo(json.dumps(listing, indent=2, sort_keys=True, default=str))
         return
+    if total > len(rows):
+        click.echo(f"showing the oldest {len(rows)} of {total} rows (--limit)", err=True)
     headers = ("id", "status", "org", "event_name", "value", "hour", "attempts", "last_error")
     click.echo(
         render_table(

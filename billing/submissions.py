@@ -95,18 +95,15 @@ def list_submissions(
     statuses: Sequence[str] = LISTED_BY_DEFAULT,
     organization_id: int | None = None,
     limit: int = DEFAULT_LIMIT,
-) -> list[dict[str, Any]]:
-    """Outbox rows (oldest first) with their audit trail."""
-    query = (
-        sa.select(UsageSubmission)
-        .where(UsageSubmission.status.in_(list(statuses)))
-        .order_by(UsageSubmission.id)
-        .limit(limit)
-    )
+) -> tuple[list[dict[str, Any]], int]:
+    """Outbox rows (oldest first, at most `limit`) with their audit trail, and how many match."""
+    conditions = [UsageSubmission.status.in_(list(statuses))]
     if organization_id is not None:
-        query = query.where(UsageSubmission.organization_id == organization_id)
+        conditions.append(UsageSubmission.organization_id == organization_id)
+    query = sa.select(UsageSubmission).where(*conditions).order_by(UsageSubmission.id)
     with runtime.session_factory() as session:
-        rows = list(session.scalars(query))
+        total = session.scalar(sa.select(sa.func.count()).where(*conditions)) or 0
+        rows = list(session.scalars(query.limit(limit)))
         trail: dict[int, list[dict[str, Any]]] = {}
         if rows:
             actions = session.scalars(
@@ -116,7 +113,8 @@ def list_submissions(
             )
             for action in actions:
                 trail.setdefault(action.submission_id, []).append(_fields(action, ACTION_FIELDS))
-    return [{**_fields(r, SUBMISSION_FIELDS), "actions": trail.get(r.id, [])} for r in rows]
+    listed = [{**_fields(r, SUBMISSION_FIELDS), "actions": trail.get(r.id, [])} for r in rows]
+    return listed, total
 
 
 def awaiting_operator_counts(runtime: Runtime) -> dict[str, int]:
@@ -197,8 +195,7 @@ def write_off_submissions(
     def refusal(row: UsageSubmission) -> str | None:
         if row.status not in (FAILED, HELD):
             return (
-                f"submission {row.id} is {row.status}: only failed or held rows can be "
-                "written off"
+                f"submission {row.id} is {row.status}: only failed or held rows can be written off"
             )
         return None
 

@@ -9,29 +9,50 @@ from billing.stripe_gateway import ErrorScope, translate_error
 
 
 def _invalid(message: str, *, param: str | None = None, code: str | None = None, status=400):
-    body = {"error": {"type": "invalid_request_error", "message": message, "param": param,
-                      "code": code}}
-    return stripe.InvalidRequestError(
-        message, param, code=code, http_status=status, json_body=body
-    )
+    body = {
+        "error": {"type": "invalid_request_error", "message": message, "param": param, "code": code}
+    }
+    return stripe.InvalidRequestError(message, param, code=code, http_status=status, json_body=body)
 
 
 @pytest.mark.parametrize(
     ("error", "scope"),
     [
         (stripe.AuthenticationError("Invalid API Key provided", http_status=401), ErrorScope.RUN),
-        (stripe.PermissionError("The key lacks billing.meter_event write", http_status=403),
-         ErrorScope.RUN),
+        (
+            stripe.PermissionError("The key lacks billing.meter_event write", http_status=403),
+            ErrorScope.RUN,
+        ),
         (_invalid("This API key expired.", code="api_key_expired"), ErrorScope.RUN),
-        (_invalid("No active meter was found for event_name `typo`.", param="event_name",
-                  code="resource_missing"), ErrorScope.METER),
+        (
+            _invalid(
+                "No active meter was found for event_name `typo`.",
+                param="event_name",
+                code="resource_missing",
+            ),
+            ErrorScope.METER,
+        ),
         (_invalid("The meter is archived.", code="archived_meter"), ErrorScope.METER),
-        (_invalid("No such customer: 'cus_x'", param="payload[stripe_customer_id]",
-                  code="resource_missing"), ErrorScope.CUSTOMER),
-        (_invalid("Customer not found.", code="meter_event_customer_not_found"),
-         ErrorScope.CUSTOMER),
-        (_invalid("Timestamp must be within the past 35 days.", param="timestamp",
-                  code="timestamp_too_far_in_past"), ErrorScope.ROW),
+        (
+            _invalid(
+                "No such customer: 'cus_x'",
+                param="payload[stripe_customer_id]",
+                code="resource_missing",
+            ),
+            ErrorScope.CUSTOMER,
+        ),
+        (
+            _invalid("Customer not found.", code="meter_event_customer_not_found"),
+            ErrorScope.CUSTOMER,
+        ),
+        (
+            _invalid(
+                "Timestamp must be within the past 35 days.",
+                param="timestamp",
+                code="timestamp_too_far_in_past",
+            ),
+            ErrorScope.ROW,
+        ),
         (_invalid("Invalid payload[value]", param="payload[value]"), ErrorScope.ROW),
     ],
 )

@@ -42,9 +42,7 @@ def _calls(emulator) -> int:
 def _scopes(runtime) -> dict[int, str | None]:
     with runtime.session_factory() as session:
         return dict(
-            session.execute(
-                sa.select(UsageSubmission.id, UsageSubmission.last_error_scope)
-            ).all()
+            session.execute(sa.select(UsageSubmission.id, UsageSubmission.last_error_scope)).all()
         )
 
 
@@ -183,7 +181,7 @@ def test_failed_rows_of_an_earlier_run_keep_every_flush_not_ok(billing_runtime, 
     later = flush_once(billing_runtime)
     assert later.submissions_failed == 0 and later.events_claimed == 0
     assert later.awaiting_operator == {"failed": 1, "held": 0} and not later.ok
-    result = create_app(billing_runtime.settings).test_cli_runner().invoke(
-        args=["billing", "flush_now"]
+    result = (
+        create_app(billing_runtime.settings).test_cli_runner().invoke(args=["billing", "flush_now"])
     )
     assert result.exit_code == 1 and "1 failed" in result.stderr

@@ -63,12 +63,15 @@ def test_list_shows_failed_rows_with_their_error(billing_runtime, emulator, usag
     failed = _fail_two(billing_runtime, emulator)
     result = invoke(billing_runtime, "submissions", "list", "--status", "failed", "--json")
     assert result.exit_code == 0, result.output
-    listed = json.loads(result.stdout)["submissions"]
-    assert [r["id"] for r in listed] == [r.id for r in failed]
+    listing = json.loads(result.stdout)
+    listed = listing["submissions"]
+    assert [r["id"] for r in listed] == [r.id for r in failed] and listing["total"] == 2
     assert all(r["status"] == "failed" and r["last_error"] for r in listed)
 
     table = invoke(billing_runtime, "submissions", "list")
     assert table.exit_code == 0 and table.output.count("failed") == 2
+    first = invoke(billing_runtime, "submissions", "list", "--status", "failed", "--limit", "1")
+    assert first.stdout.count("failed") == 1 and "oldest 1 of 2 rows" in first.stderr
     org = failed[0].organization_id
     one = invoke(billing_runtime, "submissions", "list", "--status", "failed", "--org-id", str(org))
     assert one.exit_code == 0 and one.output.count("failed") == 1
