@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from tests.entitlements.conftest import saas_catalog  # noqa: F401  (the `saas` price)
+from billing.app import EXTENSION_KEY
+from billing.entitlements.demo_app import create_demo_app
+from billing.runtime import set_runtime
+from tests.entitlements import conftest as entitlement_fixtures
+
+saas_catalog = entitlement_fixtures.saas_catalog  # the `saas` price, for these tests too
 
 CHROMIUM = os.environ.get("BILLING_TEST_CHROMIUM", "/usr/bin/chromium")
 # Root in a container: no sandbox; and nothing that phones home or updates itself.
@@ -53,6 +59,7 @@ class LiveServer:
     """A WSGI app on a real port in a background thread (what the browser and Stripe call)."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -64,3 +71,30 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._thread.join(10)
+
+
+@pytest.fixture
+def serve_upgrade_app(make_runtime, billing_settings, saas_catalog, emulator, worker):
+    """Start the demo app in upgrade mode on a real port; the emulator's webhooks go to it."""
+    stack = contextlib.ExitStack()
+
+    def serve(*, deliver_webhooks: bool = True, **changes) -> tuple[LiveServer, object]:
+        settings = billing_settings.replace(saas_price_id=saas_catalog.price_id, **changes)
+        runtime = make_runtime(settings)
+        set_runtime(runtime)  # what the worker thread's tasks use
+        app = create_demo_app(settings, secret_key="e2e")
+        app.extensions[EXTENSION_KEY]._runtime = runtime  # share the test's engine and tables
+        server = stack.enter_context(LiveServer(app))
+        if deliver_webhooks:
+            webhooks = {
+                "url": server.url + settings.webhook_path,
+                "secret": settings.stripe_webhook_secret,
+                # Held a moment, so the success page is seen waiting before the unlock.
+                "hold_ms": 1500,
+            }
+            emulator.control("POST", "webhooks", webhooks)
+        return server, runtime
+
+    with stack:
+        yield serve
+    set_runtime(None)

@@ -11,7 +11,6 @@ test-artifacts/e2e/<test>/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
@@ -20,44 +19,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from billing.app import EXTENSION_KEY
 from billing.entitlements import SAAS_FEATURE
-from billing.entitlements.demo_app import create_demo_app
 from billing.entitlements.service import has_entitlement
 from billing.models import BillingAccount, Entitlement, WebhookEvent
-from billing.runtime import set_runtime
-from tests.e2e.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e
 
 STEP_TIMEOUT_MS = 30_000
-
-
-@pytest.fixture
-def serve_upgrade_app(make_runtime, billing_settings, saas_catalog, emulator, worker):
-    """Start the demo app in upgrade mode on a real port; the emulator's webhooks go to it."""
-    stack = contextlib.ExitStack()
-
-    def serve(*, deliver_webhooks: bool = True, **changes) -> tuple[LiveServer, object]:
-        settings = billing_settings.replace(saas_price_id=saas_catalog.price_id, **changes)
-        runtime = make_runtime(settings)
-        set_runtime(runtime)  # what the worker thread's tasks use
-        app = create_demo_app(settings, secret_key="e2e")
-        app.extensions[EXTENSION_KEY]._runtime = runtime  # share the test's engine and tables
-        server = stack.enter_context(LiveServer(app))
-        if deliver_webhooks:
-            webhooks = {
-                "url": server.url + settings.webhook_path,
-                "secret": settings.stripe_webhook_secret,
-                # Held a moment, so the success page is seen waiting before the unlock.
-                "hold_ms": 1500,
-            }
-            emulator.control("POST", "webhooks", webhooks)
-        return server, runtime
-
-    with stack:
-        yield serve
-    set_runtime(None)
 
 
 @pytest.fixture
