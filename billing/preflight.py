@@ -161,7 +161,7 @@ class _Preflight:
     def usage_outbox(self) -> Outcome:
         if "database" not in self.passed:
             return Status.SKIP, "skipped: the database is not at head"
-        counts = awaiting_operator_counts(self.runtime)
+        counts = awaiting_operator_counts(self.runtime.session_factory)
         if any(counts.values()):
             return Status.FAIL, (
                 f"{counts['failed']} failed and {counts['held']} held usage submission(s) wait "

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from billing.claiming import usage_identifier
 from billing.models import (
@@ -36,6 +36,7 @@ from billing.models import (
 from billing.runtime import Runtime
 
 FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
+AWAITING_OPERATOR = (FAILED, HELD)
 LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD)
 DEFAULT_LIMIT = 100
 
@@ -117,16 +118,21 @@ def list_submissions(
     return listed, total
 
 
-def awaiting_operator_counts(runtime: Runtime) -> dict[str, int]:
-    """How many rows are failed and held now (from any run)."""
+def awaiting_operator_counts(
+    sessions: sessionmaker[Session], organization_id: int | None = None
+) -> dict[str, int]:
+    """How many rows are failed and held now, whichever run made them (every flush and
+    `preflight` report these)."""
     query = (
         sa.select(UsageSubmission.status, sa.func.count())
-        .where(UsageSubmission.status.in_([FAILED, HELD]))
+        .where(UsageSubmission.status.in_(AWAITING_OPERATOR))
         .group_by(UsageSubmission.status)
     )
-    with runtime.session_factory() as session:
+    if organization_id is not None:
+        query = query.where(UsageSubmission.organization_id == organization_id)
+    with sessions() as session:
         found = {status: int(n) for status, n in session.execute(query)}
-    return {FAILED: found.get(FAILED, 0), HELD: found.get(HELD, 0)}
+    return {status: found.get(status, 0) for status in AWAITING_OPERATOR}
 
 
 def failed_submission_ids(runtime: Runtime) -> list[int]:

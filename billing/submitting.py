@@ -46,7 +46,6 @@ log = logs.get_logger("billing.usage")
 # Outcomes of a row that is left pending because an error about more than the row stopped it:
 STOPPED = "stopped"  # this row's call got the error
 SKIPPED = "skipped"  # not sent: an earlier row's error already covers it
-AWAITING_OPERATOR = (SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value)
 
 
 class Stops:

@@ -17,16 +17,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import logs, retry_policy
 from billing.claiming import ClaimedBatch, Claimer
 from billing.config import Settings
 from billing.flush_result import FlushResult, TransientFlushError
-from billing.models import UsageSubmission, utcnow
+from billing.models import utcnow
 from billing.stripe_gateway import StripeGateway
-from billing.submitting import AWAITING_OPERATOR, Stops, Submitter
+from billing.submissions import awaiting_operator_counts
+from billing.submitting import Stops, Submitter
 
 __all__ = ["FlushResult", "TransientFlushError", "UsageFlush", "flush_usage"]
 
@@ -188,17 +188,7 @@ class UsageFlush:
 
     def _count_awaiting_operator(self) -> None:
         """Failed and held rows from any run stay in every result until an operator acts."""
-        query = (
-            sa.select(UsageSubmission.status, sa.func.count())
-            .where(UsageSubmission.status.in_(AWAITING_OPERATOR))
-            .group_by(UsageSubmission.status)
-        )
-        if self.organization_id is not None:
-            query = query.where(UsageSubmission.organization_id == self.organization_id)
-        with self.sessions() as session:
-            counts = dict.fromkeys(AWAITING_OPERATOR, 0) | {
-                status: int(n) for status, n in session.execute(query)
-            }
+        counts = awaiting_operator_counts(self.sessions, self.organization_id)
         self.result.awaiting_operator = counts
         if any(counts.values()):
             log.error(logs.FLUSH_AWAITING_OPERATOR, extra={**self._scope_fields(), **counts})
