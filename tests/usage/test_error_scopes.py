@@ -124,6 +124,18 @@ def test_unknown_meter_stops_that_meter_while_the_rest_is_billed(billing_runtime
     assert set(submission_statuses(billing_runtime)) == {"sent"}
 
 
+def test_an_unknown_meter_is_named_on_stderr_and_exits_one(billing_runtime, emulator, seeded):
+    settings = billing_runtime.settings.replace(
+        stripe_meters={"api_call": "typo", "storage_gb_hour": "storage_gb_hour"}
+    )
+    result = create_app(settings).test_cli_runner().invoke(args=["billing", "flush_now"])
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "'typo'" in line and "STRIPE_BILLING_METERS" in line
+    payload = json.loads(result.stdout)
+    assert payload["submissions_failed"] == 0 and payload["submissions_sent"] > 0
+
+
 def test_missing_customer_stops_that_customer_while_the_rest_is_billed(
     billing_runtime, emulator, seeded
 ):

@@ -108,6 +108,20 @@ def test_a_persistent_stripe_error_costs_a_row_at_most_the_run_budget(
     assert len(retries) == passes_allowed(1 + task_runtime.settings.task_max_retries) - 1
 
 
+def test_a_refused_key_stops_the_task_without_retries_or_failed_rows(
+    worker, task_runtime, emulator, retries, make_runtime
+):
+    _seed(task_runtime)
+    refused = task_runtime.settings.replace(stripe_secret_key="sk_live_" + "notforemulator00")
+    set_runtime(make_runtime(refused))
+    result = _run(task_runtime.settings)
+    assert result["stop_error"] and "AuthenticationError" in result["stop_error"]
+    assert not result["ok"] and result["submissions_failed"] == 0
+    assert retries == []  # a refused key is not transient: retrying cannot help
+    assert submission_statuses(task_runtime) == {"pending": 2}
+    assert emulator.billed() == {}
+
+
 def test_bad_request_marks_row_failed_and_the_flush_completes(worker, task_runtime, emulator):
     customers, rows = _seed(task_runtime, orgs=(1, 2))
     # A refusal about one request (no scope): that row fails, the other is billed.
