@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, current_app
 
 from billing import logs
-from billing.config import Settings, load_settings, webhook_path_from_env
+from billing.config import Settings, load_settings, metrics_path_from_env, webhook_path_from_env
 from billing.runtime import Runtime
 
 EXTENSION_KEY = "billing"
@@ -36,6 +36,11 @@ class Billing:
         app.cli.add_command(billing_cli)
         path = settings.webhook_path if settings else webhook_path_from_env()
         app.register_blueprint(make_blueprint(path))
+        metrics_path = settings.metrics_path if settings else metrics_path_from_env()
+        if metrics_path:
+            from billing.metrics_http import metrics_blueprint
+
+            app.register_blueprint(metrics_blueprint(metrics_path))
 
 
 class _LazyRuntime:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 from typing import Any
 
 import click
@@ -29,6 +30,7 @@ from billing.runtime import get_runtime
 FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
 WEBHOOK_PROCESS_TASK = "billing.webhooks.process"
 WEBHOOK_SWEEP_TASK = "billing.webhooks.sweep"
+VALIDATE_CONTRACT_TASK = "billing.contract.validate"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -58,11 +60,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "imports": ("billing.tasks", "billing.webhooks.tasks"),
+        # Flower (any event monitor) sees tasks only when workers send events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "beat_schedule": {
             # The hourly usage flush runs at minute 13 (the operations guide's schedule).
             "billing-hourly-usage-flush": {
                 "task": FLUSH_HOURLY_TASK,
                 "schedule": crontab(minute=13),
+                "options": {"queue": queue},
+            },
+            # The contract check at minute 3: its alert fires before a fail-closed flush at
+            # minute 13 would be blocked.
+            "billing-contract-validate": {
+                "task": VALIDATE_CONTRACT_TASK,
+                "schedule": crontab(minute=3),
                 "options": {"queue": queue},
             },
             # Queues again stored webhook events no task is working on (broker down at ingest,
@@ -165,3 +177,19 @@ def _unbind_task_fields(task_id: str | None = None, **_: Any) -> None:
     token = _task_fields.pop(task_id or "", None)
     if token is not None:
         logs.unbind_fields(token)
+
+
+@signals.worker_init.connect
+def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
+    """The worker's main process, before the prefork pool starts: children inherit no thread."""
+    if getattr(sender, "app", None) is celery_app:
+        from billing.metrics_http import start_worker_metrics_server
+
+        start_worker_metrics_server(process_settings())
+
+
+@signals.worker_process_shutdown.connect
+def _forget_child_gauges(pid: int | None = None, **_: Any) -> None:
+    from billing.metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())

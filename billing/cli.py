@@ -259,8 +259,10 @@ def config_command() -> None:
 
 
 # The safety commands (validate_contract, preflight, smoke_org, sync_periods), the outbox
-# (submissions), entitlements, webhook and adjustments commands join the group.
+# (submissions), entitlements, webhook, adjustments and operator (status, lock) commands join
+# the group.
 import billing.cli_checks  # noqa: E402
+import billing.cli_ops  # noqa: E402
 import billing.cli_submissions  # noqa: E402
 import billing.entitlements.cli  # noqa: E402
 import billing.webhooks.cli  # noqa: E402,F401

@@ -18,6 +18,7 @@ DEFAULT_BOOKING_URL = "https://cal.com/andreas-duess-fd/fishdog-demo"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_FLUSH_LOCK_KEY = "billing:stripe-usage-flush:lock"
+DEFAULT_METRICS_PATH = "/metrics"
 DEFAULT_WEBHOOK_PATH = "/stripe/webhook"
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -185,6 +186,7 @@ class Settings:
     billing_queue: str = "default"
     flush_lock_key: str = DEFAULT_FLUSH_LOCK_KEY
     flush_lock_ttl_seconds: int = 3300
+    flush_lock_lease_seconds: int = 60
     flush_lock_backend: str = "redis"
     flush_batch_size: int = 5000
     submit_concurrency: int = 8
@@ -214,6 +216,11 @@ class Settings:
 
     log_level: str = "INFO"
     log_format: str = "auto"
+
+    metrics_path: str | None = DEFAULT_METRICS_PATH
+    worker_metrics_port: int = 0
+    worker_metrics_address: str = "127.0.0.1"
+    prometheus_multiproc_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -252,6 +259,10 @@ class Settings:
             flush_lock_key=env.str("STRIPE_USAGE_FLUSH_LOCK_KEY", DEFAULT_FLUSH_LOCK_KEY)
             or DEFAULT_FLUSH_LOCK_KEY,
             flush_lock_ttl_seconds=lock_ttl,
+            # The key's TTL, re-armed by the holder's heartbeat: how long a killed holder blocks.
+            flush_lock_lease_seconds=env.int(
+                "STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS", 60, minimum=3, maximum=3600
+            ),
             flush_lock_backend=env.choice(
                 "STRIPE_USAGE_FLUSH_LOCK_BACKEND", "redis", ("redis", "file")
             ),
@@ -292,8 +303,21 @@ class Settings:
                 "BILLING_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ).upper(),
             log_format=env.choice("BILLING_LOG_FORMAT", "auto", ("auto", "json", "text")),
+            metrics_path=metrics_path_from_env(env.environ),
+            worker_metrics_port=env.int(
+                "BILLING_WORKER_METRICS_PORT", 0, minimum=0, maximum=65535
+            ),
+            worker_metrics_address=env.str("BILLING_WORKER_METRICS_ADDRESS", "127.0.0.1")
+            or "127.0.0.1",
+            # Read by prometheus-client itself at import; here to check it before a worker starts.
+            prometheus_multiproc_dir=_multiproc_dir(env.environ.get("PROMETHEUS_MULTIPROC_DIR")),
         )
         parse_webhook_secrets("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secret)
+        if settings.worker_metrics_port and not settings.prometheus_multiproc_dir:
+            raise ConfigError(
+                "BILLING_WORKER_METRICS_PORT needs PROMETHEUS_MULTIPROC_DIR (a directory), or the "
+                "counts of Celery's prefork children are lost"
+            )
         if settings.broker_visibility_timeout_seconds <= settings.flush_lock_ttl_seconds:
             raise ConfigError(
                 "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed "
@@ -337,6 +361,27 @@ class Settings:
         return f"Settings({fields})"
 
     __str__ = __repr__
+
+
+def metrics_path_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """`BILLING_METRICS_PATH`, read alone like the webhook path: `/metrics` when unset, None
+    (no endpoint) when blank, else a URL path."""
+    value = (os.environ if environ is None else environ).get("BILLING_METRICS_PATH")
+    if value is None:
+        return DEFAULT_METRICS_PATH
+    value = value.strip()
+    if not value:
+        return None
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ConfigError(f"BILLING_METRICS_PATH must be a URL path starting with /, got {value!r}")
+    return value
+
+
+def _multiproc_dir(value: str | None) -> str | None:
+    # Set but blank or missing, prometheus-client would write its files into the cwd.
+    if value is not None and not os.path.isdir(value):
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR must be an existing directory, got {value!r}")
+    return value
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -44,6 +44,8 @@ FLUSH_SKIPPED_LOCKED = "Stripe usage flush skipped: another flush holds the lock
 FLUSH_DISABLED = "Stripe usage flush skipped: STRIPE_BILLING_ENABLED is not 1"
 FLUSH_BLOCKED = "Stripe usage flush blocked by failed contract validation"
 FLUSH_CONTRACT_WARNING = "Stripe usage flush contract validation failed; flushing anyway"
+CONTRACT_CHECK_FAILED = "Stripe billable_events contract validation failed"
+CONTRACT_CHECK_PASSED = "Stripe billable_events contract validation passed"
 FLUSH_UNBILLABLE = "Stripe usage flush left unbillable events pending"
 FLUSH_HELD = "Stripe usage submission held for reconciliation"
 FLUSH_STOPPED = "Stripe usage flush stopped: Stripe refused the account; rows left pending"
@@ -102,6 +104,11 @@ def bind_fields(**fields: Any) -> contextvars.Token[dict[str, Any] | None]:
 
 def unbind_fields(token: contextvars.Token[dict[str, Any] | None]) -> None:
     _context.reset(token)
+
+
+def bound(name: str) -> Any:
+    """A field bound by the innermost `bind()` (e.g. the running task's id), or None."""
+    return (_context.get() or {}).get(name)
 
 
 class ContextFilter(logging.Filter):

@@ -6,7 +6,9 @@ Handles are created lazily so that `--help` and config errors never need a datab
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        _all_runtimes.add(self)
 
     @cached_property
     def engine(self) -> Engine:
@@ -67,6 +70,21 @@ class Runtime:
 
 _process_runtime: Runtime | None = None
 _process_lock = threading.Lock()
+_all_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (Celery prefork) must not use its parent's database connections: drop
+    them without closing (closing would end the parent's sessions) and start afresh."""
+    global _process_runtime, _process_lock
+    for runtime in list(_all_runtimes):
+        if "engine" in runtime.__dict__:
+            runtime.engine.dispose(close=False)
+    _process_runtime = None
+    _process_lock = threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_runtime() -> Runtime:

@@ -8,9 +8,9 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from billing import logs, retry_policy
+from billing import flush_record, logs, metrics, retry_policy
 from billing.flush_result import FlushResult, TransientFlushError
-from billing.locks import FileFlushLock, FlushLock, RedisFlushLock, held
+from billing.locks import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
 from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
@@ -18,14 +18,21 @@ from billing.usage import flush_usage
 
 log = logs.get_logger("billing.services")
 
-TRANSIENT_ERRORS = (TransientFlushError, TransientStripeError)
+# Redis unreachable (no overlap guard) is retried like Stripe's transient errors: it usually heals.
+TRANSIENT_ERRORS = (TransientFlushError, TransientStripeError, LockUnavailableError)
 
 
 def make_flush_lock(runtime: Runtime) -> FlushLock:
     settings = runtime.settings
     if settings.flush_lock_backend == "file":
         return FileFlushLock(settings.flush_lock_key)
-    return RedisFlushLock(runtime.redis, settings.flush_lock_key, settings.flush_lock_ttl_seconds)
+    return RedisFlushLock(
+        runtime.redis,
+        settings.flush_lock_key,
+        settings.flush_lock_ttl_seconds,
+        lease_seconds=settings.flush_lock_lease_seconds,
+        task_id=logs.bound("task_id"),
+    )
 
 
 def contract_gate(
@@ -81,7 +88,31 @@ def flush_guarded(
     on_progress: Callable[[FlushResult], None] | None = None,
     call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
 ) -> FlushResult:
-    """The hourly flush under the overlap lock: a second concurrent run returns skipped=true."""
+    """The hourly flush under the overlap lock: a second concurrent run returns skipped=true.
+
+    Every run is counted (`billing_flush_runs_total`) and recorded for `status` and the alerts.
+    """
+    try:
+        result = _flush_under_lock(
+            runtime, clock=clock, on_progress=on_progress, call_attempts=call_attempts
+        )
+    except LockUnavailableError as error:
+        _observe(runtime, flush_record.LOCK_UNAVAILABLE, FlushResult(), str(error))
+        raise
+    except Exception as error:
+        _observe(runtime, flush_record.ERROR, FlushResult(), f"{type(error).__name__}: {error}")
+        raise
+    _observe(runtime, flush_record.outcome_of(result), result)
+    return result
+
+
+def _flush_under_lock(
+    runtime: Runtime,
+    *,
+    clock: Callable[[], datetime],
+    on_progress: Callable[[FlushResult], None] | None,
+    call_attempts: int,
+) -> FlushResult:
     if not runtime.settings.billing_enabled:
         return flush_once(runtime, clock=clock)
     lock = make_flush_lock(runtime)
@@ -98,6 +129,13 @@ def flush_guarded(
             on_progress=on_progress,
             call_attempts=call_attempts,
         )
+
+
+def _observe(runtime: Runtime, outcome: str, result: FlushResult, error: str | None = None) -> None:
+    settings = runtime.settings
+    metrics.observe_flush(result, outcome, settings.stripe_meters)
+    if settings.flush_lock_backend == "redis" and outcome != flush_record.DISABLED:
+        flush_record.record_run(runtime.redis, settings, outcome, result, error=error)
 
 
 def flush_with_retries(
@@ -118,3 +156,21 @@ def flush_with_retries(
             result = flush_guarded(runtime, on_progress=on_progress, call_attempts=calls)
             result.raise_if_transient()
     return result
+
+
+def validate_contract_scheduled(runtime: Runtime) -> dict[str, Any]:
+    """The scheduled contract check (beat, minute 3): logged and counted, so the alert fires
+    before a fail-closed flush at minute 13 is blocked. Returns the failed checks' names."""
+    from billing.contract import run_contract_checks
+
+    settings = runtime.settings
+    report = run_contract_checks(runtime, lookback_days=settings.contract_lookback_days)
+    failed = [failure["check"] for failure in report.failures()]
+    metrics.observe_contract_validation(failed)
+    blocks = bool(failed) and settings.contract_fail_closed
+    fields = {"failed_checks": failed, "blocks_flush": blocks}
+    if failed:
+        log.error(logs.CONTRACT_CHECK_FAILED, extra=fields)
+    else:
+        log.info(logs.CONTRACT_CHECK_PASSED, extra=fields)
+    return {"ok": not failed, **fields}

@@ -12,13 +12,19 @@ from celery import Task
 from kombu.exceptions import OperationalError
 
 from billing import retry_policy
-from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.celery_app import FLUSH_HOURLY_TASK, VALIDATE_CONTRACT_TASK, celery_app
 from billing.config import Settings, scrub
 from billing.retry_policy import retry_countdown
 from billing.runtime import get_runtime
-from billing.services import TRANSIENT_ERRORS, flush_guarded
+from billing.services import TRANSIENT_ERRORS, flush_guarded, validate_contract_scheduled
 
-__all__ = ["FLUSH_HOURLY_TASK", "BrokerUnavailableError", "enqueue_hourly_flush", "retry_countdown"]
+__all__ = [
+    "FLUSH_HOURLY_TASK",
+    "VALIDATE_CONTRACT_TASK",
+    "BrokerUnavailableError",
+    "enqueue_hourly_flush",
+    "retry_countdown",
+]
 
 
 class BrokerUnavailableError(RuntimeError):
@@ -46,6 +52,12 @@ def flush_hourly_usage(self: Task) -> dict[str, Any]:
             countdown=retry_countdown(settings, pass_index),
             max_retries=settings.task_max_retries,
         ) from error
+
+
+@celery_app.task(name=VALIDATE_CONTRACT_TASK, bind=True, acks_late=True, ignore_result=True)
+def validate_contract(self: Task) -> dict[str, Any]:
+    """The billable_events contract checks on a schedule; failures are logged and counted."""
+    return validate_contract_scheduled(get_runtime())
 
 
 def enqueue_hourly_flush(settings: Settings) -> str:

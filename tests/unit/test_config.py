@@ -46,6 +46,11 @@ GUIDE_DEFAULTS = {
     "webhook_requeue_after_seconds": 120,
     "webhook_processing_timeout_seconds": 900,
     "webhook_sweep_interval_seconds": 60,
+    "flush_lock_lease_seconds": 60,
+    "metrics_path": "/metrics",
+    "worker_metrics_port": 0,
+    "worker_metrics_address": "127.0.0.1",
+    "prometheus_multiproc_dir": None,
 }
 
 

@@ -55,9 +55,9 @@ def test_release_after_expiry_leaves_the_new_holders_lock(redis_client, caplog):
 
 
 def test_heartbeat_keeps_a_long_flush_locked(redis_client):
-    lock = RedisFlushLock(redis_client, KEY, 1)
+    lock = RedisFlushLock(redis_client, KEY, 30, lease_seconds=0.6)
     assert lock.acquire()
-    time.sleep(2.2)  # twice the TTL: only the heartbeat keeps the key alive
+    time.sleep(2.2)  # over three leases: only the heartbeat keeps the key alive
     assert redis_client.exists(KEY) and not lock.lost
     lock.release()
 

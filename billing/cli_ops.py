@@ -1,0 +1,128 @@
+"""Operator commands: `flask billing status`, `flask billing lock show|release`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
+from billing.ops_state import OpsState, read_state
+
+
+@billing_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+def status_command(as_json: bool) -> None:
+    """Last flush, backlog, outbox and webhook rows by status, and who holds the flush lock."""
+    rt = runtime()
+    with operator_errors():
+        state = read_state(rt)
+    if as_json:
+        click.echo(json.dumps(state.to_dict(), indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(status_text(state))
+
+
+def status_text(state: OpsState) -> str:
+    data = state.to_dict()
+    backlog = data["backlog"]
+    lines = [
+        f"backlog: {backlog['unclaimed_events']} unclaimed events, oldest "
+        f"{backlog['oldest_unclaimed_event_at'] or '-'}; oldest unbilled usage "
+        f"{backlog['oldest_unbilled_at'] or '-'} ({_age(backlog['oldest_unbilled_age_seconds'])})",
+        "outbox (not sent): " + _counts(data["outbox_by_status"]),
+        "webhooks (open): " + _counts(data["webhooks_by_status"]),
+    ]
+    flush = data["flush"]
+    if flush is None:
+        lines.append("last flush: not recorded (file lock backend)")
+    else:
+        lines.append("last flush: " + _run(flush["last_run"]))
+        lines.append("last successful flush: " + _run(flush["last_success"]))
+        if flush["consecutive_lock_skips"]:
+            lines.append(f"runs skipped by the lock in a row: {flush['consecutive_lock_skips']}")
+    lines.append("flush lock: " + _lock(data["lock"]))
+    return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def _run(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "never"
+    detail = f"{entry['at']} {entry['result']}"
+    if "submissions_sent" in entry and entry["result"] not in ("skipped_lock",):
+        detail += (
+            f" (claimed {entry.get('events_claimed', 0)}, sent {entry['submissions_sent']}, "
+            f"failed {entry.get('submissions_failed', 0)}, "
+            f"pending {entry.get('submissions_pending', 0)})"
+        )
+    if entry.get("error"):
+        detail += f": {entry['error']}"
+    return detail
+
+
+def _lock(lock: dict[str, Any]) -> str:
+    if lock.get("held") is None:
+        return f"{lock.get('backend')} backend (not inspectable)"
+    if not lock["held"]:
+        return "free"
+    holder = lock["holder"]
+    if "host" not in holder:
+        return f"held by an unnamed token, expires in {lock['expires_in_seconds']} s"
+    heartbeat = "alive" if lock["heartbeat_alive"] else "STOPPED"
+    return (
+        f"held by {holder['host']} pid {holder['pid']} task {holder['task_id'] or '-'} since "
+        f"{holder['since']} ({_age(lock['held_seconds'])}); heartbeat {heartbeat} "
+        f"({lock['heartbeat_age_seconds']} s ago); expires in {lock['expires_in_seconds']} s"
+    )
+
+
+@billing_cli.group("lock")
+def lock_cli() -> None:
+    """The flush overlap lock (Redis)."""
+
+
+@lock_cli.command("show")
+def lock_show_command() -> None:
+    """Print who holds the flush lock, since when, and whether its heartbeat is alive."""
+    rt = runtime()
+    with operator_errors():
+        state = inspect_lock(rt.redis, rt.settings.flush_lock_key)
+    emit(state.to_dict() if state else {"key": rt.settings.flush_lock_key, "held": False})
+
+
+@lock_cli.command("release")
+@click.option(
+    "--if-holder-dead",
+    is_flag=True,
+    help="For scripts (e.g. ExecStartPre): exit 0 doing nothing when the holder is alive.",
+)
+def lock_release_command(if_holder_dead: bool) -> None:
+    """Free a stale flush lock: its holder's heartbeat stopped, or its process on this host is
+    gone. A lock whose heartbeat is alive is never freed (exit 1, or 0 with --if-holder-dead)."""
+    rt = runtime()
+    with operator_errors():
+        state = inspect_lock(rt.redis, rt.settings.flush_lock_key)
+        outcome = (
+            ReleaseOutcome.NOT_HELD if state is None else release_dead_holder(rt.redis, state)
+        )
+    payload = {"key": rt.settings.flush_lock_key, "outcome": outcome.value}
+    if state is not None:
+        payload["lock"] = state.to_dict()
+    emit(payload)
+    refused = outcome in (ReleaseOutcome.HOLDER_ALIVE, ReleaseOutcome.CHANGED_HANDS)
+    if refused and not if_holder_dead:
+        click.echo(
+            f"lock not released: {outcome.value} (a live holder's lock is never freed)", err=True
+        )
+        sys.exit(1)

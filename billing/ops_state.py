@@ -1,0 +1,208 @@
+"""What an operator watches, read from the database and Redis: `flask billing status` and the
+scrape-time gauges of `billing.metrics` both come from `read_state`.
+
+Only rows that still need something are counted (outbox rows not `sent`, webhook rows not
+`processed`/`ignored`), so the queries follow the backlog, not the table's history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from prometheus_client.core import GaugeMetricFamily
+
+from billing import flush_record
+from billing.locks import LockState, inspect_lock
+from billing.models import (
+    BillableEvent,
+    SubmissionStatus,
+    UsageSubmission,
+    WebhookEvent,
+    WebhookStatus,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from billing.runtime import Runtime
+
+# Always reported (as 0 when empty), so an alert's series exists before the first bad row.
+OPEN_SUBMISSION_STATUSES = (
+    SubmissionStatus.PENDING.value,
+    SubmissionStatus.HELD.value,
+    SubmissionStatus.FAILED.value,
+)
+OPEN_WEBHOOK_STATUSES = (
+    WebhookStatus.RECEIVED.value,
+    WebhookStatus.PROCESSING.value,
+    WebhookStatus.FAILED.value,
+)
+DONE_SUBMISSION_STATUSES = (SubmissionStatus.SENT.value,)
+DONE_WEBHOOK_STATUSES = (WebhookStatus.PROCESSED.value, WebhookStatus.IGNORED.value)
+
+
+@dataclass(frozen=True)
+class OpsState:
+    now: datetime
+    unclaimed_events: int
+    oldest_unclaimed_event_at: datetime | None
+    oldest_unbilled_at: datetime | None
+    outbox_by_status: dict[str, int]
+    webhooks_by_status: dict[str, int]
+    history: flush_record.FlushHistory | None = None
+    lock: LockState | None = None
+    lock_backend: str = "redis"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def oldest_unbilled_age_seconds(self) -> float:
+        if self.oldest_unbilled_at is None:
+            return 0.0
+        return max(0.0, (self.now - self.oldest_unbilled_at).total_seconds())
+
+    @property
+    def dead_letters(self) -> int:
+        return self.webhooks_by_status.get(WebhookStatus.FAILED.value, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "now": self.now.isoformat(),
+            "backlog": {
+                "unclaimed_events": self.unclaimed_events,
+                "oldest_unclaimed_event_at": _iso(self.oldest_unclaimed_event_at),
+                "oldest_unbilled_at": _iso(self.oldest_unbilled_at),
+                "oldest_unbilled_age_seconds": round(self.oldest_unbilled_age_seconds, 1),
+            },
+            "outbox_by_status": self.outbox_by_status,
+            "webhooks_by_status": self.webhooks_by_status,
+            "dead_letters": self.dead_letters,
+            "flush": self.history.to_dict() if self.history else None,
+            "lock": self._lock_dict(),
+        }
+
+    def _lock_dict(self) -> dict[str, Any]:
+        if self.lock_backend != "redis":
+            return {"backend": self.lock_backend, "held": None}
+        return self.lock.to_dict() if self.lock else {"held": False}
+
+    def gauges(self) -> Iterator[GaugeMetricFamily]:
+        yield _gauge(
+            "billing_oldest_unbilled_event_age_seconds",
+            "Age of the oldest usage not yet accepted by Stripe (unclaimed, pending, held or "
+            "failed); 0 when none.",
+            self.oldest_unbilled_age_seconds,
+        )
+        yield _gauge(
+            "billing_unclaimed_events", "billable_events rows no flush has claimed yet.",
+            self.unclaimed_events,
+        )
+        yield _labelled(
+            "billing_outbox_rows",
+            "Outbox (usage_submissions) rows not yet sent, by status.",
+            "status",
+            self.outbox_by_status,
+        )
+        yield _labelled(
+            "billing_webhook_events",
+            "Webhook events not yet processed or ignored, by status.",
+            "status",
+            self.webhooks_by_status,
+        )
+        yield _gauge(
+            "billing_webhook_dead_letters",
+            "Webhook events that failed their last retry (status failed).",
+            self.dead_letters,
+        )
+        if self.history is not None:
+            yield from self._history_gauges(self.history)
+        if self.lock_backend == "redis":
+            held = self.lock.holder.held_seconds(self.now) if self.lock and self.lock.holder else 0
+            yield _gauge(
+                "billing_flush_lock_held_seconds",
+                "How long the current holder has held the flush lock; 0 when free.",
+                held if self.lock else 0,
+            )
+
+    @staticmethod
+    def _history_gauges(history: flush_record.FlushHistory) -> Iterator[GaugeMetricFamily]:
+        for name, entry, text in (
+            ("billing_flush_last_run_timestamp_seconds", history.last_run, "any outcome"),
+            ("billing_flush_last_success_timestamp_seconds", history.last_success, "ok"),
+        ):
+            stamp = flush_record.timestamp_of(entry)
+            if stamp is not None:  # absent until the first such run
+                yield _gauge(name, f"When the last hourly flush run ({text}) finished.", stamp)
+        yield _gauge(
+            "billing_flush_consecutive_lock_skips",
+            "Hourly runs in a row skipped because another run held the lock.",
+            history.consecutive_lock_skips,
+        )
+
+
+def read_state(runtime: Runtime) -> OpsState:
+    now = utcnow()
+    with runtime.session_factory() as session:
+        unclaimed, oldest_unclaimed = session.execute(
+            sa.select(sa.func.count(), sa.func.min(BillableEvent.occurred_at)).where(
+                BillableEvent.usage_submission_id.is_(None)
+            )
+        ).one()
+        oldest_unsent = session.scalar(
+            sa.select(sa.func.min(UsageSubmission.window_start)).where(
+                UsageSubmission.status.not_in(DONE_SUBMISSION_STATUSES)
+            )
+        )
+        outbox = _count_by_status(
+            session, UsageSubmission.status, DONE_SUBMISSION_STATUSES, OPEN_SUBMISSION_STATUSES
+        )
+        webhooks = _count_by_status(
+            session, WebhookEvent.status, DONE_WEBHOOK_STATUSES, OPEN_WEBHOOK_STATUSES
+        )
+    settings = runtime.settings
+    history = lock = None
+    if settings.flush_lock_backend == "redis":
+        history = flush_record.read_history(runtime.redis, settings)
+        lock = inspect_lock(runtime.redis, settings.flush_lock_key)
+    oldest = [t for t in (oldest_unclaimed, oldest_unsent) if t is not None]
+    return OpsState(
+        now=now,
+        unclaimed_events=int(unclaimed),
+        oldest_unclaimed_event_at=oldest_unclaimed,
+        oldest_unbilled_at=min(oldest) if oldest else None,
+        outbox_by_status=outbox,
+        webhooks_by_status=webhooks,
+        history=history,
+        lock=lock,
+        lock_backend=settings.flush_lock_backend,
+    )
+
+
+def _count_by_status(
+    session: Any, column: Any, done: tuple[str, ...], always: tuple[str, ...]
+) -> dict[str, int]:
+    counts = dict.fromkeys(always, 0)
+    rows = session.execute(
+        sa.select(column, sa.func.count()).where(column.not_in(done)).group_by(column)
+    )
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _labelled(
+    name: str, documentation: str, label: str, values: dict[str, int]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
