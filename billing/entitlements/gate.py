@@ -107,7 +107,8 @@ def guard_request() -> Response | None:
     organization_id = current_organization_id()
     if organization_entitled(organization_id):
         return None
-    return gated_response(request.full_path.rstrip("?"))
+    # script_root: an app mounted under a prefix must come back to the prefixed path.
+    return gated_response((request.script_root + request.full_path).rstrip("?"))
 
 
 def _gate() -> SaasGate:

@@ -202,6 +202,13 @@ class TestUpgradeMode:
         assert "Your workspace needs the SaaS plan" in text
         assert 'action="/billing/saas/checkout"' in text and 'name="csrf_token"' in text
 
+    def test_an_app_mounted_under_a_prefix_keeps_it(self, upgrade_app):
+        client = signed_in(upgrade_app, 2)
+        response = client.get("/workspace?tab=2", base_url="http://localhost/app")
+        assert response.headers["Location"] == (
+            "/app/billing/saas/upgrade?next=/app/workspace?tab%3D2"
+        )
+
     def test_checkout_subscribes_the_signed_in_organization(self, upgrade_app, saas_catalog):
         runtime = saas_catalog.runtime
         client = signed_in(upgrade_app, 2)
@@ -331,9 +338,14 @@ class TestBlueprintGuard:
         workspace = gate.protect(Blueprint("ws", __name__))
         workspace.add_url_rule("/", "home", lambda: "home")
         workspace.add_url_rule("/reports", "reports", lambda: "reports")
+        workspace.add_url_rule("/save", "save", lambda: "saved", methods=["POST"])
         app.register_blueprint(workspace, url_prefix="/ws")
         client = app.test_client()
         assert client.get("/ws/reports").headers["Location"] == BOOKING_URL
+        refused = client.post("/ws/save")  # a form post or API write: 403, never a redirect
+        assert refused.status_code == 403
+        assert refused.get_json()["error"] == "saas_entitlement_required"
         grant_manual(billing_runtime, 5, SAAS_FEATURE)
         assert client.get("/ws/reports").get_data(as_text=True) == "reports"
+        assert client.post("/ws/save").get_data(as_text=True) == "saved"
         app.extensions["billing"].get().close()
