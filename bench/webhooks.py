@@ -1,0 +1,458 @@
+"""Webhook ingest benchmark: billing's endpoint (verify, store once, enqueue) against the same
+endpoint running the event's handler synchronously inside the request, side by side.
+
+Both run under gunicorn on loopback with the same worker settings; the load comes from a
+separate process (`--load`, started by this script) that sends pre-signed, distinct
+`customer.subscription.updated` deliveries over keep-alive connections and times each one. The
+handler of that event reads the subscription back from Stripe (the emulator, in its own process,
+rate ceilings off), updates the billing account and refreshes entitlements: the work that the
+queued endpoint leaves to a Celery worker. The per-call costs of the pieces of an accepted
+delivery (signature check, the insert, Celery's publish) are measured in-process first.
+
+PostgreSQL gets a scratch schema, Redis a queue of this run's own (both removed at the end);
+nothing consumes the queue, so its length afterwards proves every accepted event was enqueued.
+
+    .venv/bin/python bench/webhooks.py [--requests 20000] [--sync-requests 4000]
+        [--concurrency 32] [--workers 2] [--threads 16] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATABASE_URL = os.environ.get(
+    "BILLING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("BILLING_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+SECRET = "whsec_bench_webhooks_0000000000"
+RUN = f"{os.getpid()}"
+SCHEMA = f"billing_bench_webhooks_{RUN}"
+QUEUE = f"billing-bench-webhooks-{RUN}"
+RESULTS = ROOT / "bench" / "results" / "webhooks.json"
+ORGANIZATION_ID = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _schema_url() -> str:
+    return f"{DATABASE_URL}?options=" + urllib.parse.quote(f"-csearch_path={SCHEMA}")
+
+
+def _environment(api_base: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": _schema_url(),
+        "STRIPE_SECRET_KEY": "sk_test_bench_webhooks_0000",
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "STRIPE_API_BASE": api_base,
+        "STRIPE_METER_EVENT_RATE_PER_SECOND": "100000",
+        "CELERY_BROKER_URL": REDIS_URL,
+        "REDIS_URL": REDIS_URL,
+        "STRIPE_BILLING_QUEUE": QUEUE,
+        "BILLING_LOG_FORMAT": "json",
+        "BILLING_LOG_LEVEL": "info",
+        "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{ROOT}",
+    }
+
+
+# The synchronous variant, loaded by gunicorn as `webhooks:create_sync_app()` -----------------
+
+
+def create_sync_app() -> Any:
+    """billing's app with the one difference measured: the event is processed in the request."""
+    from flask import Response, request
+
+    from billing import create_app
+    from billing.app import current_runtime
+    from billing.webhooks import handlers, service
+
+    app = create_app()
+
+    def receive_and_process() -> Response:
+        runtime = current_runtime()
+        try:
+            event = service.verify_delivery(
+                request.get_data(), request.headers.get("Stripe-Signature"), runtime.settings
+            )
+        except service.WebhookRejected as rejected:
+            return Response("{}", rejected.status, mimetype="application/json")
+
+        def process_now(event_id: str) -> None:
+            service.process_event(
+                runtime, event_id, handlers.HANDLERS, final_attempt=True,
+                transient_errors=handlers.TRANSIENT_ERRORS,
+            )
+
+        outcome = service.ingest(runtime, event, process_now)
+        return Response(json.dumps({"outcome": outcome.value}), 200, mimetype="application/json")
+
+    app.view_functions["billing_webhooks.receive"] = receive_and_process
+    return app
+
+
+# Set-up ----------------------------------------------------------------------------------------
+
+
+def start_emulator(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--rate-limits", "off",
+         "--quiet"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait(lambda: urllib.request.urlopen(f"{url}/_emulator/health", timeout=1), "emulator")
+    return process, url
+
+
+def _wait(probe: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
+def prepare(runtime: Any) -> tuple[str, str]:
+    """Schema at head; org 1 linked to a customer with a subscription that grants a feature."""
+    from billing import db
+    from billing.models import BillingAccount
+
+    admin = db.make_engine(DATABASE_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
+        connection.exec_driver_sql(f'CREATE SCHEMA "{SCHEMA}"')
+    admin.dispose()
+    db.upgrade(runtime.engine)
+    stripe = runtime.stripe
+    price = stripe.ensure_feature_price("saas", product_name="Workspace", unit_amount=4900)
+    customer = stripe.create_customer("Bench org", ORGANIZATION_ID)
+    subscription = stripe.client.v1.subscriptions.create(
+        {"customer": customer.id, "items": [{"price": price}]}
+    )
+    with runtime.session_factory.begin() as session:
+        session.add(BillingAccount(organization_id=ORGANIZATION_ID,
+                                   stripe_customer_id=customer.id,
+                                   stripe_subscription_id=subscription.id))
+    return customer.id, subscription.id
+
+
+def cleanup(runtime: Any) -> None:
+    from billing import db
+
+    runtime.close()
+    admin = db.make_engine(DATABASE_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
+    admin.dispose()
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(QUEUE)
+    client.close()
+
+
+def delivery(customer: str, subscription: str, n: int, prefix: str) -> bytes:
+    event = {
+        "id": f"evt_{prefix}{n:09d}",
+        "object": "event",
+        "api_version": "2026-10-28.endive",
+        "created": int(time.time()),
+        "data": {"object": {"id": subscription, "object": "subscription", "customer": customer,
+                            "status": "active"}},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": "customer.subscription.updated",
+    }
+    return json.dumps(event).encode()
+
+
+def signed(bodies: list[bytes]) -> list[tuple[bytes, str]]:
+    import stripe
+
+    now = int(time.time())
+    return [
+        (body, stripe.WebhookSignature.generate_signature_header(body.decode(), SECRET, now))
+        for body in bodies
+    ]
+
+
+# Component costs (in-process) ------------------------------------------------------------------
+
+
+def component_costs(runtime: Any, customer: str, subscription: str, n: int = 2000) -> dict:
+    from billing.webhooks import service
+    from billing.webhooks.tasks import enqueuer
+
+    deliveries = signed([delivery(customer, subscription, i, "cost") for i in range(n)])
+    events = []
+    started = time.perf_counter()
+    for body, signature in deliveries:
+        events.append(service.verify_delivery(body, signature, runtime.settings))
+    verify = time.perf_counter() - started
+    started = time.perf_counter()
+    for event in events:
+        service.store_once(runtime.engine, event)
+    store = time.perf_counter() - started
+    enqueue = enqueuer(runtime)
+    enqueue("evt_warmup")
+    started = time.perf_counter()
+    for event in events:
+        enqueue(event["id"])
+    publish = time.perf_counter() - started
+    with runtime.engine.begin() as connection:
+        connection.exec_driver_sql("TRUNCATE webhook_events")
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(QUEUE)
+    client.close()
+    return {
+        "calls": n,
+        "verify_us": round(verify / n * 1e6, 1),
+        "store_once_us": round(store / n * 1e6, 1),
+        "celery_publish_us": round(publish / n * 1e6, 1),
+    }
+
+
+# gunicorn and the load process -------------------------------------------------------------------
+
+
+def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log: Path) -> tuple:
+    port = _free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("gunicorn")), app,
+         "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
+         "--worker-class", "gthread", "--threads", str(args.threads),
+         "--keep-alive", "30", "--backlog", "2048"],
+        env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/stripe/webhook"
+
+    def probe() -> None:
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=1)
+        except urllib.error.HTTPError as error:
+            if error.code != 400:
+                raise
+
+    _wait(probe, "gunicorn")
+    return process, url
+
+
+def run_load(url: str, deliveries: list[tuple[bytes, str]], concurrency: int) -> dict:
+    """In a separate process: send every delivery once over `concurrency` keep-alive
+    connections; per-request latency, throughput and status counts."""
+    path = Path(f"/tmp/billing-bench-webhooks-{RUN}-{time.time_ns()}.json")
+    path.write_text(json.dumps([[b.decode(), s] for b, s in deliveries]))
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--load", url, "--bodies", str(path),
+             "--concurrency", str(concurrency)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    finally:
+        path.unlink(missing_ok=True)
+    return json.loads(out)
+
+
+def load_main(url: str, bodies_path: str, concurrency: int) -> None:
+    deliveries = json.loads(Path(bodies_path).read_text())
+    parsed = urllib.parse.urlsplit(url)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    cursor = iter(range(len(deliveries)))
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+        mine: list[float] = []
+        codes: dict[int, int] = {}
+        barrier.wait()
+        while True:
+            with lock:
+                index = next(cursor, None)
+            if index is None:
+                break
+            body, signature = deliveries[index]
+            started = time.perf_counter()
+            connection.request("POST", parsed.path, body=body.encode(), headers={
+                "Content-Type": "application/json", "Stripe-Signature": signature,
+            })
+            response = connection.getresponse()
+            response.read()
+            mine.append(time.perf_counter() - started)
+            codes[response.status] = codes.get(response.status, 0) + 1
+            if response.will_close:
+                connection.close()
+                connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+        with lock:
+            latencies.extend(mine)
+            for code, count in codes.items():
+                statuses[code] = statuses.get(code, 0) + count
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    load_cpu = time.process_time() - cpu_started
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000, 2)
+
+    print(json.dumps({
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "per_second": round(len(latencies) / elapsed, 1),
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "load_cpu_ms_per_request": round(load_cpu / len(latencies) * 1000, 3),
+    }))
+
+
+def cpu_seconds(master: int) -> float:
+    """User + system CPU of gunicorn's workers so far (Linux /proc; 0 elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    except OSError:
+        return 0.0
+    total = 0
+    for pid in [str(master), *children]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int,
+            customer: str, subscription: str, log: Path) -> dict:
+    process, url = start_gunicorn(app, env, args, log)
+    try:
+        warmup = signed([delivery(customer, subscription, i, f"{name}w") for i in range(300)])
+        run_load(url, warmup, args.concurrency)
+        deliveries = signed([delivery(customer, subscription, i, name) for i in range(count)])
+        before = cpu_seconds(process.pid)
+        result = run_load(url, deliveries, args.concurrency)
+        result["server_cpu_ms_per_request"] = round(
+            (cpu_seconds(process.pid) - before) / count * 1000, 3
+        )
+        return result
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def count_rows(runtime: Any, status: str | None = None) -> int:
+    import sqlalchemy as sa
+
+    from billing.models import WebhookEvent
+
+    query = sa.select(sa.func.count()).select_from(WebhookEvent)
+    if status:
+        query = query.where(WebhookEvent.status == status)
+    with runtime.session_factory() as session:
+        return int(session.scalar(query))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--sync-requests", type=int, default=4_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--bodies", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        load_main(args.load, args.bodies, args.concurrency)
+        return
+
+    import redis
+
+    from billing.config import Settings
+    from billing.runtime import Runtime
+
+    emulator_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    emulator, api_base = start_emulator(emulator_env)
+    env = _environment(api_base)
+    runtime = Runtime(Settings.from_env(env))
+    log = Path(f"/tmp/billing-bench-webhooks-{RUN}.log")
+    try:
+        customer, subscription = prepare(runtime)
+        costs = component_costs(runtime, customer, subscription)
+        print(f"per call: verify {costs['verify_us']} µs, store_once {costs['store_once_us']} "
+              f"µs, Celery publish {costs['celery_publish_us']} µs", flush=True)
+        queued = measure("queued", "billing:create_app()", env, args, args.requests,
+                         customer, subscription, log)
+        stored = count_rows(runtime)
+        queue_length = redis.Redis.from_url(REDIS_URL).llen(QUEUE)
+        synchronous = measure("sync", "webhooks:create_sync_app()", env, args,
+                              args.sync_requests, customer, subscription, log)
+        processed_sync = count_rows(runtime, "processed")
+    finally:
+        emulator.terminate()
+        emulator.wait(timeout=30)
+        cleanup(runtime)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
+        "gunicorn": {"workers": args.workers, "threads": args.threads, "worker_class": "gthread"},
+        "concurrency": args.concurrency,
+        "component_costs": costs,
+        "queued": {**queued, "rows_stored": stored, "tasks_enqueued": queue_length},
+        "synchronous": {**synchronous, "rows_processed": processed_sync},
+        "throughput_ratio": round(queued["per_second"] / synchronous["per_second"], 2),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'endpoint':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU ms/req':>18}"
+          "  statuses")
+    for name in ("queued", "synchronous"):
+        row = result[name]
+        print(f"{name:<12} {row['per_second']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8} "
+              f"{row['server_cpu_ms_per_request']:>18}  {row['statuses']}")
+    print(f"queued/synchronous throughput: {result['throughput_ratio']}x; rows stored {stored}, "
+          f"tasks enqueued {queue_length}; written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
