@@ -124,3 +124,19 @@ def test_webhook_path_is_configurable(make_runtime, webhook_settings):
         assert post(server.url, make_event(event_id="evt_path")).status_code == 200
     finally:
         server.close()
+
+
+def test_a_host_app_gets_the_endpoint_from_billing(webhook_runtime):
+    from flask import Flask
+
+    from billing.app import EXTENSION_KEY, Billing
+
+    host = Flask("host")
+    Billing(host, webhook_runtime.settings)
+    host.extensions[EXTENSION_KEY]._runtime = webhook_runtime
+    body = make_event(event_id="evt_host")
+    response = host.test_client().post(
+        "/stripe/webhook", data=body, headers={"Stripe-Signature": sign(body)}
+    )
+    assert response.status_code == 200
+    assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_host"]
