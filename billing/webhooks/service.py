@@ -23,7 +23,7 @@ import stripe
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing import logs
+from billing import logs, metrics
 from billing.config import Settings
 from billing.models import WebhookEvent, WebhookStatus, utcnow
 from billing.runtime import Runtime
@@ -39,12 +39,14 @@ EVENT_OBJECTS = frozenset({"event", "v2.core.event"})
 
 
 class WebhookRejected(Exception):
-    """A delivery we refuse: nothing is stored; `status` is the HTTP answer."""
+    """A delivery we refuse: nothing is stored; `status` is the HTTP answer, `kind` the metric
+    label (`signature`, `timestamp`, `payload`, `too_large`, `not_configured`)."""
 
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(self, reason: str, status: int = 400, kind: str = "payload") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.kind = kind
 
 
 class IngestOutcome(enum.StrEnum):
@@ -76,19 +78,23 @@ def verify_delivery(
     """
     secrets = settings.webhook_secrets
     if not secrets:
-        raise WebhookRejected("STRIPE_WEBHOOK_SECRET is not set", status=500)
+        raise WebhookRejected("STRIPE_WEBHOOK_SECRET is not set", status=500, kind="not_configured")
     if not signature:
-        raise WebhookRejected("missing Stripe-Signature header")
+        raise WebhookRejected("missing Stripe-Signature header", kind="signature")
     try:
         payload = body.decode("utf-8")
         timestamp, _ = stripe.WebhookSignature._get_timestamp_and_signatures(signature, "v1")
     except (UnicodeDecodeError, ValueError, IndexError):
-        raise WebhookRejected("malformed Stripe-Signature header or body encoding") from None
+        raise WebhookRejected(
+            "malformed Stripe-Signature header or body encoding", kind="signature"
+        ) from None
     skew = (time.time() if now is None else now) - timestamp
     if abs(skew) > settings.webhook_tolerance_seconds:
-        raise WebhookRejected(f"signature timestamp outside the tolerance ({round(skew)} s)")
+        raise WebhookRejected(
+            f"signature timestamp outside the tolerance ({round(skew)} s)", kind="timestamp"
+        )
     if not any(_signed_with(payload, signature, secret) for secret in secrets):
-        raise WebhookRejected("no valid signature for any configured secret")
+        raise WebhookRejected("no valid signature for any configured secret", kind="signature")
     return parse_event(payload)
 
 
@@ -123,7 +129,9 @@ def parse_event(payload: str) -> dict[str, Any]:
 def ingest(runtime: Runtime, event: dict[str, Any], enqueue: Enqueue) -> IngestOutcome:
     """Store a verified event once (by Stripe's id), then queue its processing."""
     fields = {"event_id": event["id"], "event_type": event["type"]}
+    metrics.WEBHOOKS_RECEIVED.inc()
     if not store_once(runtime.engine, event):
+        metrics.WEBHOOKS_DUPLICATE.inc()
         log.info(logs.WEBHOOK_DUPLICATE, extra=fields)
         return IngestOutcome.DUPLICATE
     if not try_enqueue(enqueue, event["id"], fields):
@@ -255,6 +263,7 @@ def process_event(
         with logs.bind(event_id=event_id, event_type=claimed.event_type):
             handler(runtime, claimed.payload)
     except Exception as error:
+        metrics.WEBHOOKS_FAILED.labels(type=claimed.event_type).inc()
         transient = isinstance(error, transient_errors)
         retry = transient and not final_attempt
         _record_failure(runtime, event_id, error, retry=retry)
@@ -267,6 +276,7 @@ def process_event(
             raise
         return ProcessOutcome.FAILED
     _finish(runtime, event_id, WebhookStatus.PROCESSED)
+    metrics.WEBHOOKS_PROCESSED.labels(type=claimed.event_type).inc()
     log.info(
         logs.WEBHOOK_PROCESSING_COMPLETED,
         extra={**fields, "duration_ms": round((time.perf_counter() - started) * 1000, 1)},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from billing import logs
+from billing import logs, metrics
 from billing.webhooks import service
 
 log = logs.get_logger("billing.webhooks")
@@ -26,7 +26,9 @@ def receive_webhook() -> Response:
     settings = runtime.settings
     body = _read_body(settings.webhook_max_body_bytes)
     if body is None:
-        return _reject(service.WebhookRejected("body over the size limit", status=413))
+        return _reject(
+            service.WebhookRejected("body over the size limit", status=413, kind="too_large")
+        )
     try:
         event = service.verify_delivery(body, request.headers.get(SIGNATURE_HEADER), settings)
     except service.WebhookRejected as rejected:
@@ -46,6 +48,7 @@ def _read_body(limit: int) -> bytes | None:
 
 
 def _reject(rejected: service.WebhookRejected) -> Response:
+    metrics.WEBHOOKS_REJECTED.labels(reason=rejected.kind).inc()
     # Never the body: it is attacker-controlled and may carry customer data.
     log.warning(
         logs.WEBHOOK_REJECTED,
