@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from billing.cli import billing_cli, emit, operator_errors, runtime
 from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
+from billing.models import utcnow
 from billing.ops_state import OpsState, read_state
 
 
@@ -126,3 +128,78 @@ def lock_release_command(if_holder_dead: bool) -> None:
             f"lock not released: {outcome.value} (a live holder's lock is never freed)", err=True
         )
         sys.exit(1)
+
+
+ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"]
+
+
+@billing_cli.command("reconcile")
+@click.option("--since", type=click.DateTime(ISO_FORMATS), default=None,
+              help="Start (UTC, ISO 8601). Default: 48 h ago, or the oldest held row's hour.")
+@click.option("--until", type=click.DateTime(ISO_FORMATS), default=None,
+              help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
+    """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
+    past Stripe's 24-hour identifier window. Exit 1 on drift or when Stripe could not answer."""
+    from billing.reconcile import default_window, reconcile
+
+    rt = runtime()
+    with operator_errors():
+        start, end = default_window(rt, utcnow())
+        start, end = _utc(since) or start, _utc(until) or end
+        if start >= end:
+            raise click.BadParameter("--since must be before --until")
+        report = reconcile(rt, start, end, progress=_progress_bar("reconciling"))
+    payload = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(reconcile_text(payload))
+    if not report.ok:
+        sys.exit(1)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+
+
+def _progress_bar(label: str) -> Any:
+    """A progress bar on a terminal; silent otherwise (cron, logs, pipes)."""
+
+    def wrap(items: Any) -> Any:
+        items = list(items)
+        if not sys.stderr.isatty():
+            yield from items
+            return
+        with click.progressbar(items, label=label, file=sys.stderr) as bar:
+            yield from bar
+
+    return wrap
+
+
+def reconcile_text(payload: dict[str, Any]) -> str:
+    counts = payload["groups"]
+    lines = [
+        f"{payload['since']} .. {payload['until']}: "
+        + ", ".join(f"{status} {n}" for status, n in counts.items())
+        + f"; settled: delivered {payload['settled']['delivered']}, "
+        f"reissued {payload['settled']['reissued']}"
+    ]
+    for group in payload["problems"]:
+        lines.append(
+            f"{group['status']:<9} {group['stripe_customer_id']} {group['meter']} {group['hour']}"
+            f" Stripe {group['stripe_total']} outbox sent {group['sent_total']}"
+            + (f" ({group['detail']})" if group["detail"] else "")
+            + (f" [settled: {group['settled']}]" if group["settled"] else "")
+        )
+        for row in group["rows"]:
+            lines.append(
+                f"    row {row['id']} {row['status']} value {row['value']} "
+                f"identifier {row['identifier']}"
+            )
+    return "\n".join(lines)

@@ -77,6 +77,7 @@ class SubmissionAction(enum.StrEnum):
     RETRY = "retry"  # failed -> pending, same identifier
     REISSUE = "reissue"  # held -> pending with a new identifier, after reconciliation
     WRITE_OFF = "write_off"  # failed or held -> written_off
+    RECONCILED = "reconciled"  # held -> sent: Stripe's summaries show it was delivered
 
 
 class WebhookStatus(enum.StrEnum):

@@ -260,6 +260,28 @@ class StripeGateway:
         )
         return int(sum(item.aggregated_value for item in summaries.auto_paging_iter()))
 
+    def meter_hourly_totals(
+        self, meter_id: str, customer_id: str, start: datetime, end: datetime
+    ) -> dict[datetime, int]:
+        """Stripe's hourly sums of a customer's meter events in [start, end) (hour-aligned):
+        {hour start: value}; hours without usage are absent. Every page is read, or it raises."""
+        summaries = self._list_all(
+            self.client.v1.billing.meters.event_summaries.list,
+            meter_id,
+            {
+                "customer": customer_id,
+                "start_time": int(start.timestamp()),
+                "end_time": int(end.timestamp()),
+                "value_grouping_window": "hour",
+                "limit": 100,
+            },
+        )
+        totals: dict[datetime, int] = {}
+        for item in summaries:
+            hour = datetime.fromtimestamp(item.start_time, UTC)
+            totals[hour] = totals.get(hour, 0) + int(item.aggregated_value)
+        return totals
+
     # Customers, subscriptions ---------------------------------------------------------------
 
     def retrieve_customer(self, customer_id: str) -> Any:

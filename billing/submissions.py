@@ -216,6 +216,25 @@ def write_off_submissions(
     )
 
 
+def mark_held_delivered(
+    runtime: Runtime, submission_ids: Sequence[int], *, reason: str, actor: str
+) -> ActionResult:
+    """Held rows that reconciliation found in Stripe's meter event summaries become `sent`."""
+
+    def refusal(row: UsageSubmission) -> str | None:
+        return None if row.status == HELD else f"submission {row.id} is {row.status}, not held"
+
+    return _apply(
+        runtime,
+        submission_ids,
+        actor=actor,
+        reason=reason,
+        refusal=refusal,
+        change=lambda row, now: {"status": SubmissionStatus.SENT.value, "sent_at": now},
+        action_for=lambda row: SubmissionAction.RECONCILED,
+    )
+
+
 def _apply(
     runtime: Runtime,
     submission_ids: Sequence[int],

@@ -1,0 +1,274 @@
+"""Reconciliation: what the outbox says was sent against what Stripe aggregated, per customer,
+meter and hour, and settlement of rows held past Stripe's identifier window.
+
+For each (customer, meter) in the window one summaries call (`value_grouping_window=hour`, every
+page) gives Stripe's hourly totals; the outbox's `sent` rows give ours (a row's meter event is
+stamped at its `window_start`, so it lands in that hour). A group is:
+- `match`: the totals agree and no row of the group is still pending or held;
+- `drift`: they differ and nothing is in flight: the rows behind it are listed (exit 1);
+- `in_flight`: pending or held rows make the difference expected until they settle;
+- `unknown`: Stripe could not answer (an error, a meter it does not know): nothing is concluded
+  from it (exit 1: not proven);
+- `not_final`: the hour ended less than an hour ago; Stripe aggregates asynchronously, so it is
+  not judged yet (the default window stops before such hours).
+A group with rows held for longer than the identifier window (24 h) is settled only on a clear
+answer, with no row of it pending: Stripe = sent + held → the held rows were delivered, marked
+`sent`; Stripe = sent → provably absent, re-issued with a new identifier (pending; the next flush
+sends it). Any other total is left for a person. Both are recorded in the outbox's audit trail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from billing import submissions
+from billing.logs import get_logger
+from billing.models import SubmissionStatus, UsageSubmission, utcnow
+from billing.runtime import Runtime
+from billing.stripe_gateway import StripeGatewayError
+
+log = get_logger("billing.reconcile")
+
+HOUR = timedelta(hours=1)
+# Stripe keeps a meter event identifier for at least 24 hours; past it a re-send is not deduped.
+IDENTIFIER_WINDOW = timedelta(hours=24)
+# Stripe aggregates meter events asynchronously: an hour is judged once it is this long over.
+SUMMARY_SETTLE_DELAY = timedelta(hours=1)
+DEFAULT_LOOKBACK = timedelta(hours=48)
+ACTOR = "reconcile"
+
+SENT = SubmissionStatus.SENT.value
+PENDING = SubmissionStatus.PENDING.value
+HELD = SubmissionStatus.HELD.value
+
+Key = tuple[str, str, datetime]  # (customer, meter event name, hour)
+
+
+@dataclass
+class Group:
+    customer: str
+    meter: str
+    hour: datetime
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stripe: int | None = None
+    status: str = "unknown"
+    detail: str | None = None
+    settled: str | None = None  # "delivered" or "reissued"
+
+    def total(self, *statuses: str) -> int:
+        return sum(r["value"] for r in self.rows if r["status"] in statuses)
+
+    def has(self, status: str) -> bool:
+        return any(r["status"] == status for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stripe_customer_id": self.customer,
+            "meter": self.meter,
+            "hour": self.hour.isoformat(),
+            "stripe_total": self.stripe,
+            "sent_total": self.total(SENT),
+            "status": self.status,
+            "detail": self.detail,
+            "settled": self.settled,
+            "rows": self.rows,
+        }
+
+
+@dataclass
+class ReconcileReport:
+    since: datetime
+    until: datetime
+    groups: list[Group]
+
+    def count(self, status: str) -> int:
+        return sum(1 for g in self.groups if g.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.count("drift") or self.count("unknown"))
+
+    def to_dict(self) -> dict[str, Any]:
+        statuses = ("match", "drift", "in_flight", "unknown", "not_final")
+        return {
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "groups": {status: self.count(status) for status in statuses},
+            "settled": {
+                kind: sum(1 for g in self.groups if g.settled == kind)
+                for kind in ("delivered", "reissued")
+            },
+            "ok": self.ok,
+            # Matching groups are counted, not listed: the report is about what needs a look.
+            "problems": [g.to_dict() for g in self.groups if g.status != "match" or g.settled],
+        }
+
+
+def default_window(runtime: Runtime, now: datetime) -> tuple[datetime, datetime]:
+    """The last 48 final hours, reaching back to the oldest held row so none is left out."""
+    until = floor_hour(now - SUMMARY_SETTLE_DELAY)
+    with runtime.session_factory() as session:
+        oldest_held = session.scalar(
+            sa.select(sa.func.min(UsageSubmission.window_start)).where(
+                UsageSubmission.status == HELD
+            )
+        )
+    since = until - DEFAULT_LOOKBACK
+    if oldest_held is not None:
+        since = min(since, floor_hour(oldest_held))
+    return since, until
+
+
+def reconcile(
+    runtime: Runtime,
+    since: datetime,
+    until: datetime,
+    *,
+    now: datetime | None = None,
+    progress: Callable[[Iterable[tuple[str, str]]], Iterable[tuple[str, str]]] = lambda x: x,
+) -> ReconcileReport:
+    now = now or utcnow()
+    since, until = floor_hour(since), floor_hour(until)
+    groups = _outbox_groups(runtime, since, until)
+    pairs = sorted({(g.customer, g.meter) for g in groups.values()})
+    meters = runtime.stripe.meter_by_event_name()
+    for customer, meter in progress(pairs):
+        _compare(runtime, meters.get(meter), customer, meter, since, until, now, groups)
+    report = ReconcileReport(since, until, sorted(groups.values(), key=_order))
+    for group in report.groups:
+        if group.status == "in_flight":
+            _settle_held(runtime, group, now)
+    return report
+
+
+def _outbox_groups(runtime: Runtime, since: datetime, until: datetime) -> dict[Key, Group]:
+    columns = (
+        UsageSubmission.id,
+        UsageSubmission.status,
+        UsageSubmission.stripe_customer_id,
+        UsageSubmission.event_name,
+        UsageSubmission.organization_id,
+        UsageSubmission.value,
+        UsageSubmission.identifier,
+        UsageSubmission.window_start,
+        UsageSubmission.created_at,
+    )
+    query = (
+        sa.select(*columns)
+        .where(UsageSubmission.window_start >= since, UsageSubmission.window_start < until)
+        .order_by(UsageSubmission.id)
+    )
+    groups: dict[Key, Group] = {}
+    with runtime.session_factory() as session:
+        for row in session.execute(query):
+            key = (row.stripe_customer_id, row.event_name, floor_hour(row.window_start))
+            group = groups.setdefault(key, Group(*key))
+            group.rows.append(
+                {
+                    "id": row.id,
+                    "status": row.status,
+                    "organization_id": row.organization_id,
+                    "value": int(row.value),
+                    "identifier": row.identifier,
+                    "window_start": row.window_start.isoformat(),
+                    "identifier_since": row.created_at.isoformat(),
+                }
+            )
+    return groups
+
+
+def _compare(
+    runtime: Runtime,
+    meter: Any,
+    customer: str,
+    meter_name: str,
+    since: datetime,
+    until: datetime,
+    now: datetime,
+    groups: dict[Key, Group],
+) -> None:
+    mine = {k: g for k, g in groups.items() if k[0] == customer and k[1] == meter_name}
+    if meter is None:
+        _mark_unknown(mine.values(), f"Stripe has no meter with event name {meter_name!r}")
+        return
+    try:
+        totals = runtime.stripe.meter_hourly_totals(meter.id, customer, since, until)
+    except StripeGatewayError as error:
+        _mark_unknown(mine.values(), f"Stripe's summaries could not be read: {error}")
+        return
+    for hour in totals:  # usage in Stripe that the outbox never sent
+        key = (customer, meter_name, hour)
+        if key not in groups:
+            groups[key] = mine[key] = Group(*key)
+    for (_, _, hour), group in mine.items():
+        if hour + HOUR + SUMMARY_SETTLE_DELAY > now:
+            group.status, group.detail = "not_final", "Stripe's summary of this hour may still grow"
+            continue
+        group.stripe = totals.get(hour, 0)
+        if group.has(PENDING) or group.has(HELD):
+            group.status = "in_flight"
+        elif group.stripe == group.total(SENT):
+            group.status = "match"
+        else:
+            group.status = "drift"
+            group.detail = f"Stripe {group.stripe} vs outbox sent {group.total(SENT)}"
+
+
+def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
+    expired = [
+        r for r in group.rows
+        if r["status"] == HELD
+        and datetime.fromisoformat(r["identifier_since"]) + IDENTIFIER_WINDOW <= now
+    ]
+    if not expired:
+        group.detail = "pending or held rows still inside Stripe's identifier window"
+        return
+    if group.has(PENDING) or len(expired) != sum(1 for r in group.rows if r["status"] == HELD):
+        group.detail = "held rows wait: other rows of this hour are still in flight"
+        return
+    sent, held = group.total(SENT), sum(r["value"] for r in expired)
+    ids = [r["id"] for r in expired]
+    assert group.stripe is not None
+    if group.stripe == sent + held:
+        submissions.mark_held_delivered(
+            runtime, ids, actor=ACTOR,
+            reason=f"Stripe's hourly summary {group.stripe} = sent {sent} + held {held}",
+        )
+        group.settled, group.status = "delivered", "match"
+    elif group.stripe == sent:
+        submissions.retry_submissions(runtime, ids, actor=ACTOR, reissue_held=True)
+        group.settled = "reissued"
+        group.detail = "absent from Stripe: re-issued with a new identifier for the next flush"
+    else:
+        group.status = "drift"
+        group.detail = (
+            f"Stripe {group.stripe} is neither sent {sent} nor sent + held {sent + held}: "
+            "not settled, look at the rows"
+        )
+        return
+    for row in expired:
+        row["status"] = SENT if group.settled == "delivered" else PENDING
+    log.warning(
+        "Stripe usage held rows settled by reconciliation",
+        extra={"submission_ids": ids, "settled": group.settled, "stripe_customer_id":
+               group.customer, "meter": group.meter, "hour": group.hour.isoformat()},
+    )
+
+
+def _mark_unknown(groups: Iterable[Group], detail: str) -> None:
+    for group in groups:
+        group.status, group.detail = "unknown", detail
+
+
+def _order(group: Group) -> tuple[str, str, datetime]:
+    return (group.customer, group.meter, group.hour)
+
+
+def floor_hour(value: datetime) -> datetime:
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.replace(minute=0, second=0, microsecond=0)
