@@ -89,19 +89,27 @@ def flush_summary(result: FlushResult) -> str:
     )
 
 
-def progress_printer() -> Callable[[FlushResult], None] | None:
+@contextmanager
+def flush_progress(rt: Runtime, organization_id: int | None = None) -> Iterator[Any]:
+    """A progress bar of events claimed against the backlog when the flush started, on a
+    terminal; nothing (None) otherwise: cron and pipes get the JSON and the logs only."""
     if not sys.stderr.isatty():
-        return None
+        yield None
+        return
+    from billing.ops_state import count_unclaimed
 
-    def show(result: FlushResult) -> None:
-        click.echo(
-            f"\rbatch {result.batches}: {result.events_claimed} events claimed, "
-            f"{result.submissions_sent} submissions sent",
-            err=True,
-            nl=False,
-        )
+    total = count_unclaimed(rt, organization_id)
+    with click.progressbar(
+        length=max(total, 1), label="flushing", file=sys.stderr, show_pos=True
+    ) as bar:
+        shown = 0
 
-    return show
+        def show(result: FlushResult) -> None:
+            nonlocal shown
+            bar.update(max(0, result.events_claimed - shown))
+            shown = max(shown, result.events_claimed)
+
+        yield show
 
 
 def attention_lines(result: FlushResult) -> list[str]:
@@ -148,8 +156,8 @@ def flush_now_command(org_id: int | None) -> None:
     from billing.services import flush_once
 
     rt = runtime()
-    with operator_errors():
-        result = flush_once(rt, organization_id=org_id, on_progress=progress_printer())
+    with operator_errors(), flush_progress(rt, org_id) as progress:
+        result = flush_once(rt, organization_id=org_id, on_progress=progress)
     finish_flush(result)
 
 
@@ -160,8 +168,8 @@ def flush_hourly_command() -> None:
 
     rt = runtime()
     try:
-        with operator_errors():
-            result = flush_with_retries(rt, on_progress=progress_printer())
+        with operator_errors(), flush_progress(rt) as progress:
+            result = flush_with_retries(rt, on_progress=progress)
     except click.ClickException as error:
         cause = error.__cause__
         if isinstance(cause, TransientFlushError):

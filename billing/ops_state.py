@@ -180,6 +180,15 @@ def read_state(runtime: Runtime) -> OpsState:
     )
 
 
+def count_unclaimed(runtime: Runtime, organization_id: int | None = None) -> int:
+    """The backlog: billable_events rows no flush has claimed (one organization's, or all)."""
+    query = sa.select(sa.func.count()).where(BillableEvent.usage_submission_id.is_(None))
+    if organization_id is not None:
+        query = query.where(BillableEvent.organization_id == organization_id)
+    with runtime.session_factory() as session:
+        return int(session.scalar(query) or 0)
+
+
 def _count_by_status(
     session: Any, column: Any, done: tuple[str, ...], always: tuple[str, ...]
 ) -> dict[str, int]:
