@@ -70,7 +70,18 @@ class ClaimedBatch:
 
 
 class Claimer:
-    """Claims batches for one flush run, continuing after the previous batch (keyset cursor)."""
+    """Claims batches for one flush run, continuing after the previous batch (keyset cursor).
+
+    A batch starts at `STRIPE_USAGE_FLUSH_BATCH_SIZE` rows. Every meter event a batch's edge cuts
+    out of a group is one more Stripe call, so a batch that yielded fewer than `FEW_GROUPS` outbox
+    rows (few organizations, many events each) doubles the next one, up to `GROWTH_LIMIT` times
+    the setting and `MAX_BATCH_ROWS`: calls stay near one per group without making every
+    transaction big. Measured: rows per second do not drop with the bigger batches.
+    """
+
+    FEW_GROUPS = 25
+    GROWTH_LIMIT = 8
+    MAX_BATCH_ROWS = 100_000
 
     def __init__(
         self,
@@ -87,6 +98,7 @@ class Claimer:
         self.organization_id = organization_id
         self.clock = clock
         self._cursor: tuple[Any, ...] | None = None  # group-order key of the last picked row
+        self.batch_size = settings.flush_batch_size
 
     def claimable_event_types(self) -> list[str]:
         """Mapped event types whose meter no error has stopped in this run."""
@@ -133,8 +145,13 @@ class Claimer:
         token = uuid.uuid4().hex[:12]
         with self.sessions.begin() as session:
             if session.get_bind().dialect.name == "postgresql":
-                return self._claim_set_based(session, now, token)
-            return self._claim_portable(session, now, token)
+                batch = self._claim_set_based(session, now, token)
+            else:
+                batch = self._claim_portable(session, now, token)
+        if batch is not None and len(batch.submission_ids) < self.FEW_GROUPS:
+            ceiling = min(self.settings.flush_batch_size * self.GROWTH_LIMIT, self.MAX_BATCH_ROWS)
+            self.batch_size = max(self.batch_size, min(self.batch_size * 2, ceiling))
+        return batch
 
     # PostgreSQL: one statement per batch -------------------------------------------------------
 
@@ -144,7 +161,7 @@ class Claimer:
             sa.select(*GROUP_ORDER, event.quantity)
             .where(*self._event_filter(now))
             .order_by(*GROUP_ORDER)
-            .limit(self.settings.flush_batch_size)
+            .limit(self.batch_size)
             .with_for_update(skip_locked=True)
             .cte("picked")
         )
@@ -298,7 +315,7 @@ class Claimer:
             .join(BillingAccount, BillingAccount.organization_id == event.organization_id)
             .where(*self._event_filter(now), *self._account_filter())
             .order_by(*GROUP_ORDER)
-            .limit(self.settings.flush_batch_size)
+            .limit(self.batch_size)
         )
         picked = session.execute(pick).all()
         if not picked:

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
+from billing.claiming import Claimer
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
 from billing.services import flush_once
 from billing.submitting import Submitter
@@ -48,9 +49,12 @@ def test_billed_totals_equal_the_database_sums(billing_runtime, emulator, seeded
     assert unclaimed_count(billing_runtime) == 0
 
 
-def test_many_small_batches_and_a_second_run_bill_nothing_twice(billing_runtime, emulator, seeded):
+def test_many_small_batches_and_a_second_run_bill_nothing_twice(
+    billing_runtime, emulator, seeded, monkeypatch
+):
     customers, rows = seeded
     runtime = billing_runtime
+    monkeypatch.setattr(Claimer, "GROWTH_LIMIT", 1)  # every batch 37 rows
     runtime.settings = runtime.settings.replace(flush_batch_size=37)
     first = flush_once(runtime)
     second = flush_once(runtime)
@@ -382,7 +386,9 @@ def test_an_hour_holding_the_period_boundary_is_split_at_it(billing_runtime, emu
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
-def test_batches_split_inside_equal_timestamps_claim_every_row(request, emulator, database):
+def test_batches_split_inside_equal_timestamps_claim_every_row(
+    request, emulator, database, monkeypatch
+):
     runtime = request.getfixturevalue(
         "billing_runtime" if database == "postgresql" else "sqlite_runtime"
     )
@@ -394,6 +400,34 @@ def test_batches_split_inside_equal_timestamps_claim_every_row(request, emulator
     ]
     add_events(runtime, rows)
     runtime.settings = runtime.settings.replace(flush_batch_size=4)
+    monkeypatch.setattr(Claimer, "GROWTH_LIMIT", 1)  # every batch 4 rows: 6 cuts in one second
     result = flush_once(runtime)
     assert result.events_claimed == 25 and result.batches == 7
     assert emulator.billed() == {customers[1]: {"api_call": sum(range(1, 26))}}
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_batches_that_yield_few_groups_grow(request, emulator, database):
+    # One organization, one meter, one hour: every batch is a slice of one group, and every cut
+    # is one more meter event. The batch doubles (4, 8, 16, 32) up to 8x the setting.
+    runtime = request.getfixturevalue(
+        "billing_runtime" if database == "postgresql" else "sqlite_runtime"
+    )
+    customers = add_accounts(runtime, [1])
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    rows = [
+        {
+            "organization_id": 1,
+            "event_type": "api_call",
+            "quantity": 1 + n % 3,
+            "occurred_at": hour + timedelta(seconds=n),
+        }
+        for n in range(100)
+    ]
+    add_events(runtime, rows)
+    runtime.settings = runtime.settings.replace(flush_batch_size=4)
+    result = flush_once(runtime)
+    # 4 + 8 + 16 + 32 + 32 = 92, then the last 8.
+    assert result.events_claimed == 100 and result.batches == 6
+    assert result.submissions_sent == 6
+    assert emulator.billed() == {customers[1]: {"api_call": sum(r["quantity"] for r in rows)}}
