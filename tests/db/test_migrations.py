@@ -1,3 +1,4 @@
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -42,7 +43,8 @@ def test_sqlite_file_upgrades_to_head_and_back(tmp_path):
 
 
 def test_blank_postgresql_schema_upgrades_to_head_and_back():
-    schema = "billing_migration_roundtrip"
+    # A name of its own: other test runs on this PostgreSQL run the same test at the same time.
+    schema = f"billing_migration_roundtrip_{uuid.uuid4().hex[:8]}"
     admin = db.make_engine(TEST_DATABASE_URL)
     with admin.begin() as connection:
         connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
