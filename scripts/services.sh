@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Make sure the PostgreSQL and Redis that the tests use answer; start them when they do not.
-# BILLING_TEST_DATABASE_URL / BILLING_TEST_REDIS_URL name them (defaults: the local ones).
+# Make sure the PostgreSQL, Redis and RabbitMQ that the tests use answer; start them when they do
+# not. BILLING_TEST_DATABASE_URL / BILLING_TEST_REDIS_URL / BILLING_TEST_AMQP_URL name them
+# (defaults: the local ones). RabbitMQ is optional: the scale-out test against it skips without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DB_URL=${BILLING_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/test}
 REDIS_URL=${BILLING_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
+AMQP_URL=${BILLING_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}
 
-answers() {  # answers postgres|redis: exit 0 when the service takes a connection
-    .venv/bin/python - "$1" "$DB_URL" "$REDIS_URL" <<'PY'
+answers() {  # answers postgres|redis|rabbitmq: exit 0 when the service takes a connection
+    .venv/bin/python - "$1" "$DB_URL" "$REDIS_URL" "$AMQP_URL" <<'PY'
 import sys
-kind, db_url, redis_url = sys.argv[1:]
+kind, db_url, redis_url, amqp_url = sys.argv[1:]
 try:
     if kind == "postgres":
         import psycopg2
         psycopg2.connect(db_url.replace("postgresql+psycopg2://", "postgresql://"), connect_timeout=2).close()
+    elif kind == "rabbitmq":
+        import kombu
+        with kombu.Connection(amqp_url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
     else:
         import redis
         redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
@@ -55,6 +61,15 @@ start_redis() {
         --dir /var/lib/redis --logfile /var/log/redis/ci.log
 }
 
+start_rabbitmq() {
+    if ! command -v rabbitmq-server >/dev/null; then
+        echo "services: RabbitMQ is not installed (apt-get install -y rabbitmq-server);" \
+            "the RabbitMQ scale-out test will skip" >&2
+        return 1
+    fi
+    rabbitmq-server -detached
+}
+
 for service in postgres redis; do
     if ! answers "$service"; then
         echo "services: starting $service"
@@ -62,4 +77,10 @@ for service in postgres redis; do
         wait_for "$service"
     fi
 done
+if ! answers rabbitmq 2>/dev/null; then
+    echo "services: starting rabbitmq"
+    if start_rabbitmq; then
+        wait_for rabbitmq || echo "services: RabbitMQ did not answer; its test will skip" >&2
+    fi
+fi
 echo "services: PostgreSQL and Redis answer"
