@@ -5,7 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from billing import logs, metrics
+from billing.app import current_runtime
 from billing.webhooks import service
+from billing.webhooks.tasks import enqueuer
 
 log = logs.get_logger("billing.webhooks")
 
@@ -19,9 +21,6 @@ def make_blueprint(path: str) -> Blueprint:
 
 
 def receive_webhook() -> Response:
-    from billing.app import current_runtime
-    from billing.webhooks.tasks import enqueuer
-
     runtime = current_runtime()
     settings = runtime.settings
     body = _read_body(settings.webhook_max_body_bytes)

@@ -256,3 +256,30 @@ def test_every_guide_webhook_message_carries_event_id_and_type(
         assert all(r.event_type for r in records), message
     (completed,) = captured.messages(logs.WEBHOOK_PROCESSING_COMPLETED)
     assert completed.duration_ms >= 0 and completed.task_id
+
+
+def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime, calls):
+    from billing.app import EXTENSION_KEY, create_app
+    from billing.webhooks.tasks import sweep_webhooks
+
+    for event_id in ("evt_stranded_1", "evt_stranded_2"):
+        service.store_once(webhook_runtime.engine,
+                           {"id": event_id, "type": "test.counted", "object": "event"})
+    older = webhook_runtime.settings.webhook_requeue_after_seconds + 5
+    with webhook_runtime.session_factory.begin() as session:
+        session.execute(
+            service.sa.text(
+                "UPDATE webhook_events SET updated_at = updated_at - make_interval(secs => :s) "
+                "WHERE stripe_event_id = 'evt_stranded_1'"
+            ),
+            {"s": older},
+        )
+    sweep_webhooks.apply_async(queue=webhook_runtime.settings.billing_queue)
+    _final(webhook_runtime, "evt_stranded_1")
+    assert statuses(webhook_runtime)["evt_stranded_2"] == "received"  # too young to sweep
+
+    app = create_app(webhook_runtime.settings)
+    app.extensions[EXTENSION_KEY]._runtime = webhook_runtime
+    swept = app.test_cli_runner().invoke(args=["billing", "webhooks", "sweep"])
+    assert swept.exit_code == 0 and '"queued": 0' in swept.output
+    assert calls.count == 1
