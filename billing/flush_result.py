@@ -53,6 +53,8 @@ class FlushResult:
             or self.submissions_failed
             or self.submissions_stopped
             or self.stop_error
+            or self.stopped_meters
+            or self.stopped_customers
             or self.lock_lost
             or any(self.awaiting_operator.values())
         )

@@ -46,6 +46,7 @@ log = logs.get_logger("billing.usage")
 # Outcomes of a row that is left pending because an error about more than the row stopped it:
 STOPPED = "stopped"  # this row's call got the error
 SKIPPED = "skipped"  # not sent: an earlier row's error already covers it
+ACTIVE_METER = "active"
 
 
 class Stops:
@@ -59,14 +60,22 @@ class Stops:
         self.customers: dict[str, str] = {}
 
     def stop(self, error: StripeGatewayError, row: UsageSubmission) -> None:
-        with self._lock:
-            if error.scope == ErrorScope.RUN:
-                self.run_error = self.run_error or str(error)
-                self.run.set()
-            elif error.scope == ErrorScope.METER:
-                self.meters.setdefault(row.event_name, str(error))
-            elif error.scope == ErrorScope.CUSTOMER:
+        if error.scope == ErrorScope.RUN:
+            self.stop_run(str(error))
+        elif error.scope == ErrorScope.METER:
+            self.stop_meter(row.event_name, str(error))
+        elif error.scope == ErrorScope.CUSTOMER:
+            with self._lock:
                 self.customers.setdefault(row.stripe_customer_id, str(error))
+
+    def stop_run(self, error: str) -> None:
+        with self._lock:
+            self.run_error = self.run_error or error
+            self.run.set()
+
+    def stop_meter(self, event_name: str, error: str) -> None:
+        with self._lock:
+            self.meters.setdefault(event_name, error)
 
     def stopped_meters(self) -> set[str]:
         """A copy: lanes add entries while the claimer reads."""
@@ -126,6 +135,28 @@ class Submitter:
 
     def close(self) -> None:
         self._lanes.shutdown(wait=True)
+
+    def check_before_claiming(self) -> None:
+        """One read before anything is claimed: a refused key stops the run and a meter Stripe
+        lacks stops that meter, so their usage stays unclaimed (not parked in the outbox, ageing
+        towards the identifier window) until the configuration is fixed.
+
+        Only a 401 stops the run here: a restricted key may send meter events without being
+        allowed to list meters. Any other failure leaves the checking to the sends."""
+        try:
+            meters = self.gateway.meter_by_event_name()
+        except TransientStripeError:
+            return
+        except PermanentStripeError as error:
+            if error.status == 401:
+                self.stops.stop_run(str(error))
+            return
+        for event_name in sorted(set(self.settings.stripe_meters.values())):
+            meter = meters.get(event_name)
+            if meter is None or meter.status != ACTIVE_METER:
+                self.stops.stop_meter(
+                    event_name, f"No active Stripe meter has the event name {event_name!r}"
+                )
 
     def pending_submission_ids(self) -> list[int]:
         query = sa.select(UsageSubmission.id).where(

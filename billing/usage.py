@@ -77,6 +77,7 @@ class UsageFlush:
         fields = self._scope_fields()
         log.info(logs.FLUSH_STARTED, extra=fields)
         try:
+            self.submitter.check_before_claiming()
             self.submitter.hold_stale_submissions()
             pending = self.submitter.pending_submission_ids()  # an earlier run's: re-send first
             page = self.settings.flush_batch_size

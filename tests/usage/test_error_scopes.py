@@ -66,10 +66,9 @@ def test_refused_key_stops_the_run_fails_no_row_and_bills_after_the_fix(
     assert refused.stop_error and "AuthenticationError" in refused.stop_error
     assert refused.submissions_failed == 0 and refused.submissions_sent == 0
     assert not refused.ok and refused.to_dict()["ok"] is False
-    assert set(submission_statuses(billing_runtime)) == {"pending"}
-    # Stopped at once: at most one refused call per lane, not one per row.
-    assert _calls(emulator) <= good.submit_concurrency
-    assert emulator.billed() == {}
+    # Found before claiming: nothing parked in the outbox, not one meter event call.
+    assert submission_statuses(billing_runtime) == {} and unclaimed_count(billing_runtime) == 120
+    assert _calls(emulator) == 0 and emulator.billed() == {}
 
     billing_runtime.settings = good
     billing_runtime.__dict__.pop("stripe", None)
@@ -79,6 +78,27 @@ def test_refused_key_stops_the_run_fails_no_row_and_bills_after_the_fix(
     assert unclaimed_count(billing_runtime) == 0
     again = flush_once(billing_runtime)
     assert again.ok and again.submissions_sent == 0
+    assert emulator.billed() == expected_totals(rows, customers)
+
+
+def test_rows_already_pending_stay_pending_under_a_refused_key(billing_runtime, emulator, seeded):
+    customers, rows = seeded
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 500})
+    assert flush_once(billing_runtime).submissions_pending > 0  # an earlier run left them
+    emulator.faults({"clear": True})
+    good = billing_runtime.settings
+    billing_runtime.settings = good.replace(stripe_secret_key=REFUSED_KEYS["typo"])
+    billing_runtime.__dict__.pop("stripe", None)
+    calls_before = _calls(emulator)
+
+    refused = flush_once(billing_runtime)
+    assert refused.stop_error and refused.submissions_failed == 0
+    assert set(submission_statuses(billing_runtime)) == {"pending"}
+    assert _calls(emulator) == calls_before  # not re-sent under the refused key
+
+    billing_runtime.settings = good
+    billing_runtime.__dict__.pop("stripe", None)
+    assert flush_once(billing_runtime).ok
     assert emulator.billed() == expected_totals(rows, customers)
 
 
@@ -109,13 +129,13 @@ def test_unknown_meter_stops_that_meter_while_the_rest_is_billed(billing_runtime
 
     assert not result.ok and result.submissions_failed == 0
     assert set(result.stopped_meters) == {"typo"}
-    assert "No active meter" in result.stopped_meters["typo"]
+    assert "No active Stripe meter" in result.stopped_meters["typo"]
     storage_rows = [r for r in rows if r["event_type"] == "storage_gb_hour"]
     assert emulator.billed() == expected_totals(storage_rows, customers)
     assert submission_statuses(billing_runtime)["failed"] == 0
-    # One refused call for the meter, not one per row.
-    refused = emulator.stats()["meter_events"]["rejected"]
-    assert refused <= good.submit_concurrency
+    # Found before claiming: its usage stays unclaimed and no call is refused.
+    assert unclaimed_count(billing_runtime) == len(rows) - len(storage_rows)
+    assert emulator.stats()["meter_events"]["rejected"] == 0
 
     billing_runtime.settings = good  # the mapping is fixed
     fixed = flush_once(billing_runtime)
