@@ -13,6 +13,8 @@ after a crash or a replay adds nothing twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +27,8 @@ from billing.models import (
     BillingAdjustment,
     InvoiceAdjustment,
     InvoiceAdjustmentStatus,
+    SubmissionStatus,
+    UsageSubmission,
     utcnow,
 )
 from billing.runtime import Runtime
@@ -71,7 +75,7 @@ def on_invoice_created(runtime: Runtime, invoice_id: str) -> AppliedAdjustments 
     if invoice.status != "draft":
         return _skip(fields, f"invoice became {invoice.status} during the flush")
     lines = [line.to_dict() for line in runtime.stripe.invoice_lines(invoice_id)]
-    usage_cents = metered_usage_cents(runtime, lines)
+    usage_cents = metered_usage_cents(runtime, organization_id, lines)
     planned = plan_adjustments(runtime, organization_id, invoice, usage_cents)
     result = apply_planned(runtime, invoice, organization_id, planned, lines, usage_cents)
     if result.newly_applied:
@@ -108,9 +112,18 @@ def flush_late_usage(runtime: Runtime, organization_id: int) -> None:
     flush_once(runtime, organization_id=organization_id).raise_if_transient()
 
 
-def metered_usage_cents(runtime: Runtime, lines: list[dict[str, Any]]) -> int:
-    """The invoice's charges for metered prices (licensed fees and our own items excluded)."""
-    usage_types: dict[str, str | None] = {}
+def metered_usage_cents(
+    runtime: Runtime, organization_id: int, lines: list[dict[str, Any]]
+) -> int:
+    """The invoice's charges for metered prices (licensed fees and our own items excluded).
+
+    Per metered line, the larger of Stripe's amount and the same price applied to the usage
+    billing's outbox has sent for that meter in the line's period: Stripe aggregates meter events
+    asynchronously, so a draft read right after the flush can lag it, and a minimum-commitment
+    top-up computed from the lagging figure would overcharge.
+    """
+    prices: dict[str, Any] = {}
+    meter_names: dict[str, str] | None = None
     total = 0
     for line in lines:
         if (line.get("parent") or {}).get("type") != "subscription_item_details":
@@ -118,12 +131,41 @@ def metered_usage_cents(runtime: Runtime, lines: list[dict[str, Any]]) -> int:
         price_id = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
         if not price_id:
             continue
-        if price_id not in usage_types:
-            recurring = runtime.stripe.retrieve_price(price_id).recurring
-            usage_types[price_id] = recurring.usage_type if recurring else None
-        if usage_types[price_id] == "metered":
-            total += int(line.get("amount") or 0)
+        if price_id not in prices:
+            prices[price_id] = runtime.stripe.retrieve_price(price_id)
+        recurring = prices[price_id].recurring
+        if not recurring or recurring.usage_type != "metered":
+            continue
+        if meter_names is None:
+            meter_names = {meter.id: meter.event_name for meter in runtime.stripe.list_meters()}
+        sent = _sent_quantity(
+            runtime, organization_id, meter_names.get(recurring.meter or ""), line.get("period")
+        )
+        unit = Decimal(str(prices[price_id].unit_amount_decimal or 0))
+        from_outbox = int((unit * sent).to_integral_value(ROUND_HALF_UP))
+        total += max(int(line.get("amount") or 0), from_outbox)
     return total
+
+
+def _sent_quantity(
+    runtime: Runtime, organization_id: int, event_name: str | None, period: Any
+) -> int:
+    if not event_name or not period:
+        return 0
+    start = datetime.fromtimestamp(period["start"], UTC)
+    end = datetime.fromtimestamp(period["end"], UTC)
+    with runtime.session_factory() as session:
+        return int(
+            session.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(UsageSubmission.value), 0)).where(
+                    UsageSubmission.organization_id == organization_id,
+                    UsageSubmission.event_name == event_name,
+                    UsageSubmission.status == SubmissionStatus.SENT.value,
+                    UsageSubmission.window_start >= start,
+                    UsageSubmission.window_start < end,
+                )
+            )
+        )
 
 
 def plan_adjustments(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from types import SimpleNamespace
 
 import pytest
@@ -198,3 +199,38 @@ class TestAdjustmentsCommands:
 
     def test_remove_needs_a_target(self, cli):
         assert cli("adjustments", "remove").exit_code == 2
+
+
+def test_usage_for_the_minimum_counts_what_the_outbox_sent_when_stripe_lags(webhook_runtime):
+    """Real Stripe aggregates meter events asynchronously: a draft read right after the flush
+    may not show them yet. The top-up must not charge for usage the customer already has."""
+    from datetime import datetime, timedelta
+
+    from billing.models import UsageSubmission
+
+    client = webhook_runtime.stripe.client
+    meter = webhook_runtime.stripe.meter_by_event_name()["api_call"]
+    product = client.v1.products.create({"name": "API"})
+    price = client.v1.prices.create({
+        "currency": "usd", "unit_amount_decimal": "1.5", "product": product.id,
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+    })
+    start = datetime(2026, 10, 1, tzinfo=UTC)
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    with webhook_runtime.session_factory.begin() as session:
+        for n, (hour, status) in enumerate([(start, "sent"), (start + timedelta(days=3), "sent"),
+                                            (end, "sent"), (start, "failed")]):
+            session.add(UsageSubmission(
+                organization_id=ORG, stripe_customer_id="cus_x", event_type="api_call",
+                event_name="api_call", value=1000, event_count=1, window_start=hour,
+                window_end=hour + timedelta(hours=1), identifier=f"id-{n}", status=status,
+            ))
+    lagging_line = {
+        "amount": 0, "parent": {"type": "subscription_item_details"},
+        "pricing": {"price_details": {"price": price.id}},
+        "period": {"start": int(start.timestamp()), "end": int(end.timestamp())},
+    }
+    # 2,000 units sent inside the period (not the next period's, not the failed one) x 1.5 cents.
+    assert adjustments.metered_usage_cents(webhook_runtime, ORG, [lagging_line]) == 3000
+    caught_up = {**lagging_line, "amount": 3100}  # Stripe may know more (usage sent elsewhere)
+    assert adjustments.metered_usage_cents(webhook_runtime, ORG, [caught_up]) == 3100
