@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import click
+import redis
 
 from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.config import scrub
 from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
 from billing.models import utcnow
 from billing.ops_state import OpsState, read_state
+
+
+@contextmanager
+def ops_errors() -> Iterator[None]:
+    """Operator and database errors as `operator_errors` does, and Redis errors as one line."""
+    with operator_errors():
+        try:
+            yield
+        except redis.RedisError as error:
+            raise click.ClickException(scrub(f"Redis error: {error}")) from error
 
 
 @billing_cli.command("status")
@@ -20,7 +34,7 @@ from billing.ops_state import OpsState, read_state
 def status_command(as_json: bool) -> None:
     """Last flush, backlog, outbox and webhook rows by status, and who holds the flush lock."""
     rt = runtime()
-    with operator_errors():
+    with ops_errors():
         state = read_state(rt)
     if as_json:
         click.echo(json.dumps(state.to_dict(), indent=2, sort_keys=True, default=str))
@@ -98,7 +112,7 @@ def lock_cli() -> None:
 def lock_show_command() -> None:
     """Print who holds the flush lock, since when, and whether its heartbeat is alive."""
     rt = runtime()
-    with operator_errors():
+    with ops_errors():
         state = inspect_lock(rt.redis, rt.settings.flush_lock_key)
     emit(state.to_dict() if state else {"key": rt.settings.flush_lock_key, "held": False})
 
@@ -113,7 +127,7 @@ def lock_release_command(if_holder_dead: bool) -> None:
     """Free a stale flush lock: its holder's heartbeat stopped, or its process on this host is
     gone. A lock whose heartbeat is alive is never freed (exit 1, or 0 with --if-holder-dead)."""
     rt = runtime()
-    with operator_errors():
+    with ops_errors():
         state = inspect_lock(rt.redis, rt.settings.flush_lock_key)
         outcome = (
             ReleaseOutcome.NOT_HELD if state is None else release_dead_holder(rt.redis, state)
@@ -145,7 +159,7 @@ def reconcile_command(since: datetime | None, until: datetime | None, as_json: b
     from billing.reconcile import default_window, reconcile
 
     rt = runtime()
-    with operator_errors():
+    with ops_errors():
         start, end = default_window(rt, utcnow())
         start, end = _utc(since) or start, _utc(until) or end
         if start >= end:

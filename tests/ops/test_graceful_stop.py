@@ -1,0 +1,48 @@
+"""The worker unit's stop (SIGTERM to the main process: Celery's warm shutdown) lets a running
+flush finish, bill everything and release its lock before the worker exits."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import timedelta
+
+from billing.locks import inspect_lock
+from billing.models import utcnow
+from billing.tasks import flush_hourly_usage
+from tests.ops.conftest import settings_env, unit_command, venv_root, worker_queue
+from tests.usage.factories import add_accounts, add_events, expected_totals
+
+
+def test_sigterm_lets_the_running_flush_finish_and_release_the_lock(
+    billing_settings, billing_runtime, redis_client, emulator, processes
+):
+    customers = add_accounts(billing_runtime, [1, 2])
+    rows = [
+        {"organization_id": org, "event_type": "api_call", "quantity": 3 * org,
+         "occurred_at": utcnow() - timedelta(minutes=20)}
+        for org in (1, 2)
+    ]
+    add_events(billing_runtime, rows)
+    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 3000, "count": 2})
+    queue = worker_queue()
+    settings = billing_settings.replace(billing_queue=queue)
+    command = unit_command(  # the unit's own ExecStart, prefork children included
+        "billing-worker.service",
+        venv_root(),
+        {"${STRIPE_BILLING_QUEUE}": queue, "billing-worker@%H": f"{queue}@%h"},
+    )
+    worker = processes.start("worker", command, settings_env(settings))
+    sent = flush_hourly_usage.apply_async(queue=queue)
+    deadline = time.monotonic() + 60
+    while inspect_lock(redis_client, settings.flush_lock_key) is None:
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-2000:]
+        time.sleep(0.05)
+
+    worker.send_signal(signal.SIGTERM)  # what systemd sends (KillMode=mixed: the main process)
+    result = sent.get(timeout=60)
+    assert worker.wait(timeout=60) == 0
+    assert result["ok"] and result["events_claimed"] == 2
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert inspect_lock(redis_client, settings.flush_lock_key) is None
+    assert "Warm shutdown" in worker.log_path.read_text()
