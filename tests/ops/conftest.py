@@ -10,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,18 @@ def unit_command(unit: str, install_root: Path, substitutions: dict[str, str]) -
 
 def venv_root() -> Path:
     return BIN.parent.parent
+
+
+def recent_usage(runtime, orgs=(1, 2), minutes_ago: int = 20):
+    """Billing accounts for `orgs` and one api_call event each (5 units per org id)."""
+    from billing.models import utcnow
+    from tests.usage.factories import add_accounts, add_events
+
+    customers = add_accounts(runtime, list(orgs))
+    rows = [
+        {"organization_id": org, "event_type": "api_call", "quantity": 5 * org,
+         "occurred_at": utcnow() - timedelta(minutes=minutes_ago)}
+        for org in orgs
+    ]
+    add_events(runtime, rows)
+    return customers, rows

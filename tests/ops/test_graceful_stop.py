@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import signal
 import time
-from datetime import timedelta
 
 from billing.locks import inspect_lock
-from billing.models import utcnow
 from billing.tasks import flush_hourly_usage
-from tests.ops.conftest import settings_env, unit_command, venv_root, worker_queue
-from tests.usage.factories import add_accounts, add_events, expected_totals
+from tests.ops.conftest import (
+    recent_usage,
+    settings_env,
+    unit_command,
+    venv_root,
+    worker_queue,
+)
+from tests.usage.factories import expected_totals
 
 
 def test_sigterm_lets_the_running_flush_finish_and_release_the_lock(
     billing_settings, billing_runtime, redis_client, emulator, processes
 ):
-    customers = add_accounts(billing_runtime, [1, 2])
-    rows = [
-        {"organization_id": org, "event_type": "api_call", "quantity": 3 * org,
-         "occurred_at": utcnow() - timedelta(minutes=20)}
-        for org in (1, 2)
-    ]
-    add_events(billing_runtime, rows)
+    customers, rows = recent_usage(billing_runtime)
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 3000, "count": 2})
     queue = worker_queue()
     settings = billing_settings.replace(billing_queue=queue)

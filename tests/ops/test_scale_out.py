@@ -9,7 +9,6 @@ import random
 import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import kombu
 import pytest
@@ -18,10 +17,10 @@ import sqlalchemy as sa
 
 from billing import logs
 from billing.celery_app import FLUSH_HOURLY_TASK, make_sender
-from billing.models import WebhookEvent, utcnow
+from billing.models import WebhookEvent
 from tests.conftest import TEST_BROKER_URL
-from tests.ops.conftest import celery_worker_args, settings_env, worker_queue
-from tests.usage.factories import add_accounts, add_events, expected_totals
+from tests.ops.conftest import celery_worker_args, recent_usage, settings_env, worker_queue
+from tests.usage.factories import expected_totals
 from tests.webhooks.conftest import SECRET, AppServer, make_event, sign, wait_until
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -104,13 +103,7 @@ def test_two_workers_process_each_event_once_and_flush_single_flight(
     assert all(per_worker) and sum(per_worker) == EVENTS  # both workers took a share
 
     # Hourly flushes started on both workers at once: one runs, the others find the lock.
-    customers = add_accounts(runtime, [1, 2])
-    rows = [
-        {"organization_id": org, "event_type": "api_call", "quantity": 5 * org,
-         "occurred_at": utcnow() - timedelta(minutes=40)}
-        for org in (1, 2)
-    ]
-    add_events(runtime, rows)
+    customers, rows = recent_usage(runtime, minutes_ago=40)
     # Each meter event call takes 1.5 s, so the first flush still holds the lock while the
     # other three start.
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 1500, "count": 2})
