@@ -88,7 +88,7 @@ WEBHOOKS_FAILED = Counter(
 def observe_flush(result: FlushResult, outcome: str, meters: Mapping[str, str]) -> None:
     """Count one hourly flush run (the service seam calls this once per run)."""
     FLUSH_RUNS.labels(result=outcome).inc()
-    if outcome in ("skipped_lock", "blocked_contract", "disabled"):
+    if outcome not in ("ok", "failed"):  # no work done (skipped, blocked) or none measured
         return
     FLUSH_DURATION.observe(result.duration_seconds)
     EVENTS_CLAIMED.inc(result.events_claimed)
