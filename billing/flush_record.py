@@ -9,6 +9,7 @@ A record that cannot be written is logged and never fails the flush it describes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,13 +60,8 @@ def outcome_of(result: FlushResult) -> str:
         return SKIPPED_LOCK
     if result.blocked:
         return BLOCKED_CONTRACT
-    undone = (
-        result.submissions_pending
-        or result.submissions_failed
-        or result.submissions_stopped
-        or result.stop_error
-        or result.lock_lost
-    )
+    # The result's own verdict, leaving out rows that earlier runs left for an operator.
+    undone = not dataclasses.replace(result, awaiting_operator={}).ok
     return FAILED if undone else OK
 
 
