@@ -19,8 +19,8 @@ from billing.entitlements.service import (
     refresh_from_stripe,
     revoke_manual,
 )
-from billing.models import Entitlement
-from billing.stripe_gateway import TransientStripeError
+from billing.models import BillingAccount, Entitlement
+from billing.stripe_gateway import PermanentStripeError, TransientStripeError
 
 
 def run_concurrently(call: Callable[[], object], threads: int) -> list[object]:
@@ -165,6 +165,17 @@ class TestRefreshFromStripe:
             refresh_from_stripe(runtime, 7)
         # The refresh failed as a whole: the stored answer stands until Stripe answers again.
         assert _rows(runtime) == {(7, SAAS_FEATURE, "stripe", True)}
+        assert has_entitlement(runtime, 7, SAAS_FEATURE)
+
+    def test_a_customer_stripe_does_not_know_is_an_error_not_a_revocation(self, saas_catalog):
+        runtime = saas_catalog.runtime
+        saas_catalog.subscribe(saas_catalog.customer_for(7))
+        refresh_from_stripe(runtime, 7)
+        with runtime.session_factory.begin() as session:
+            session.get(BillingAccount, 7).stripe_customer_id = "cus_unknown"
+        with pytest.raises(PermanentStripeError) as raised:
+            refresh_from_stripe(runtime, 7)
+        assert "No such customer" in str(raised.value)
         assert has_entitlement(runtime, 7, SAAS_FEATURE)
 
     def test_concurrent_refreshes_of_one_organization_take_turns(self, saas_catalog, emulator):
