@@ -153,11 +153,14 @@ def finish_flush(result: FlushResult) -> None:
 @click.option("--org-id", type=int, default=None, help="Flush one organization only.")
 def flush_now_command(org_id: int | None) -> None:
     """Run one flush pass immediately (no lock, no retries)."""
-    from billing.services import flush_once
+    from billing.services import UnknownOrganizationError, flush_once
 
     rt = runtime()
-    with operator_errors(), flush_progress(rt, org_id) as progress:
-        result = flush_once(rt, organization_id=org_id, on_progress=progress)
+    try:
+        with operator_errors(), flush_progress(rt, org_id) as progress:
+            result = flush_once(rt, organization_id=org_id, on_progress=progress)
+    except UnknownOrganizationError as error:
+        raise click.BadParameter(str(error), param_hint="'--org-id'") from error
     finish_flush(result)
 
 
@@ -246,8 +249,10 @@ def db_downgrade_command(revision: str) -> None:
 
 
 def migrate(step: Callable[[Any, str], None], revision: str) -> None:
+    from alembic.util import CommandError  # an unknown revision, a branch point: the operator's
+
     rt = runtime()
-    with operator_errors():
+    with operator_errors(CommandError):
         step(rt.engine, revision)
         click.echo(f"database at {db.current_revision(rt.engine)}")
 

@@ -14,6 +14,7 @@ import click
 
 from billing.app import current_runtime
 from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.config import MAX_CONTRACT_LOOKBACK_DAYS
 from billing.contract import run_contract_checks
 from billing.preflight import run_preflight
 from billing.smoke import UnknownOrganizationError, smoke_org
@@ -49,7 +50,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 @billing_cli.command("validate_contract")
 @click.option(
     "--lookback-days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONTRACT_LOOKBACK_DAYS),
     default=None,
     help="Days of events to check [default: STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS].",
 )

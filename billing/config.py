@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,23 @@ DEFAULT_FLUSH_LOCK_KEY = "billing:stripe-usage-flush:lock"
 DEFAULT_METRICS_PATH = "/metrics"
 DEFAULT_WEBHOOK_PATH = "/stripe/webhook"
 
+# Upper bounds shared by the settings, the CLI flags and preflight. Each keeps a value sane, not
+# merely representable: past them a timer overflows or a crashed holder blocks the next run.
+# A lock held an hour or more would outlive a crashed holder into the next hourly run.
+MAX_FLUSH_LOCK_TTL_SECONDS = 3599
+MAX_CONTRACT_LOOKBACK_DAYS = 3650
+MAX_ZEITGEIST_AGE_HOURS = 24 * 365
+MAX_VISIBILITY_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_NETWORK_RETRIES = 10
+MAX_TASK_RETRIES = 20
+MAX_METER_EVENT_RATE_PER_SECOND = 10_000.0
+MAX_RETRY_BACKOFF_SECONDS = 3600.0
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+HTTP_SCHEMES = ("http", "https")
+
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 _KEY_PREFIX = re.compile(r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_)")
 SECRET_FIELDS = frozenset({"stripe_secret_key", "stripe_webhook_secret"})
 
@@ -67,17 +83,18 @@ class _Env:
         return default if value is None else value
 
     def bool(self, name: str, default: bool) -> bool:
-        value = self.environ.get(name)
+        # Blank means unset: a stray `VAR=" "` must not turn a safety check off.
+        value = self.raw(name)
         if value is None:
             return default
-        lowered = value.strip().lower()
+        lowered = value.lower()
         if lowered in _TRUE:
             return True
         if lowered in _FALSE:
             return False
         raise ConfigError(f"{name} must be one of 1/0/true/false/yes/no, got {value!r}")
 
-    def int(self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    def int(self, name: str, default: int, *, minimum: int = 1, maximum: int) -> int:
         value = self.raw(name)
         if value is None:
             return default
@@ -85,12 +102,11 @@ class _Env:
             number = int(value)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            raise ConfigError(f"{name} must be {bounds}, got {value!r}")
+        if not minimum <= number <= maximum:
+            raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value!r}")
         return number
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, name: str, default: float, *, minimum: float = 0.0, maximum: float) -> float:
         value = self.raw(name)
         if value is None:
             return default
@@ -98,9 +114,23 @@ class _Env:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
-        if number < minimum or number != number:  # NaN compares unequal to itself
-            raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+        if not minimum <= number <= maximum:  # also refuses nan, inf and 1e400 (= inf)
+            raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value!r}")
         return number
+
+    def url(self, name: str, default: str | None, schemes: tuple[str, ...] = ()) -> str | None:
+        """A URL with a scheme and a place (`redis://host`, `sqlite:///file`): checked here,
+        so a typo is one line naming the variable instead of a traceback in a client library."""
+        value = self.str(name, default)
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        scheme = parts.scheme.lower()
+        if "://" not in value or not scheme or (schemes and scheme not in schemes):
+            want = f" ({', '.join(schemes)})" if schemes else ""
+            shown = shown_url(value)
+            raise ConfigError(f"{name} must be a URL like scheme://host{want}, got {shown!r}")
+        return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.raw(name) or default
@@ -149,8 +179,14 @@ def parse_meter_map(name: str, value: str | None) -> dict[str, str]:
 
 def _url(name: str, value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
-        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        raise ConfigError(f"{name} must be an http(s) URL, got {shown_url(value)!r}")
     return value
+
+
+def shown_url(value: str) -> str:
+    """A URL fit for an error line: its password masked, even when it is malformed."""
+    # Without `://` scrub() cannot find a password: mask whatever precedes an `@`.
+    return scrub(value) if "://" in value else re.sub(r"^.*@", "***@", value)
 
 
 def _optional_url(name: str, value: str | None) -> str | None:
@@ -226,19 +262,24 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
         secret_key = env.str("STRIPE_SECRET_KEY")
-        redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL
-        lock_ttl = env.int("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", 3300, minimum=1)
+        redis_url = env.url("REDIS_URL", DEFAULT_REDIS_URL, REDIS_SCHEMES) or DEFAULT_REDIS_URL
+        lock_ttl = env.int(
+            "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", 3300, maximum=MAX_FLUSH_LOCK_TTL_SECONDS
+        )
         settings = cls(
             billing_enabled=env.bool("STRIPE_BILLING_ENABLED", False),
             stripe_secret_key=secret_key,
             stripe_webhook_secret=env.str("STRIPE_WEBHOOK_SECRET"),
-            stripe_api_base=env.str("STRIPE_API_BASE"),
-            stripe_max_network_retries=env.int("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0),
+            stripe_api_base=env.url("STRIPE_API_BASE", None, HTTP_SCHEMES),
+            stripe_max_network_retries=env.int(
+                "STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0, maximum=MAX_NETWORK_RETRIES
+            ),
             # Test mode allows 25 requests/s for all calls, live 1,000 meter events/s: stay below.
             stripe_meter_event_rate_per_second=env.float(
                 "STRIPE_METER_EVENT_RATE_PER_SECOND",
                 900.0 if (secret_key or "").startswith(("sk_live_", "rk_live_")) else 20.0,
                 minimum=0.1,
+                maximum=MAX_METER_EVENT_RATE_PER_SECOND,
             ),
             stripe_meters=parse_meter_map(
                 "STRIPE_BILLING_METERS", env.str("STRIPE_BILLING_METERS")
@@ -250,11 +291,15 @@ class Settings:
             webhook_max_body_bytes=env.int(
                 "STRIPE_WEBHOOK_MAX_BODY_BYTES", 512 * 1024, minimum=1024, maximum=64 * 1024 * 1024
             ),
-            webhook_requeue_after_seconds=env.int("STRIPE_WEBHOOK_REQUEUE_AFTER_SECONDS", 120),
-            webhook_processing_timeout_seconds=env.int(
-                "STRIPE_WEBHOOK_PROCESSING_TIMEOUT_SECONDS", 900, minimum=30
+            webhook_requeue_after_seconds=env.int(
+                "STRIPE_WEBHOOK_REQUEUE_AFTER_SECONDS", 120, maximum=24 * 3600
             ),
-            webhook_sweep_interval_seconds=env.int("STRIPE_WEBHOOK_SWEEP_INTERVAL_SECONDS", 60),
+            webhook_processing_timeout_seconds=env.int(
+                "STRIPE_WEBHOOK_PROCESSING_TIMEOUT_SECONDS", 900, minimum=30, maximum=24 * 3600
+            ),
+            webhook_sweep_interval_seconds=env.int(
+                "STRIPE_WEBHOOK_SWEEP_INTERVAL_SECONDS", 60, maximum=3600
+            ),
             billing_queue=env.str("STRIPE_BILLING_QUEUE", "default") or "default",
             flush_lock_key=env.str("STRIPE_USAGE_FLUSH_LOCK_KEY", DEFAULT_FLUSH_LOCK_KEY)
             or DEFAULT_FLUSH_LOCK_KEY,
@@ -272,11 +317,15 @@ class Settings:
             validate_contract_before_flush=env.bool(
                 "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH", True
             ),
-            contract_lookback_days=env.int("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", 30),
+            contract_lookback_days=env.int(
+                "STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", 30, maximum=MAX_CONTRACT_LOOKBACK_DAYS
+            ),
             contract_require_zeitgeist=env.bool("STRIPE_BILLING_CONTRACT_REQUIRE_ZEITGEIST", False),
             contract_fail_closed=env.bool("STRIPE_BILLING_CONTRACT_FAIL_CLOSED", False),
             contract_zeitgeist_max_age_hours=env.int(
-                "STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", 24
+                "STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS",
+                24,
+                maximum=MAX_ZEITGEIST_AGE_HOURS,
             ),
             saas_workspace_booking_url=_url(
                 "SAAS_WORKSPACE_BOOKING_URL",
@@ -287,18 +336,26 @@ class Settings:
                 "SAAS_PUBLIC_BASE_URL", env.str("SAAS_PUBLIC_BASE_URL")
             ),
             saas_unlock_wait_seconds=env.int("SAAS_UNLOCK_WAIT_SECONDS", 60, maximum=3600),
-            database_url=env.str("DATABASE_URL", DEFAULT_DATABASE_URL) or DEFAULT_DATABASE_URL,
+            database_url=env.url("DATABASE_URL", DEFAULT_DATABASE_URL) or DEFAULT_DATABASE_URL,
             redis_url=redis_url,
-            celery_broker_url=env.str("CELERY_BROKER_URL", redis_url) or redis_url,
-            celery_result_backend=env.str("CELERY_RESULT_BACKEND"),
+            celery_broker_url=env.url("CELERY_BROKER_URL", redis_url) or redis_url,
+            celery_result_backend=env.url("CELERY_RESULT_BACKEND", None),
             # Redis redelivers an unacked (acks_late) task after this: it must outlast the lock
             # TTL and the longest flush, or a second worker starts the same flush.
             broker_visibility_timeout_seconds=env.int(
-                "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", max(7200, lock_ttl + 3600)
+                "CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS",
+                max(7200, lock_ttl + 3600),
+                maximum=MAX_VISIBILITY_TIMEOUT_SECONDS,
             ),
-            retry_backoff_seconds=env.float("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", 2.0),
-            retry_backoff_max_seconds=env.float("STRIPE_BILLING_RETRY_BACKOFF_MAX_SECONDS", 600.0),
-            task_max_retries=env.int("STRIPE_BILLING_TASK_MAX_RETRIES", 5, minimum=0),
+            retry_backoff_seconds=env.float(
+                "STRIPE_BILLING_RETRY_BACKOFF_SECONDS", 2.0, maximum=MAX_RETRY_BACKOFF_SECONDS
+            ),
+            retry_backoff_max_seconds=env.float(
+                "STRIPE_BILLING_RETRY_BACKOFF_MAX_SECONDS", 600.0, maximum=MAX_RETRY_BACKOFF_SECONDS
+            ),
+            task_max_retries=env.int(
+                "STRIPE_BILLING_TASK_MAX_RETRIES", 5, minimum=0, maximum=MAX_TASK_RETRIES
+            ),
             log_level=env.choice(
                 "BILLING_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ).upper(),
@@ -351,7 +408,7 @@ class Settings:
             if item.name in SECRET_FIELDS:
                 # Comma-separated lists (webhook secret rotation) are masked one by one.
                 value = ",".join(mask_secret(part.strip()) for part in (value or "").split(","))
-            elif item.name.endswith(("_url", "_backend")) and isinstance(value, str):
+            elif isinstance(value, str):  # any URL may carry a password (STRIPE_API_BASE too)
                 value = scrub(value)
             shown[item.name] = value
         return shown

@@ -127,7 +127,10 @@ class RedisFlushLock:
 
     @property
     def lost(self) -> bool:
-        return self._lost.is_set()
+        # A heartbeat that died for any reason re-arms nothing: count the lock as lost.
+        heartbeat = self._heartbeat
+        died = heartbeat is not None and not heartbeat.is_alive() and not self._stop.is_set()
+        return self._lost.is_set() or died
 
     def acquire(self) -> bool:
         holder = LockHolder.for_this_process(self.task_id, self.lease_seconds)
@@ -150,25 +153,24 @@ class RedisFlushLock:
 
     def _keep_alive(self, acquired_at: float) -> None:
         interval = max(self.lease_seconds / BEATS_PER_LEASE, 0.05)
-        while not self._stop.wait(interval):
-            held_for = time.monotonic() - acquired_at
-            if held_for + self.lease_seconds > self.max_hold_seconds:
-                # Stop re-arming: the lease runs out at the TTL, and a hung run frees the lock.
-                log.warning(
-                    "Stripe usage flush lock TTL reached; no longer re-armed",
-                    extra={"lock_key": self.key, "held_seconds": round(held_for, 1)},
-                )
-                self._lost.set()
-                return
-            try:
+        try:
+            while not self._stop.wait(interval):
+                held_for = time.monotonic() - acquired_at
+                if held_for + self.lease_seconds > self.max_hold_seconds:
+                    # Stop re-arming: the lease runs out at the TTL, and a hung run frees the lock.
+                    log.warning(
+                        "Stripe usage flush lock TTL reached; no longer re-armed",
+                        extra={"lock_key": self.key, "held_seconds": round(held_for, 1)},
+                    )
+                    self._lost.set()
+                    return
                 self._lock.reacquire()  # owner-checked: fails if the token is no longer ours
-            except (LockError, redis.RedisError) as error:
-                log.warning(
-                    "Stripe usage flush lock lost",
-                    extra={"lock_key": self.key, "error": str(error)},
-                )
-                self._lost.set()
-                return
+        except Exception as error:  # any failure: the lock is no longer kept alive
+            log.warning(
+                "Stripe usage flush lock lost",
+                extra={"lock_key": self.key, "error": f"{type(error).__name__}: {error}"},
+            )
+            self._lost.set()
 
     def release(self) -> None:
         self._stop.set()

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from billing import flush_record, logs, metrics, retry_policy
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
-from billing.models import utcnow
+from billing.models import BillableEvent, BillingAccount, utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
 from billing.usage import flush_usage
@@ -20,6 +21,22 @@ log = logs.get_logger("billing.services")
 
 # Redis unreachable (no overlap guard) is retried like Stripe's transient errors: it usually heals.
 TRANSIENT_ERRORS = (TransientFlushError, TransientStripeError, LockUnavailableError)
+
+
+class UnknownOrganizationError(LookupError):
+    """No billing account and no billable events: the id names no organization billing knows."""
+
+
+def require_known_organization(runtime: Runtime, organization_id: int) -> None:
+    """A typo in `--org-id` must say so, not report an empty flush as a success."""
+    with runtime.session_factory() as session:
+        known = session.get(BillingAccount, organization_id) is not None or session.scalar(
+            sa.select(sa.exists().where(BillableEvent.organization_id == organization_id))
+        )
+    if not known:
+        raise UnknownOrganizationError(
+            f"organization {organization_id} is unknown: no billing account and no billable events"
+        )
 
 
 def make_flush_lock(runtime: Runtime) -> FlushLock:
@@ -66,8 +83,11 @@ def flush_once(
     """A single flush pass, without the overlap guard (`flask billing flush_now`).
 
     `contract_check=False` leaves out the pre-flush gate, for callers that ran the checks
-    themselves or were told to skip them (smoke_org).
+    themselves or were told to skip them (smoke_org). An `organization_id` billing does not know
+    raises UnknownOrganizationError.
     """
+    if organization_id is not None:
+        require_known_organization(runtime, organization_id)
     return flush_usage(
         runtime.settings,
         runtime.session_factory,

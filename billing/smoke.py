@@ -33,6 +33,7 @@ from billing.models import (
 from billing.periods import store_subscription
 from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
+from billing.services import UnknownOrganizationError
 from billing.stripe_gateway import LiveKeyRefusedError, StripeGatewayError, subscription_period
 
 ACTIVE_SUBSCRIPTION = ("active", "trialing")
@@ -40,10 +41,6 @@ MINUTE = timedelta(minutes=1)
 # Stripe aggregates meter events asynchronously: give a just-sent total this long to show up.
 DEFAULT_SETTLE_SECONDS = 30.0
 SETTLE_POLL_SECONDS = 2.0
-
-
-class UnknownOrganizationError(LookupError):
-    """No billing account and no billable events: the id names no organization billing knows."""
 
 
 @dataclass

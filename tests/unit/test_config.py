@@ -69,9 +69,20 @@ class TestDefaults:
         settings = Settings.from_env({"REDIS_URL": "redis://cache:6379/3"})
         assert settings.celery_broker_url == "redis://cache:6379/3"
 
-    def test_visibility_timeout_outlasts_lock_ttl(self):
-        settings = Settings.from_env({"STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS": "7000"})
-        assert settings.broker_visibility_timeout_seconds == 10600
+    def test_visibility_timeout_outlasts_the_longest_lock_ttl(self):
+        settings = Settings.from_env({"STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS": "3599"})
+        assert settings.broker_visibility_timeout_seconds == 7200
+
+    @pytest.mark.parametrize("blank", ["", " ", "\t"])
+    def test_blank_boolean_is_unset_so_safety_checks_stay_on(self, blank):
+        settings = Settings.from_env(
+            {
+                "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": blank,
+                "STRIPE_BILLING_ENABLED": blank,
+            }
+        )
+        assert settings.validate_contract_before_flush is True
+        assert settings.billing_enabled is False
 
 
 class TestParsing:
@@ -141,6 +152,27 @@ BAD_VALUES = [
     ("SAAS_WORKSPACE_BOOKING_URL", "javascript:alert(1)"),
     ("SAAS_PUBLIC_BASE_URL", "app.example.com"),
     ("SAAS_UNLOCK_WAIT_SECONDS", "0"),
+    # Every number has an upper bound; inf, nan and 1e400 (= inf) are refused.
+    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "3600"),
+    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "99999999999"),
+    ("STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", "99999999999"),
+    ("STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", "99999999999"),
+    ("STRIPE_MAX_NETWORK_RETRIES", "99999999999"),
+    ("STRIPE_BILLING_TASK_MAX_RETRIES", "99999999999"),
+    ("CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", "99999999999"),
+    ("STRIPE_USAGE_FLUSH_BATCH_SIZE", "99999999999"),
+    ("STRIPE_METER_EVENT_RATE_PER_SECOND", "inf"),
+    ("STRIPE_METER_EVENT_RATE_PER_SECOND", "1e400"),
+    ("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", "nan"),
+    ("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", "-inf"),
+    ("STRIPE_BILLING_RETRY_BACKOFF_MAX_SECONDS", "1e400"),
+    # URLs are checked where they are read, not in a client library's traceback.
+    ("REDIS_URL", "notaurl"),
+    ("REDIS_URL", "http://cache:6379"),
+    ("DATABASE_URL", "billing.db"),
+    ("CELERY_BROKER_URL", "localhost"),
+    ("CELERY_RESULT_BACKEND", "redis"),
+    ("STRIPE_API_BASE", "127.0.0.1:12111"),
 ]
 
 
@@ -223,3 +255,21 @@ class TestWebhookSettings:
     def test_webhook_bounds(self, name, value):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: value})
+
+
+def test_bad_url_names_the_variable_without_its_password():
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"REDIS_URL": "cache:hunter2pass@6379"})
+    assert "REDIS_URL" in str(raised.value) and "hunter2pass" not in str(raised.value)
+
+
+def test_every_url_shown_is_masked():
+    settings = Settings.from_env(
+        {
+            "STRIPE_API_BASE": "https://proxy:hunter2pass@stripe.internal",
+            "DATABASE_URL": "postgresql://billing:hunter2pass@db/billing",
+        }
+    )
+    shown = settings.masked()
+    assert shown["stripe_api_base"] == "https://proxy:***@stripe.internal"
+    assert "hunter2pass" not in repr(settings) and "hunter2pass" not in str(shown)

@@ -86,3 +86,41 @@ def test_file_lock_excludes_a_second_holder(tmp_path):
             assert not got_second
     with held(second) as got_again:
         assert got_again
+
+
+def test_a_heartbeat_that_dies_counts_as_a_lost_lock(redis_client):
+    """A lease too long for a timer (settings built in code skip the config's bounds) kills the
+    heartbeat thread at once: the lock must read as lost, never as quietly held."""
+    lock = RedisFlushLock(redis_client, KEY, 99_999_999_999, lease_seconds=99_999_999_999)
+    assert lock.acquire()
+    deadline = time.monotonic() + 5
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.lost
+    lock.release()
+
+
+def test_a_flush_whose_heartbeat_died_does_not_report_ok(billing_runtime, emulator):
+    from datetime import timedelta
+
+    from billing.models import utcnow
+    from billing.services import flush_guarded
+    from tests.usage.factories import add_accounts, add_events
+
+    add_accounts(billing_runtime, [1])
+    add_events(
+        billing_runtime,
+        [
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": 2,
+                "occurred_at": utcnow() - timedelta(hours=1),
+            }
+        ],
+    )
+    billing_runtime.settings = billing_runtime.settings.replace(
+        flush_lock_ttl_seconds=99_999_999_999, flush_lock_lease_seconds=99_999_999_999
+    )
+    result = flush_guarded(billing_runtime)
+    assert result.lock_lost and not result.ok

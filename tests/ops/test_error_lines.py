@@ -1,0 +1,119 @@
+"""Bad input or configuration: one line naming the problem, a non-zero exit, no traceback or secret.
+
+Each case runs `flask billing …` as the guide writes it, from the project root, in a process of
+its own, against the session's PostgreSQL schema and Redis.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.process import billing_env, run_flask
+
+BROKER_PASSWORD = "brokerPw-do-not-print"
+API_PASSWORD = "apiPw-do-not-print"
+
+
+@pytest.fixture
+def env(settings, db_engine):
+    return billing_env(settings)
+
+
+def error_lines(result) -> list[str]:
+    """stderr less the JSON log lines: what a person reads."""
+    return [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")
+    ]
+
+
+def assert_one_error_line(result, exit_code: int, *names: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == exit_code, output
+    assert "Traceback" not in output
+    assert "sk_test_billingtests0000" not in output and BROKER_PASSWORD not in output
+    lines = error_lines(result)
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1, output
+    if exit_code == 1:  # not a usage error: nothing but the one line
+        assert lines == errors, output
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+CASES = [
+    # (extra environment, command, exit code, words the line must hold)
+    (
+        {"CELERY_BROKER_URL": f"redis://:{BROKER_PASSWORD}@127.0.0.1:1/0"},
+        ["enqueue_hourly"],
+        1,
+        ["Celery broker unreachable", "127.0.0.1:1"],
+    ),
+    (
+        {"STRIPE_BILLING_TASK_MAX_RETRIES": "many"},
+        ["enqueue_hourly"],
+        1,
+        ["STRIPE_BILLING_TASK_MAX_RETRIES", "'many'"],
+    ),
+    ({"REDIS_URL": "notaurl"}, ["flush_hourly"], 1, ["REDIS_URL", "'notaurl'"]),
+    ({}, ["validate_contract", "--lookback-days", "999999"], 2, ["--lookback-days", "999999"]),
+    (
+        {"STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS": "99999999999"},
+        ["validate_contract"],
+        1,
+        ["STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS", "3650"],
+    ),
+    ({}, ["db", "upgrade", "no_such_rev"], 1, ["no_such_rev"]),
+    (
+        {"STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS": "99999999999"},
+        ["flush_hourly"],
+        1,
+        ["STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "3599"],
+    ),
+    (
+        {"STRIPE_MAX_NETWORK_RETRIES": "99999999999"},
+        ["flush_now"],
+        1,
+        ["STRIPE_MAX_NETWORK_RETRIES"],
+    ),
+    ({"STRIPE_BILLING_RETRY_BACKOFF_SECONDS": "inf"}, ["flush_now"], 1, ["'inf'"]),
+    ({"STRIPE_METER_EVENT_RATE_PER_SECOND": "nan"}, ["flush_now"], 1, ["'nan'"]),
+    ({"STRIPE_BILLING_RETRY_BACKOFF_MAX_SECONDS": "1e400"}, ["flush_now"], 1, ["'1e400'"]),
+    ({}, ["flush_now", "--org-id", "424242"], 2, ["organization 424242 is unknown"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "command", "exit_code", "words"),
+    CASES,
+    ids=[" ".join([*c[0], *c[1]]) for c in CASES],
+)
+def test_one_error_line(env, extra, command, exit_code, words):
+    assert_one_error_line(run_flask({**env, **extra}, *command), exit_code, *words)
+
+
+def test_blank_boolean_keeps_the_safety_default(env):
+    blank = {
+        "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": " ",
+        "STRIPE_BILLING_CONTRACT_FAIL_CLOSED": "",
+    }
+    result = run_flask({**env, **blank}, "config")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["validate_contract_before_flush"] is True
+    assert shown["contract_fail_closed"] is False
+
+
+def test_config_masks_the_password_of_every_url(env):
+    urls = {
+        "STRIPE_API_BASE": f"http://emulator:{API_PASSWORD}@127.0.0.1:12111",
+        "CELERY_BROKER_URL": f"redis://:{BROKER_PASSWORD}@127.0.0.1:6379/3",
+        "CELERY_RESULT_BACKEND": f"redis://user:{BROKER_PASSWORD}@127.0.0.1:6379/4",
+    }
+    result = run_flask({**env, **urls}, "config")
+    assert result.returncode == 0, result.stderr
+    assert API_PASSWORD not in result.stdout and BROKER_PASSWORD not in result.stdout
+    shown = json.loads(result.stdout)
+    assert shown["stripe_api_base"] == "http://emulator:***@127.0.0.1:12111"
