@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Flask, current_app
+from flask import Flask
 
 from billing import logs
 from billing.config import Settings, load_settings, metrics_path_from_env, webhook_path_from_env
-from billing.runtime import Runtime
+from billing.runtime import EXTENSION_KEY, Runtime, current_runtime
 
-EXTENSION_KEY = "billing"
+__all__ = ["EXTENSION_KEY", "Billing", "create_app", "current_runtime"]
 
 
 class Billing:
@@ -28,11 +28,26 @@ class Billing:
             self.init_app(app, settings)
 
     def init_app(self, app: Flask, settings: Settings | None = None) -> None:
-        from billing.cli import billing_cli
+        from billing import cli, cli_checks, cli_ops, cli_submissions
+        from billing.entitlements import cli as entitlements_cli
+        from billing.webhooks import cli as webhooks_cli
         from billing.webhooks.views import make_blueprint
 
         settings = settings or self._settings
         app.extensions[EXTENSION_KEY] = _LazyRuntime(settings, self._configure_logging)
+        # `flask billing …`: every command group and command module, one line each.
+        billing_cli = cli.billing_cli
+        billing_cli.add_command(cli_checks.validate_contract_command)
+        billing_cli.add_command(cli_checks.preflight_command)
+        billing_cli.add_command(cli_checks.smoke_org_command)
+        billing_cli.add_command(cli_checks.sync_periods_command)
+        billing_cli.add_command(cli_submissions.submissions_cli)
+        billing_cli.add_command(entitlements_cli.entitlements_cli)
+        billing_cli.add_command(webhooks_cli.webhooks_cli)
+        billing_cli.add_command(webhooks_cli.adjustments_cli)
+        billing_cli.add_command(cli_ops.status_command)
+        billing_cli.add_command(cli_ops.lock_cli)
+        billing_cli.add_command(cli_ops.reconcile_command)
         app.cli.add_command(billing_cli)
         path = settings.webhook_path if settings else webhook_path_from_env()
         app.register_blueprint(make_blueprint(path))
@@ -58,10 +73,6 @@ class _LazyRuntime:
                 logs.configure_logging(runtime.settings.log_level, runtime.settings.log_format)
             self._runtime = runtime
         return self._runtime
-
-
-def current_runtime() -> Runtime:
-    return current_app.extensions[EXTENSION_KEY].get()
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -15,17 +15,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db, logs
 from billing.adopt import AdoptionError, adopt_billable_events
-from billing.app import current_runtime
 from billing.config import ConfigError, scrub
 from billing.entitlements.service import EntitlementError
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import LockUnavailableError
-from billing.runtime import Runtime
+from billing.runtime import Runtime, current_runtime
 from billing.stripe_gateway import StripeGatewayError
 from billing.submissions import SubmissionActionError
 from billing.webhooks.adjustments import AdjustmentError
 from billing.webhooks.service import ReplayRefused
 
+# The group and its core commands; `Billing.init_app` adds every other command module's commands and
+# groups to it (they import this module's helpers, never the other way round).
 billing_cli = AppGroup("billing", help="Stripe usage billing: flush, checks, and maintenance.")
 
 # Errors an operator can act on: shown as one line and a non-zero exit, not a traceback.
@@ -70,9 +71,12 @@ def emit(payload: dict[str, Any], summary: str | None = None) -> None:
         click.echo(summary, err=True)
 
 
+DISABLED = "billing disabled (STRIPE_BILLING_ENABLED is not 1): nothing sent"
+
+
 def flush_summary(result: FlushResult) -> str:
     if not result.enabled:
-        return "billing disabled (STRIPE_BILLING_ENABLED is not 1): nothing sent"
+        return ""  # attention_lines() says it, whoever is watching
     if result.skipped:
         return "skipped: another flush holds the lock"
     if result.blocked:
@@ -115,6 +119,8 @@ def flush_progress(rt: Runtime, organization_id: int | None = None) -> Iterator[
 def attention_lines(result: FlushResult) -> list[str]:
     """What an operator must fix, one line each, on stderr whoever is watching."""
     lines = []
+    if not result.enabled:  # cron runs this hourly: billing nothing must not go unnoticed
+        lines.append(f"warning: {DISABLED}")
     if result.stop_error:
         lines.append(
             f"error: Stripe refused the account, flush stopped ({result.stop_error}); no row was "
@@ -269,13 +275,3 @@ def db_current_command() -> None:
 def config_command() -> None:
     """Print the effective settings, secrets masked."""
     emit(runtime().settings.masked())
-
-
-# The safety commands (validate_contract, preflight, smoke_org, sync_periods), the outbox
-# (submissions), entitlements, webhook, adjustments and operator (status, lock) commands join
-# the group.
-import billing.cli_checks  # noqa: E402
-import billing.cli_ops  # noqa: E402
-import billing.cli_submissions  # noqa: E402
-import billing.entitlements.cli  # noqa: E402
-import billing.webhooks.cli  # noqa: E402,F401

@@ -11,12 +11,13 @@ import sys
 from typing import Any, Protocol
 
 import click
+from flask.cli import with_appcontext
 
-from billing.app import current_runtime
-from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.cli import emit, operator_errors, runtime
 from billing.config import MAX_CONTRACT_LOOKBACK_DAYS
-from billing.contract import run_contract_checks
+from billing.contract import contract_fails_closed, run_contract_checks
 from billing.preflight import run_preflight
+from billing.runtime import current_runtime
 from billing.smoke import UnknownOrganizationError, smoke_org
 
 
@@ -47,7 +48,8 @@ def finish(report: Report, *, fail_closed: bool, what: str) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 
 
-@billing_cli.command("validate_contract")
+@click.command("validate_contract")
+@with_appcontext
 @click.option(
     "--lookback-days",
     type=click.IntRange(min=1, max=MAX_CONTRACT_LOOKBACK_DAYS),
@@ -80,11 +82,14 @@ def validate_contract_command(
         )
     show(report, as_json)
     finish(
-        report, fail_closed=fail_closed or settings.contract_fail_closed, what="contract validation"
+        report,
+        fail_closed=contract_fails_closed(settings, fail_closed),
+        what="contract validation",
     )
 
 
-@billing_cli.command("preflight")
+@click.command("preflight")
+@with_appcontext
 @click.option("--require-enabled", is_flag=True, help="Fail unless STRIPE_BILLING_ENABLED=1.")
 @click.option("--fail-closed", is_flag=True, help="Exit 1 when any check fails.")
 @json_option
@@ -95,7 +100,8 @@ def preflight_command(require_enabled: bool, fail_closed: bool, as_json: bool) -
     finish(report, fail_closed=fail_closed, what="preflight")
 
 
-@billing_cli.command("smoke_org")
+@click.command("smoke_org")
+@with_appcontext
 @click.option("--org-id", type=int, required=True, help="The organization to check.")
 @click.option("--require-enabled", is_flag=True, help="Fail unless STRIPE_BILLING_ENABLED=1.")
 @click.option(
@@ -142,7 +148,8 @@ def smoke_org_command(
     finish(report, fail_closed=not no_fail_closed, what=f"smoke check of organization {org_id}")
 
 
-@billing_cli.command("sync_periods")
+@click.command("sync_periods")
+@with_appcontext
 def sync_periods_command() -> None:
     """Copy every subscription's current billing period from Stripe to its billing account."""
     from billing.periods import sync_all_periods

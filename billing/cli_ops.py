@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 import redis
+from flask.cli import AppGroup, with_appcontext
 
-from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.cli import emit, operator_errors, runtime
 from billing.config import scrub
 from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
 from billing.models import utcnow
@@ -29,7 +30,8 @@ def ops_errors() -> Iterator[None]:
             raise click.ClickException(scrub(f"Redis error: {error}")) from error
 
 
-@billing_cli.command("status")
+@click.command("status")
+@with_appcontext
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
 def status_command(as_json: bool) -> None:
     """Last flush, backlog, outbox and webhook rows by status, and who holds the flush lock."""
@@ -103,7 +105,7 @@ def _lock(lock: dict[str, Any]) -> str:
     )
 
 
-@billing_cli.group("lock")
+@click.group("lock", cls=AppGroup)
 def lock_cli() -> None:
     """The flush overlap lock (Redis)."""
 
@@ -147,7 +149,8 @@ def lock_release_command(if_holder_dead: bool) -> None:
 ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"]
 
 
-@billing_cli.command("reconcile")
+@click.command("reconcile")
+@with_appcontext
 @click.option("--since", type=click.DateTime(ISO_FORMATS), default=None,
               help="Start (UTC, ISO 8601). Default: 48 h ago, or the oldest held row's hour.")
 @click.option("--until", type=click.DateTime(ISO_FORMATS), default=None,

@@ -6,8 +6,9 @@ import getpass
 import json
 
 import click
+from flask.cli import AppGroup
 
-from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.cli import emit, operator_errors, runtime
 from billing.models import SubmissionStatus
 from billing.reports import render_table
 from billing.submissions import (
@@ -35,7 +36,7 @@ def _default_actor() -> str:
         return "unknown"
 
 
-@billing_cli.group("submissions")
+@click.group("submissions", cls=AppGroup)
 def submissions_cli() -> None:
     """The usage outbox: list rows, retry failed ones, write off what will never be billed."""
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from billing.claiming import MAX_EVENT_AGE, whole_positive_quantity
+from billing.config import Settings
 from billing.models import BillableEvent, BillingAccount, utcnow
 from billing.reports import Status, StatusReport, render_table
 from billing.runtime import Runtime
@@ -347,6 +348,13 @@ ROW_CHECKS: tuple[RowCheck, ...] = (
         subject=event.organization_id,
     ),
 )
+
+
+def contract_fails_closed(settings: Settings, requested: bool = False) -> bool:
+    """The fail-closed policy, decided here only: a failed check stops the flush (the pre-flush
+    gate) or exits 1 (`validate_contract`) when asked with `--fail-closed` or when
+    STRIPE_BILLING_CONTRACT_FAIL_CLOSED=1; otherwise it is reported and billing goes on."""
+    return requested or settings.contract_fail_closed
 
 
 def run_contract_checks(

@@ -27,7 +27,7 @@ def metrics_blueprint(path: str) -> Blueprint:
 
     @blueprint.get(path)
     def scrape() -> Response:
-        from billing.app import current_runtime
+        from billing.runtime import current_runtime
 
         body = metrics.exposition(current_runtime)
         return Response(body, mimetype=metrics.CONTENT_TYPE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -11,6 +12,14 @@ class Status(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What a pre-flush gate found, and whether the policy says that stops the flush."""
+
+    failures: list[dict[str, Any]]
+    blocks: bool
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -1,6 +1,7 @@
 """The process-wide handles (engine, sessions, Redis, Stripe gateway) built from one Settings.
 
-Flask keeps one in `app.extensions["billing"]`; a Celery worker process builds its own on first use.
+Flask keeps one in `app.extensions["billing"]` (`current_runtime()`); a Celery worker process builds
+its own on first use (`get_runtime()`).
 Handles are created lazily so that `--help` and config errors never need a database or Redis.
 """
 
@@ -66,6 +67,16 @@ class Runtime:
             self.redis.close()
         if "task_sender" in self.__dict__:
             self.task_sender.close()
+
+
+EXTENSION_KEY = "billing"
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the Flask app in context (`Billing(app)` installed it)."""
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION_KEY].get()
 
 
 _process_runtime: Runtime | None = None

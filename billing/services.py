@@ -13,6 +13,7 @@ from billing import flush_record, logs, metrics, retry_policy
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
 from billing.models import BillableEvent, BillingAccount, utcnow
+from billing.reports import GateVerdict
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
 from billing.usage import flush_usage
@@ -54,20 +55,23 @@ def make_flush_lock(runtime: Runtime) -> FlushLock:
 
 def contract_gate(
     runtime: Runtime, organization_id: int | None = None
-) -> Callable[[], list[dict[str, Any]]]:
-    """The pre-flush contract checks, over the organization being flushed (or all)."""
+) -> Callable[[], GateVerdict] | None:
+    """The pre-flush contract checks over the organization being flushed (or all), with the
+    fail-closed policy applied; None when STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH=0."""
+    if not runtime.settings.validate_contract_before_flush:
+        return None
 
-    def failed_checks() -> list[dict[str, Any]]:
-        from billing.contract import run_contract_checks
+    def verdict() -> GateVerdict:
+        from billing.contract import contract_fails_closed, run_contract_checks
 
         report = run_contract_checks(
             runtime,
             lookback_days=runtime.settings.contract_lookback_days,
             organization_id=organization_id,
         )
-        return report.failures()
+        return GateVerdict(report.failures(), blocks=contract_fails_closed(runtime.settings))
 
-    return failed_checks
+    return verdict
 
 
 def flush_once(
@@ -181,13 +185,13 @@ def flush_with_retries(
 def validate_contract_scheduled(runtime: Runtime) -> dict[str, Any]:
     """The scheduled contract check (beat, minute 3): logged and counted, so the alert fires
     before a fail-closed flush at minute 13 is blocked. Returns the failed checks' names."""
-    from billing.contract import run_contract_checks
+    from billing.contract import contract_fails_closed, run_contract_checks
 
     settings = runtime.settings
     report = run_contract_checks(runtime, lookback_days=settings.contract_lookback_days)
     failed = [failure["check"] for failure in report.failures()]
     metrics.observe_contract_validation(failed)
-    blocks = bool(failed) and settings.contract_fail_closed
+    blocks = bool(failed) and contract_fails_closed(settings)
     fields = {"failed_checks": failed, "blocks_flush": blocks}
     if failed:
         log.error(logs.CONTRACT_CHECK_FAILED, extra=fields)

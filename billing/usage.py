@@ -24,6 +24,7 @@ from billing.claiming import ClaimedBatch, Claimer
 from billing.config import Settings
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.models import utcnow
+from billing.reports import GateVerdict
 from billing.stripe_gateway import StripeGateway
 from billing.submissions import awaiting_operator_counts
 from billing.submitting import Stops, Submitter
@@ -203,7 +204,7 @@ def flush_usage(
     organization_id: int | None = None,
     clock: Callable[[], datetime] = utcnow,
     lost_lock: Callable[[], bool] = lambda: False,
-    contract_gate: Callable[[], list[dict[str, Any]]] | None = None,
+    contract_gate: Callable[[], GateVerdict] | None = None,
     on_progress: Callable[[FlushResult], None] | None = None,
     call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
 ) -> FlushResult:
@@ -211,11 +212,13 @@ def flush_usage(
 
     `call_attempts` is this pass's share of the run's calls per row (`billing.retry_policy`)."""
     if not settings.billing_enabled:
-        log.info(logs.FLUSH_DISABLED)
+        log.warning(logs.FLUSH_DISABLED)
         return FlushResult(enabled=False)
-    failures = contract_gate() if contract_gate and settings.validate_contract_before_flush else []
+    # The gate (billing.services) decides whether checks run and whether a failure blocks.
+    verdict = contract_gate() if contract_gate else GateVerdict([], blocks=False)
+    failures = verdict.failures
     if failures:
-        if settings.contract_fail_closed:
+        if verdict.blocks:
             log.error(logs.FLUSH_BLOCKED, extra={"failed_checks": [f["check"] for f in failures]})
             return FlushResult(blocked=True, contract_failures=failures)
         log.warning(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import click
+from flask.cli import AppGroup
 
-from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.cli import emit, operator_errors, runtime
 from billing.entitlements import SAAS_FEATURE, service
 
 ORG_ID = click.option("--org-id", type=click.IntRange(min=1), required=True)
@@ -13,7 +14,7 @@ FEATURE = click.option(
 )
 
 
-@billing_cli.group("entitlements")
+@click.group("entitlements", cls=AppGroup)
 def entitlements_cli() -> None:
     """Features organizations hold: from Stripe (refreshed) and granted by hand."""
 

@@ -40,10 +40,11 @@ from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from wtforms import ValidationError
 
 from billing import logs
-from billing.app import EXTENSION_KEY, Billing, current_runtime
+from billing.app import Billing
 from billing.entitlements import SAAS_FEATURE
 from billing.entitlements.checkout import start_upgrade_checkout
 from billing.entitlements.service import has_entitlement
+from billing.runtime import EXTENSION_KEY, current_runtime
 from billing.stripe_gateway import StripeGatewayError
 
 log = logs.get_logger("billing.entitlements")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 
 import click
+from flask.cli import AppGroup
 
-from billing.cli import billing_cli, emit, operator_errors, runtime
+from billing.cli import emit, operator_errors, runtime
 from billing.models import AdjustmentKind, WebhookStatus
 from billing.webhooks import adjustments, service
 
 
-@billing_cli.group("webhooks")
+@click.group("webhooks", cls=AppGroup)
 def webhooks_cli() -> None:
     """Stored Stripe webhook events: inspect, replay dead letters, sweep."""
 
@@ -62,7 +63,7 @@ def webhooks_sweep_command() -> None:
         sys.exit(1)
 
 
-@billing_cli.group("adjustments")
+@click.group("adjustments", cls=AppGroup)
 def adjustments_cli() -> None:
     """Per-organization invoice adjustments applied on invoice.created."""
 

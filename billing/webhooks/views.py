@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from billing import logs, metrics
-from billing.app import current_runtime
+from billing.runtime import current_runtime
 from billing.webhooks import service
 from billing.webhooks.tasks import enqueuer
 

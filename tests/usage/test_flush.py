@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from billing import logs
 from billing.claiming import Claimer
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
+from billing.reports import GateVerdict
 from billing.services import flush_once
 from billing.submitting import Submitter
 from billing.usage import FlushResult, TransientFlushError, UsageFlush, flush_usage
@@ -284,14 +285,15 @@ def test_disabled_billing_touches_nothing(billing_runtime, emulator, seeded):
 
 
 @pytest.mark.parametrize("fail_closed", [True, False])
-def test_contract_gate_blocks_only_when_fail_closed(billing_runtime, emulator, seeded, fail_closed):
+def test_flush_obeys_the_gates_verdict(billing_runtime, emulator, seeded, fail_closed):
     runtime = billing_runtime
-    settings = runtime.settings.replace(
-        validate_contract_before_flush=True, contract_fail_closed=fail_closed
-    )
     failures = [{"check": "quantity_positive", "offending_rows": 2, "sample_ids": [1, 2]}]
+    verdict = GateVerdict(failures, blocks=fail_closed)
     result: FlushResult = flush_usage(
-        settings, runtime.session_factory, lambda: runtime.stripe, contract_gate=lambda: failures
+        runtime.settings,
+        runtime.session_factory,
+        lambda: runtime.stripe,
+        contract_gate=lambda: verdict,
     )
     assert result.blocked is fail_closed
     assert result.contract_failures == failures
