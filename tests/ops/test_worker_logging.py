@@ -130,3 +130,33 @@ def test_worker_logs_the_guides_messages_as_json_with_task_and_usage_fields(
     assert any(r["logger"].startswith("celery") for r in records)
     assert not [r for r in records if r["logger"].startswith("stripe")]
     assert not any("Request to Stripe api" in line for line in worker_process.lines())
+
+
+def test_beat_logs_json_lines_too(settings, tmp_path):
+    import redis
+
+    queue = f"billing-beat-proc-{uuid.uuid4().hex[:8]}"
+    env = billing_env(settings.replace(billing_queue=queue), BILLING_LOG_LEVEL="info")
+    log_path = tmp_path / "beat.log"
+    with log_path.open("w") as log:
+        beat = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "billing.celery_app", "beat", "--loglevel", "INFO",
+             "-s", str(tmp_path / "schedule")],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while "beat: Starting" not in log_path.read_text() and time.monotonic() < deadline:
+                assert beat.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+        finally:
+            beat.terminate()
+            beat.wait(timeout=20)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert any(
+        r["logger"] == "celery.beat" and r["message"] == "beat: Starting..." for r in records
+    )
+    broker = redis.Redis.from_url(settings.celery_broker_url)
+    broker.delete(queue)  # whatever beat sent at start-up (the webhook sweep) goes with it
+    broker.close()
