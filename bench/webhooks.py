@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -245,7 +246,7 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("gunicorn")), app,
          "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-         "--worker-class", "gthread", "--threads", str(args.threads),
+         "--worker-class", args.worker_class, "--threads", str(args.threads),
          "--keep-alive", "30", "--backlog", "2048"],
         env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
@@ -263,24 +264,78 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
     return process, url
 
 
-def run_load(url: str, deliveries: list[tuple[bytes, str]], concurrency: int) -> dict:
-    """In a separate process: send every delivery once over `concurrency` keep-alive
-    connections; per-request latency, throughput and status counts."""
-    path = Path(f"/tmp/billing-bench-webhooks-{RUN}-{time.time_ns()}.json")
-    path.write_text(json.dumps([[b.decode(), s] for b, s in deliveries]))
+WRK_SCRIPT = ROOT / "bench" / "webhooks_wrk.lua"
+
+
+def run_load(url: str, deliveries: list[tuple[bytes, str]], args: argparse.Namespace) -> dict:
+    """Send the deliveries from a separate process over `args.concurrency` keep-alive
+    connections: `wrk` (C, a few µs of CPU per request, so the server keeps the cores) with a
+    Lua script that sends each pre-signed delivery once; without wrk, a Python client."""
+    path = Path(f"/tmp/billing-bench-webhooks-{RUN}-{time.time_ns()}.txt")
+    # One delivery per line: signature header, a tab, the JSON body (no tabs or newlines in it).
+    path.write_bytes(b"".join(s.encode() + b"\t" + b + b"\n" for b, s in deliveries))
     try:
+        if args.load_tool == "wrk":
+            return _run_wrk(url, path, len(deliveries), args)
         out = subprocess.run(
             [sys.executable, __file__, "--load", url, "--bodies", str(path),
-             "--concurrency", str(concurrency)],
+             "--concurrency", str(args.concurrency)],
             check=True, capture_output=True, text=True,
         ).stdout
+        return json.loads(out)
     finally:
         path.unlink(missing_ok=True)
-    return json.loads(out)
+
+
+def _run_wrk(url: str, bodies: Path, count: int, args: argparse.Namespace) -> dict:
+    """wrk sends for a fixed time, not a count: its script stops each connection after its
+    share of the deliveries (none is sent twice) and the duration only bounds the run."""
+    before = os.times()
+    wrk = subprocess.Popen(
+        [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.concurrency),
+         "-d", f"{args.max_seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "BENCH_BODIES": str(bodies), "BENCH_THREADS": str(args.wrk_threads)},
+    )
+    output: list[str] = []
+    finished = 0
+    assert wrk.stdout is not None
+    for line in wrk.stdout:
+        output.append(line)
+        if line.strip() == "DONE":
+            finished += 1
+            if finished == args.wrk_threads:  # SIGINT: wrk stops its clock and reports now
+                wrk.send_signal(signal.SIGINT)
+    stderr = wrk.stderr.read() if wrk.stderr else ""
+    if wrk.wait() != 0:
+        raise RuntimeError(f"wrk failed:\n{''.join(output)}\n{stderr}")
+    after = os.times()
+    lines = [line for line in output if line.startswith("BENCH ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result:\n{''.join(output)}\n{stderr}")
+    result = json.loads(lines[-1][len("BENCH "):])
+    load_cpu = (after.children_user + after.children_system
+                - before.children_user - before.children_system)
+    requests = result["requests"]
+    return {
+        "requests": requests,
+        "seconds": result["seconds"],
+        "per_second": round(requests / result["seconds"], 1),
+        "p50_ms": round(result["p50_us"] / 1000, 2),
+        "p99_ms": round(result["p99_us"] / 1000, 2),
+        "mean_ms": round(result["mean_us"] / 1000, 2),
+        "statuses": result["statuses"],
+        "socket_errors": result["errors"],
+        "duplicates_answered": result["duplicates"],
+        "unsent": count - requests,
+        "load_cpu_ms_per_request": round(load_cpu / max(requests, 1) * 1000, 3),
+    }
 
 
 def load_main(url: str, bodies_path: str, concurrency: int) -> None:
-    deliveries = json.loads(Path(bodies_path).read_text())
+    deliveries = [
+        line.split("\t", 1) for line in Path(bodies_path).read_text().splitlines() if line
+    ]
     parsed = urllib.parse.urlsplit(url)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -298,7 +353,7 @@ def load_main(url: str, bodies_path: str, concurrency: int) -> None:
                 index = next(cursor, None)
             if index is None:
                 break
-            body, signature = deliveries[index]
+            signature, body = deliveries[index]
             started = time.perf_counter()
             connection.request("POST", parsed.path, body=body.encode(), headers={
                 "Content-Type": "application/json", "Stripe-Signature": signature,
@@ -319,11 +374,10 @@ def load_main(url: str, bodies_path: str, concurrency: int) -> None:
     for thread in threads:
         thread.start()
     barrier.wait()
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
-    load_cpu = time.process_time() - cpu_started
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -337,7 +391,7 @@ def load_main(url: str, bodies_path: str, concurrency: int) -> None:
         "p99_ms": pct(99),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "load_cpu_ms_per_request": round(load_cpu / len(latencies) * 1000, 3),
+        "load_cpu_ms_per_request": round(time.process_time() / len(latencies) * 1000, 3),
     }))
 
 
@@ -363,13 +417,14 @@ def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int
     process, url = start_gunicorn(app, env, args, log)
     try:
         warmup = signed([delivery(customer, subscription, i, f"{name}w") for i in range(300)])
-        run_load(url, warmup, args.concurrency)
+        run_load(url, warmup, args)
         deliveries = signed([delivery(customer, subscription, i, name) for i in range(count)])
-        before = cpu_seconds(process.pid)
-        result = run_load(url, deliveries, args.concurrency)
+        before, load_before = cpu_seconds(process.pid), os.getloadavg()[0]
+        result = run_load(url, deliveries, args)
         result["server_cpu_ms_per_request"] = round(
-            (cpu_seconds(process.pid) - before) / count * 1000, 3
+            (cpu_seconds(process.pid) - before) / result["requests"] * 1000, 3
         )
+        result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         return result
     finally:
         process.send_signal(signal.SIGTERM)
@@ -395,13 +450,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--worker-class", default="gthread")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--load-tool", choices=("wrk", "python"), default=None,
+                        help="wrk if installed (default), else a threaded Python client")
+    parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help=argparse.SUPPRESS)
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--max-seconds", type=int, default=120,
+                        help="wrk's run time bound (a run ends when every delivery is answered)")
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--bodies", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
         load_main(args.load, args.bodies, args.concurrency)
         return
+    if args.load_tool is None:
+        args.load_tool = "wrk" if shutil.which(args.wrk) else "python"
 
     import redis
 
@@ -432,7 +496,9 @@ def main() -> None:
         cleanup(runtime)
     result = {
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
-        "gunicorn": {"workers": args.workers, "threads": args.threads, "worker_class": "gthread"},
+        "gunicorn": {"workers": args.workers, "threads": args.threads,
+                     "worker_class": args.worker_class},
+        "load_tool": args.load_tool,
         "concurrency": args.concurrency,
         "component_costs": costs,
         "queued": {**queued, "rows_stored": stored, "tasks_enqueued": queue_length},
@@ -446,7 +512,8 @@ def main() -> None:
     for name in ("queued", "synchronous"):
         row = result[name]
         print(f"{name:<12} {row['per_second']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8} "
-              f"{row['server_cpu_ms_per_request']:>18}  {row['statuses']}")
+              f"{row['server_cpu_ms_per_request']:>18}  {row['statuses']}  "
+              f"load {row['load_average_1m']}")
     print(f"queued/synchronous throughput: {result['throughput_ratio']}x; rows stored {stored}, "
           f"tasks enqueued {queue_length}; written to {args.output}")
 

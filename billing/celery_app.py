@@ -23,6 +23,7 @@ from celery import Celery, current_app, signals
 from celery.schedules import crontab
 
 from billing import logs
+from billing.broker import publish_transport
 from billing.config import ConfigError, Settings, scrub
 from billing.runtime import get_runtime
 
@@ -100,6 +101,7 @@ def make_sender(settings: Settings) -> Celery:
         # URL it does not, so the sender publishes where `settings` says.
         broker_url=settings.celery_broker_url,
         broker_write_url=settings.celery_broker_url,
+        broker_transport=publish_transport(settings.celery_broker_url),
         broker_connection_timeout=2,
         broker_connection_retry=False,
         broker_transport_options={"socket_connect_timeout": 2, "socket_timeout": 5},

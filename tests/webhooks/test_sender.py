@@ -1,0 +1,150 @@
+"""The web process's task sender: Celery's messages on STRIPE_BILLING_QUEUE through one reused
+Redis client per channel, and a broker that goes away and comes back."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from billing import broker
+from billing.celery_app import make_sender
+from billing.webhooks.tasks import PROCESS_TASK, enqueuer
+from tests.webhooks.conftest import AppServer, make_event, post, rows
+
+
+def queued_messages(broker_client, queue: str) -> list[dict]:
+    return [json.loads(raw) for raw in reversed(broker_client.lrange(queue, 0, -1))]
+
+
+@pytest.fixture
+def broker_client(webhook_settings) -> Iterator[redis.Redis]:
+    """The broker's Redis database, with this session's queue emptied before and after."""
+    client = redis.Redis.from_url(webhook_settings.celery_broker_url)
+    client.delete(webhook_settings.billing_queue)
+    yield client
+    client.delete(webhook_settings.billing_queue)
+    client.close()
+
+
+def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_client(
+    make_runtime, webhook_settings, broker_client
+):
+    runtime = make_runtime(webhook_settings)
+    enqueue = enqueuer(runtime)
+    for event_id in ("evt_sender_1", "evt_sender_2", "evt_sender_3"):
+        enqueue(event_id)
+
+    messages = queued_messages(broker_client, webhook_settings.billing_queue)
+    assert [m["headers"]["task"] for m in messages] == [PROCESS_TASK] * 3
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in messages] == [
+        ["evt_sender_1"], ["evt_sender_2"], ["evt_sender_3"]
+    ]
+    assert {m["properties"]["delivery_info"]["routing_key"] for m in messages} == {
+        webhook_settings.billing_queue
+    }
+    with runtime.task_sender.connection_for_write() as connection:
+        assert isinstance(connection.default_channel, broker.PublishChannel)
+    # One Redis client served every publish of the pooled producer's channel.
+    with runtime.task_sender.producer_pool.acquire() as producer:
+        client = producer.channel._publish_client
+        enqueue("evt_sender_4")
+        assert producer.channel._publish_client is client
+    assert broker_client.llen(webhook_settings.billing_queue) == 4
+
+
+def test_only_a_redis_broker_gets_the_publish_transport(webhook_settings):
+    assert broker.publish_transport("redis://127.0.0.1:6379/0") == broker.PUBLISH_TRANSPORT
+    assert broker.publish_transport("amqp://guest:guest@127.0.0.1:5672//") is None
+    amqp = make_sender(webhook_settings.replace(
+        celery_broker_url="amqp://guest:guest@127.0.0.1:5672//"))
+    assert amqp.connection_for_write().transport_cls == "amqp"
+
+
+class Relay:
+    """A TCP relay to Redis that can drop every connection and refuse new ones, then resume."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.up = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                sock.close()
+
+    def drop(self) -> None:
+        self.up = False
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
+
+    def close(self) -> None:
+        self.drop()
+        self.listener.close()
+
+
+@pytest.fixture
+def relay(broker_client) -> Iterator[Relay]:
+    kwargs = broker_client.connection_pool.connection_kwargs
+    relay = Relay((kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379)))
+    yield relay
+    relay.close()
+
+
+def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_back(
+    make_runtime, webhook_settings, broker_client, relay
+):
+    db = webhook_settings.celery_broker_url.rsplit("/", 1)[1]
+    runtime = make_runtime(webhook_settings.replace(
+        celery_broker_url=f"redis://127.0.0.1:{relay.port}/{db}"))
+    server = AppServer(runtime)
+    try:
+        before = post(server.url, make_event(event_id="evt_relay_before"))
+        relay.drop()
+        during = post(server.url, make_event(event_id="evt_relay_during"))
+        relay.up = True
+        after = post(server.url, make_event(event_id="evt_relay_after"))
+    finally:
+        server.close()
+    assert [r.json()["outcome"] for r in (before, during, after)] == [
+        "queued", "stored_not_queued", "queued"
+    ]
+    assert {r.stripe_event_id: r.status for r in rows(runtime)} == {
+        "evt_relay_before": "received", "evt_relay_during": "received",
+        "evt_relay_after": "received",
+    }
+    queued = [json.loads(base64.b64decode(m["body"]))[0][0]
+              for m in queued_messages(broker_client, webhook_settings.billing_queue)]
+    assert queued == ["evt_relay_before", "evt_relay_after"]
