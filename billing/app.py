@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Blueprint, Flask
 
 from billing import logs
 from billing.config import Settings, load_settings, metrics_path_from_env, webhook_path_from_env
@@ -50,12 +50,29 @@ class Billing:
         billing_cli.add_command(cli_ops.reconcile_command)
         app.cli.add_command(billing_cli)
         path = settings.webhook_path if settings else webhook_path_from_env()
-        app.register_blueprint(make_blueprint(path))
+        webhooks = make_blueprint(path)
+        app.register_blueprint(webhooks)
+        _exempt_from_host_csrf(app, webhooks)
         metrics_path = settings.metrics_path if settings else metrics_path_from_env()
         if metrics_path:
             from billing.metrics_http import metrics_blueprint
 
             app.register_blueprint(metrics_blueprint(metrics_path))
+
+
+def _exempt_from_host_csrf(app: Flask, blueprint: Blueprint) -> None:
+    """Stripe signs its deliveries and cannot send a CSRF token: a host app's app-wide
+    `CSRFProtect` (Flask-WTF) would refuse every one with 400. Exempt the webhook blueprint
+    whichever extension the host set up first: now if CSRFProtect is there already, else before
+    each request (registered ahead of CSRFProtect's own check, so it runs first)."""
+
+    def exempt() -> None:
+        csrf = app.extensions.get("csrf")
+        if csrf is not None:
+            csrf.exempt(blueprint)  # a set of blueprint names: adding again is a no-op
+
+    exempt()
+    app.before_request(exempt)
 
 
 class _LazyRuntime:

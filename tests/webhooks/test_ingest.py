@@ -140,3 +140,31 @@ def test_a_host_app_gets_the_endpoint_from_billing(webhook_runtime):
     )
     assert response.status_code == 200
     assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_host"]
+
+
+@pytest.mark.parametrize(
+    "csrf_first", [True, False], ids=["csrf-then-billing", "billing-then-csrf"]
+)
+def test_a_host_apps_csrf_protection_does_not_refuse_stripe(webhook_runtime, csrf_first):
+    """Stripe cannot send a CSRF token: an app-wide CSRFProtect must not turn deliveries away,
+    whichever extension the host sets up first, while its other POST routes stay protected."""
+    from flask import Flask
+    from flask_wtf.csrf import CSRFProtect
+
+    from billing.app import EXTENSION_KEY, Billing
+
+    host = Flask("host")
+    host.config["SECRET_KEY"] = "host-secret"
+    host.add_url_rule("/form", "form", lambda: "posted", methods=["POST"])
+    if csrf_first:
+        CSRFProtect(host)
+    Billing(host, webhook_runtime.settings)
+    if not csrf_first:
+        CSRFProtect(host)
+    host.extensions[EXTENSION_KEY]._runtime = webhook_runtime
+    client = host.test_client()
+    body = make_event(event_id="evt_csrf_host")
+    response = client.post("/stripe/webhook", data=body, headers={"Stripe-Signature": sign(body)})
+    assert response.status_code == 200
+    assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_csrf_host"]
+    assert client.post("/form").status_code == 400  # the host's own forms keep their CSRF check
