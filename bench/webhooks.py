@@ -2,18 +2,22 @@
 endpoint running the event's handler synchronously inside the request, side by side.
 
 Both run under gunicorn on loopback with the same worker settings; the load comes from a
-separate process (`--load`, started by this script) that sends pre-signed, distinct
-`customer.subscription.updated` deliveries over keep-alive connections and times each one. The
+separate process: `wrk` (if installed; C, so it leaves the two cores to the server) with
+`webhooks_wrk.lua`, or a threaded Python client, sending pre-signed, distinct
+`customer.subscription.updated` deliveries, each once, over keep-alive connections. The
 handler of that event reads the subscription back from Stripe (the emulator, in its own process,
 rate ceilings off), updates the billing account and refreshes entitlements: the work that the
 queued endpoint leaves to a Celery worker. The per-call costs of the pieces of an accepted
-delivery (signature check, the insert, Celery's publish) are measured in-process first.
+delivery (signature check, the insert, Celery's publish) are measured in-process first; CPU per
+delivery is read from /proc for gunicorn's processes and, as an upper bound (other users count
+too), for PostgreSQL's and Redis's.
 
 PostgreSQL gets a scratch schema, Redis a queue of this run's own (both removed at the end);
 nothing consumes the queue, so its length afterwards proves every accepted event was enqueued.
 
     .venv/bin/python bench/webhooks.py [--requests 20000] [--sync-requests 4000]
-        [--concurrency 32] [--workers 2] [--threads 16] [--output PATH]
+        [--concurrency 32] [--workers 4] [--threads 4] [--load-tool wrk|python]
+        [--output PATH]
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def _environment(api_base: str) -> dict[str, str]:
         "STRIPE_SECRET_KEY": "sk_test_bench_webhooks_0000",
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "STRIPE_API_BASE": api_base,
-        "STRIPE_METER_EVENT_RATE_PER_SECOND": "100000",
+        "STRIPE_METER_EVENT_RATE_PER_SECOND": "10000",
         "CELERY_BROKER_URL": REDIS_URL,
         "REDIS_URL": REDIS_URL,
         "STRIPE_BILLING_QUEUE": QUEUE,
@@ -412,6 +416,24 @@ def cpu_seconds(master: int) -> float:
     return total / ticks
 
 
+SERVICES = ("postgres", "redis-server")
+
+
+def services_cpu_seconds() -> float:
+    """CPU of every PostgreSQL and Redis process on the machine (other users' too: an upper
+    bound of what a delivery costs them)."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if head.split("(", 1)[1] in SERVICES:
+            fields = tail.split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int,
             customer: str, subscription: str, log: Path) -> dict:
     process, url = start_gunicorn(app, env, args, log)
@@ -420,9 +442,13 @@ def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int
         run_load(url, warmup, args)
         deliveries = signed([delivery(customer, subscription, i, name) for i in range(count)])
         before, load_before = cpu_seconds(process.pid), os.getloadavg()[0]
+        services_before = services_cpu_seconds()
         result = run_load(url, deliveries, args)
         result["server_cpu_ms_per_request"] = round(
             (cpu_seconds(process.pid) - before) / result["requests"] * 1000, 3
+        )
+        result["postgres_redis_cpu_ms_per_request"] = round(
+            (services_cpu_seconds() - services_before) / result["requests"] * 1000, 3
         )
         result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         return result
@@ -448,8 +474,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--sync-requests", type=int, default=4_000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--worker-class", default="gthread")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--load-tool", choices=("wrk", "python"), default=None,

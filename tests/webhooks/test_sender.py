@@ -43,6 +43,9 @@ def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_clien
 
     messages = queued_messages(broker_client, webhook_settings.billing_queue)
     assert [m["headers"]["task"] for m in messages] == [PROCESS_TASK] * 3
+    assert [(m["headers"]["argsrepr"], m["headers"]["kwargsrepr"]) for m in messages] == [
+        ("['evt_sender_1']", "{}"), ("['evt_sender_2']", "{}"), ("['evt_sender_3']", "{}")
+    ]
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in messages] == [
         ["evt_sender_1"], ["evt_sender_2"], ["evt_sender_3"]
     ]
