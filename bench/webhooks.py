@@ -501,7 +501,11 @@ def main() -> None:
     emulator_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     emulator, api_base = start_emulator(emulator_env)
     env = _environment(api_base)
-    runtime = Runtime(Settings.from_env(env))
+    try:
+        runtime = Runtime(Settings.from_env(env))
+    except Exception:  # a refused setting must not leave the emulator running
+        emulator.terminate()
+        raise
     log = Path(f"/tmp/billing-bench-webhooks-{RUN}.log")
     try:
         customer, subscription = prepare(runtime)
