@@ -5,13 +5,14 @@
 # totals with the database. Usage: scripts/demo.sh [ORGS] [EVENTS] [HOURS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 orgs=${1:-5}
 events=${2:-2000}
 hours=${3:-6}
 
 scripts/bootstrap.sh
 workdir=$(mktemp -d "${TMPDIR:-/tmp}/billing-demo.XXXXXX")
-port=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+port=$(free_port)
 
 export FLASK_APP=billing
 export DATABASE_URL="sqlite:///$workdir/billing.db"
@@ -26,16 +27,7 @@ export BILLING_LOG_FORMAT=${BILLING_LOG_FORMAT:-text}
 .venv/bin/python -m billing.emulator --port "$port" >"$workdir/emulator.log" 2>&1 &
 emulator_pid=$!
 trap 'kill "$emulator_pid" 2>/dev/null || true; wait "$emulator_pid" 2>/dev/null || true' EXIT
-.venv/bin/python - "$STRIPE_API_BASE" <<'PY'
-import sys, time, urllib.request
-for _ in range(100):
-    try:
-        urllib.request.urlopen(sys.argv[1] + "/_emulator/stats", timeout=1).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit("demo: the Stripe emulator did not start")
-PY
+wait_for_emulator "$STRIPE_API_BASE"
 
 echo "== Stripe emulator at $STRIPE_API_BASE; SQLite database in $workdir"
 .venv/bin/flask billing db upgrade

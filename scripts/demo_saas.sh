@@ -8,6 +8,7 @@
 # SQLite file in a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 mode=${1:-upgrade}
 case "$mode" in
     upgrade | booking) ;;
@@ -18,7 +19,7 @@ app_port=${APP_PORT:-5000}
 scripts/bootstrap.sh
 scripts/services.sh
 workdir=$(mktemp -d "${TMPDIR:-/tmp}/billing-saas-demo.XXXXXX")
-emulator_port=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+emulator_port=$(free_port)
 
 export DATABASE_URL="sqlite:///$workdir/billing.db"
 export STRIPE_API_BASE="http://127.0.0.1:$emulator_port"
@@ -44,16 +45,7 @@ trap 'exit 130' INT TERM
     --webhook-url "http://127.0.0.1:$app_port/stripe/webhook" \
     --webhook-secret "$STRIPE_WEBHOOK_SECRET" >"$workdir/emulator.log" 2>&1 &
 pids+=($!)
-.venv/bin/python - "$STRIPE_API_BASE" <<'PY'
-import sys, time, urllib.request
-for _ in range(100):
-    try:
-        urllib.request.urlopen(sys.argv[1] + "/_emulator/health", timeout=1).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit("demo_saas: the Stripe emulator did not start (see its log)")
-PY
+wait_for_emulator "$STRIPE_API_BASE"
 .venv/bin/flask --app billing billing db upgrade >/dev/null
 if [ "$mode" = upgrade ]; then
     STRIPE_SAAS_PRICE_ID=$(.venv/bin/flask --app billing billing entitlements demo_price \
