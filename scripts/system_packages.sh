@@ -14,6 +14,7 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
 fi
 echo "system_packages: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
+# Another apt-get (an unattended upgrade, a second install) holds the dpkg lock: wait for it.
+apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
 # Debian's prometheus package ships promtool (its server is not started without systemd).
-apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null
