@@ -12,7 +12,7 @@ by side in one run:
 
 It prints and writes (`--output`, default bench/results/flush.json): wall time, per-event cost
 (µs/event), its ratio to the smallest size of the same organization count (1.0 = linear), the
-flush/insert ratio, database time per phase (claim = lock + link rows, aggregate, outbox insert,
+flush/insert ratio, database time per phase (claim = pick + link rows, aggregate, outbox insert,
 submit), meter-event calls / customer·meter·hour groups, 429s seen, peak RSS, and whether the
 totals Stripe billed per customer and meter equal the database's.
 
@@ -228,7 +228,7 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
 class PhaseClock:
     """Database time per statement kind, from SQLAlchemy's cursor events.
 
-    On PostgreSQL a batch is one statement (lock, aggregate, outbox, link). To split it, a few
+    On PostgreSQL a batch is one statement (pick, aggregate, outbox, link). To split it, a few
     sampled batches are first run under `EXPLAIN (ANALYZE, BUFFERS)` inside a savepoint that is
     rolled back; each plan node's own time is put in its phase, and the statement time is split in
     the sampled proportions. The sampling time is measured and left out of the flush's wall time.

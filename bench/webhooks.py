@@ -222,7 +222,7 @@ def component_costs(runtime: Any, customer: str, subscription: str, n: int = 200
     enqueue("evt_warmup")
     pieces = {
         "verify": lambda i: service.verify_delivery(*deliveries[i], runtime.settings),
-        "store_once": lambda i: service.store_once(runtime.engine, events[i]),
+        "store_once": lambda i: service.store_once(runtime.ingest_engine, events[i]),
         "celery_publish": lambda i: enqueue(events[i]["id"]),
     }
     costs: dict[str, Any] = {"calls": n}

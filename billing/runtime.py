@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import redis
     from celery import Celery
 
+    from billing.broker import TaskPublisher
     from billing.stripe_gateway import StripeGateway
 
 
@@ -34,6 +35,11 @@ class Runtime:
     @cached_property
     def engine(self) -> Engine:
         return db.make_engine(self.settings.database_url)
+
+    @cached_property
+    def ingest_engine(self) -> Engine:
+        """The webhook view's own small pool (`db.make_autocommit_engine`)."""
+        return db.make_autocommit_engine(self.engine)
 
     @cached_property
     def session_factory(self) -> sessionmaker[Session]:
@@ -60,13 +66,28 @@ class Runtime:
 
         return make_sender(self.settings)
 
+    @cached_property
+    def task_publisher(self) -> TaskPublisher:
+        """Publishes the webhook processing task (`billing.broker.TaskPublisher`)."""
+        from billing.broker import TaskPublisher
+
+        return TaskPublisher(self.task_sender, self.settings.billing_queue)
+
     def close(self) -> None:
-        if "engine" in self.__dict__:
-            self.engine.dispose()
+        for engine in _engines(self):
+            engine.dispose()
         if "redis" in self.__dict__:
             self.redis.close()
+        if "task_publisher" in self.__dict__:
+            self.task_publisher.close()
         if "task_sender" in self.__dict__:
             self.task_sender.close()
+
+
+def _engines(runtime: Runtime) -> list[Engine]:
+    """The engines this runtime has built so far."""
+    built = runtime.__dict__
+    return [built[name] for name in ("engine", "ingest_engine") if name in built]
 
 
 EXTENSION_KEY = "billing"
@@ -89,8 +110,8 @@ def _after_fork_in_child() -> None:
     them without closing (closing would end the parent's sessions) and start afresh."""
     global _process_runtime, _process_lock
     for runtime in list(_all_runtimes):
-        if "engine" in runtime.__dict__:
-            runtime.engine.dispose(close=False)
+        for engine in _engines(runtime):
+            engine.dispose(close=False)
     _process_runtime = None
     _process_lock = threading.Lock()  # the parent may have held it while forking
 

@@ -151,7 +151,7 @@ def test_processed_event_queued_again_is_skipped(worker, app_server, webhook_run
 
 
 def test_two_workers_never_run_one_event_at_once(webhook_runtime, calls):
-    service.store_once(webhook_runtime.engine,
+    service.store_once(webhook_runtime.ingest_engine,
                        {"id": "evt_race", "type": "test.counted", "object": "event"})
     calls.delay = 0.3
 
@@ -196,7 +196,7 @@ def test_broker_down_at_ingest_then_the_sweep_gets_it_processed(
 def test_sweep_takes_back_an_event_whose_worker_died(worker, webhook_runtime, calls):
     from billing.webhooks.tasks import enqueuer
 
-    service.store_once(webhook_runtime.engine,
+    service.store_once(webhook_runtime.ingest_engine,
                        {"id": "evt_orphan", "type": "test.counted", "object": "event"})
     # A worker claimed it, then died (SIGKILL): the row stays in processing.
     claimed = service.claim(webhook_runtime, "evt_orphan", utcnow())
@@ -263,7 +263,7 @@ def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime,
     from billing.webhooks.tasks import sweep_webhooks
 
     for event_id in ("evt_stranded_1", "evt_stranded_2"):
-        service.store_once(webhook_runtime.engine,
+        service.store_once(webhook_runtime.ingest_engine,
                            {"id": event_id, "type": "test.counted", "object": "event"})
     older = webhook_runtime.settings.webhook_requeue_after_seconds + 5
     with webhook_runtime.session_factory.begin() as session:

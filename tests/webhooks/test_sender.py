@@ -52,14 +52,43 @@ def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_clien
     assert {m["properties"]["delivery_info"]["routing_key"] for m in messages} == {
         webhook_settings.billing_queue
     }
-    with runtime.task_sender.connection_for_write() as connection:
-        assert isinstance(connection.default_channel, broker.PublishChannel)
-    # One Redis client served every publish of the pooled producer's channel.
-    with runtime.task_sender.producer_pool.acquire() as producer:
-        client = producer.channel._publish_client
-        enqueue("evt_sender_4")
-        assert producer.channel._publish_client is client
+    # One producer (one connection, one channel, one Redis client) served every publish.
+    (producer,) = runtime.task_publisher._idle
+    assert isinstance(producer.channel, broker.PublishChannel)
+    client = producer.channel._publish_client
+    enqueue("evt_sender_4")
+    assert runtime.task_publisher._idle == [producer]
+    assert producer.channel._publish_client is client
     assert broker_client.llen(webhook_settings.billing_queue) == 4
+
+
+def test_a_thread_per_request_server_does_not_open_a_connection_per_request(
+    make_runtime, webhook_settings, broker_client, monkeypatch
+):
+    """werkzeug's threaded server (`flask run`) starts a thread for every request: producers
+    are pooled, not kept per thread, or every request would leave a broker connection open."""
+    runtime = make_runtime(webhook_settings)
+    sender = runtime.task_sender
+    opened = []
+    connect = sender.connection_for_write
+    monkeypatch.setattr(sender, "connection_for_write", lambda: opened.append(1) or connect())
+    enqueue = enqueuer(runtime)
+    for n in range(20):
+        thread = threading.Thread(target=enqueue, args=(f"evt_thread_{n}",))
+        thread.start()
+        thread.join()
+    assert len(opened) == 1
+    at_once = threading.Barrier(4)
+    threads = [
+        threading.Thread(target=lambda n=n: (at_once.wait(), enqueue(f"evt_together_{n}")))
+        for n in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) <= 4
+    assert broker_client.llen(webhook_settings.billing_queue) == 24
 
 
 def test_only_a_redis_broker_gets_the_publish_transport(webhook_settings):
