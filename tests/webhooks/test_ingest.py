@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from billing import logs
 from tests.webhooks.conftest import OLD_SECRET, make_event, post, rows, sign
@@ -65,6 +66,23 @@ def test_accepted_event_is_stored_once_and_a_duplicate_is_only_acknowledged(
     for message in (logs.WEBHOOK_ACCEPTED, logs.WEBHOOK_DUPLICATE):
         (record,) = captured.messages(message)
         assert (record.event_id, record.event_type) == ("evt_once", "customer.created")
+
+
+def test_a_connection_the_database_dropped_costs_no_delivery(app_server, webhook_runtime):
+    """The ingest pool has no pre-ping: a dead pooled connection fails the insert, which is
+    retried once on a new connection within the same request."""
+    assert post(app_server.url, make_event(event_id="evt_before")).status_code == 200
+    pooled = webhook_runtime.ingest_engine.raw_connection()  # the one connection in the pool
+    with pooled.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    pooled.close()
+    with webhook_runtime.engine.connect() as connection:
+        terminate = sa.text("SELECT pg_terminate_backend(:pid)")
+        assert connection.execute(terminate, {"pid": pid}).scalar()
+    response = post(app_server.url, make_event(event_id="evt_after"))
+    assert (response.status_code, response.json()["outcome"]) == (200, "queued")
+    assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_before", "evt_after"]
 
 
 def test_an_old_secret_still_verifies_during_rotation(app_server, webhook_runtime):
