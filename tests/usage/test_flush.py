@@ -408,10 +408,16 @@ def test_batches_split_inside_equal_timestamps_claim_every_row(
     assert emulator.billed() == {customers[1]: {"api_call": sum(range(1, 26))}}
 
 
-@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
-def test_batches_that_yield_few_groups_grow(request, emulator, database):
+@pytest.mark.parametrize(
+    ("database", "growth_limit", "batches"),
+    # 4 + 8 + 16 + 32, then the last 40; capped at 8x: 4 + 8 + 16 + 32 + 32, then the last 8.
+    [("postgresql", None, 5), ("sqlite", None, 5), ("postgresql", 8, 6), ("sqlite", 8, 6)],
+)
+def test_each_batch_doubles_up_to_the_growth_limit(
+    request, emulator, monkeypatch, database, growth_limit, batches
+):
     # One organization, one meter, one hour: every batch is a slice of one group, and every cut
-    # is one more meter event. The batch doubles (4, 8, 16, 32) up to 8x the setting.
+    # is one more meter event.
     runtime = request.getfixturevalue(
         "billing_runtime" if database == "postgresql" else "sqlite_runtime"
     )
@@ -428,8 +434,9 @@ def test_batches_that_yield_few_groups_grow(request, emulator, database):
     ]
     add_events(runtime, rows)
     runtime.settings = runtime.settings.replace(flush_batch_size=4)
+    if growth_limit:
+        monkeypatch.setattr(Claimer, "GROWTH_LIMIT", growth_limit)
     result = flush_once(runtime)
-    # 4 + 8 + 16 + 32 + 32 = 92, then the last 8.
-    assert result.events_claimed == 100 and result.batches == 6
-    assert result.submissions_sent == 6
+    assert result.events_claimed == 100 and result.batches == batches
+    assert result.submissions_sent == batches
     assert emulator.billed() == {customers[1]: {"api_call": sum(r["quantity"] for r in rows)}}

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from billing.claiming import ClaimConflict, Claimer
 from billing.services import flush_guarded, flush_once
 from billing.usage import UsageFlush
 from tests.usage.factories import (
@@ -94,3 +95,47 @@ def test_killed_flush_process_is_repaired_by_the_next_run(billing_runtime, emula
     assert result.ok and unclaimed_count(billing_runtime) == 0
     assert emulator.billed() == expected_totals(rows, customers)
     assert emulator.stats()["meter_events"]["accepted"] < len(rows)  # aggregated, not per event
+
+
+def test_two_unguarded_passes_claiming_the_same_rows_bill_each_once(
+    billing_runtime, emulator, monkeypatch
+):
+    """`flush_now` and an organization's invoice flush take no lock; when two passes read the
+    same rows, the second to link them finds fewer than it summed, rolls its batch back and
+    picks again, so no row is in two outbox rows."""
+    customers = add_accounts(billing_runtime, ORGS)
+    rows = random_events(ORGS, TYPES, 400)
+    add_events(billing_runtime, rows)
+    both_reading = threading.Barrier(2)
+    conflicts = []
+    original = Claimer._claim_set_based
+    first_batch = threading.local()
+
+    def claim_together(self, session, now, token):
+        if getattr(first_batch, "done", False):
+            return original(self, session, now, token)
+        first_batch.done = True
+        both_reading.wait()  # both statements read the same unclaimed rows
+        try:
+            batch = original(self, session, now, token)
+        except ClaimConflict:
+            conflicts.append(token)
+            raise
+        time.sleep(0.3)  # hold the winner's transaction open: the other's link waits, then loses
+        return batch
+
+    monkeypatch.setattr(Claimer, "_claim_set_based", claim_together)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(flush_once(billing_runtime)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(conflicts) == 1
+    assert sum(r.events_claimed for r in results) == len(rows)
+    assert unclaimed_count(billing_runtime) == 0
+    assert emulator.billed() == expected_totals(rows, customers)
