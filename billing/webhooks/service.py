@@ -184,7 +184,8 @@ def store_once(engine: Engine, event: dict[str, Any]) -> bool:
 @functools.cache
 def _insert_event(dialect: str) -> sa.Insert:
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    return insert(WebhookEvent.__table__).on_conflict_do_nothing(
+    # inline(): the id is the table's own default, not fetched back (no RETURNING).
+    return insert(WebhookEvent.__table__).inline().on_conflict_do_nothing(
         index_elements=["stripe_event_id"]
     )
 
