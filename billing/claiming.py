@@ -81,10 +81,9 @@ class Claimer:
 
     The first batch is `STRIPE_USAGE_FLUSH_BATCH_SIZE` rows, so sending starts early; each next
     one doubles, up to `GROWTH_LIMIT` times the setting and `MAX_BATCH_ROWS`. Few batches matter
-    at scale: a batch's edge cuts a group (one more Stripe call), and each batch locks and writes
-    rows spread over the whole table (the pages of a backlog that does not fit PostgreSQL's
-    buffers are read and written again by every batch), so a 5M-event backlog in batches of 100k
-    cost 2.6x the time per event of 100k. The portable path (SQLite) holds a batch's ids in
+    at scale: a batch's edge cuts a group (one more Stripe call), and each batch writes rows
+    spread over the whole table (the pages of a backlog that does not fit PostgreSQL's buffers
+    are read and written again by every batch). The portable path (SQLite) holds a batch's ids in
     memory: its batches stop at `MAX_PORTABLE_BATCH_ROWS`.
     """
 
@@ -430,13 +429,6 @@ class Claimer:
         if self.organization_id is not None:
             query = query.where(event.organization_id == self.organization_id)
         with self.sessions() as session:
-            if session.get_bind().dialect.name == "postgresql":
-                # Right after a big flush the unclaimed indexes still hold an entry for every row
-                # just claimed (dead until VACUUM). An index scan checks each against the heap in
-                # index order: random reads, 69 s after 5M events. A bitmap scan reads those
-                # pages in physical order.
-                session.execute(sa.text("SET LOCAL enable_indexscan = off"))
-                session.execute(sa.text("SET LOCAL enable_indexonlyscan = off"))
             return {r: int(n) for r, n in session.execute(query) if r is not None}
 
 
