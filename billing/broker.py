@@ -1,5 +1,5 @@
 """Publishing tasks from the web process: kombu's Redis transport keeping one Redis client per
-channel, and a task publisher that keeps one producer per thread.
+channel, and a task publisher that keeps a pool of producers.
 
 kombu's Redis channel builds a new `redis.Redis` client for every message it publishes (`_put` →
 `conn_or_acquire()` → `_create_client()`); building one fills its table of ~170 response
