@@ -248,17 +248,12 @@ class StripeGateway:
         self, meter_id: str, customer_id: str, start: datetime, end: datetime
     ) -> int:
         """Sum of a customer's meter events in [start, end), as Stripe aggregated them."""
-        summaries = self._call(
+        summaries = self._list_all(
             self.client.v1.billing.meters.event_summaries.list,
             meter_id,
-            {
-                "customer": customer_id,
-                "start_time": int(start.timestamp()),
-                "end_time": int(end.timestamp()),
-                "limit": 100,
-            },
+            _summary_params(customer_id, start, end),
         )
-        return int(sum(item.aggregated_value for item in summaries.auto_paging_iter()))
+        return int(sum(item.aggregated_value for item in summaries))
 
     def meter_hourly_totals(
         self, meter_id: str, customer_id: str, start: datetime, end: datetime
@@ -268,13 +263,7 @@ class StripeGateway:
         summaries = self._list_all(
             self.client.v1.billing.meters.event_summaries.list,
             meter_id,
-            {
-                "customer": customer_id,
-                "start_time": int(start.timestamp()),
-                "end_time": int(end.timestamp()),
-                "value_grouping_window": "hour",
-                "limit": 100,
-            },
+            _summary_params(customer_id, start, end, value_grouping_window="hour"),
         )
         totals: dict[datetime, int] = {}
         for item in summaries:
@@ -464,3 +453,16 @@ def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:
     if not starts or not ends:
         return None
     return datetime.fromtimestamp(min(starts), UTC), datetime.fromtimestamp(max(ends), UTC)
+
+
+def _summary_params(
+    customer_id: str, start: datetime, end: datetime, **extra: str
+) -> dict[str, Any]:
+    """The query of a meter's event summaries for one customer over [start, end)."""
+    return {
+        "customer": customer_id,
+        "start_time": int(start.timestamp()),
+        "end_time": int(end.timestamp()),
+        **extra,
+        "limit": 100,
+    }
