@@ -13,6 +13,7 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 DEFAULT_BOOKING_URL = "https://cal.com/andreas-duess-fd/fishdog-demo"
@@ -391,7 +392,7 @@ class Settings:
         """`upgrade` (self-service Checkout) when a price is configured, else `booking`."""
         return "upgrade" if self.saas_price_id else "booking"
 
-    @property
+    @cached_property  # read on every webhook delivery
     def webhook_secrets(self) -> tuple[str, ...]:
         """Every accepted signing secret (`STRIPE_WEBHOOK_SECRET` is comma-separated)."""
         return parse_webhook_secrets("STRIPE_WEBHOOK_SECRET", self.stripe_webhook_secret)

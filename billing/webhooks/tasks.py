@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Task
 
+from billing.broker import BackgroundPublisher
 from billing.celery_app import WEBHOOK_PROCESS_TASK, WEBHOOK_SWEEP_TASK, celery_app
 from billing.runtime import Runtime, get_runtime
 from billing.tasks import retry_countdown
@@ -46,6 +47,25 @@ def sweep_webhooks(self: Task) -> dict[str, Any]:
     """Beat: queue again the events stored but never processed (broker down, worker died)."""
     runtime = get_runtime()
     return service.sweep_stuck(runtime, enqueuer(runtime)).to_dict()
+
+
+def hand_off(runtime: Runtime) -> service.HandOff:
+    """The view's way to queue processing: through the runtime's background publisher."""
+    publisher = runtime.webhook_publisher
+
+    def queue_soon(stripe_event_id: str, fields: dict[str, Any]) -> bool:
+        return publisher.submit([stripe_event_id], fields)
+
+    return queue_soon
+
+
+def make_background_publisher(runtime: Runtime) -> BackgroundPublisher:
+    return BackgroundPublisher(
+        runtime.task_publisher,
+        PROCESS_TASK,
+        on_published=service.report_queued,
+        on_failed=service.report_not_queued,
+    )
 
 
 def enqueuer(runtime: Runtime) -> service.Enqueue:

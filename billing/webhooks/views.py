@@ -7,7 +7,7 @@ from flask import Blueprint, Response, request
 from billing import logs, metrics
 from billing.runtime import current_runtime
 from billing.webhooks import service
-from billing.webhooks.tasks import enqueuer
+from billing.webhooks.tasks import hand_off
 
 log = logs.get_logger("billing.webhooks")
 
@@ -29,10 +29,12 @@ def receive_webhook() -> Response:
             service.WebhookRejected("body over the size limit", status=413, kind="too_large")
         )
     try:
-        event = service.verify_delivery(body, request.headers.get(SIGNATURE_HEADER), settings)
+        delivery = service.verify_delivery(
+            body, request.headers.get(SIGNATURE_HEADER), settings
+        )
     except service.WebhookRejected as rejected:
         return _reject(rejected)
-    outcome = service.ingest(runtime, event, enqueuer(runtime))
+    outcome = service.ingest(runtime, delivery, hand_off(runtime))
     return Response(f'{{"received": true, "outcome": "{outcome.value}"}}', 200,
                     mimetype="application/json")
 
