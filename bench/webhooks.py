@@ -16,7 +16,7 @@ PostgreSQL gets a scratch schema, Redis a queue of this run's own (both removed 
 nothing consumes the queue, so its length afterwards proves every accepted event was enqueued.
 
     .venv/bin/python bench/webhooks.py [--requests 20000] [--sync-requests 4000]
-        [--concurrency 32] [--workers 4] [--threads 4] [--load-tool wrk|python]
+        [--concurrency 16] [--workers 4] [--threads 4] [--load-tool wrk|python]
         [--output PATH]
 """
 
@@ -258,6 +258,7 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
     port = _free_port()
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("gunicorn")), app,
+         "--config", "python:billing.gunicorn_conf",  # the README's web command
          "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
          "--worker-class", args.worker_class, "--threads", str(args.threads),
          "--keep-alive", "30", "--backlog", "2048"],
@@ -482,7 +483,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--sync-requests", type=int, default=4_000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    # As many connections as the server has threads (4 workers x 4): more only queue in it.
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--worker-class", default="gthread")

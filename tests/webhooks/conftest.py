@@ -3,6 +3,7 @@ in-process thread on the session's Redis queue), signed deliveries and captured 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 import requests
 import stripe
 from werkzeug.serving import make_server
@@ -114,6 +116,27 @@ def captured() -> Iterator[Captured]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(previous)
+
+
+def queued_messages(broker_client: redis.Redis, queue: str) -> list[dict]:
+    """The queue's messages, oldest first (kombu's Redis transport LPUSHes, workers BRPOP)."""
+    return [json.loads(raw) for raw in reversed(broker_client.lrange(queue, 0, -1))]
+
+
+def queued_event_ids(broker_client: redis.Redis, queue: str) -> list[str]:
+    """The event id argument of each queued processing task, oldest first."""
+    return [json.loads(base64.b64decode(m["body"]))[0][0]
+            for m in queued_messages(broker_client, queue)]
+
+
+@pytest.fixture
+def broker_client(webhook_settings: Settings) -> Iterator[redis.Redis]:
+    """The broker's Redis database, with this session's queue emptied before and after."""
+    client = redis.Redis.from_url(webhook_settings.celery_broker_url)
+    client.delete(webhook_settings.billing_queue)
+    yield client
+    client.delete(webhook_settings.billing_queue)
+    client.close()
 
 
 def rows(runtime: Runtime) -> list[WebhookEvent]:

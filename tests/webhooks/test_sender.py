@@ -14,28 +14,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from billing import broker, logs
 from billing.celery_app import make_sender
 from billing.webhooks.tasks import PROCESS_TASK, enqueuer
-from tests.webhooks.conftest import AppServer, make_event, post, rows
+from tests.webhooks.conftest import (
+    AppServer,
+    make_event,
+    post,
+    queued_event_ids,
+    queued_messages,
+    rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def queued_messages(broker_client, queue: str) -> list[dict]:
-    return [json.loads(raw) for raw in reversed(broker_client.lrange(queue, 0, -1))]
-
-
-@pytest.fixture
-def broker_client(webhook_settings) -> Iterator[redis.Redis]:
-    """The broker's Redis database, with this session's queue emptied before and after."""
-    client = redis.Redis.from_url(webhook_settings.celery_broker_url)
-    client.delete(webhook_settings.billing_queue)
-    yield client
-    client.delete(webhook_settings.billing_queue)
-    client.close()
 
 
 def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_client(
@@ -121,8 +113,7 @@ def test_background_publisher_batches_what_arrives_together_and_reports_each_tas
     assert background.flush()
     background.close()
     # Each task published once, reported once; far fewer round trips than tasks.
-    queued = [json.loads(base64.b64decode(m["body"]))[0][0]
-              for m in queued_messages(broker_client, webhook_settings.billing_queue)]
+    queued = queued_event_ids(broker_client, webhook_settings.billing_queue)
     assert sorted(queued) == sorted(published) == sorted(f"evt_bg_{n}" for n in range(40))
     assert sum(round_trips) == 40 and len(round_trips) <= 4
     assert background.submit(["evt_bg_late"], "late") is False  # closed
@@ -159,8 +150,7 @@ for n in range(5):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    queued = [json.loads(base64.b64decode(m["body"]))[0][0]
-              for m in queued_messages(broker_client, webhook_settings.billing_queue)]
+    queued = queued_event_ids(broker_client, webhook_settings.billing_queue)
     assert queued == [f"evt_exit_{n}" for n in range(5)]
 
 
@@ -252,8 +242,7 @@ def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_ba
         "evt_relay_before": "received", "evt_relay_during": "received",
         "evt_relay_after": "received",
     }
-    queued = [json.loads(base64.b64decode(m["body"]))[0][0]
-              for m in queued_messages(broker_client, webhook_settings.billing_queue)]
+    queued = queued_event_ids(broker_client, webhook_settings.billing_queue)
     assert queued == ["evt_relay_before", "evt_relay_after"]
     (failed,) = captured.messages(logs.WEBHOOK_ENQUEUE_FAILED)
     assert failed.event_id == "evt_relay_during"
