@@ -270,8 +270,8 @@ class BackgroundPublisher:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what was submitted so far is published (or refused) and reported."""
-        if self._thread is None or self._pid != os.getpid():
-            return True
+        if self._thread is None or self._closed or self._pid != os.getpid():
+            return True  # nothing submitted here, or `close` published it all
         done = threading.Event()
         self._pending.put(done)
         return done.wait(timeout)

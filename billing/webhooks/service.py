@@ -137,8 +137,8 @@ def parse_event(payload: str) -> dict[str, Any]:
 
 def ingest(runtime: Runtime, delivery: Delivery, hand_off: HandOff) -> IngestOutcome:
     """Store a verified event once (by Stripe's id), then hand its processing task to the
-    process's publisher (`billing.broker.BackgroundPublisher`), which publishes it within
-    milliseconds and logs `accepted and queued` then (`report_queued`), or, if the broker
+    process's publisher (`billing.broker.BackgroundPublisher`), which publishes it within about
+    50 ms and logs `accepted and queued` then (`report_queued`), or, if the broker
     refuses, leaves the row `received` for the sweep (`report_not_queued`). The answer does not
     wait for the broker: the row is what makes the delivery safe."""
     event = delivery.event

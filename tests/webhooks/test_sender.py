@@ -132,6 +132,30 @@ def test_background_publisher_close_publishes_what_is_pending(
     assert broker_client.llen(webhook_settings.billing_queue) == 3
 
 
+def test_a_report_that_raises_does_not_stop_the_background_publisher(
+    make_runtime, webhook_settings, broker_client
+):
+    runtime = make_runtime(webhook_settings)
+    reported: list[str] = []
+
+    def report(contexts: list[str]) -> None:
+        reported.extend(contexts)
+        if len(reported) == 1:
+            raise RuntimeError("a log handler failed")
+
+    background = broker.BackgroundPublisher(
+        runtime.task_publisher, PROCESS_TASK, on_published=report,
+        on_failed=lambda contexts, error: pytest.fail(repr(error)), linger=0,
+    )
+    assert background.submit(["evt_report_1"], "evt_report_1") and background.flush()
+    assert background.submit(["evt_report_2"], "evt_report_2") and background.flush()
+    background.close()
+    assert reported == ["evt_report_1", "evt_report_2"]
+    assert queued_event_ids(broker_client, webhook_settings.billing_queue) == [
+        "evt_report_1", "evt_report_2"
+    ]
+
+
 def test_a_process_that_exits_publishes_what_it_had_pending(webhook_settings, broker_client):
     """A gunicorn worker's graceful stop ends the interpreter: the publisher's exit hook sends
     what was still waiting for its batch."""
