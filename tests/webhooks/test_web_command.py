@@ -40,9 +40,9 @@ def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once
         deadline = time.monotonic() + 30
         while True:  # an unsigned POST is refused once a worker answers
             try:
-                if requests.post(url, data=b"{}", timeout=1).status_code == 400:
+                if requests.post(url, data=b"{}", timeout=5).status_code == 400:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up, or still loading
                 pass
             assert time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.1)
