@@ -178,9 +178,13 @@ def cleanup(runtime: Any) -> None:
         connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
     admin.dispose()
     import redis
+    from kombu.transport.redis import Channel
 
     client = redis.Redis.from_url(REDIS_URL)
-    client.delete(QUEUE)
+    # The queue, and the binding sets kombu keeps under the exchange's name (Celery's is the
+    # queue's).
+    client.delete(QUEUE, Channel.keyprefix_queue % QUEUE,
+                  Channel.keyprefix_binding_permanent % QUEUE)
     client.close()
 
 

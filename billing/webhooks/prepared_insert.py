@@ -7,24 +7,26 @@ deliveries per second within the machine's noise (median ratios 0.94 and 1.12).
 
 A statement prepared with SQL `PREPARE` lives in the server session. A pooler between us and
 PostgreSQL that hands each statement to whichever server session is free (PgBouncer in
-transaction mode) can lose it, or find a name prepared already: a connection where preparing
-fails, or where the statement went missing, uses the plain INSERT from then on. Either way the
-delivery is stored by this call. The caller's connection must be in autocommit (a failed
-statement would abort a transaction).
+transaction mode) can lose it, or bring a session where another process prepared it: its name
+carries a hash of its text, so a name found prepared is this very statement (never another
+version's, during a deploy) and is used; a connection whose statement went missing uses the
+plain INSERT from then on. Either way the delivery is stored by this call. The caller's
+connection must be in autocommit (a failed statement would abort a transaction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 from typing import Any
 
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Insert
 from sqlalchemy.dialects import postgresql
 
-STATEMENT_NAME = "billing_webhook_insert"
 # Key in the pooled connection's `info` (kept for the DBAPI connection's life): True once
-# prepared in its session, False if that is not possible there.
+# prepared in its session, False once it went missing there.
 _PREPARED = "billing_webhook_insert_prepared"
 
 
@@ -32,13 +34,16 @@ def insert(connection: Any, statement: Insert, row: dict[str, Any]) -> int:
     """Run `statement` with `row` (the same keys, in the same order, on every call) on a pooled
     psycopg2 `connection`; the number of rows it inserted."""
     columns = tuple(row)
+    prepare, execute = _prepared_texts(statement, columns)
     with connection.cursor() as cursor:
-        prepared = connection.info.get(_PREPARED)
-        if prepared is None:
-            prepared = connection.info[_PREPARED] = _prepare(cursor, statement, columns)
-        if prepared:
+        if connection.info.get(_PREPARED) is None:
+            # A session that has it already has this very statement (the name is its hash).
+            with contextlib.suppress(pg_errors.DuplicatePreparedStatement):
+                cursor.execute(prepare)
+            connection.info[_PREPARED] = True
+        if connection.info[_PREPARED]:
             try:
-                cursor.execute(_execute_text(len(columns)), tuple(row.values()))
+                cursor.execute(execute, tuple(row.values()))
                 return int(cursor.rowcount)
             except pg_errors.InvalidSqlStatementName:
                 connection.info[_PREPARED] = False
@@ -46,34 +51,19 @@ def insert(connection: Any, statement: Insert, row: dict[str, Any]) -> int:
         return int(cursor.rowcount)
 
 
-def _prepare(cursor: Any, statement: Insert, columns: tuple[str, ...]) -> bool:
-    prepare = f"PREPARE {STATEMENT_NAME} AS {_numbered_text(statement, columns)}"
-    try:
-        try:
-            cursor.execute(prepare)
-        except pg_errors.DuplicatePreparedStatement:  # another client's, in a pooler's session
-            cursor.execute(f"DEALLOCATE {STATEMENT_NAME}")
-            cursor.execute(prepare)
-    except (pg_errors.DuplicatePreparedStatement, pg_errors.InvalidSqlStatementName):
-        return False
-    return True
-
-
 @functools.cache
-def _numbered_text(statement: Insert, columns: tuple[str, ...]) -> str:
-    """The statement with $1, $2… in the order of `columns` (PREPARE's parameters)."""
+def _prepared_texts(statement: Insert, columns: tuple[str, ...]) -> tuple[str, str]:
+    """PREPARE (parameters $1, $2… in the order of `columns`) and EXECUTE with psycopg2's %s."""
     dialect = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
     compiled = statement.compile(dialect=dialect, column_keys=columns)
     if tuple(compiled.positiontup or ()) != columns:
         raise ValueError(f"parameters {compiled.positiontup} are not in the order {columns}")
-    return str(compiled)
+    text = str(compiled)
+    name = "billing_insert_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return (f"PREPARE {name} AS {text}",
+            f"EXECUTE {name} ({', '.join(['%s'] * len(columns))})")
 
 
 @functools.cache
 def _plain_text(statement: Insert, columns: tuple[str, ...]) -> str:
     return str(statement.compile(dialect=postgresql.psycopg2.dialect(), column_keys=columns))
-
-
-@functools.cache
-def _execute_text(count: int) -> str:
-    return f"EXECUTE {STATEMENT_NAME} ({', '.join(['%s'] * count)})"

@@ -1,11 +1,12 @@
-"""The ingest insert runs as a statement prepared in each pooled connection's session, and a
-session that loses it or holds another statement of that name still stores every delivery."""
+"""The ingest insert runs as a statement prepared in each pooled connection's session; a session
+that loses it, or already has it (a pooler's session another process prepared it in), still
+stores every delivery."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from billing.webhooks import prepared_insert, service
+from billing.webhooks import service
 from tests.webhooks.conftest import rows
 
 
@@ -36,8 +37,8 @@ def test_each_insert_runs_the_statement_prepared_in_the_session(webhook_runtime)
     stored = [service.store_once(engine, _event(n)) for n in (1, 2, 3, 1)]
     assert stored == [True, True, True, False]  # the duplicate runs it too, inserting nothing
     ((statement, executions),) = _prepared_statements(engine).values()
-    assert statement.startswith(f"PREPARE {prepared_insert.STATEMENT_NAME} AS INSERT INTO "
-                                "webhook_events")
+    assert statement.startswith("PREPARE billing_insert_")
+    assert " AS INSERT INTO webhook_events " in statement
     assert executions == 4
     assert sorted(row.stripe_event_id for row in rows(webhook_runtime)) == [
         "evt_prepared_1", "evt_prepared_2", "evt_prepared_3"]
@@ -54,11 +55,14 @@ def test_a_session_that_lost_the_statement_still_stores_every_delivery(webhook_r
     assert len(rows(webhook_runtime)) == 3
 
 
-def test_a_statement_of_the_same_name_already_in_the_session_is_replaced(webhook_runtime):
+def test_a_session_that_has_the_statement_already_uses_it(webhook_runtime):
+    """As when a pooler hands the connection a server session another process prepared it in
+    (the name is the statement's hash, so it is this very statement)."""
     engine = webhook_runtime.ingest_engine
-    _in_session(engine, f"PREPARE {prepared_insert.STATEMENT_NAME} AS SELECT 1")
     assert service.store_once(engine, _event(1))
-    ((statement, executions),) = _prepared_statements(engine).values()
-    assert " AS INSERT INTO webhook_events" in statement
-    assert executions == 1
-    assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_prepared_1"]
+    connection = engine.raw_connection()
+    connection.info.clear()  # this client forgets that its session has it
+    connection.close()
+    assert service.store_once(engine, _event(2))
+    assert [executions for _, executions in _prepared_statements(engine).values()] == [2]
+    assert len(rows(webhook_runtime)) == 2
