@@ -7,27 +7,21 @@ from __future__ import annotations
 import gc
 import json
 import signal
-import socket
 import subprocess
 import time
 
 import requests
 
 from billing import gunicorn_conf, logs
+from tests.ops.conftest import free_port
 from tests.process import BIN, ROOT, billing_env
 from tests.webhooks.conftest import make_event, post, queued_event_ids, rows
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once(
     webhook_runtime, webhook_settings, broker_client
 ):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}{webhook_settings.webhook_path}"
     env = billing_env(webhook_settings, BILLING_LOG_FORMAT="json",
                       STRIPE_WEBHOOK_SECRET=webhook_settings.stripe_webhook_secret)
