@@ -16,7 +16,8 @@ PostgreSQL gets a scratch schema, Redis a queue of this run's own (both removed 
 nothing consumes the queue, so its length afterwards proves every accepted event was enqueued.
 
     .venv/bin/python bench/webhooks.py [--requests 20000] [--sync-requests 4000]
-        [--concurrency 8] [--workers 4] [--threads 4] [--load-tool wrk|python]
+        [--concurrency 8] [--workers N] [--worker-class C] [--threads N]
+        [--load-tool wrk|python]
         [--output PATH]
 """
 
@@ -263,8 +264,7 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("gunicorn")), app,
          "--config", "python:billing.gunicorn_conf",  # the README's web command
-         "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-         "--worker-class", args.worker_class, "--threads", str(args.threads),
+         "--bind", f"127.0.0.1:{port}", *gunicorn_overrides(args),
          "--keep-alive", "30", "--backlog", "2048"],
         env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
@@ -280,6 +280,14 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
 
     _wait(probe, "gunicorn")
     return process, url
+
+
+def gunicorn_overrides(args: argparse.Namespace) -> list[str]:
+    """The worker flags given on the bench's command line; the rest is billing.gunicorn_conf's."""
+    flags = {"--workers": args.workers, "--worker-class": args.worker_class,
+             "--threads": args.threads}
+    return [part for flag, value in flags.items() if value is not None
+            for part in (flag, str(value))]
 
 
 WRK_SCRIPT = ROOT / "bench" / "webhooks_wrk.lua"
@@ -490,9 +498,10 @@ def main() -> None:
     # 8 connections keep the two cores busy: 12 and 16 gave the same deliveries/s side by side,
     # the extra ones only waiting in the server (p99 18, 26 and 32 ms); see the README.
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--worker-class", default="gthread")
+    # Unset: billing.gunicorn_conf's (the README's web command).
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--worker-class")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--load-tool", choices=("wrk", "python"), default=None,
                         help="wrk if installed (default), else a threaded Python client")
@@ -543,8 +552,7 @@ def main() -> None:
         cleanup(runtime)
     result = {
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
-        "gunicorn": {"workers": args.workers, "threads": args.threads,
-                     "worker_class": args.worker_class},
+        "gunicorn": {"config": "billing.gunicorn_conf", "overrides": gunicorn_overrides(args)},
         "load_tool": args.load_tool,
         "concurrency": args.concurrency,
         "component_costs": costs,

@@ -9,24 +9,36 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import requests
 
 from billing import gunicorn_conf, logs
+from billing.config import Settings
 from tests.ops.conftest import free_port
 from tests.process import BIN, ROOT, billing_env
-from tests.webhooks.conftest import make_event, post, queued_event_ids, rows
+from tests.webhooks.conftest import make_event, post, queued_event_ids, rows, wait_until
 
 
-def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once(
-    webhook_runtime, webhook_settings, broker_client
-):
+@dataclass
+class Served:
+    url: str
+    output: str = ""
+    returncode: int | None = None
+
+
+@contextmanager
+def web_command(settings: Settings, workers: int) -> Iterator[Served]:
+    """The README's web command on a free port, answering; stopped gracefully (SIGTERM) after."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}{webhook_settings.webhook_path}"
-    env = billing_env(webhook_settings, BILLING_LOG_FORMAT="json",
-                      STRIPE_WEBHOOK_SECRET=webhook_settings.stripe_webhook_secret)
+    served = Served(f"http://127.0.0.1:{port}{settings.webhook_path}")
+    env = billing_env(settings, BILLING_LOG_FORMAT="json",
+                      STRIPE_WEBHOOK_SECRET=settings.stripe_webhook_secret)
     server = subprocess.Popen(
-        [str(BIN / "gunicorn"), "-c", "python:billing.gunicorn_conf", "--workers", "2",
+        [str(BIN / "gunicorn"), "-c", "python:billing.gunicorn_conf", "--workers", str(workers),
          "--bind", f"127.0.0.1:{port}", "billing:create_app()"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -34,24 +46,58 @@ def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once
         deadline = time.monotonic() + 30
         while True:  # an unsigned POST is refused once a worker answers
             try:
-                if requests.post(url, data=b"{}", timeout=5).status_code == 400:
+                if requests.post(served.url, data=b"{}", timeout=5).status_code == 400:
                     break
             except (requests.ConnectionError, requests.Timeout):  # not up, or still loading
                 pass
             assert time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.1)
-        ids = [f"evt_gunicorn_{n}" for n in range(20)]
-        answers = [post(url, make_event("customer.updated", event_id)) for event_id in ids]
+        yield served
     finally:
-        server.send_signal(signal.SIGTERM)  # at once: a graceful stop
-        output, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, output
+        server.send_signal(signal.SIGTERM)
+        served.output, _ = server.communicate(timeout=60)
+        served.returncode = server.returncode
+
+
+def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once(
+    webhook_runtime, webhook_settings, broker_client
+):
+    ids = [f"evt_gunicorn_{n}" for n in range(20)]
+    with web_command(webhook_settings, workers=2) as served:
+        answers = [post(served.url, make_event("customer.updated", event_id)) for event_id in ids]
+    assert served.returncode == 0, served.output
     assert [(a.status_code, a.json()["outcome"]) for a in answers] == [(200, "accepted")] * 20
     assert sorted(queued_event_ids(broker_client, webhook_settings.billing_queue)) == sorted(ids)
     assert {r.stripe_event_id for r in rows(webhook_runtime)} == set(ids)
-    accepted = [json.loads(line) for line in output.splitlines()
+    accepted = [json.loads(line) for line in served.output.splitlines()
                 if logs.WEBHOOK_ACCEPTED in line]
     assert sorted(record["event_id"] for record in accepted) == sorted(ids)
+
+
+def test_a_delivery_waiting_on_the_database_leaves_its_gevent_worker_serving(
+    webhook_runtime, webhook_settings, broker_client
+):
+    """psycopg2 yields to gevent's hub while it waits: one worker answers another request while
+    a delivery's insert waits on a table lock, then stores and queues that delivery."""
+    waiting_inserts = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND strpos(query, 'billing_insert_') > 0"
+    )
+    with web_command(webhook_settings, workers=1) as served, ThreadPoolExecutor(1) as pool:
+        with webhook_runtime.engine.begin() as locking:
+            locking.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
+            delivery = pool.submit(post, served.url, make_event("customer.updated", "evt_waits"))
+
+            def insert_waits() -> bool:
+                with webhook_runtime.engine.connect() as connection:
+                    return connection.exec_driver_sql(waiting_inserts).scalar_one() == 1
+
+            wait_until(insert_waits, timeout=10, what="the delivery's insert waiting on the lock")
+            assert requests.post(served.url, data=b"{}", timeout=5).status_code == 400
+            assert not delivery.done()
+        assert delivery.result(timeout=30).json()["outcome"] == "accepted"
+    assert served.returncode == 0, served.output
+    assert queued_event_ids(broker_client, webhook_settings.billing_queue) == ["evt_waits"]
 
 
 def test_each_worker_freezes_what_the_loaded_app_holds():
