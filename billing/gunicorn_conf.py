@@ -5,11 +5,11 @@
 Flags on the command line override these (gunicorn's precedence), e.g. `--bind 0.0.0.0:8000`.
 
 gevent workers: a delivery waits twice (its insert's commit, and the broker through the
-background publisher), and a greenlet switch costs less than handing the GIL between threads.
-Against 4 gthread workers x 4 threads, under load on the 2-core VM (bench/webhooks-results.md:
-four comparisons of 4 to 8 interleaved rounds), 4 gevent workers served x1.09 to x1.28 the
-deliveries per second, with 10 context switches a delivery instead of 16-17 and the cores no
-longer idle 10-20% of the time; p99 was about a tenth higher. psycopg2's sockets are not
+background publisher), and gthread workers, handing each request and each wait between threads,
+left 10-20% of the two cores idle under load. Against 4 gthread workers x 4 threads on the 2-core
+VM (bench/webhooks-results.md: five comparisons of 4 to 8 interleaved rounds), 4 gevent workers
+served x1.08 to x1.28 the deliveries per second at the same CPU per delivery, with 10 context
+switches a delivery instead of 16-17; p99 was 12-20% higher. psycopg2's sockets are not
 Python's, so gevent cannot patch them: each gevent worker sets psycopg2's wait callback
 (psycogreen), or one insert waiting on PostgreSQL would stop the whole worker.
 """
