@@ -17,8 +17,7 @@ nothing consumes the queue, so its length afterwards proves every accepted event
 
     .venv/bin/python bench/webhooks.py [--requests 20000] [--sync-requests 4000]
         [--concurrency 8] [--workers N] [--worker-class C] [--threads N]
-        [--load-tool wrk|python]
-        [--output PATH]
+        [--load-tool wrk|python] [--output PATH]
 """
 
 from __future__ import annotations
