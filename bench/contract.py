@@ -19,7 +19,6 @@ import platform
 import statistics
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +63,6 @@ DEFECTS = [
     f"DELETE FROM billing_accounts WHERE organization_id > {ORGS - 3}",
 ]
 DROP_UNIQUE = "ALTER TABLE billable_events DROP CONSTRAINT uq_billable_events_idempotency_key"
-
-
-def schema_url(url: str, schema: str) -> str:
-    separator = "&" if "?" in url else "?"
-    return f"{url}{separator}options=" + urllib.parse.quote(f"-csearch_path={schema}")
 
 
 def execute(runtime: Runtime, *statements: str) -> None:
@@ -119,7 +113,7 @@ def main() -> None:
     admin = db.make_engine(args.database_url)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    runtime = Runtime(Settings(database_url=schema_url(args.database_url, schema),
+    runtime = Runtime(Settings(database_url=db.with_search_path(args.database_url, schema),
                                stripe_meters=dict(METERS)))
     scenarios: dict[str, Any] = {}
     try:

@@ -62,11 +62,8 @@ PHASES = (
 )
 
 
-def _schema_url(schema: str) -> str:
-    return f"{DATABASE_URL}?options=-csearch_path%3D{schema}"
-
-
 def _settings(api_base: str, schema: str, rate: float, **overrides: Any):
+    from billing import db
     from billing.config import Settings, parse_meter_map
 
     return Settings(
@@ -75,7 +72,7 @@ def _settings(api_base: str, schema: str, rate: float, **overrides: Any):
         stripe_api_base=api_base,
         stripe_meters=parse_meter_map("STRIPE_BILLING_METERS", ",".join(METERS)),
         stripe_meter_event_rate_per_second=rate,
-        database_url=_schema_url(schema),
+        database_url=db.with_search_path(DATABASE_URL, schema),
         validate_contract_before_flush=False,
         **overrides,
     )
@@ -165,7 +162,7 @@ def prepare(api_base: str, schema: str, size: int, orgs: int, hours: int) -> dic
 def check_database(schema: str) -> dict[str, int]:
     from billing import db
 
-    engine = db.make_engine(_schema_url(schema))
+    engine = db.make_engine(db.with_search_path(DATABASE_URL, schema))
     with engine.connect() as connection:
         unclaimed = connection.exec_driver_sql(
             "SELECT count(*) FROM billable_events WHERE usage_submission_id IS NULL"

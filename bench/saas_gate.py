@@ -19,7 +19,6 @@ import statistics
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 from flask import Flask
 
@@ -95,9 +94,7 @@ def main() -> None:
     admin = db.make_engine(DATABASE_URL)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    options = quote(f"-csearch_path={schema}")
-    url = f"{DATABASE_URL}{'&' if '?' in DATABASE_URL else '?'}options={options}"
-    settings = Settings(database_url=url, saas_workspace_booking_url="https://booking.test/x")
+    settings = Settings(database_url=db.with_search_path(DATABASE_URL, schema), saas_workspace_booking_url="https://booking.test/x")
     runtime = Runtime(settings)
     try:
         db.upgrade(runtime.engine)

@@ -61,7 +61,9 @@ def _free_port() -> int:
 
 
 def _schema_url() -> str:
-    return f"{DATABASE_URL}?options=" + urllib.parse.quote(f"-csearch_path={SCHEMA}")
+    from billing import db
+
+    return db.with_search_path(DATABASE_URL, SCHEMA)
 
 
 def _environment(api_base: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -20,6 +21,13 @@ def normalize_database_url(database_url: str) -> str:
         if database_url.startswith(plain):
             return "postgresql+psycopg2://" + database_url[len(plain) :]
     return database_url
+
+
+def with_search_path(database_url: str, schema: str) -> str:
+    """The PostgreSQL URL with a search_path option, so every connection made from it (in any
+    process) uses `schema`; a query string already in the URL is kept."""
+    separator = "&" if "?" in database_url else "?"
+    return f"{database_url}{separator}options=" + quote(f"-csearch_path={schema}")
 
 
 def make_engine(database_url: str, **kwargs: object) -> Engine:

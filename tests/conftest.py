@@ -55,10 +55,7 @@ TABLES = (
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 
 
-def schema_url(url: str, schema: str) -> str:
-    """The URL with a search_path option, so every connection (any process) uses the schema."""
-    separator = "&" if "?" in url else "?"
-    return f"{url}{separator}options=" + urllib.parse.quote(f"-csearch_path={schema}")
+schema_url = db.with_search_path
 
 
 @pytest.fixture(scope="session")
