@@ -75,7 +75,8 @@ def fill(runtime: Runtime, rows: int, pending: int, defects: bool) -> float:
     started = time.monotonic()
     execute(
         runtime,
-        "TRUNCATE billable_events, usage_submissions, billing_accounts",
+        # CASCADE: the tables that reference these (usage_submission_actions) empty with them.
+        "TRUNCATE billable_events, usage_submissions, billing_accounts CASCADE",
         f"INSERT INTO billing_accounts (organization_id, stripe_customer_id, created_at, "
         f"updated_at) SELECT o, 'cus_' || o, now(), now() FROM generate_series(1, {ORGS}) o",
         OUTBOX_ROW,
