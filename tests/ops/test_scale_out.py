@@ -4,10 +4,12 @@ processed exactly once, and hourly flushes started on both workers at once run s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import kombu
@@ -19,7 +21,13 @@ from billing import logs
 from billing.celery_app import FLUSH_HOURLY_TASK, make_sender
 from billing.models import WebhookEvent
 from tests.conftest import TEST_BROKER_URL
-from tests.ops.conftest import celery_worker_args, recent_usage, settings_env, worker_queue
+from tests.ops.conftest import (
+    Processes,
+    celery_worker_args,
+    recent_usage,
+    settings_env,
+    worker_queue,
+)
 from tests.usage.factories import expected_totals
 from tests.webhooks.conftest import SECRET, AppServer, make_event, sign, wait_until
 
@@ -47,11 +55,25 @@ def completed_per_event(log_paths) -> Counter:
     return seen
 
 
+@pytest.fixture
+def queue(broker: str, processes: Processes) -> Iterator[str]:
+    """The workers' queue. RabbitMQ keeps a declared queue after its consumers leave (Redis
+    drops an empty list), so it is deleted once the workers have stopped."""
+    name = worker_queue()
+    yield name
+    if broker == "rabbitmq":
+        processes.stop_all()
+        # Not answering (the test skipped): nothing was declared there.
+        with contextlib.suppress(kombu.exceptions.OperationalError), kombu.Connection(
+            AMQP_URL, connect_timeout=2
+        ) as connection:
+            connection.default_channel.queue_delete(name)
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_two_workers_process_each_event_once_and_flush_single_flight(
-    broker, billing_settings, make_runtime, emulator, processes
+    broker, queue, billing_settings, make_runtime, emulator, processes
 ):
-    queue = worker_queue()
     settings = billing_settings.replace(
         billing_queue=queue,
         celery_broker_url=broker_url(broker),
