@@ -60,16 +60,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _schema_url() -> str:
+def _environment(api_base: str) -> dict[str, str]:
     from billing import db
 
-    return db.with_search_path(DATABASE_URL, SCHEMA)
-
-
-def _environment(api_base: str) -> dict[str, str]:
     return {
         **os.environ,
-        "DATABASE_URL": _schema_url(),
+        "DATABASE_URL": db.with_search_path(DATABASE_URL, SCHEMA),
         "STRIPE_SECRET_KEY": "sk_test_bench_webhooks_0000",
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "STRIPE_API_BASE": api_base,

@@ -55,12 +55,9 @@ TABLES = (
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 
 
-schema_url = db.with_search_path
-
-
 @pytest.fixture(scope="session")
 def database_url() -> str:
-    return schema_url(TEST_DATABASE_URL, TEST_SCHEMA)
+    return db.with_search_path(TEST_DATABASE_URL, TEST_SCHEMA)
 
 
 @pytest.fixture(scope="session")

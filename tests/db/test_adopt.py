@@ -14,7 +14,7 @@ from billing import create_app, db
 from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.services import flush_once
-from tests.conftest import TEST_DATABASE_URL, schema_url
+from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts
 
 PRODUCER_TABLE = {
@@ -68,7 +68,7 @@ def producer_db(request, billing_settings, tmp_path):
         admin = db.make_engine(TEST_DATABASE_URL)
         with admin.begin() as connection:
             connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        url = schema_url(TEST_DATABASE_URL, schema)
+        url = db.with_search_path(TEST_DATABASE_URL, schema)
 
         def cleanup() -> None:
             with admin.begin() as connection:
@@ -141,7 +141,8 @@ def test_a_table_using_billings_own_names_is_adopted(billing_settings, emulator)
     admin = db.make_engine(TEST_DATABASE_URL)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    runtime = Runtime(billing_settings.replace(database_url=schema_url(TEST_DATABASE_URL, schema)))
+    url = db.with_search_path(TEST_DATABASE_URL, schema)
+    runtime = Runtime(billing_settings.replace(database_url=url))
     try:
         with runtime.engine.begin() as connection:
             for statement in BILLING_NAMED_TABLE.split(";"):

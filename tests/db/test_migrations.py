@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 
 from billing import db
 from billing.models import BillableEvent, BillingAccount, Entitlement, UsageSubmission, WebhookEvent
-from tests.conftest import TEST_DATABASE_URL, schema_url
+from tests.conftest import TEST_DATABASE_URL
 
 BILLING_TABLES = {
     "billable_events",
@@ -49,7 +49,7 @@ def test_blank_postgresql_schema_upgrades_to_head_and_back():
     with admin.begin() as connection:
         connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    engine = db.make_engine(schema_url(TEST_DATABASE_URL, schema))
+    engine = db.make_engine(db.with_search_path(TEST_DATABASE_URL, schema))
     try:
         _round_trip(engine)
         indexes = {}
@@ -163,7 +163,7 @@ def test_0004_downgrade_refuses_to_merge_two_sources(tmp_path, url):
         with admin.begin() as connection:
             connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        engine = db.make_engine(schema_url(TEST_DATABASE_URL, schema))
+        engine = db.make_engine(db.with_search_path(TEST_DATABASE_URL, schema))
 
         def cleanup() -> None:
             engine.dispose()

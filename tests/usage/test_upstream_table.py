@@ -14,7 +14,7 @@ from billing.contract import run_contract_checks
 from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.services import flush_once
-from tests.conftest import TEST_DATABASE_URL, schema_url
+from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts, unclaimed_count
 
 PRODUCER_INSERT = sa.text(
@@ -46,7 +46,8 @@ def numeric_runtime(billing_settings):
     admin = db.make_engine(TEST_DATABASE_URL)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    runtime = Runtime(billing_settings.replace(database_url=schema_url(TEST_DATABASE_URL, schema)))
+    url = db.with_search_path(TEST_DATABASE_URL, schema)
+    runtime = Runtime(billing_settings.replace(database_url=url))
     db.upgrade(runtime.engine)
     with runtime.engine.begin() as connection:
         connection.exec_driver_sql(
