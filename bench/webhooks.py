@@ -428,11 +428,18 @@ def cpu_seconds(master: int) -> float:
     total = 0
     for pid in [str(master), *children]:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += _cpu_ticks(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1])
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+def _cpu_ticks(stat_tail: str) -> int:
+    """A process's user + system CPU and that of its children it has reaped (/proc/PID/stat,
+    after the name): PostgreSQL's backends that exit during a run (autovacuum workers, closed
+    connections) leave their CPU in the postmaster's counts instead of out of the total."""
+    fields = stat_tail.split()
+    return sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
 
 
 SERVICES = ("postgres", "redis-server")
@@ -448,8 +455,7 @@ def services_cpu_seconds() -> float:
         except OSError:
             continue
         if head.split("(", 1)[1] in SERVICES:
-            fields = tail.split()
-            total += int(fields[11]) + int(fields[12])
+            total += _cpu_ticks(tail)
     return total / ticks
 
 
