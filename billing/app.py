@@ -49,8 +49,7 @@ class Billing:
         billing_cli.add_command(cli_ops.lock_cli)
         billing_cli.add_command(cli_ops.reconcile_command)
         app.cli.add_command(billing_cli)
-        path = settings.webhook_path if settings else webhook_path_from_env()
-        webhooks = make_blueprint(path)
+        webhooks = make_blueprint(_webhook_path(settings))
         app.register_blueprint(webhooks)
         _exempt_from_host_csrf(app, webhooks)
         metrics_path = settings.metrics_path if settings else metrics_path_from_env()
@@ -58,6 +57,10 @@ class Billing:
             from billing.metrics_http import metrics_blueprint
 
             app.register_blueprint(metrics_blueprint(metrics_path))
+
+
+def _webhook_path(settings: Settings | None) -> str:
+    return settings.webhook_path if settings else webhook_path_from_env()
 
 
 def _exempt_from_host_csrf(app: Flask, blueprint: Blueprint) -> None:
@@ -94,7 +97,16 @@ class _LazyRuntime:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The standalone app (`flask --app billing run`, `gunicorn 'billing:create_app()'`); it
-    configures billing's JSON logging, which a host app using `Billing(app)` does itself."""
+    configures billing's JSON logging, which a host app using `Billing(app)` does itself.
+
+    Stripe's deliveries skip Flask's dispatch here (`DirectRoute`): side by side under gunicorn,
+    x1.22 the deliveries per second, and a quarter less of its workers' CPU a delivery (the
+    README's Throughput)."""
+    from billing.webhooks.endpoint import DirectRoute
+
     app = Flask("billing")
     Billing(app, settings, configure_logging=True)
+    app.wsgi_app = DirectRoute(  # type: ignore[method-assign]
+        app.wsgi_app, _webhook_path(settings), app.extensions[EXTENSION_KEY]
+    )
     return app

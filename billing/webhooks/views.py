@@ -1,17 +1,12 @@
-"""The webhook endpoint: verify, store once, queue, answer. Nothing slow happens here."""
+"""The webhook endpoint as a Flask view (what `Billing(app)` registers): an adapter over
+`endpoint.receive`."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from billing import logs, metrics
 from billing.runtime import current_runtime
-from billing.webhooks import service
-from billing.webhooks.tasks import hand_off
-
-log = logs.get_logger("billing.webhooks")
-
-SIGNATURE_HEADER = "Stripe-Signature"
+from billing.webhooks import endpoint
 
 
 def make_blueprint(path: str) -> Blueprint:
@@ -21,41 +16,11 @@ def make_blueprint(path: str) -> Blueprint:
 
 
 def receive_webhook() -> Response:
-    runtime = current_runtime()
-    settings = runtime.settings
-    body = _read_body(settings.webhook_max_body_bytes)
-    if body is None:
-        return _reject(
-            service.WebhookRejected("body over the size limit", status=413, kind="too_large")
-        )
-    try:
-        delivery = service.verify_delivery(
-            body, request.headers.get(SIGNATURE_HEADER), settings
-        )
-    except service.WebhookRejected as rejected:
-        return _reject(rejected)
-    outcome = service.ingest(runtime, delivery, hand_off(runtime))
-    return Response(f'{{"received": true, "outcome": "{outcome.value}"}}', 200,
-                    mimetype="application/json")
-
-
-def _read_body(limit: int) -> bytes | None:
-    """The raw body (the signature covers its exact bytes), or None past `limit`; a declared
-    length is refused before reading, a chunked body after `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = request.stream.read(limit + 1)
-    return None if len(body) > limit else body
-
-
-def _reject(rejected: service.WebhookRejected) -> Response:
-    metrics.WEBHOOKS_REJECTED.labels(reason=rejected.kind).inc()
-    # Never the body: it is attacker-controlled and may carry customer data.
-    log.warning(
-        logs.WEBHOOK_REJECTED,
-        extra={"reason": rejected.reason, "status": rejected.status,
-               "remote_addr": request.remote_addr,
-               "content_length": request.content_length},
+    answer = endpoint.receive(
+        current_runtime(),
+        request.stream,
+        request.content_length,
+        request.headers.get(endpoint.SIGNATURE_HEADER),
+        request.remote_addr,
     )
-    return Response(f'{{"error": "{rejected.status}"}}', rejected.status,
-                    mimetype="application/json")
+    return Response(answer.body, answer.status, mimetype=endpoint.CONTENT_TYPE)

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from tests.webhooks.conftest import OLD_SECRET, make_event, post, rows, sign
+from tests.webhooks.conftest import OLD_SECRET, AppServer, make_event, post, rows, sign
 
 BAD_DELIVERIES = {
     "missing signature": lambda body: (body, None),
@@ -97,6 +97,30 @@ def test_a_connection_the_database_dropped_costs_no_delivery(app_server, webhook
     assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_before", "evt_after"]
 
 
+def test_a_delivery_the_database_cannot_store_gets_500_so_stripe_delivers_it_again(
+    webhook_settings, captured
+):
+    from billing import db
+    from billing.runtime import Runtime
+
+    database_url = db.with_search_path(
+        "postgresql://postgres@127.0.0.1:5432/billing_no_such_database", "public"
+    )
+    server = AppServer(Runtime(webhook_settings.replace(database_url=database_url)))
+    try:
+        response = post(server.url, make_event("invoice.created", "evt_unstored"))
+    finally:
+        server.close()
+        server.runtime.close()
+    assert (response.status_code, response.json()) == (500, {"error": 500})
+    (unstored,) = captured.messages(logs.WEBHOOK_NOT_STORED)
+    assert (unstored.event_id, unstored.event_type, unstored.error) == (
+        "evt_unstored", "invoice.created", "OperationalError"
+    )
+    assert unstored.exc_info is not None
+    assert captured.messages(logs.WEBHOOK_ACCEPTED) == []
+
+
 def test_an_old_secret_still_verifies_during_rotation(app_server, webhook_runtime):
     body = make_event(event_id="evt_rotated")
     assert post(app_server.url, body, sign(body, OLD_SECRET)).status_code == 200
@@ -114,8 +138,6 @@ def test_thin_v2_event_is_accepted(app_server, webhook_runtime):
 
 
 def test_broker_down_still_answers_200_and_keeps_the_row(make_runtime, webhook_settings, captured):
-    from tests.webhooks.conftest import AppServer
-
     # Nothing listens on port 1: every publish fails at once.
     runtime = make_runtime(webhook_settings.replace(celery_broker_url="redis://127.0.0.1:1/0"))
     server = AppServer(runtime)
@@ -149,8 +171,6 @@ def test_a_full_publisher_backlog_leaves_the_event_to_the_sweep(
 
 
 def test_missing_secret_is_a_server_error_not_an_acceptance(make_runtime, webhook_settings):
-    from tests.webhooks.conftest import AppServer
-
     server = AppServer(make_runtime(webhook_settings.replace(stripe_webhook_secret=None)))
     try:
         response = post(server.url, make_event())
@@ -161,8 +181,6 @@ def test_missing_secret_is_a_server_error_not_an_acceptance(make_runtime, webhoo
 
 
 def test_webhook_path_is_configurable(make_runtime, webhook_settings):
-    from tests.webhooks.conftest import AppServer
-
     server = AppServer(make_runtime(webhook_settings.replace(webhook_path="/hooks/stripe")))
     try:
         assert server.url.endswith("/hooks/stripe")
@@ -213,3 +231,59 @@ def test_a_host_apps_csrf_protection_does_not_refuse_stripe(webhook_runtime, csr
     assert response.status_code == 200
     assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_csrf_host"]
     assert client.post("/form").status_code == 400  # the host's own forms keep their CSRF check
+
+
+def _standalone_client(runtime):
+    from billing.app import EXTENSION_KEY, create_app
+
+    app = create_app(runtime.settings)
+    app.extensions[EXTENSION_KEY]._runtime = runtime
+    return app.test_client()
+
+
+def _host_client(runtime):
+    from flask import Flask
+
+    from billing.app import EXTENSION_KEY, Billing
+
+    host = Flask("host")
+    Billing(host, runtime.settings)
+    host.extensions[EXTENSION_KEY]._runtime = runtime
+    return host.test_client()
+
+
+def test_the_standalone_route_and_a_host_apps_view_answer_alike(webhook_runtime):
+    """create_app() answers Stripe's POSTs ahead of Flask's dispatch (endpoint.DirectRoute); a
+    host app's Flask view must give the same answers, and other methods stay Flask's (405)."""
+    limit = webhook_runtime.settings.webhook_max_body_bytes
+    forged = make_event(event_id="evt_forged")
+    oversized = make_event(padding="x" * limit)
+    answers = {}
+    for name, make_client in (("standalone", _standalone_client), ("host", _host_client)):
+        client = make_client(webhook_runtime)
+        accepted = make_event(event_id=f"evt_{name}")
+
+        def send(body, signature, client=client):
+            headers = {"Stripe-Signature": signature} if signature else {}
+            response = client.post("/stripe/webhook", data=body, headers=headers)
+            return response.status_code, response.content_type, response.get_json()
+
+        answers[name] = [
+            send(forged, f"t={int(time.time())},v1={'ab' * 32}"),
+            send(forged, None),
+            send(oversized, sign(oversized)),
+            send(accepted, sign(accepted)),
+            send(accepted, sign(accepted)),
+            client.get("/stripe/webhook").status_code,
+        ]
+    assert answers["standalone"] == answers["host"] == [
+        (400, "application/json", {"error": 400}),
+        (400, "application/json", {"error": 400}),
+        (413, "application/json", {"error": 413}),
+        (200, "application/json", {"received": True, "outcome": "accepted"}),
+        (200, "application/json", {"received": True, "outcome": "duplicate"}),
+        405,
+    ]
+    assert sorted(row.stripe_event_id for row in rows(webhook_runtime)) == [
+        "evt_host", "evt_standalone"
+    ]
