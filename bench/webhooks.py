@@ -52,6 +52,7 @@ SCHEMA = f"billing_bench_webhooks_{RUN}"
 QUEUE = f"billing-bench-webhooks-{RUN}"
 RESULTS = ROOT / "bench" / "results" / "webhooks.json"
 ORGANIZATION_ID = 1
+WARMUP_DELIVERIES = 300  # sent to each endpoint before its measured run
 
 
 def _free_port() -> int:
@@ -83,25 +84,15 @@ def _environment(api_base: str) -> dict[str, str]:
 
 
 def create_sync_app() -> Any:
-    """billing's app with the one difference measured: the event is processed in the request."""
-    from flask import Response, request
-
+    """billing's app with the one difference measured: the event is processed in the request
+    (the same route, `endpoint.DirectRoute`, with a hand-off that processes instead of queuing)."""
     from billing import create_app
-    from billing.app import current_runtime
+    from billing.runtime import Runtime
     from billing.webhooks import handlers, service
+    from billing.webhooks.endpoint import DirectRoute
 
-    app = create_app()
-
-    def receive_and_process() -> Response:
-        runtime = current_runtime()
-        try:
-            delivery = service.verify_delivery(
-                request.get_data(), request.headers.get("Stripe-Signature"), runtime.settings
-            )
-        except service.WebhookRejected as rejected:
-            return Response("{}", rejected.status, mimetype="application/json")
-
-        def process_now(event_id: str, fields: dict[str, Any]) -> bool:
+    def process_now(runtime: Runtime) -> service.HandOff:
+        def hand_off(event_id: str, fields: dict[str, Any]) -> bool:
             service.process_event(
                 runtime, event_id, handlers.HANDLERS, final_attempt=True,
                 transient_errors=handlers.TRANSIENT_ERRORS,
@@ -109,10 +100,13 @@ def create_sync_app() -> Any:
             service.report_queued([fields])  # the line the queued endpoint logs
             return True
 
-        outcome = service.ingest(runtime, delivery, process_now)
-        return Response(json.dumps({"outcome": outcome.value}), 200, mimetype="application/json")
+        return hand_off
 
-    app.view_functions["billing_webhooks.receive"] = receive_and_process
+    app = create_app()
+    route = app.wsgi_app
+    if not isinstance(route, DirectRoute):
+        raise RuntimeError("create_app() no longer serves webhooks through endpoint.DirectRoute")
+    route.make_hand_off = process_now
     return app
 
 
@@ -463,7 +457,8 @@ def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int
             customer: str, subscription: str, log: Path) -> dict:
     process, url = start_gunicorn(app, env, args, log)
     try:
-        warmup = signed([delivery(customer, subscription, i, f"{name}w") for i in range(300)])
+        warmup = signed([delivery(customer, subscription, i, f"{name}w")
+                         for i in range(WARMUP_DELIVERIES)])
         run_load(url, warmup, args)
         deliveries = signed([delivery(customer, subscription, i, name) for i in range(count)])
         before, load_before = cpu_seconds(process.pid), os.getloadavg()[0]
@@ -558,6 +553,7 @@ def main() -> None:
         "gunicorn": {"config": "billing.gunicorn_conf", "overrides": gunicorn_overrides(args)},
         "load_tool": args.load_tool,
         "concurrency": args.concurrency,
+        "warmup_deliveries": WARMUP_DELIVERIES,
         "component_costs": costs,
         "queued": {**queued, "rows_stored": stored, "tasks_enqueued": queue_length},
         "synchronous": {**synchronous, "rows_processed": processed_sync},

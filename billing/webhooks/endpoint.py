@@ -7,6 +7,7 @@ Two adapters call `receive`: the Flask view (`views.py`, what a host app gets fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import IO, Any
@@ -38,8 +39,10 @@ def receive(
     content_length: int | None,
     signature: str | None,
     remote_addr: str | None,
+    hand_off: service.HandOff,
 ) -> Answer:
-    """Answer one delivery: `stream` is the request body, `signature` its Stripe-Signature."""
+    """Answer one delivery: `stream` is the request body, `signature` its Stripe-Signature;
+    `hand_off` queues an accepted event's processing (`tasks.hand_off`)."""
     settings = runtime.settings
     try:
         body = _read_body(stream, content_length, settings.webhook_max_body_bytes)
@@ -48,7 +51,7 @@ def receive(
         return _reject(rejected, remote_addr, content_length)
     event = delivery.event
     try:
-        outcome = service.ingest(runtime, delivery, hand_off(runtime))
+        outcome = service.ingest(runtime, delivery, hand_off)
     except Exception as error:
         # Not stored (the database refused or is gone): a 5xx makes Stripe deliver it again.
         log.exception(logs.WEBHOOK_NOT_STORED, extra={
@@ -87,22 +90,31 @@ class DirectRoute:
     registers no hooks of its own for this route to skip; a host app keeps the Flask view, so
     its own hooks and middleware see Stripe's deliveries."""
 
-    def __init__(self, app: Any, path: str, runtime: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        path: str,
+        runtime: Any,
+        make_hand_off: Callable[[Runtime], service.HandOff] = hand_off,
+    ) -> None:
         self.app = app  # the WSGI app behind (Flask's `wsgi_app`)
         self.path = path
         self.runtime = runtime  # anything with `get() -> Runtime`, read per request
+        self.make_hand_off = make_hand_off
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("PATH_INFO") != self.path or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
         from werkzeug.wsgi import get_content_length, get_input_stream
 
+        runtime = self.runtime.get()
         answer = receive(
-            self.runtime.get(),
+            runtime,
             get_input_stream(environ),
             get_content_length(environ),
             environ.get("HTTP_STRIPE_SIGNATURE"),
             environ.get("REMOTE_ADDR"),
+            self.make_hand_off(runtime),
         )
         start_response(answer.status_line, [
             ("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(answer.body))),

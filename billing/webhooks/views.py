@@ -7,6 +7,7 @@ from flask import Blueprint, Response, request
 
 from billing.runtime import current_runtime
 from billing.webhooks import endpoint
+from billing.webhooks.tasks import hand_off
 
 
 def make_blueprint(path: str) -> Blueprint:
@@ -16,11 +17,13 @@ def make_blueprint(path: str) -> Blueprint:
 
 
 def receive_webhook() -> Response:
+    runtime = current_runtime()
     answer = endpoint.receive(
-        current_runtime(),
+        runtime,
         request.stream,
         request.content_length,
         request.headers.get(endpoint.SIGNATURE_HEADER),
         request.remote_addr,
+        hand_off(runtime),
     )
     return Response(answer.body, answer.status, mimetype=endpoint.CONTENT_TYPE)
