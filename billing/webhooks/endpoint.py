@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from billing import logs, metrics
 from billing.runtime import Runtime
@@ -84,6 +86,10 @@ def _reject(
     return Answer(rejected.status, b'{"error": %d}' % rejected.status)
 
 
+class RuntimeSource(Protocol):
+    def get(self) -> Runtime: ...
+
+
 class DirectRoute:
     """WSGI middleware of the standalone app: a POST to the webhook path is answered here,
     without Flask's request dispatch; every other request goes on to Flask. The standalone app
@@ -94,19 +100,17 @@ class DirectRoute:
         self,
         app: Any,
         path: str,
-        runtime: Any,
+        runtime: RuntimeSource,
         make_hand_off: Callable[[Runtime], service.HandOff] = hand_off,
     ) -> None:
         self.app = app  # the WSGI app behind (Flask's `wsgi_app`)
         self.path = path
-        self.runtime = runtime  # anything with `get() -> Runtime`, read per request
+        self.runtime = runtime  # resolved per request: the app builds its runtime on first use
         self.make_hand_off = make_hand_off
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("PATH_INFO") != self.path or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
-        from werkzeug.wsgi import get_content_length, get_input_stream
-
         runtime = self.runtime.get()
         answer = receive(
             runtime,
