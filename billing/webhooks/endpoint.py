@@ -55,8 +55,9 @@ def receive(
     try:
         outcome = service.ingest(runtime, delivery, hand_off)
     except Exception as error:
-        # Not stored (the database refused or is gone): a 5xx makes Stripe deliver it again.
-        log.exception(logs.WEBHOOK_NOT_STORED, extra={
+        # Most likely not stored (the database refused or is gone). A 5xx makes Stripe deliver it
+        # again: answered as a duplicate if it was stored after all, and queued by the sweep.
+        log.exception(logs.WEBHOOK_SERVER_ERROR, extra={
             "event_id": event["id"], "event_type": event["type"], "error": type(error).__name__,
         })
         return Answer(500, b'{"error": 500}')

@@ -113,7 +113,7 @@ def test_a_delivery_the_database_cannot_store_gets_500_so_stripe_delivers_it_aga
         server.close()
         server.runtime.close()
     assert (response.status_code, response.json()) == (500, {"error": 500})
-    (unstored,) = captured.messages(logs.WEBHOOK_NOT_STORED)
+    (unstored,) = captured.messages(logs.WEBHOOK_SERVER_ERROR)
     assert (unstored.event_id, unstored.event_type, unstored.error) == (
         "evt_unstored", "invoice.created", "OperationalError"
     )
