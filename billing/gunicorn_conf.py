@@ -4,34 +4,36 @@
 
 Flags on the command line override these (gunicorn's precedence), e.g. `--bind 0.0.0.0:8000`.
 
-gevent workers: a delivery waits twice (its insert's commit, and the broker through the
-background publisher), and gthread workers, handing each request and each wait between threads,
-left 10-20% of the two cores idle under load. Against 4 gthread workers x 4 threads on the 2-core
-VM (bench/webhooks-results.md: five comparisons of 4 to 8 interleaved rounds), 4 gevent workers
-served x1.08 to x1.28 the deliveries per second at the same CPU per delivery, with 10 context
-switches a delivery instead of 16-17; p99 was 12-20% higher. In full runs, each followed by a
-gthread run, the gain was smaller (median x1.04 over 13 pairs, x1.02 over 8 on another machine)
-and p99 higher in every pair; with the direct route (endpoint.DirectRoute), on a third machine,
-x1.18 over 6 pairs, p99 higher in 4. psycopg2's sockets are not Python's, so gevent cannot
-patch them: each gevent worker sets psycopg2's wait callback (psycogreen), or one insert waiting
-on PostgreSQL would stop the whole worker.
+4 gthread workers x 4 threads. In full bench runs with the direct route (endpoint.DirectRoute;
+bench/webhooks-results.md), the three ingest goals (>= 1,500 deliveries/s, p99 < 30 ms, >= 5x
+the synchronous handler) were all met in 14 of 14 gthread runs and 35 of 38 gevent runs. gevent
+workers served x1.10 the deliveries per second (median of 14 alternating pairs, x0.87-x1.63),
+but their p99 was the higher in 11 of the 14 pairs, and 41-64 ms in three runs: a gevent worker
+accepts keep-alive connections greedily, so one can end up serving most of them, and a stall
+there holds all their requests. Before the direct route it was the same: p99 higher in all 21
+pairs on two earlier machines, for x1.02-x1.04 the throughput in full runs.
+
+`--worker-class gevent` still works: psycopg2's sockets are not Python's, so gevent cannot patch
+them, and each gevent worker sets psycopg2's wait callback (psycogreen), or one insert waiting on
+PostgreSQL would stop the whole worker.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
-worker_class = "gevent"
+worker_class = "gthread"
 workers = 4
+threads = 4
 
 
 def post_fork(server: Any, worker: Any) -> None:
     """Before the worker loads the app (and opens any connection): make psycopg2 yield to
     gevent's hub while it waits, under a gevent worker only."""
-    from gunicorn.workers.ggevent import GeventWorker
-
-    if isinstance(worker, GeventWorker):
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")  # loaded when gevent workers run
+    if ggevent is not None and isinstance(worker, ggevent.GeventWorker):
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()

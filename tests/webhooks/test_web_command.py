@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 import requests
 
 from billing import gunicorn_conf, logs
@@ -32,15 +33,19 @@ class Served:
 
 
 @contextmanager
-def web_command(settings: Settings, workers: int) -> Iterator[Served]:
-    """The README's web command on a free port, answering; stopped gracefully (SIGTERM) after."""
+def web_command(
+    settings: Settings, workers: int, worker_class: str | None = None
+) -> Iterator[Served]:
+    """The README's web command on a free port, answering; stopped gracefully (SIGTERM) after.
+    `worker_class` overrides billing.gunicorn_conf's, as its flag would."""
     port = free_port()
     served = Served(f"http://127.0.0.1:{port}{settings.webhook_path}")
     env = billing_env(settings, BILLING_LOG_FORMAT="json",
                       STRIPE_WEBHOOK_SECRET=settings.stripe_webhook_secret)
+    override = ["--worker-class", worker_class] if worker_class else []
     server = subprocess.Popen(
         [str(BIN / "gunicorn"), "-c", "python:billing.gunicorn_conf", "--workers", str(workers),
-         "--bind", f"127.0.0.1:{port}", "billing:create_app()"],
+         *override, "--bind", f"127.0.0.1:{port}", "billing:create_app()"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -77,16 +82,19 @@ def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once
     assert sorted(record["event_id"] for record in accepted) == sorted(ids)
 
 
-def test_a_delivery_waiting_on_the_database_leaves_its_gevent_worker_serving(
-    webhook_runtime, webhook_settings, broker_client
+@pytest.mark.parametrize("worker_class", [None, "gevent"], ids=["default", "gevent"])
+def test_a_delivery_waiting_on_the_database_leaves_its_worker_serving(
+    webhook_runtime, webhook_settings, broker_client, worker_class
 ):
-    """psycopg2 yields to gevent's hub while it waits: one worker answers another request while
-    a delivery's insert waits on a table lock, then stores and queues that delivery."""
+    """One worker answers another request while a delivery's insert waits on a table lock, then
+    stores and queues that delivery: on another of its threads (the default, gthread), or
+    because psycopg2 yields to gevent's hub while it waits (gevent)."""
     waiting_inserts = (
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE wait_event_type = 'Lock' AND strpos(query, 'billing_insert_') > 0"
     )
-    with web_command(webhook_settings, workers=1) as served, ThreadPoolExecutor(1) as pool:
+    with (web_command(webhook_settings, workers=1, worker_class=worker_class) as served,
+          ThreadPoolExecutor(1) as pool):
         with webhook_runtime.engine.begin() as locking:
             locking.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
             delivery = pool.submit(post, served.url, make_event("customer.updated", "evt_waits"))
@@ -103,13 +111,17 @@ def test_a_delivery_waiting_on_the_database_leaves_its_gevent_worker_serving(
     assert queued_event_ids(broker_client, webhook_settings.billing_queue) == ["evt_waits"]
 
 
-def test_an_idle_keep_alive_connection_does_not_hold_a_graceful_stop(webhook_settings):
-    """gunicorn's gevent worker waits at most `keepalive` (2 s) for a connection's next request,
-    so a restart does not wait out `graceful_timeout` (30 s) for a client that keeps its
+@pytest.mark.parametrize("worker_class", [None, "gevent"], ids=["default", "gevent"])
+def test_an_idle_keep_alive_connection_does_not_hold_a_graceful_stop(
+    webhook_settings, worker_class
+):
+    """gunicorn's own workers wait at most `keepalive` (2 s) for a connection's next request, so
+    a restart does not wait out `graceful_timeout` (30 s) for a client that keeps its
     connection open and idle. gunicorn's `gevent_pywsgi` worker waits with no limit (measured:
     30.1 s against 2.7 s; bench/webhooks-results.md)."""
     # The server stops first (contexts exit in reverse), with the client's connection still open.
-    with requests.Session() as client, web_command(webhook_settings, workers=1) as served:
+    with (requests.Session() as client,
+          web_command(webhook_settings, workers=1, worker_class=worker_class) as served):
         answer = client.post(served.url, data=b"{}", timeout=5)
         assert answer.status_code == 400
         assert answer.headers.get("Connection", "").lower() != "close"
