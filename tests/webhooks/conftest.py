@@ -15,10 +15,11 @@ import pytest
 import redis
 import requests
 import stripe
+from flask import Flask
 from werkzeug.serving import make_server
 
 from billing import logs
-from billing.app import EXTENSION_KEY, create_app
+from billing.app import EXTENSION_KEY, Billing, create_app
 from billing.config import Settings
 from billing.models import WebhookEvent
 from billing.runtime import Runtime, set_runtime
@@ -27,15 +28,28 @@ SECRET = "whsec_webhooktests0000"
 OLD_SECRET = "whsec_webhooktests_rotated_out"
 
 
+def standalone_app(runtime: Runtime) -> Flask:
+    """`create_app()` sharing the test's runtime (engine pool, truncated tables) instead of
+    building another."""
+    app = create_app(runtime.settings)
+    app.extensions[EXTENSION_KEY]._runtime = runtime
+    return app
+
+
+def host_app(runtime: Runtime) -> Flask:
+    """A host's own Flask app that adopted billing with `Billing(app)`, on the test's runtime."""
+    host = Flask("host")
+    Billing(host, runtime.settings)
+    host.extensions[EXTENSION_KEY]._runtime = runtime
+    return host
+
+
 class AppServer:
     """`create_app()` behind werkzeug's threaded server on an ephemeral port."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        app = create_app(runtime.settings)
-        # Share the test's runtime (engine pool, truncated tables) instead of building another.
-        app.extensions[EXTENSION_KEY]._runtime = runtime
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, standalone_app(runtime), threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}{runtime.settings.webhook_path}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -10,20 +10,17 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from billing.app import EXTENSION_KEY, create_app
 from billing.models import BillingAdjustment, InvoiceAdjustment, utcnow
 from billing.webhooks import adjustments
 from tests.usage.factories import add_accounts, add_events
-from tests.webhooks.conftest import post
+from tests.webhooks.conftest import post, standalone_app
 
 ORG = 9
 
 
 @pytest.fixture
 def cli(webhook_runtime):
-    app = create_app(webhook_runtime.settings)
-    app.extensions[EXTENSION_KEY]._runtime = webhook_runtime
-    runner = app.test_cli_runner()
+    runner = standalone_app(webhook_runtime).test_cli_runner()
 
     def invoke(*args: str):
         return runner.invoke(args=["billing", *args])

@@ -9,7 +9,16 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from tests.webhooks.conftest import OLD_SECRET, AppServer, make_event, post, rows, sign
+from tests.webhooks.conftest import (
+    OLD_SECRET,
+    AppServer,
+    host_app,
+    make_event,
+    post,
+    rows,
+    sign,
+    standalone_app,
+)
 
 BAD_DELIVERIES = {
     "missing signature": lambda body: (body, None),
@@ -100,12 +109,9 @@ def test_a_connection_the_database_dropped_costs_no_delivery(app_server, webhook
 def test_a_delivery_the_database_cannot_store_gets_500_so_stripe_delivers_it_again(
     webhook_settings, captured
 ):
-    from billing import db
     from billing.runtime import Runtime
 
-    database_url = db.with_search_path(
-        "postgresql://postgres@127.0.0.1:5432/billing_no_such_database", "public"
-    )
+    database_url = "postgresql://postgres@127.0.0.1:5432/billing_no_such_database"
     server = AppServer(Runtime(webhook_settings.replace(database_url=database_url)))
     try:
         response = post(server.url, make_event("invoice.created", "evt_unstored"))
@@ -190,15 +196,8 @@ def test_webhook_path_is_configurable(make_runtime, webhook_settings):
 
 
 def test_a_host_app_gets_the_endpoint_from_billing(webhook_runtime):
-    from flask import Flask
-
-    from billing.app import EXTENSION_KEY, Billing
-
-    host = Flask("host")
-    Billing(host, webhook_runtime.settings)
-    host.extensions[EXTENSION_KEY]._runtime = webhook_runtime
     body = make_event(event_id="evt_host")
-    response = host.test_client().post(
+    response = host_app(webhook_runtime).test_client().post(
         "/stripe/webhook", data=body, headers={"Stripe-Signature": sign(body)}
     )
     assert response.status_code == 200
@@ -233,25 +232,6 @@ def test_a_host_apps_csrf_protection_does_not_refuse_stripe(webhook_runtime, csr
     assert client.post("/form").status_code == 400  # the host's own forms keep their CSRF check
 
 
-def _standalone_client(runtime):
-    from billing.app import EXTENSION_KEY, create_app
-
-    app = create_app(runtime.settings)
-    app.extensions[EXTENSION_KEY]._runtime = runtime
-    return app.test_client()
-
-
-def _host_client(runtime):
-    from flask import Flask
-
-    from billing.app import EXTENSION_KEY, Billing
-
-    host = Flask("host")
-    Billing(host, runtime.settings)
-    host.extensions[EXTENSION_KEY]._runtime = runtime
-    return host.test_client()
-
-
 def test_the_standalone_route_and_a_host_apps_view_answer_alike(webhook_runtime):
     """create_app() answers Stripe's POSTs ahead of Flask's dispatch (endpoint.DirectRoute); a
     host app's Flask view must give the same answers, and other methods stay Flask's (405)."""
@@ -259,8 +239,8 @@ def test_the_standalone_route_and_a_host_apps_view_answer_alike(webhook_runtime)
     forged = make_event(event_id="evt_forged")
     oversized = make_event(padding="x" * limit)
     answers = {}
-    for name, make_client in (("standalone", _standalone_client), ("host", _host_client)):
-        client = make_client(webhook_runtime)
+    for name, make_app in (("standalone", standalone_app), ("host", host_app)):
+        client = make_app(webhook_runtime).test_client()
         accepted = make_event(event_id=f"evt_{name}")
 
         def send(body, signature, client=client):

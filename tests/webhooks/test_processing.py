@@ -14,7 +14,15 @@ from billing import logs
 from billing.models import utcnow
 from billing.webhooks import handlers, service
 from billing.webhooks.tasks import PROCESS_TASK, SWEEP_TASK, process_webhook, sweep_webhooks
-from tests.webhooks.conftest import make_event, post, rows, sign, statuses, wait_until
+from tests.webhooks.conftest import (
+    make_event,
+    post,
+    rows,
+    sign,
+    standalone_app,
+    statuses,
+    wait_until,
+)
 
 
 class Calls:
@@ -93,8 +101,6 @@ def test_handler_failing_twice_then_succeeding_is_retried_by_the_worker(
 def test_always_failing_ends_failed_then_replay_processes_it_once_fixed(
     worker, app_server, webhook_runtime, calls, retries, captured
 ):
-    from billing.app import EXTENSION_KEY, create_app
-
     calls.failures = [handlers.TransientHandlerError("still down")] * 100
     assert post(app_server.url, make_event("test.counted", "evt_dead")).status_code == 200
     _final(webhook_runtime, "evt_dead", wanted=("failed",))
@@ -103,9 +109,7 @@ def test_always_failing_ends_failed_then_replay_processes_it_once_fixed(
     assert (row.status, row.attempts, len(retries)) == ("failed", max_retries + 1, max_retries)
     assert "still down" in row.last_error and "TransientHandlerError" in row.last_traceback
 
-    app = create_app(webhook_runtime.settings)
-    app.extensions[EXTENSION_KEY]._runtime = webhook_runtime
-    runner = app.test_cli_runner()
+    runner = standalone_app(webhook_runtime).test_cli_runner()
     listed = runner.invoke(args=["billing", "webhooks", "list", "--status", "failed"])
     assert listed.exit_code == 0 and '"evt_dead"' in listed.output
 
@@ -259,7 +263,6 @@ def test_every_guide_webhook_message_carries_event_id_and_type(
 
 
 def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime, calls):
-    from billing.app import EXTENSION_KEY, create_app
     from billing.webhooks.tasks import sweep_webhooks
 
     for event_id in ("evt_stranded_1", "evt_stranded_2"):
@@ -278,8 +281,7 @@ def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime,
     _final(webhook_runtime, "evt_stranded_1")
     assert statuses(webhook_runtime)["evt_stranded_2"] == "received"  # too young to sweep
 
-    app = create_app(webhook_runtime.settings)
-    app.extensions[EXTENSION_KEY]._runtime = webhook_runtime
-    swept = app.test_cli_runner().invoke(args=["billing", "webhooks", "sweep"])
+    runner = standalone_app(webhook_runtime).test_cli_runner()
+    swept = runner.invoke(args=["billing", "webhooks", "sweep"])
     assert swept.exit_code == 0 and '"queued": 0' in swept.output
     assert calls.count == 1
