@@ -42,6 +42,7 @@ INDEX_NAMES = (
     "ix_billable_events_usage_submission_id",
 )
 FOREIGN_KEY_NAME = "fk_billable_events_usage_submission_id_usage_submissions"
+ADOPTED_COMMENT = "billing: adopted"  # what migration 0005 looks for
 
 
 class AdoptionError(RuntimeError):
@@ -100,6 +101,9 @@ def _adopt(connection: Connection) -> AdoptionReport:
     connection.exec_driver_sql(f"ALTER TABLE {ASIDE} RENAME TO {TABLE}")
     for statement in restore:
         connection.exec_driver_sql(statement)
+    if connection.dialect.name == "postgresql":
+        # Later migrations leave the producer's own column types alone on an adopted table.
+        connection.exec_driver_sql(f"COMMENT ON TABLE {TABLE} IS '{ADOPTED_COMMENT}'")
 
     report = AdoptionReport(rows=rows, revision=None)
     report.added_columns = _add_billing_columns(connection)
@@ -192,7 +196,8 @@ def _add_billing_indexes(connection: Connection) -> list[str]:
             ) from error
         added.append(name)
     for index in table.indexes:
-        if index.name not in present:
+        # Revision 0001's indexes only: later migrations add their own (and their columns).
+        if index.name in INDEX_NAMES and index.name not in present:
             index.create(connection)
             added.append(str(index.name))
     return added

@@ -28,7 +28,7 @@ class Billing:
             self.init_app(app, settings)
 
     def init_app(self, app: Flask, settings: Settings | None = None) -> None:
-        from billing import cli, cli_checks, cli_ops, cli_submissions
+        from billing import cli, cli_checks, cli_ops, cli_submissions, cli_usage
         from billing.entitlements import cli as entitlements_cli
         from billing.webhooks import cli as webhooks_cli
         from billing.webhooks.views import make_blueprint
@@ -42,6 +42,7 @@ class Billing:
         billing_cli.add_command(cli_checks.smoke_org_command)
         billing_cli.add_command(cli_checks.sync_periods_command)
         billing_cli.add_command(cli_submissions.submissions_cli)
+        billing_cli.add_command(cli_usage.usage_cli)
         billing_cli.add_command(entitlements_cli.entitlements_cli)
         billing_cli.add_command(webhooks_cli.webhooks_cli)
         billing_cli.add_command(webhooks_cli.adjustments_cli)

@@ -34,6 +34,14 @@ MAX_NETWORK_RETRIES = 10
 MAX_TASK_RETRIES = 20
 MAX_METER_EVENT_RATE_PER_SECOND = 10_000.0
 MAX_RETRY_BACKOFF_SECONDS = 3600.0
+# Stripe reports a meter's aggregated_value as a JSON number (a double): past 2**53 a total is no
+# longer exact, so no ceiling may be set above it.
+MAX_EXACT_QUANTITY = 2**53 - 1
+# The quantity ceilings' defaults, far above any honest producer: a group (organization, event
+# type, hour) at 10**13 for every hour of a 31-day period still sums exactly (744 x 10**13 =
+# 7.4 x 10**15 < 2**53), and one event may be a tenth of a group's ceiling.
+DEFAULT_MAX_GROUP_QUANTITY = 10**13
+DEFAULT_MAX_EVENT_QUANTITY = 10**12
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 HTTP_SCHEMES = ("http", "https")
@@ -228,6 +236,9 @@ class Settings:
     flush_batch_size: int = 5000
     submit_concurrency: int = 8
     resend_window_hours: int = 23
+    # Quantities past these are set aside as unbillable (never sent, never stopping the rest).
+    max_event_quantity: int = DEFAULT_MAX_EVENT_QUANTITY
+    max_group_quantity: int = DEFAULT_MAX_GROUP_QUANTITY
 
     validate_contract_before_flush: bool = True
     contract_lookback_days: int = 30
@@ -315,6 +326,16 @@ class Settings:
             flush_batch_size=env.int("STRIPE_USAGE_FLUSH_BATCH_SIZE", 5000, maximum=100_000),
             submit_concurrency=env.int("STRIPE_USAGE_SUBMIT_CONCURRENCY", 8, maximum=256),
             resend_window_hours=env.int("STRIPE_USAGE_RESEND_WINDOW_HOURS", 23, maximum=23),
+            max_event_quantity=env.int(
+                "STRIPE_USAGE_MAX_EVENT_QUANTITY",
+                DEFAULT_MAX_EVENT_QUANTITY,
+                maximum=MAX_EXACT_QUANTITY,
+            ),
+            max_group_quantity=env.int(
+                "STRIPE_USAGE_MAX_GROUP_QUANTITY",
+                DEFAULT_MAX_GROUP_QUANTITY,
+                maximum=MAX_EXACT_QUANTITY,
+            ),
             validate_contract_before_flush=env.bool(
                 "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH", True
             ),
@@ -375,6 +396,11 @@ class Settings:
             raise ConfigError(
                 "BILLING_WORKER_METRICS_PORT needs PROMETHEUS_MULTIPROC_DIR (a directory), or the "
                 "counts of Celery's prefork children are lost"
+            )
+        if settings.max_event_quantity > settings.max_group_quantity:
+            raise ConfigError(
+                "STRIPE_USAGE_MAX_EVENT_QUANTITY must not exceed STRIPE_USAGE_MAX_GROUP_QUANTITY "
+                f"({settings.max_group_quantity}), got {settings.max_event_quantity!r}"
             )
         if settings.broker_visibility_timeout_seconds <= settings.flush_lock_ttl_seconds:
             raise ConfigError(

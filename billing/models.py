@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
@@ -27,6 +29,7 @@ from sqlalchemy.types import TypeDecorator
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identity columns.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+QUANTITY = Numeric().with_variant(BigInteger(), "sqlite")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -96,7 +99,9 @@ class BillableEvent(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     event_type: Mapped[str] = mapped_column(String(100), nullable=False)
-    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # numeric, not bigint: PostgreSQL would round a producer's 1.5 to 2 before billing saw it.
+    # SQLite keeps a fraction as written in an integer column (type affinity).
+    quantity: Mapped[Decimal] = mapped_column(QUANTITY, nullable=False)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     source: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
@@ -110,6 +115,10 @@ class BillableEvent(Base):
         BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT")
     )
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Billing-owned: an operator dismissed this row as never billable (`usage dismiss`).
+    usage_dismissal_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("usage_dismissals.id", ondelete="RESTRICT")
+    )
 
     __table_args__ = (
         # The flush scans only unclaimed rows; a partial index keeps that scan small forever.
@@ -132,6 +141,38 @@ class BillableEvent(Base):
         ),
         Index("ix_billable_events_usage_submission_id", "usage_submission_id"),
         Index("ix_billable_events_organization_id_occurred_at", "organization_id", "occurred_at"),
+        Index(
+            "ix_billable_events_usage_dismissal_id",
+            "usage_dismissal_id",
+            postgresql_where=text("usage_dismissal_id IS NOT NULL"),
+            sqlite_where=text("usage_dismissal_id IS NOT NULL"),
+        ),
+    )
+
+
+class UsageDismissal(Base):
+    """An operator's decision that some billable events are never billed: who, when and why."""
+
+    __tablename__ = "usage_dismissals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    unbillable_reason: Mapped[str | None] = mapped_column(String(32))
+    event_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class OpsRecord(Base):
+    """The last outcome of a kind of run (flush, contract check), readable by every scrape:
+    a short-lived CLI process's in-memory counters die with it."""
+
+    __tablename__ = "ops_records"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
     )
 
 

@@ -50,7 +50,7 @@ from billing.runtime import Runtime  # noqa: E402
 
 TABLES = (
     "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements, "
-    "invoice_adjustments, billing_adjustments"
+    "invoice_adjustments, billing_adjustments, usage_dismissals, ops_records"
 )
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 

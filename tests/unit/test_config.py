@@ -30,6 +30,8 @@ GUIDE_DEFAULTS = {
     "flush_batch_size": 5000,
     "submit_concurrency": 8,
     "resend_window_hours": 23,
+    "max_event_quantity": 10**12,
+    "max_group_quantity": 10**13,
     "contract_zeitgeist_max_age_hours": 24,
     "broker_visibility_timeout_seconds": 7200,
     "retry_backoff_seconds": 2.0,
@@ -52,6 +54,13 @@ GUIDE_DEFAULTS = {
     "worker_metrics_address": "127.0.0.1",
     "prometheus_multiproc_dir": None,
 }
+
+
+def test_an_event_ceiling_above_the_group_ceiling_is_refused():
+    with pytest.raises(ConfigError, match="STRIPE_USAGE_MAX_EVENT_QUANTITY must not exceed"):
+        Settings.from_env(
+            {"STRIPE_USAGE_MAX_EVENT_QUANTITY": "500", "STRIPE_USAGE_MAX_GROUP_QUANTITY": "100"}
+        )
 
 
 def test_the_defaults_cover_every_setting():
@@ -142,6 +151,10 @@ BAD_VALUES = [
     ("CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS", "60"),
     ("STRIPE_MAX_NETWORK_RETRIES", "-1"),
     ("STRIPE_USAGE_RESEND_WINDOW_HOURS", "48"),
+    ("STRIPE_USAGE_MAX_EVENT_QUANTITY", "0"),
+    ("STRIPE_USAGE_MAX_GROUP_QUANTITY", "1.5"),
+    # Past 2**53 Stripe's aggregated totals (JSON doubles) are no longer exact.
+    ("STRIPE_USAGE_MAX_GROUP_QUANTITY", str(2**53)),
     ("STRIPE_BILLING_CONTRACT_ZEITGEIST_MAX_AGE_HOURS", "0"),
     ("STRIPE_BILLING_RETRY_BACKOFF_SECONDS", "-2"),
     ("STRIPE_BILLING_TASK_MAX_RETRIES", "many"),
