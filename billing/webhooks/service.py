@@ -38,6 +38,7 @@ Handler = Callable[[Runtime, Mapping[str, Any]], None]
 # Stripe's v1 events are `event`; thin v2 events (v1.billing.meter.error_report_triggered) are
 # `v2.core.event`.
 EVENT_OBJECTS = frozenset({"event", "v2.core.event"})
+MAX_EVENT_NAME_LENGTH = 255  # webhook_events.stripe_event_id and .type
 
 
 class WebhookRejected(Exception):
@@ -124,13 +125,23 @@ def parse_event(payload: str) -> dict[str, Any]:
     if not (
         isinstance(event, dict)
         and event.get("object") in EVENT_OBJECTS
-        and isinstance(event.get("id"), str)
+        and _storable_name(event.get("id"))
         and event["id"].startswith("evt_")
-        and isinstance(event.get("type"), str)
-        and event["type"]
+        and _storable_name(event.get("type"))
     ):
         raise WebhookRejected("body is not a Stripe event")
     return event
+
+
+def _storable_name(value: Any) -> bool:
+    """An event id or type the row can hold: a 500 for one the database refuses (too long, a
+    NUL) would have Stripe redeliver it for days; Stripe's own are short and printable."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_EVENT_NAME_LENGTH
+        and value.isprintable()
+        and " " not in value
+    )
 
 
 # Ingest ---------------------------------------------------------------------------------------
