@@ -410,6 +410,9 @@ class StripeGateway:
             params["customer"] = checkout.customer_id
         return self._call(self.client.v1.checkout.sessions.create, params)
 
+    def retrieve_checkout_session(self, session_id: str) -> Any:
+        return self._call(self.client.v1.checkout.sessions.retrieve, session_id)
+
     def ensure_feature_price(
         self, lookup_key: str, *, product_name: str, unit_amount: int, currency: str = "usd"
     ) -> str:

@@ -74,21 +74,31 @@ def organization_for_customer(runtime: Runtime, customer_id: str | None) -> int 
 
 def on_checkout_completed(runtime: Runtime, event: Mapping[str, Any]) -> None:
     """Link the organization (`client_reference_id`) to the customer and subscription. Access is
-    granted by the entitlements event, never by the checkout itself."""
-    checkout = _object(event)
+    granted by the entitlements event, never by the checkout itself.
+
+    The session is read back from Stripe: the delivery may be older than the session's state,
+    and which organization gets the customer must come from Stripe, not from a payload."""
+    checkout = runtime.stripe.retrieve_checkout_session(_object(event)["id"]).to_dict()
     organization_id = _organization_ref(checkout.get("client_reference_id"))
-    customer_id = checkout.get("customer")
-    if organization_id is None or not customer_id:
+    customer_id = _id_of(checkout.get("customer"))
+    subscription_id = _id_of(checkout.get("subscription"))
+    if checkout.get("status") != "complete" or organization_id is None or not customer_id:
         log.warning(
             logs.WEBHOOK_UNLINKED_CUSTOMER,
             extra={"checkout_session": checkout.get("id"), "stripe_customer_id": customer_id,
-                   "client_reference_id": checkout.get("client_reference_id")},
+                   "client_reference_id": checkout.get("client_reference_id"),
+                   "checkout_status": checkout.get("status")},
         )
         return
-    link_account(runtime, organization_id, customer_id, checkout.get("subscription"))
-    if checkout.get("subscription"):
-        sync_subscription(runtime, checkout["subscription"], customer_id)
+    link_account(runtime, organization_id, customer_id, subscription_id)
+    if subscription_id:
+        sync_subscription(runtime, subscription_id, customer_id)
     refresh_entitlements(runtime, organization_id)
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable field: an id, or the expanded object."""
+    return value.get("id") if isinstance(value, dict) else value
 
 
 def _organization_ref(value: Any) -> int | None:

@@ -31,15 +31,21 @@ def active_features(runtime, organization_id: int) -> set[str]:
         )
 
 
+def saas_checkout(stripe, organization_id: int, price: str | None = None):
+    price = price or stripe.ensure_feature_price(
+        SAAS_FEATURE, product_name="Workspace", unit_amount=4900
+    )
+    return stripe.create_subscription_checkout(
+        SubscriptionCheckout(organization_id=organization_id, price_id=price,
+                             success_url="http://app/ok", cancel_url="http://app/no")
+    )
+
+
 def test_checkout_links_the_organization_and_entitlements_follow_the_subscription(
     delivering, webhook_runtime, emulator
 ):
     stripe = webhook_runtime.stripe
-    price = stripe.ensure_feature_price(SAAS_FEATURE, product_name="Workspace", unit_amount=4900)
-    checkout = stripe.create_subscription_checkout(
-        SubscriptionCheckout(organization_id=42, price_id=price,
-                             success_url="http://app/ok", cancel_url="http://app/no")
-    )
+    checkout = saas_checkout(stripe, 42)
     completed = emulator.control("POST", f"checkout_sessions/{checkout.id}/complete", {})
     final = delivering.settle()
     assert set(final.values()) <= {"processed", "ignored"}
@@ -58,6 +64,35 @@ def test_checkout_links_the_organization_and_entitlements_follow_the_subscriptio
     delivering.settle()
     assert account(webhook_runtime, 42).subscription_status == "canceled"
     assert active_features(webhook_runtime, 42) == set()
+
+
+def test_checkout_links_what_stripe_says_not_what_the_payload_says(
+    delivering, webhook_runtime, emulator
+):
+    """A delivery's object is a snapshot, and a signed body is only as trustworthy as the secret:
+    the organization and customer come from the session Stripe holds now."""
+    stripe = webhook_runtime.stripe
+    checkout = saas_checkout(stripe, 42)
+    completed = emulator.control("POST", f"checkout_sessions/{checkout.id}/complete", {})
+    delivering.settle()
+    tampered = {"id": "evt_tampered_checkout", "object": "event",
+                "type": "checkout.session.completed",
+                "data": {"object": {"id": checkout.id, "object": "checkout.session",
+                                    "client_reference_id": "666", "customer": "cus_other",
+                                    "status": "complete"}}}
+    assert post(delivering.url, json.dumps(tampered).encode()).status_code == 200
+    assert delivering.settle()["evt_tampered_checkout"] == "processed"
+    assert account(webhook_runtime, 666) is None
+    assert account(webhook_runtime, 42).stripe_customer_id == completed["customer"]
+
+    # A session still open (never paid) links nothing, whatever its delivery claims.
+    unpaid = saas_checkout(stripe, 43)
+    early = {**tampered, "id": "evt_open_checkout",
+             "data": {"object": {"id": unpaid.id, "object": "checkout.session",
+                                 "client_reference_id": "43", "customer": "cus_43"}}}
+    assert post(delivering.url, json.dumps(early).encode()).status_code == 200
+    assert delivering.settle()["evt_open_checkout"] == "processed"
+    assert account(webhook_runtime, 43) is None
 
 
 def test_out_of_order_subscription_updates_end_in_the_newest_state(
