@@ -72,6 +72,7 @@ INVOICE_PAYMENT_FAILED = "Stripe invoice payment failed"
 METER_ERROR_REPORTED = "Stripe meter error report received"
 INVOICE_ADJUSTMENTS_SKIPPED = "Stripe invoice.created billing adjustments skipped"
 INVOICE_ADJUSTMENT_MISSED = "Stripe invoice adjustment missed: invoice no longer a draft"
+INVOICE_ADJUSTMENT_RESOLVED = "Stripe missed invoice adjustment resolved by an operator"
 
 P = ParamSpec("P")
 R = TypeVar("R")

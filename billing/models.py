@@ -357,6 +357,9 @@ class InvoiceAdjustmentStatus(enum.StrEnum):
     PLANNED = "planned"  # amount fixed and stored; the invoice item may not exist yet
     APPLIED = "applied"  # the invoice item is on the draft (or nothing was due: amount 0)
     MISSED = "missed"  # the invoice was finalized first; a credit goes back to pending
+    # A missed top-up an operator resolved: a pending item for the next invoice, or forgiven.
+    CARRIED_OVER = "carried_over"
+    WAIVED = "waived"
 
 
 class InvoiceAdjustment(Base):
@@ -382,8 +385,20 @@ class InvoiceAdjustment(Base):
     stripe_invoice_item_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     applied_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A missed row's resolution (`adjustments carry-over|waive`): when, who, why.
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolved_by: Mapped[str | None] = mapped_column(String(255))
+    resolution_note: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (UniqueConstraint("stripe_invoice_id", "adjustment_id"),)
+    __table_args__ = (
+        UniqueConstraint("stripe_invoice_id", "adjustment_id"),
+        Index(
+            "ix_invoice_adjustments_missed",
+            "status",
+            postgresql_where=text("status = 'missed'"),
+            sqlite_where=text("status = 'missed'"),
+        ),
+    )
 
     @property
     def idempotency_key(self) -> str:

@@ -18,7 +18,10 @@ from prometheus_client.core import GaugeMetricFamily
 from billing import flush_record
 from billing.locks import LockState, inspect_lock
 from billing.models import (
+    AdjustmentKind,
     BillableEvent,
+    InvoiceAdjustment,
+    InvoiceAdjustmentStatus,
     SubmissionStatus,
     UsageSubmission,
     WebhookEvent,
@@ -55,6 +58,9 @@ class OpsState:
     history: flush_record.FlushHistory | None = None
     lock: LockState | None = None
     lock_backend: str = "redis"
+    # Minimum-commitment top-ups whose invoice was finalized first: an operator carries them over
+    # to the next invoice or waives them (`flask billing adjustments list --missed`).
+    missed_adjustments: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -79,6 +85,7 @@ class OpsState:
             "outbox_by_status": self.outbox_by_status,
             "webhooks_by_status": self.webhooks_by_status,
             "dead_letters": self.dead_letters,
+            "missed_adjustments": self.missed_adjustments,
             "flush": self.history.to_dict() if self.history else None,
             "lock": self._lock_dict(),
         }
@@ -115,6 +122,12 @@ class OpsState:
             "billing_webhook_dead_letters",
             "Webhook events that failed their last retry (status failed).",
             self.dead_letters,
+        )
+        yield _gauge(
+            "billing_invoice_adjustments_missed",
+            "Minimum-commitment top-ups missed because the invoice was finalized first, waiting "
+            "for an operator (carry-over or waive).",
+            self.missed_adjustments,
         )
         if self.history is not None:
             yield from self._history_gauges(self.history)
@@ -161,6 +174,12 @@ def read_state(runtime: Runtime) -> OpsState:
         webhooks = _count_by_status(
             session, WebhookEvent.status, DONE_WEBHOOK_STATUSES, OPEN_WEBHOOK_STATUSES
         )
+        missed = session.scalar(
+            sa.select(sa.func.count()).where(
+                InvoiceAdjustment.status == InvoiceAdjustmentStatus.MISSED.value,
+                InvoiceAdjustment.kind == AdjustmentKind.MINIMUM_COMMITMENT.value,
+            )
+        )
     settings = runtime.settings
     history = lock = None
     if settings.flush_lock_backend == "redis":
@@ -177,6 +196,7 @@ def read_state(runtime: Runtime) -> OpsState:
         history=history,
         lock=lock,
         lock_backend=settings.flush_lock_backend,
+        missed_adjustments=int(missed or 0),
     )
 
 

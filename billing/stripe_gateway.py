@@ -292,26 +292,28 @@ class StripeGateway:
 
     def add_invoice_item(
         self,
-        invoice: Any,
+        customer_id: str,
         *,
+        invoice_id: str | None,
         amount_cents: int,
         currency: str,
         description: str,
         metadata: dict[str, str],
         idempotency_key: str,
     ) -> Any:
-        """A one-off line on a draft invoice; the idempotency key makes a retry the same call."""
+        """A one-off line on a draft invoice, or (`invoice_id` None) a pending one that Stripe
+        puts on the customer's next invoice; the idempotency key makes a retry the same call."""
+        params: dict[str, Any] = {
+            "customer": customer_id,
+            "amount": amount_cents,
+            "currency": currency,
+            "description": description,
+            "metadata": metadata,
+        }
+        if invoice_id is not None:
+            params["invoice"] = invoice_id
         return self._call(
-            self.client.v1.invoice_items.create,
-            {
-                "customer": invoice.customer,
-                "invoice": invoice.id,
-                "amount": amount_cents,
-                "currency": currency,
-                "description": description,
-                "metadata": metadata,
-            },
-            {"idempotency_key": idempotency_key},
+            self.client.v1.invoice_items.create, params, {"idempotency_key": idempotency_key}
         )
 
     def check_access(self) -> None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import pycountry
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -38,6 +39,8 @@ log = logs.get_logger("billing.webhooks.adjustments")
 
 PERIOD_INVOICE_REASON = "subscription_cycle"
 KEY_METADATA = "billing_adjustment_key"
+# Stripe's largest amount in a currency's minor unit (eight digits of major units).
+MAX_AMOUNT_CENTS = 99_999_999
 
 
 class AdjustmentError(ValueError):
@@ -61,21 +64,27 @@ class AppliedAdjustments:
 def on_invoice_created(runtime: Runtime, invoice_id: str) -> AppliedAdjustments | None:
     invoice = runtime.stripe.retrieve_invoice(invoice_id)
     fields: dict[str, Any] = {"invoice_id": invoice_id, "stripe_customer_id": invoice.customer}
-    if invoice.status != "draft":
-        return _skip(fields, f"invoice is {invoice.status}, only drafts are adjusted")
     organization_id = _organization(runtime, invoice.customer)
     if organization_id is None:
         return _skip(fields, "no billing account for the customer")
     fields["organization_id"] = organization_id
+    # Whatever the invoice's state: unsent usage only grows older waiting.
     flush_late_usage(runtime, organization_id)
     if invoice.billing_reason != PERIOD_INVOICE_REASON:
         return _skip(fields, f"billing_reason {invoice.billing_reason} is not a period invoice")
     # Read again after the flush: a draft's metered lines follow the usage reported so far.
     invoice = runtime.stripe.retrieve_invoice(invoice_id)
-    if invoice.status != "draft":
-        return _skip(fields, f"invoice became {invoice.status} during the flush")
     lines = [line.to_dict() for line in runtime.stripe.invoice_lines(invoice_id)]
     usage_cents = metered_usage_cents(runtime, organization_id, lines)
+    if invoice.status != "draft":
+        # Finalized before we got here (workers down or backlogged at renewal): what the period
+        # owed is recorded as missed, for an operator, instead of vanishing.
+        missed = plan_adjustments(runtime, organization_id, invoice, usage_cents, editable=False)
+        for row in missed:
+            _log_missed(row, f"invoice was {invoice.status} when invoice.created was processed")
+        return _skip(
+            fields, f"invoice is {invoice.status}, only drafts are adjusted; missed {len(missed)}"
+        )
     planned = plan_adjustments(runtime, organization_id, invoice, usage_cents)
     result = apply_planned(runtime, invoice, organization_id, planned, lines, usage_cents)
     if result.newly_applied:
@@ -169,10 +178,13 @@ def _sent_quantity(
 
 
 def plan_adjustments(
-    runtime: Runtime, organization_id: int, invoice: Any, usage_cents: int
+    runtime: Runtime, organization_id: int, invoice: Any, usage_cents: int, *, editable: bool = True
 ) -> list[InvoiceAdjustment]:
     """Fix, once, what each configured adjustment adds to this invoice; returns the rows still
-    to apply. A credit is consumed in the same transaction, so no other invoice plans it."""
+    to apply. A credit is consumed in the same transaction, so no other invoice plans it.
+
+    For an invoice no longer `editable` (finalized first) the rows are recorded `missed` and
+    returned: a credit stays pending for the next invoice, a top-up waits for an operator."""
     with runtime.session_factory.begin() as session:
         planned_ids = set(
             session.scalars(
@@ -181,6 +193,7 @@ def plan_adjustments(
                 )
             )
         )
+        added: list[InvoiceAdjustment] = []
         for adjustment in _applicable(session, organization_id, invoice.id):
             if adjustment.id in planned_ids:
                 continue
@@ -192,8 +205,10 @@ def plan_adjustments(
                            "reason": f"currency {adjustment.currency} != {invoice.currency}"},
                 )
                 continue
-            session.add(_plan_one(adjustment, invoice, usage_cents))
-        return list(
+            row = _plan_one(adjustment, invoice, usage_cents, editable=editable)
+            session.add(row)
+            added.append(row)
+        planned = list(
             session.scalars(
                 sa.select(InvoiceAdjustment).where(
                     InvoiceAdjustment.stripe_invoice_id == invoice.id,
@@ -201,6 +216,11 @@ def plan_adjustments(
                 )
             )
         )
+        if editable:
+            return planned
+        for row in planned:  # planned by an earlier attempt, while it was still a draft
+            _set_missed(session, row)
+        return planned + [r for r in added if r.status == InvoiceAdjustmentStatus.MISSED.value]
 
 
 def _applicable(session: Session, organization_id: int, invoice_id: str) -> list[BillingAdjustment]:
@@ -222,14 +242,22 @@ def _applicable(session: Session, organization_id: int, invoice_id: str) -> list
     )
 
 
-def _plan_one(adjustment: BillingAdjustment, invoice: Any, usage_cents: int) -> InvoiceAdjustment:
+def _plan_one(
+    adjustment: BillingAdjustment, invoice: Any, usage_cents: int, *, editable: bool
+) -> InvoiceAdjustment:
     if adjustment.kind == AdjustmentKind.CREDIT:
-        adjustment.consumed_invoice_id = invoice.id
+        if editable:  # a credit that missed this invoice stays pending for the next one
+            adjustment.consumed_invoice_id = invoice.id
         amount = -adjustment.amount_cents
     else:
         amount = max(0, adjustment.amount_cents - usage_cents)
     # Nothing to add (usage met the minimum): recorded as applied, with no invoice item.
-    status = InvoiceAdjustmentStatus.PLANNED if amount else InvoiceAdjustmentStatus.APPLIED
+    if not amount:
+        status = InvoiceAdjustmentStatus.APPLIED
+    elif editable:
+        status = InvoiceAdjustmentStatus.PLANNED
+    else:
+        status = InvoiceAdjustmentStatus.MISSED
     return InvoiceAdjustment(
         stripe_invoice_id=invoice.id,
         adjustment_id=adjustment.id,
@@ -294,7 +322,8 @@ def _create_item(runtime: Runtime, invoice: Any, row: InvoiceAdjustment) -> str:
             f"{row.metered_usage_cents + row.amount_cents} {row.currency.upper()} cents)"
         )
     item = runtime.stripe.add_invoice_item(
-        invoice,
+        invoice.customer,
+        invoice_id=invoice.id,
         amount_cents=row.amount_cents,
         currency=row.currency,
         description=description,
@@ -321,22 +350,31 @@ def _mark_applied(runtime: Runtime, row: InvoiceAdjustment, item_id: str | None)
 def _mark_missed(runtime: Runtime, row: InvoiceAdjustment, error: str) -> None:
     """The invoice was finalized before the item went on: a credit waits for the next one."""
     with runtime.session_factory.begin() as session:
-        session.execute(
-            sa.update(InvoiceAdjustment)
-            .where(InvoiceAdjustment.id == row.id)
-            .values(status=InvoiceAdjustmentStatus.MISSED.value)
-        )
-        session.execute(
-            sa.update(BillingAdjustment)
-            .where(BillingAdjustment.id == row.adjustment_id,
-                   BillingAdjustment.consumed_invoice_id == row.stripe_invoice_id)
-            .values(consumed_invoice_id=None)
-        )
+        _set_missed(session, row)
+    _log_missed(row, error)
+
+
+def _set_missed(session: Session, row: InvoiceAdjustment) -> None:
+    session.execute(
+        sa.update(InvoiceAdjustment)
+        .where(InvoiceAdjustment.id == row.id)
+        .values(status=InvoiceAdjustmentStatus.MISSED.value)
+    )
+    row.status = InvoiceAdjustmentStatus.MISSED.value
+    session.execute(
+        sa.update(BillingAdjustment)
+        .where(BillingAdjustment.id == row.adjustment_id,
+               BillingAdjustment.consumed_invoice_id == row.stripe_invoice_id)
+        .values(consumed_invoice_id=None)
+    )
+
+
+def _log_missed(row: InvoiceAdjustment, error: str) -> None:
     log.error(
         logs.INVOICE_ADJUSTMENT_MISSED,
         extra={"invoice_id": row.stripe_invoice_id, "organization_id": row.organization_id,
-               "adjustment_id": row.adjustment_id, "amount_cents": row.amount_cents,
-               "error": error},
+               "adjustment_id": row.adjustment_id, "kind": row.kind,
+               "amount_cents": row.amount_cents, "error": error},
     )
 
 
@@ -349,9 +387,18 @@ def add_adjustment(
     currency = currency.lower()
     if amount_cents <= 0:
         raise AdjustmentError("--amount-cents must be a whole number above 0")
-    if len(currency) != 3 or not currency.isalpha():
-        raise AdjustmentError(f"--currency must be a 3-letter ISO code, got {currency!r}")
+    if amount_cents > MAX_AMOUNT_CENTS:
+        raise AdjustmentError(
+            f"--amount-cents must be at most {MAX_AMOUNT_CENTS} (Stripe's largest amount)"
+        )
+    if len(currency) != 3 or pycountry.currencies.get(alpha_3=currency.upper()) is None:
+        raise AdjustmentError(f"--currency must be an ISO 4217 currency code, got {currency!r}")
     with runtime.session_factory.begin() as session:
+        # A typo in --org-id would otherwise wait, unnoticed, for an invoice that never comes.
+        if session.get(BillingAccount, organization_id) is None:
+            raise AdjustmentError(
+                f"organization {organization_id} has no billing account: nothing to adjust"
+            )
         if kind == AdjustmentKind.MINIMUM_COMMITMENT and session.scalar(
             sa.select(BillingAdjustment.id).where(
                 BillingAdjustment.organization_id == organization_id,
@@ -374,12 +421,24 @@ def add_adjustment(
 
 
 def list_adjustments(
-    runtime: Runtime, organization_id: int | None = None, include_removed: bool = False
+    runtime: Runtime,
+    organization_id: int | None = None,
+    include_removed: bool = False,
+    *,
+    missed_only: bool = False,
 ) -> list[dict[str, Any]]:
     query = sa.select(BillingAdjustment).order_by(BillingAdjustment.id)
     if organization_id is not None:
         query = query.where(BillingAdjustment.organization_id == organization_id)
-    if not include_removed:
+    if missed_only:  # removed or not: a missed top-up waits for an operator either way
+        query = query.where(
+            BillingAdjustment.id.in_(
+                sa.select(InvoiceAdjustment.adjustment_id).where(
+                    InvoiceAdjustment.status == InvoiceAdjustmentStatus.MISSED.value
+                )
+            )
+        )
+    elif not include_removed:
         query = query.where(BillingAdjustment.removed_at.is_(None))
     with runtime.session_factory() as session:
         adjustments = list(session.scalars(query))
@@ -426,6 +485,92 @@ def remove_adjustments(
         return [a.id for a in removed]
 
 
+def carry_over_missed(runtime: Runtime, row_id: int, *, actor: str) -> dict[str, Any]:
+    """Bill a missed top-up on the customer's next invoice: a pending invoice item, created once
+    (its idempotency key is the row's), then the row is `carried_over`."""
+    with runtime.session_factory.begin() as session:
+        row = _missed_topup(session, row_id)
+        customer_id = session.scalar(
+            sa.select(BillingAccount.stripe_customer_id).where(
+                BillingAccount.organization_id == row.organization_id
+            )
+        )
+        if not customer_id:
+            raise AdjustmentError(
+                f"organization {row.organization_id} has no Stripe customer to bill it to"
+            )
+        # Inside the row's lock: a concurrent carry-over waits, then finds the row resolved.
+        item = runtime.stripe.add_invoice_item(
+            customer_id,
+            invoice_id=None,
+            amount_cents=row.amount_cents,
+            currency=row.currency,
+            description=(
+                f"Minimum monthly commitment top-up missed on invoice {row.stripe_invoice_id} "
+                f"(metered usage {row.metered_usage_cents} of "
+                f"{(row.metered_usage_cents or 0) + row.amount_cents} "
+                f"{row.currency.upper()} cents)"
+            ),
+            metadata={KEY_METADATA: f"{row.idempotency_key}-carried",
+                      "billing_adjustment_id": str(row.adjustment_id),
+                      "billing_adjustment_kind": row.kind,
+                      "billing_missed_invoice": row.stripe_invoice_id},
+            idempotency_key=f"{row.idempotency_key}-carried",
+        )
+        _resolve(row, InvoiceAdjustmentStatus.CARRIED_OVER, actor, None)
+        row.stripe_invoice_item_id = str(item.id)
+        return _application_dict(row)
+
+
+def waive_missed(runtime: Runtime, row_id: int, *, reason: str, actor: str) -> dict[str, Any]:
+    """Forgive a missed top-up: never billed; who and why are kept."""
+    if not reason.strip():
+        raise AdjustmentError("waiving needs a reason (--reason TEXT)")
+    with runtime.session_factory.begin() as session:
+        row = _missed_topup(session, row_id)
+        _resolve(row, InvoiceAdjustmentStatus.WAIVED, actor, reason.strip())
+        return _application_dict(row)
+
+
+def _missed_topup(session: Session, row_id: int) -> InvoiceAdjustment:
+    row = session.get(InvoiceAdjustment, row_id, with_for_update=True)
+    if row is None:
+        raise AdjustmentError(f"invoice adjustment {row_id} does not exist")
+    if row.kind == AdjustmentKind.CREDIT:
+        raise AdjustmentError(
+            f"invoice adjustment {row_id} is a credit: a missed credit stays pending and goes on "
+            "the next invoice by itself"
+        )
+    if row.status != InvoiceAdjustmentStatus.MISSED:
+        raise AdjustmentError(f"invoice adjustment {row_id} is {row.status}, not missed")
+    return row
+
+
+def _resolve(
+    row: InvoiceAdjustment, status: InvoiceAdjustmentStatus, actor: str, note: str | None
+) -> None:
+    row.status = status.value
+    row.resolved_at = utcnow()
+    row.resolved_by = actor
+    row.resolution_note = note
+    log.warning(
+        logs.INVOICE_ADJUSTMENT_RESOLVED,
+        extra={"invoice_id": row.stripe_invoice_id, "organization_id": row.organization_id,
+               "adjustment_id": row.adjustment_id, "amount_cents": row.amount_cents,
+               "resolution": status.value, "actor": actor, "reason": note},
+    )
+
+
+def _application_dict(row: InvoiceAdjustment) -> dict[str, Any]:
+    return {
+        "id": row.id, "invoice_id": row.stripe_invoice_id, "kind": row.kind,
+        "amount_cents": row.amount_cents, "metered_usage_cents": row.metered_usage_cents,
+        "status": row.status, "invoice_item_id": row.stripe_invoice_item_id,
+        "resolved_at": row.resolved_at, "resolved_by": row.resolved_by,
+        "resolution_note": row.resolution_note,
+    }
+
+
 def _adjustment_dict(
     adjustment: BillingAdjustment, applications: list[InvoiceAdjustment]
 ) -> dict[str, Any]:
@@ -438,10 +583,5 @@ def _adjustment_dict(
         "pending": adjustment.kind == AdjustmentKind.MINIMUM_COMMITMENT
         or adjustment.consumed_invoice_id is None,
         "removed_at": adjustment.removed_at,
-        "applied": [
-            {"invoice_id": x.stripe_invoice_id, "amount_cents": x.amount_cents,
-             "metered_usage_cents": x.metered_usage_cents, "status": x.status,
-             "invoice_item_id": x.stripe_invoice_item_id}
-            for x in applications
-        ],
+        "applied": [_application_dict(x) for x in applications],
     }

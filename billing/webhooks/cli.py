@@ -8,6 +8,7 @@ import click
 from flask.cli import AppGroup
 
 from billing.cli import emit, operator_errors, runtime
+from billing.cli_submissions import ACTOR
 from billing.models import AdjustmentKind, WebhookStatus
 from billing.webhooks import adjustments, service
 
@@ -87,12 +88,36 @@ def adjustments_add_command(org_id: int, kind: str, amount_cents: int, currency:
 @adjustments_cli.command("list")
 @click.option("--org-id", type=int, default=None)
 @click.option("--all", "include_removed", is_flag=True, help="Include removed adjustments.")
-def adjustments_list_command(org_id: int | None, include_removed: bool) -> None:
-    """Adjustments with what each invoice received."""
+@click.option("--missed", is_flag=True, help="Only adjustments with a missed invoice.")
+def adjustments_list_command(org_id: int | None, include_removed: bool, missed: bool) -> None:
+    """Adjustments with what each invoice received (`applied[].id` names a row for carry-over
+    and waive)."""
     rt = runtime()
     with operator_errors():
-        found = adjustments.list_adjustments(rt, org_id, include_removed)
+        found = adjustments.list_adjustments(rt, org_id, include_removed, missed_only=missed)
     emit({"adjustments": found, "count": len(found)})
+
+
+@adjustments_cli.command("carry-over")
+@click.argument("row_id", type=click.IntRange(min=1))
+@ACTOR
+def adjustments_carry_over_command(row_id: int, actor: str) -> None:
+    """Bill a missed minimum-commitment top-up (ROW_ID from `adjustments list --missed`) on the
+    customer's next invoice."""
+    rt = runtime()
+    with operator_errors():
+        emit(adjustments.carry_over_missed(rt, row_id, actor=actor))
+
+
+@adjustments_cli.command("waive")
+@click.argument("row_id", type=click.IntRange(min=1))
+@click.option("--reason", required=True, help="Why it is never billed (kept).")
+@ACTOR
+def adjustments_waive_command(row_id: int, reason: str, actor: str) -> None:
+    """Forgive a missed minimum-commitment top-up (ROW_ID from `adjustments list --missed`)."""
+    rt = runtime()
+    with operator_errors():
+        emit(adjustments.waive_missed(rt, row_id, reason=reason, actor=actor))
 
 
 @adjustments_cli.command("remove")

@@ -133,7 +133,14 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
                for r in captured.messages(logs.INVOICE_ADJUSTMENTS_SKIPPED))
 
 
-def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(webhook_runtime):
+@pytest.fixture
+def org_account(webhook_runtime) -> str:
+    return add_accounts(webhook_runtime, [ORG])[ORG]
+
+
+def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(
+    webhook_runtime, org_account
+):
     adjustments.add_adjustment(webhook_runtime, ORG, "minimum_commitment", 5000, "usd")
     invoice = SimpleNamespace(id="in_test", currency="usd")
     pending = adjustments.plan_adjustments(webhook_runtime, ORG, invoice, usage_cents=6100)
@@ -144,7 +151,7 @@ def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(webhook_
     assert applied_rows(webhook_runtime) == [("in_test", "minimum_commitment", 0, "applied")]
 
 
-def test_a_credit_goes_on_one_invoice_only(webhook_runtime):
+def test_a_credit_goes_on_one_invoice_only(webhook_runtime, org_account):
     adjustments.add_adjustment(webhook_runtime, ORG, "credit", 700, "usd")
     first = adjustments.plan_adjustments(
         webhook_runtime, ORG, SimpleNamespace(id="in_a", currency="usd"), usage_cents=0)
@@ -155,6 +162,10 @@ def test_a_credit_goes_on_one_invoice_only(webhook_runtime):
 
 
 class TestAdjustmentsCommands:
+    @pytest.fixture(autouse=True)
+    def org_3(self, webhook_runtime):
+        add_accounts(webhook_runtime, [3])
+
     def test_add_list_remove(self, cli, webhook_runtime):
         added = json.loads(cli("adjustments", "add", "--org-id", "3", "--kind", "credit",
                                "--amount-cents", "250", "--currency", "EUR").output)
@@ -179,11 +190,16 @@ class TestAdjustmentsCommands:
             (("--kind", "credit", "--amount-cents", "0"), 2),
             (("--kind", "refund", "--amount-cents", "5"), 2),
             (("--kind", "credit", "--amount-cents", "5", "--currency", "dollars"), 1),
+            (("--kind", "credit", "--amount-cents", "5", "--currency", "XYZ"), 1),
+            (("--kind", "credit", "--amount-cents", "100000000"), 1),
+            (("--org-id", "77777", "--kind", "credit", "--amount-cents", "5"), 1),
         ],
     )
     def test_bad_input_exits_non_zero_and_stores_nothing(self, cli, webhook_runtime, args, code):
-        result = cli("adjustments", "add", "--org-id", "3", *args)
-        assert result.exit_code == code
+        org = () if "--org-id" in args else ("--org-id", "3")
+        result = cli("adjustments", "add", *org, *args)
+        assert result.exit_code == code, result.output
+        assert len(result.output.strip().splitlines()) == 1 or code == 2
         with webhook_runtime.session_factory() as session:
             assert session.scalar(sa.select(sa.func.count()).select_from(BillingAdjustment)) == 0
 
@@ -231,3 +247,115 @@ def test_usage_for_the_minimum_counts_what_the_outbox_sent_when_stripe_lags(webh
     assert adjustments.metered_usage_cents(webhook_runtime, ORG, [lagging_line]) == 3000
     caught_up = {**lagging_line, "amount": 3100}  # Stripe may know more (usage sent elsewhere)
     assert adjustments.metered_usage_cents(webhook_runtime, ORG, [caught_up]) == 3100
+
+
+def missed_top_ups(runtime) -> list[InvoiceAdjustment]:
+    with runtime.session_factory() as session:
+        return list(session.scalars(
+            sa.select(InvoiceAdjustment)
+            .where(InvoiceAdjustment.status == "missed",
+                   InvoiceAdjustment.kind == "minimum_commitment")
+            .order_by(InvoiceAdjustment.id)
+        ))
+
+
+class TestInvoiceFinalizedBeforeProcessing:
+    """Workers down or backlogged at renewal: invoice.created is processed after Stripe finalized
+    the draft. The minimum commitment must not vanish: a `missed` row, a gauge and an alert, and
+    an operator carries it over to the next invoice or waives it."""
+
+    @pytest.fixture
+    def renewed(self, delivering, webhook_runtime, emulator, cli):
+        hour_start = utcnow().replace(minute=0, second=0, microsecond=0)
+        customer, subscription = metered_subscription(webhook_runtime, emulator, hour_start)
+        delivering.settle()
+        for kind, amount in (("minimum_commitment", "5000000"), ("credit", "700")):
+            added = cli("adjustments", "add", "--org-id", str(ORG), "--kind", kind,
+                        "--amount-cents", amount)
+            assert added.exit_code == 0, added.output
+        add_events(webhook_runtime, [
+            {"organization_id": ORG, "event_type": "api_call", "quantity": 1200,
+             "occurred_at": hour_start},
+        ])
+        period_end = subscription["items"].data[0].current_period_end
+        # One step past the period's end and the finalization hour: the draft is finalized
+        # before the worker sees invoice.created.
+        emulator.control("POST", "clock", {"set": period_end + 3600 + 60})
+        delivering.settle()
+        (invoice,) = [i for i in webhook_runtime.stripe.client.v1.invoices.list(
+            {"customer": customer}).data if i.billing_reason == "subscription_cycle"]
+        assert invoice.status in ("open", "paid")
+        return SimpleNamespace(customer=customer, invoice=invoice, period_end=period_end)
+
+    def test_the_top_up_is_recorded_missed_and_visible(
+        self, captured, renewed, webhook_runtime, cli
+    ):
+        from billing.ops_state import read_state
+
+        stripe = webhook_runtime.stripe
+        assert our_items(stripe, renewed.invoice.id) == []
+        (missed,) = missed_top_ups(webhook_runtime)
+        # 5,000,000 minus the 1,200 cents of usage the late-usage flush sent for the period.
+        assert (missed.stripe_invoice_id, missed.kind, missed.amount_cents,
+                missed.metered_usage_cents) == (renewed.invoice.id, "minimum_commitment",
+                                                 5_000_000 - 1200, 1200)
+        credit = [r for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED)
+                  if r.kind == "credit"]
+        assert credit, "the credit that missed the invoice is logged too"
+        listed = json.loads(cli("adjustments", "list", "--missed").output)["adjustments"]
+        assert [(a["kind"], [x["status"] for x in a["applied"]]) for a in listed] == [
+            ("minimum_commitment", ["missed"]), ("credit", ["missed"])]
+        pending = {a["kind"]: a["pending"] for a in listed}
+        assert pending["credit"] is True  # it goes on the next invoice by itself
+        assert read_state(webhook_runtime).missed_adjustments == 1
+        assert any(r.amount_cents == 5_000_000 - 1200
+                   for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED))
+
+    def test_carry_over_bills_it_on_the_next_invoice_once(
+        self, renewed, webhook_runtime, emulator, delivering, cli
+    ):
+        from billing.ops_state import read_state
+
+        (missed,) = missed_top_ups(webhook_runtime)
+        carried = cli("adjustments", "carry-over", str(missed.id), "--actor", "ops-anna")
+        assert carried.exit_code == 0, carried.output
+        shown = json.loads(carried.stdout)
+        assert (shown["status"], shown["resolved_by"]) == ("carried_over", "ops-anna")
+        again = cli("adjustments", "carry-over", str(missed.id))
+        assert again.exit_code == 1 and "is carried_over, not missed" in again.output
+        assert read_state(webhook_runtime).missed_adjustments == 0
+        pending = webhook_runtime.stripe.client.v1.invoice_items.list(
+            {"customer": renewed.customer, "pending": True}).data
+        assert [(i.amount, i.id) for i in pending] == [(5_000_000 - 1200,
+                                                        shown["invoice_item_id"])]
+        # The next period's invoice carries it, and the credit that missed the first one.
+        emulator.control("POST", "clock", {"set": renewed.period_end + 31 * 86400 + 60})
+        delivering.settle()
+        latest = max((i for i in webhook_runtime.stripe.client.v1.invoices.list(
+            {"customer": renewed.customer}).data if i.billing_reason == "subscription_cycle"),
+            key=lambda i: i.created)
+        amounts = sorted(line.amount for line in webhook_runtime.stripe.invoice_lines(latest.id)
+                         if line.parent.type == "invoice_item_details")
+        assert 5_000_000 - 1200 in amounts and -700 in amounts
+
+    def test_waive_needs_a_reason_and_keeps_it(self, renewed, webhook_runtime, cli):
+        (missed,) = missed_top_ups(webhook_runtime)
+        assert cli("adjustments", "waive", str(missed.id)).exit_code == 2
+        blank = cli("adjustments", "waive", str(missed.id), "--reason", " ")
+        assert blank.exit_code == 1 and "needs a reason" in blank.output
+        waived = cli("adjustments", "waive", str(missed.id), "--reason", "outage goodwill",
+                     "--actor", "ops-ben")
+        assert waived.exit_code == 0, waived.output
+        with webhook_runtime.session_factory() as session:
+            row = session.get(InvoiceAdjustment, missed.id)
+            assert (row.status, row.resolved_by, row.resolution_note) == (
+                "waived", "ops-ben", "outage goodwill")
+        assert webhook_runtime.stripe.client.v1.invoice_items.list(
+            {"customer": renewed.customer, "pending": True}).data == []
+
+    def test_a_missed_credit_is_not_carried_over_by_hand(self, renewed, webhook_runtime, cli):
+        with webhook_runtime.session_factory() as session:
+            credit_row = session.scalar(sa.select(InvoiceAdjustment.id).where(
+                InvoiceAdjustment.kind == "credit"))
+        refused = cli("adjustments", "carry-over", str(credit_row))
+        assert refused.exit_code == 1 and "goes on the next invoice by itself" in refused.output
