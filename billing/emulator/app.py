@@ -121,6 +121,10 @@ class Emulator:
             self._idem_inflight.clear()
             self._locks.clear()
 
+    def reset_stats(self) -> None:
+        """Request counters from zero (`POST /_emulator/stats/reset`); state is kept."""
+        self.stats = Stats()
+
     def set_base_url(self, url: str) -> None:
         self.state.base_url = url
 

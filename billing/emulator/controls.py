@@ -129,9 +129,7 @@ class Controls:
         return _json(self.em.snapshot())
 
     def stats_reset(self, req: Request, body: dict[str, Any]) -> Response:
-        from billing.emulator.app import Stats
-
-        self.em.stats = Stats()
+        self.em.reset_stats()
         return _json({"ok": True})
 
     def webhooks(self, req: Request, body: dict[str, Any]) -> Response:
