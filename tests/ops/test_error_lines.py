@@ -186,6 +186,21 @@ def test_a_database_error_in_a_flush_is_one_line_and_a_json_result(env, db_engin
     assert shown["events_claimed"] == 0
 
 
+def test_status_shows_the_failed_flush_in_one_line(env, db_engine):
+    with outbox_missing(db_engine):
+        assert run_flask(env, "flush_hourly").returncode == 1
+    status = run_flask(env, "status")
+    assert status.returncode == 0, status.stderr
+    last = [line for line in status.stdout.splitlines() if line.startswith("last flush: ")]
+    assert len(last) == 1, status.stdout
+    assert last[0].endswith(
+        ' error (claimed 0, sent 0, failed 0, pending 0): database error: '
+        '(psycopg2.errors.UndefinedTable) relation "usage_submissions" does not exist'
+    ), last[0]
+    assert "[SQL:" not in status.stdout and "Background on this error" not in status.stdout
+    assert status.stdout.count("relation \"usage_submissions\" does not exist") == 1
+
+
 def test_stripe_unreachable_is_one_line_and_a_json_result(billing_runtime):
     from tests.ops.conftest import recent_usage
 
