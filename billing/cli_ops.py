@@ -13,6 +13,7 @@ import click
 import redis
 from flask.cli import AppGroup, with_appcontext
 
+from billing import flush_record
 from billing.cli import emit, operator_errors, runtime
 from billing.config import scrub
 from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
@@ -84,7 +85,8 @@ def _run(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "never"
     detail = f"{entry['at']} {entry['result']}"
-    if "submissions_sent" in entry and entry["result"] not in ("skipped_lock",):
+    # Counts only of runs that did work: a skipped, refused or raising run has none to show.
+    if "submissions_sent" in entry and entry["result"] in (flush_record.OK, flush_record.FAILED):
         detail += (
             f" (claimed {entry.get('events_claimed', 0)}, sent {entry['submissions_sent']}, "
             f"failed {entry.get('submissions_failed', 0)}, "

@@ -194,7 +194,7 @@ def test_status_shows_the_failed_flush_in_one_line(env, db_engine):
     last = [line for line in status.stdout.splitlines() if line.startswith("last flush: ")]
     assert len(last) == 1, status.stdout
     assert last[0].endswith(
-        ' error (claimed 0, sent 0, failed 0, pending 0): database error: '
+        ' error: database error: '
         '(psycopg2.errors.UndefinedTable) relation "usage_submissions" does not exist'
     ), last[0]
     assert "[SQL:" not in status.stdout and "Background on this error" not in status.stdout
