@@ -14,7 +14,8 @@ It prints and writes (`--output`, default bench/results/flush.json): wall time, 
 (µs/event), its ratio to the smallest size of the same organization count (1.0 = linear), the
 flush/insert ratio, database time per phase (claim = pick + link rows, aggregate, outbox insert,
 submit), meter-event calls / customer·meter·hour groups, 429s seen, peak RSS, and whether the
-totals Stripe billed per customer and meter equal the database's.
+totals Stripe billed per customer and meter equal the database's. A flush child that fails
+stops the bench with exit 1 and its stderr (the traceback) and log path shown; no report is written.
 
     .venv/bin/python bench/flush.py [--sizes 100000,1000000,5000000] [--orgs 100,1000]
         [--hours 3] [--limits live] [--quick] [--output PATH]
@@ -174,6 +175,10 @@ def check_database(schema: str) -> dict[str, int]:
     return {"unclaimed": int(unclaimed), "unsent": int(unsent)}
 
 
+class ChildFailed(RuntimeError):
+    """The flush child exited non-zero; the message carries its stderr (the traceback)."""
+
+
 def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> dict[str, Any]:
     schema = SCHEMA
     prepared = prepare(api_base, schema, size, orgs, args.hours)
@@ -183,8 +188,10 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
         [sys.executable, __file__, "--child", "--api-base", api_base, "--schema", schema,
          "--rate", str(args.rate), "--log-level", args.log_level,
          "--sample-every", str(max(1, size // BATCH_SIZE // 4))],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True,
     )
+    if out.returncode != 0:
+        raise ChildFailed(f"flush child failed (exit {out.returncode}):\n{out.stderr.rstrip()}")
     flush = json.loads(out.stdout.strip().splitlines()[-1])
     stats = _control(api_base, "stats")
     by_status = stats["responses"].get("POST /v1/billing/meter_events", {})
@@ -329,12 +336,37 @@ def _find(node: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def child(args: argparse.Namespace) -> None:
+    log_path = Path(f"/tmp/billing-bench-flush-{os.getpid()}.log")
+    try:
+        result, wall, clock, submitting = _timed_flush(args, log_path)
+    except BaseException:
+        print(f"the flush's log: {log_path}", file=sys.stderr)  # kept, for the post-mortem
+        raise
+    log_bytes = log_path.stat().st_size
+    with log_path.open() as log_file:
+        log_lines = sum(1 for _ in log_file)
+    log_path.unlink()
+    phases = clock.phases()
+    phases["submit"] = submitting["seconds"]
+    print(json.dumps({
+        "wall_seconds": wall,
+        "ok": result.ok,
+        "events": result.events_claimed,
+        "batches": result.batches,
+        "phases_seconds": phases,
+        "explain_samples": clock.samples,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "log_lines": log_lines,
+        "log_bytes": log_bytes,
+    }))
+
+
+def _timed_flush(args: argparse.Namespace, log_path: Path) -> tuple[Any, float, PhaseClock, dict]:
     from billing import logs
     from billing.runtime import Runtime
     from billing.services import flush_once
     from billing.submitting import Submitter
 
-    log_path = Path(f"/tmp/billing-bench-flush-{os.getpid()}.log")
     with log_path.open("w") as log_file:
         logs.configure_logging(args.log_level, "json", stream=log_file)
         runtime = Runtime(_settings(args.api_base, args.schema, args.rate))
@@ -355,23 +387,7 @@ def child(args: argparse.Namespace) -> None:
         result = flush_once(runtime, contract_check=False)
         wall = time.monotonic() - started - clock.sampling_seconds
         runtime.close()
-    log_bytes = log_path.stat().st_size
-    with log_path.open() as log_file:
-        log_lines = sum(1 for _ in log_file)
-    log_path.unlink()
-    phases = clock.phases()
-    phases["submit"] = submitting["seconds"]
-    print(json.dumps({
-        "wall_seconds": wall,
-        "ok": result.ok,
-        "events": result.events_claimed,
-        "batches": result.batches,
-        "phases_seconds": phases,
-        "explain_samples": clock.samples,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "log_lines": log_lines,
-        "log_bytes": log_bytes,
-    }))
+    return result, wall, clock, submitting
 
 
 # Output -----------------------------------------------------------------------------------------
@@ -461,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["linearity"] = row["us_per_event"] / smallest[orgs]
                 rows.append(row)
                 _print_row(row)
+    except ChildFailed as failure:
+        print(failure, file=sys.stderr)
+        return 1
     finally:
         emulator.terminate()
         emulator.wait(10)

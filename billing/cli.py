@@ -15,8 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db, logs
 from billing.adopt import AdoptionError, adopt_billable_events
-from billing.config import ConfigError, scrub
+from billing.config import ConfigError
 from billing.entitlements.service import EntitlementError
+from billing.errors import error_line, one_line
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import LockUnavailableError
 from billing.runtime import Runtime, current_runtime
@@ -49,19 +50,18 @@ def runtime() -> Runtime:
         rt = current_runtime()
         logs.configure_logging(rt.settings.log_level, rt.settings.log_format)
     except ConfigError as error:
-        raise click.ClickException(f"configuration error: {error}") from error
+        raise click.ClickException(one_line(f"configuration error: {error}")) from error
     return rt
 
 
 @contextmanager
 def operator_errors(*more: type[Exception]) -> Iterator[None]:
-    """Errors an operator can act on (and `more`), database errors: one masked line, exit 1."""
+    """Errors an operator can act on (and `more`), database errors and a number too large for the
+    database: one masked line (`billing.errors.error_line`: no SQL, no parameters), exit 1."""
     try:
         yield
-    except (*OPERATOR_ERRORS, *more) as error:
-        raise click.ClickException(scrub(str(error))) from error
-    except SQLAlchemyError as error:
-        raise click.ClickException(scrub(f"database error: {error}")) from error
+    except (*OPERATOR_ERRORS, *more, SQLAlchemyError, OverflowError) as error:
+        raise click.ClickException(error_line(error)) from error
 
 
 def emit(payload: dict[str, Any], summary: str | None = None) -> None:
@@ -116,6 +116,41 @@ def flush_progress(rt: Runtime, organization_id: int | None = None) -> Iterator[
         yield show
 
 
+@contextmanager
+def flush_run(rt: Runtime, organization_id: int | None = None) -> Iterator[Any]:
+    """A flush command's body: yields its progress callback. When the flush raises, the JSON
+    result of what it got done (`ok` false, `error`) still goes to stdout, so cron always has a
+    result to parse, before the one `Error:` line on stderr and exit 1 (or a bug's traceback)."""
+    done = FlushResult()
+    with flush_progress(rt, organization_id) as bar:
+
+        def progress(result: FlushResult) -> None:
+            nonlocal done
+            done = result
+            if bar is not None:
+                bar(result)
+
+        try:
+            with operator_errors():
+                yield progress
+        except click.UsageError:  # a bad flag: no flush ran
+            raise
+        except click.ClickException as error:
+            cause = error.__cause__
+            failed = cause.result if isinstance(cause, TransientFlushError) else done
+            emit_failed_flush(failed, error.message)
+            raise
+        except Exception as error:
+            emit_failed_flush(done, error_line(error))
+            raise
+
+
+def emit_failed_flush(result: FlushResult, error: str) -> None:
+    emit({**result.to_dict(), "ok": False, "error": error})
+    for line in attention_lines(result):
+        click.echo(line, err=True)
+
+
 def attention_lines(result: FlushResult) -> list[str]:
     """What an operator must fix, one line each, on stderr whoever is watching."""
     lines = []
@@ -144,7 +179,7 @@ def attention_lines(result: FlushResult) -> list[str]:
             f"error: usage submissions wait for an operator ({counts}): see "
             "`flask billing submissions list`, then retry or write them off"
         )
-    return [scrub(line) for line in lines]
+    return [one_line(line) for line in lines]
 
 
 def finish_flush(result: FlushResult) -> None:
@@ -162,11 +197,11 @@ def flush_now_command(org_id: int | None) -> None:
     from billing.services import UnknownOrganizationError, flush_once
 
     rt = runtime()
-    try:
-        with operator_errors(), flush_progress(rt, org_id) as progress:
+    with flush_run(rt, org_id) as progress:
+        try:
             result = flush_once(rt, organization_id=org_id, on_progress=progress)
-    except UnknownOrganizationError as error:
-        raise click.BadParameter(str(error), param_hint="'--org-id'") from error
+        except UnknownOrganizationError as error:
+            raise click.BadParameter(str(error), param_hint="'--org-id'") from error
     finish_flush(result)
 
 
@@ -176,16 +211,8 @@ def flush_hourly_command() -> None:
     from billing.services import flush_with_retries
 
     rt = runtime()
-    try:
-        with operator_errors(), flush_progress(rt) as progress:
-            result = flush_with_retries(rt, on_progress=progress)
-    except click.ClickException as error:
-        cause = error.__cause__
-        if isinstance(cause, TransientFlushError):
-            emit(cause.result.to_dict(), flush_summary(cause.result))
-            for line in attention_lines(cause.result):
-                click.echo(line, err=True)
-        raise
+    with flush_run(rt) as progress:
+        result = flush_with_retries(rt, on_progress=progress)
     finish_flush(result)
 
 

@@ -16,6 +16,7 @@ from flask.cli import with_appcontext
 from billing.cli import emit, operator_errors, runtime
 from billing.config import MAX_CONTRACT_LOOKBACK_DAYS
 from billing.contract import contract_fails_closed, run_contract_checks
+from billing.ops_records import record_contract_validation
 from billing.preflight import run_preflight
 from billing.runtime import current_runtime
 from billing.smoke import UnknownOrganizationError, smoke_org
@@ -80,6 +81,8 @@ def validate_contract_command(
             lookback_days=lookback_days or settings.contract_lookback_days,
             require_zeitgeist=require_zeitgeist or settings.contract_require_zeitgeist,
         )
+    # Recorded for the alert and `status`: cron runs this, and a process's counters die with it.
+    record_contract_validation(rt.session_factory, report, source="cli")
     show(report, as_json)
     finish(
         report,

@@ -13,6 +13,7 @@ import click
 import redis
 from flask.cli import AppGroup, with_appcontext
 
+from billing import flush_record
 from billing.cli import emit, operator_errors, runtime
 from billing.config import scrub
 from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
@@ -34,7 +35,9 @@ def ops_errors() -> Iterator[None]:
 @with_appcontext
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
 def status_command(as_json: bool) -> None:
-    """Last flush, backlog, outbox and webhook rows by status, and who holds the flush lock."""
+    """Last flush, last contract validation, backlog, outbox and webhook rows by status, and who
+    holds the flush lock. Exit 1 when the database or Redis did not answer (with Redis down the
+    rest is shown first)."""
     rt = runtime()
     with ops_errors():
         state = read_state(rt)
@@ -42,6 +45,8 @@ def status_command(as_json: bool) -> None:
         click.echo(json.dumps(state.to_dict(), indent=2, sort_keys=True, default=str))
     else:
         click.echo(status_text(state))
+    if state.lock_error:
+        raise click.ClickException(state.lock_error)
 
 
 def status_text(state: OpsState) -> str:
@@ -55,13 +60,15 @@ def status_text(state: OpsState) -> str:
         "webhooks (open): " + _counts(data["webhooks_by_status"]),
     ]
     flush = data["flush"]
-    if flush is None:
-        lines.append("last flush: not recorded (file lock backend)")
-    else:
-        lines.append("last flush: " + _run(flush["last_run"]))
-        lines.append("last successful flush: " + _run(flush["last_success"]))
-        if flush["consecutive_lock_skips"]:
-            lines.append(f"runs skipped by the lock in a row: {flush['consecutive_lock_skips']}")
+    lines.append("last flush: " + _run(flush["last_run"]))
+    lines.append("last successful flush: " + _run(flush["last_success"]))
+    if flush["consecutive_lock_skips"]:
+        lines.append(f"runs skipped by the lock in a row: {flush['consecutive_lock_skips']}")
+    if flush["consecutive_lock_unavailable"]:
+        lines.append(
+            f"runs refused with Redis unreachable in a row: {flush['consecutive_lock_unavailable']}"
+        )
+    lines.append("last contract validation: " + _validation(data["contract_validation"]))
     lines.append("flush lock: " + _lock(data["lock"]))
     return "\n".join(lines)
 
@@ -78,7 +85,8 @@ def _run(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "never"
     detail = f"{entry['at']} {entry['result']}"
-    if "submissions_sent" in entry and entry["result"] not in ("skipped_lock",):
+    # Counts only of runs that did work: a skipped, refused or raising run has none to show.
+    if "submissions_sent" in entry and entry["result"] in (flush_record.OK, flush_record.FAILED):
         detail += (
             f" (claimed {entry.get('events_claimed', 0)}, sent {entry['submissions_sent']}, "
             f"failed {entry.get('submissions_failed', 0)}, "
@@ -89,7 +97,16 @@ def _run(entry: dict[str, Any] | None) -> str:
     return detail
 
 
+def _validation(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "never"
+    verdict = "passed" if entry["ok"] else "FAILED " + ", ".join(entry["failed_checks"])
+    return f"{entry['at']} {verdict} ({entry['source']}, {entry['lookback_days']} days)"
+
+
 def _lock(lock: dict[str, Any]) -> str:
+    if lock.get("error"):
+        return f"unknown ({lock['error']})"
     if lock.get("held") is None:
         return f"{lock.get('backend')} backend (not inspectable)"
     if not lock["held"]:

@@ -1,29 +1,29 @@
-"""The durable record of hourly flush runs, kept in Redis beside the lock.
+"""The durable record of hourly flush runs: the `flush_hourly` row of `ops_records`.
 
-`flask billing status` and the scrape-time gauges read it, so the last successful flush is known
-whichever process ran it (a Celery worker, cron's `flush_hourly`) and survives restarts. Keys hang
-off the lock key: `<lock key>:last-run`, `:last-success` (JSON) and `:lock-skips` (runs skipped by
-the lock since the last run that held it: three in a row means a stuck lock).
+`flask billing status` and the scrape-time gauges read it, so the last run and the last successful
+one are known whichever process ran them (a Celery worker, cron's `flush_hourly`), with either lock
+backend, and survive restarts. Beside them two counts of runs in a row: skipped by the lock (three
+mean a stuck lock) and refused because Redis, the lock's backend, was unreachable (a run that
+cannot reach Redis can still write here).
 A record that cannot be written is logged and never fails the flush it describes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import redis
+from sqlalchemy.exc import SQLAlchemyError
 
-from billing.logs import get_logger
+from billing import ops_records
+from billing.errors import error_line, one_line
 
 if TYPE_CHECKING:
-    from billing.config import Settings
-    from billing.flush_result import FlushResult
+    from sqlalchemy.orm import Session, sessionmaker
 
-log = get_logger("billing.flush_record")
+    from billing.flush_result import FlushResult
 
 # Outcomes of one hourly run (`billing_flush_runs_total{result=…}` uses the same words).
 OK = "ok"
@@ -66,71 +66,72 @@ def outcome_of(result: FlushResult) -> str:
 
 
 @dataclass(frozen=True)
-class FlushRecordKeys:
-    last_run: str
-    last_success: str
-    lock_skips: str
+class FlushHistory:
+    last_run: dict[str, Any] | None = None
+    last_success: dict[str, Any] | None = None
+    consecutive_lock_skips: int = 0
+    consecutive_lock_unavailable: int = 0
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> FlushRecordKeys:
-        base = settings.flush_lock_key
-        return cls(f"{base}:last-run", f"{base}:last-success", f"{base}:lock-skips")
+    def from_payload(cls, payload: dict[str, Any] | None) -> FlushHistory:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (payload or {}).items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def after(self, outcome: str, entry: dict[str, Any]) -> FlushHistory:
+        """The history once a run with `outcome` (described by `entry`) is recorded."""
+        skips, unavailable = self.consecutive_lock_skips, self.consecutive_lock_unavailable
+        if outcome == SKIPPED_LOCK:
+            skips, unavailable = skips + 1, 0  # Redis answered
+        elif outcome == LOCK_UNAVAILABLE:
+            unavailable += 1  # and the skips wait: Redis down says nothing about the holder
+        else:
+            skips, unavailable = 0, 0
+        success = entry if outcome == OK else self.last_success
+        return FlushHistory(entry, success, skips, unavailable)
 
 
 def record_run(
-    client: redis.Redis,
-    settings: Settings,
+    session_factory: sessionmaker[Session],
     outcome: str,
     result: FlushResult | None = None,
     *,
-    error: str | None = None,
+    error: BaseException | None = None,
     now: datetime | None = None,
-) -> None:
-    keys = FlushRecordKeys.for_settings(settings)
+) -> bool:
+    entry = run_entry(outcome, result, error=error, now=now)
+    return ops_records.update_record(
+        session_factory,
+        ops_records.FLUSH,
+        lambda current: FlushHistory.from_payload(current).after(outcome, entry).to_dict(),
+    )
+
+
+def run_entry(
+    outcome: str,
+    result: FlushResult | None = None,
+    *,
+    error: BaseException | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """One run as status shows it; every error in one line (`billing.errors`)."""
     entry: dict[str, Any] = {"at": (now or datetime.now(UTC)).isoformat(), "result": outcome}
     if result is not None:
         entry.update({name: getattr(result, name, None) for name in _SUMMARY_FIELDS})
+        for name in ("last_error", "stop_error"):
+            if entry[name]:
+                entry[name] = one_line(entry[name])
     if error is not None:
-        entry["error"] = error
-    payload = json.dumps(entry, sort_keys=True, default=str)
-    try:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.set(keys.last_run, payload)
-            if outcome == OK:
-                pipe.set(keys.last_success, payload)
-            if outcome == SKIPPED_LOCK:
-                pipe.incr(keys.lock_skips)
-            elif outcome != LOCK_UNAVAILABLE:
-                pipe.delete(keys.lock_skips)
-            pipe.execute()
-    except redis.RedisError as failure:
-        log.warning(
-            "Stripe usage flush run not recorded", extra={"error": str(failure), "result": outcome}
-        )
+        entry["error"] = describe_run_error(error)
+    return entry
 
 
-@dataclass(frozen=True)
-class FlushHistory:
-    last_run: dict[str, Any] | None
-    last_success: dict[str, Any] | None
-    consecutive_lock_skips: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "last_run": self.last_run,
-            "last_success": self.last_success,
-            "consecutive_lock_skips": self.consecutive_lock_skips,
-        }
-
-
-def read_history(client: redis.Redis, settings: Settings) -> FlushHistory:
-    keys = FlushRecordKeys.for_settings(settings)
-    last_run, last_success, skips = client.mget(keys.last_run, keys.last_success, keys.lock_skips)
-    return FlushHistory(
-        last_run=json.loads(last_run) if last_run else None,
-        last_success=json.loads(last_success) if last_success else None,
-        consecutive_lock_skips=int(skips or 0),
-    )
+def describe_run_error(error: BaseException) -> str:
+    """The exception that ended a run; its class named unless the line names the driver's."""
+    line = error_line(error)
+    return line if isinstance(error, SQLAlchemyError) else f"{type(error).__name__}: {line}"
 
 
 def timestamp_of(entry: dict[str, Any] | None) -> float | None:

@@ -7,8 +7,11 @@ Two kinds:
   lost when it exits; the directory must be empty when the service starts (systemd's
   `RuntimeDirectory=` gives that) and one per service, or two services count each other's work.
 - Gauges read from the database and Redis at scrape time by the web app (`StateCollector`): the
-  backlog, the outbox and dead letters by status, the last successful flush and the lock. Nothing
-  in-process can go stale or be lost by a restart, and a flush run from cron counts as well.
+  backlog, the outbox and dead letters by status, the lock, and the run records of the database
+  (`billing.ops_records`): the last flush runs, runs in a row skipped by the lock or refused with
+  Redis down, the last contract validation. Nothing in-process can go stale or be lost by a
+  restart, and runs from cron count as well: alerts on runs read these, not the counters of a
+  CLI process, which die with it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from billing.errors import error_line
 
 if TYPE_CHECKING:
     from billing.flush_result import FlushResult
@@ -61,7 +66,10 @@ METER_EVENTS_FAILED = Counter(
     "billing_meter_events_failed_total", "Meter events Stripe refused for good (rows `failed`)."
 )
 CONTRACT_VALIDATIONS = Counter(
-    "billing_contract_validations_total", "Scheduled contract validations by result.", ["result"]
+    "billing_contract_validations_total",
+    "Scheduled contract validations by result (the alert reads the record: "
+    "billing_contract_last_validation_failed_checks).",
+    ["result"],
 )
 CONTRACT_CHECK_FAILURES = Counter(
     "billing_contract_check_failures_total", "Failed contract checks, per check.", ["check"]
@@ -123,11 +131,13 @@ class StateCollector(Collector):
         try:
             state = read_state(self._runtime())
         except Exception as error:  # a scrape must answer even when a backend is down
-            log.warning("billing state scrape failed", extra={"error": str(error)})
+            log.warning("billing state scrape failed", extra={"error": error_line(error)})
             up.add_metric([], 0)
             yield up
             return
-        up.add_metric([], 1)
+        if state.lock_error:  # the database's gauges still come: the lock alerts read them
+            log.warning("billing state scrape failed", extra={"error": state.lock_error})
+        up.add_metric([], 0 if state.lock_error else 1)
         yield up
         yield from state.gauges()
 

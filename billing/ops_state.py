@@ -1,6 +1,9 @@
 """What an operator watches, read from the database and Redis: `flask billing status` and the
 scrape-time gauges of `billing.metrics` both come from `read_state`.
 
+The run records (last flush, last contract validation) are in the database, so they are read even
+while Redis is down: the lock is then unknown (`lock_error`) and the rest still reported.
+
 Only rows that still need something are counted (outbox rows not `sent`, webhook rows not
 `processed`/`ignored`), so the queries follow the backlog, not the table's history.
 """
@@ -12,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
 import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily
 
-from billing import flush_record
+from billing import flush_record, ops_records
+from billing.errors import error_line
 from billing.locks import LockState, inspect_lock
 from billing.models import (
     AdjustmentKind,
@@ -55,9 +60,11 @@ class OpsState:
     oldest_unbilled_at: datetime | None
     outbox_by_status: dict[str, int]
     webhooks_by_status: dict[str, int]
-    history: flush_record.FlushHistory | None = None
+    history: flush_record.FlushHistory = field(default_factory=flush_record.FlushHistory)
+    contract_validation: dict[str, Any] | None = None
     lock: LockState | None = None
     lock_backend: str = "redis"
+    lock_error: str | None = None  # Redis did not answer: the lock's state is unknown
     # Minimum-commitment top-ups whose invoice was finalized first: an operator carries them over
     # to the next invoice or waives them (`flask billing adjustments list --missed`).
     missed_adjustments: int = 0
@@ -86,13 +93,16 @@ class OpsState:
             "webhooks_by_status": self.webhooks_by_status,
             "dead_letters": self.dead_letters,
             "missed_adjustments": self.missed_adjustments,
-            "flush": self.history.to_dict() if self.history else None,
+            "flush": self.history.to_dict(),
+            "contract_validation": self.contract_validation,
             "lock": self._lock_dict(),
         }
 
     def _lock_dict(self) -> dict[str, Any]:
         if self.lock_backend != "redis":
             return {"backend": self.lock_backend, "held": None}
+        if self.lock_error:
+            return {"held": None, "error": self.lock_error}
         return self.lock.to_dict() if self.lock else {"held": False}
 
     def gauges(self) -> Iterator[GaugeMetricFamily]:
@@ -129,9 +139,9 @@ class OpsState:
             "for an operator (carry-over or waive).",
             self.missed_adjustments,
         )
-        if self.history is not None:
-            yield from self._history_gauges(self.history)
-        if self.lock_backend == "redis":
+        yield from self._history_gauges(self.history)
+        yield from self._contract_gauges(self.contract_validation)
+        if self.lock_backend == "redis" and not self.lock_error:
             held = self.lock.holder.held_seconds(self.now) if self.lock and self.lock.holder else 0
             yield _gauge(
                 "billing_flush_lock_held_seconds",
@@ -152,6 +162,27 @@ class OpsState:
             "billing_flush_consecutive_lock_skips",
             "Hourly runs in a row skipped because another run held the lock.",
             history.consecutive_lock_skips,
+        )
+        yield _gauge(
+            "billing_flush_consecutive_lock_unavailable",
+            "Hourly runs in a row that refused to run because Redis (the flush lock) was "
+            "unreachable; 0 once a run reaches it.",
+            history.consecutive_lock_unavailable,
+        )
+
+    @staticmethod
+    def _contract_gauges(validation: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+        if validation is None:  # absent until the first validation: unknown is not "passed"
+            return
+        yield _gauge(
+            "billing_contract_last_validation_timestamp_seconds",
+            "When the last billable_events contract validation (scheduled or CLI) ran.",
+            flush_record.timestamp_of(validation) or 0,
+        )
+        yield _gauge(
+            "billing_contract_last_validation_failed_checks",
+            "Checks the last billable_events contract validation failed; 0 when it passed.",
+            len(validation.get("failed_checks", [])),
         )
 
 
@@ -181,10 +212,8 @@ def read_state(runtime: Runtime) -> OpsState:
             )
         )
     settings = runtime.settings
-    history = lock = None
-    if settings.flush_lock_backend == "redis":
-        history = flush_record.read_history(runtime.redis, settings)
-        lock = inspect_lock(runtime.redis, settings.flush_lock_key)
+    history, contract_validation = read_run_records(runtime)
+    lock, lock_error = _read_lock(runtime)
     oldest = [t for t in (oldest_unclaimed, oldest_unsent) if t is not None]
     return OpsState(
         now=now,
@@ -194,10 +223,32 @@ def read_state(runtime: Runtime) -> OpsState:
         outbox_by_status=outbox,
         webhooks_by_status=webhooks,
         history=history,
+        contract_validation=contract_validation,
         lock=lock,
         lock_backend=settings.flush_lock_backend,
+        lock_error=lock_error,
         missed_adjustments=int(missed or 0),
     )
+
+
+def read_run_records(runtime: Runtime) -> tuple[flush_record.FlushHistory, dict[str, Any] | None]:
+    """The last flush runs and the last contract validation (`billing.ops_records`)."""
+    with runtime.session_factory() as session:
+        found = ops_records.read_records(
+            session, (ops_records.FLUSH, ops_records.CONTRACT_VALIDATION)
+        )
+    history = flush_record.FlushHistory.from_payload(found.get(ops_records.FLUSH))
+    return history, found.get(ops_records.CONTRACT_VALIDATION)
+
+
+def _read_lock(runtime: Runtime) -> tuple[LockState | None, str | None]:
+    """The Redis lock's holder (None: free, or the file backend) and why it is unknown."""
+    if runtime.settings.flush_lock_backend != "redis":
+        return None, None
+    try:
+        return inspect_lock(runtime.redis, runtime.settings.flush_lock_key), None
+    except redis.RedisError as error:  # the database's state is still worth reporting
+        return None, f"Redis error: {error_line(error)}"
 
 
 def count_unclaimed(runtime: Runtime, organization_id: int | None = None) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from billing import flush_record, logs, metrics, retry_policy
+from billing import flush_record, logs, metrics, ops_records, retry_policy
 from billing.flush_result import FlushResult, TransientFlushError
 from billing.locks import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
 from billing.models import BillableEvent, BillingAccount, utcnow
@@ -121,10 +121,10 @@ def flush_guarded(
             runtime, clock=clock, on_progress=on_progress, call_attempts=call_attempts
         )
     except LockUnavailableError as error:
-        _observe(runtime, flush_record.LOCK_UNAVAILABLE, FlushResult(), str(error))
+        _observe(runtime, flush_record.LOCK_UNAVAILABLE, FlushResult(), error)
         raise
     except Exception as error:
-        _observe(runtime, flush_record.ERROR, FlushResult(), f"{type(error).__name__}: {error}")
+        _observe(runtime, flush_record.ERROR, FlushResult(), error)
         raise
     _observe(runtime, flush_record.outcome_of(result), result)
     return result
@@ -155,11 +155,14 @@ def _flush_under_lock(
         )
 
 
-def _observe(runtime: Runtime, outcome: str, result: FlushResult, error: str | None = None) -> None:
-    settings = runtime.settings
-    metrics.observe_flush(result, outcome, settings.stripe_meters)
-    if settings.flush_lock_backend == "redis" and outcome != flush_record.DISABLED:
-        flush_record.record_run(runtime.redis, settings, outcome, result, error=error)
+def _observe(
+    runtime: Runtime, outcome: str, result: FlushResult, error: Exception | None = None
+) -> None:
+    """Count the run in this process and record it in the database, where every scrape and
+    `status` read it (a cron process's counters die with it; Redis may be what failed)."""
+    metrics.observe_flush(result, outcome, runtime.settings.stripe_meters)
+    if outcome != flush_record.DISABLED:
+        flush_record.record_run(runtime.session_factory, outcome, result, error=error)
 
 
 def flush_with_retries(
@@ -183,13 +186,15 @@ def flush_with_retries(
 
 
 def validate_contract_scheduled(runtime: Runtime) -> dict[str, Any]:
-    """The scheduled contract check (beat, minute 3): logged and counted, so the alert fires
-    before a fail-closed flush at minute 13 is blocked. Returns the failed checks' names."""
+    """The scheduled contract check (beat, minute 3): logged, counted and recorded (the alert
+    reads the record), so it fires before a fail-closed flush at minute 13 is blocked. Returns
+    the failed checks' names."""
     from billing.contract import contract_fails_closed, run_contract_checks
 
     settings = runtime.settings
     report = run_contract_checks(runtime, lookback_days=settings.contract_lookback_days)
     failed = [failure["check"] for failure in report.failures()]
+    ops_records.record_contract_validation(runtime.session_factory, report, source="schedule")
     metrics.observe_contract_validation(failed)
     blocks = bool(failed) and contract_fails_closed(settings)
     fields = {"failed_checks": failed, "blocks_flush": blocks}

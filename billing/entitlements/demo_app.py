@@ -19,6 +19,7 @@ from flask_wtf.csrf import generate_csrf
 from billing.app import create_app as create_billing_app
 from billing.config import Settings
 from billing.entitlements.gate import SaasGate, require_csrf, require_saas
+from billing.logs import configure_logging
 
 DEMO_ORGANIZATIONS = {1: "Acme Corp", 2: "Globex", 3: "Initech"}
 
@@ -55,6 +56,11 @@ def signed_in_organization() -> int | None:
 
 
 def create_demo_app(settings: Settings | None = None, secret_key: str | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    # Before the dev server logs its first line: werkzeug gives its logger a handler of its own
+    # when none is configured yet, and billing's, set up lazily at the first request, then
+    # printed every request a second time.
+    configure_logging(settings.log_level, settings.log_format)
     app = create_billing_app(settings)
     # A fresh key per process: demo sessions end when the app restarts, which is fine here.
     app.secret_key = secret_key or secrets.token_hex(32)

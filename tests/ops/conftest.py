@@ -151,3 +151,24 @@ def recent_usage(runtime, orgs=(1, 2), minutes_ago: int = 20):
     ]
     add_events(runtime, rows)
     return customers, rows
+
+
+CONTRACT_BREAKING_CHECKS = ("event_type_has_meter", "quantity_positive_integer")
+
+
+def contract_breaking_usage(runtime) -> None:
+    """An event type without a meter, and a negative quantity: two failed contract checks."""
+    from billing.models import utcnow
+    from tests.usage.factories import add_accounts, add_events
+
+    add_accounts(runtime, [1])
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    add_events(
+        runtime,
+        [
+            {"organization_id": 1, "event_type": "unmetered", "quantity": 1,
+             "occurred_at": an_hour_ago},
+            {"organization_id": 1, "event_type": "api_call", "quantity": -2,
+             "occurred_at": an_hour_ago},
+        ],
+    )

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from freezegun import freeze_time
 
 import celeryconfig
 from billing.celery_app import celery_app
-from billing.models import utcnow
+from billing.ops_state import read_run_records
 from billing.tasks import VALIDATE_CONTRACT_TASK, validate_contract
 from tests.ops.conftest import (
+    CONTRACT_BREAKING_CHECKS,
     celery_worker_args,
+    contract_breaking_usage,
     free_port,
     settings_env,
     wait_for_http,
     worker_queue,
 )
 from tests.ops.test_metrics import samples
-from tests.usage.factories import add_accounts, add_events
 
 ENTRY = celeryconfig.beat_schedule["billing-contract-validate"]
 
@@ -38,16 +39,7 @@ def test_beat_runs_the_check_at_minute_3_before_the_flush_at_13():
 
 
 def test_worker_logs_and_counts_a_failed_check(billing_runtime, emulator, processes, tmp_path):
-    add_accounts(billing_runtime, [1])
-    add_events(  # an event type without a meter, and a negative quantity: two failed checks
-        billing_runtime,
-        [
-            {"organization_id": 1, "event_type": "unmetered", "quantity": 1,
-             "occurred_at": utcnow() - timedelta(hours=1)},
-            {"organization_id": 1, "event_type": "api_call", "quantity": -2,
-             "occurred_at": utcnow() - timedelta(hours=1)},
-        ],
-    )
+    contract_breaking_usage(billing_runtime)
     queue, port = worker_queue(), free_port()
     multiproc = tmp_path / "prom"
     multiproc.mkdir()
@@ -71,9 +63,13 @@ def test_worker_logs_and_counts_a_failed_check(billing_runtime, emulator, proces
         time.sleep(0.3)
     key = ("billing_contract_validations_total", (("result", "failed"),))
     assert scraped.get(key) == 1, worker.log_path.read_text()[-3000:]
-    for check in ("event_type_has_meter", "quantity_positive_integer"):
+    for check in CONTRACT_BREAKING_CHECKS:
         assert scraped[("billing_contract_check_failures_total", (("check", check),))] == 1
     assert ("billing_contract_check_failures_total", (("check", "table_columns"),)) not in scraped
     log = worker.log_path.read_text()
     assert "Stripe billable_events contract validation failed" in log
     assert "blocks_flush" in log or "'blocks_flush': True" in log
+    # Recorded for the web app's scrape and `status`, which the worker's counters never reach.
+    _, validation = read_run_records(billing_runtime)
+    assert validation["source"] == "schedule" and not validation["ok"]
+    assert sorted(validation["failed_checks"]) == sorted(CONTRACT_BREAKING_CHECKS)

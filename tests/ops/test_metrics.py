@@ -3,12 +3,14 @@ real prefork Celery worker whose children's counts all reach its scrape endpoint
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from datetime import timedelta
 
 import pytest
 import redis
+import sqlalchemy as sa
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
@@ -16,16 +18,18 @@ from redis.retry import Retry
 
 from billing import create_app
 from billing.locks import LockUnavailableError, RedisFlushLock
-from billing.models import WebhookEvent, utcnow
+from billing.models import BillableEvent, WebhookEvent, utcnow
 from billing.services import flush_guarded, flush_with_retries
 from billing.tasks import flush_hourly_usage
 from tests.ops.conftest import (
     celery_worker_args,
+    contract_breaking_usage,
     free_port,
     settings_env,
     wait_for_http,
     worker_queue,
 )
+from tests.process import billing_env, run_flask
 from tests.usage.factories import add_accounts, add_events
 
 
@@ -125,6 +129,51 @@ def test_redis_unreachable_is_retried_counted_and_recorded(billing_runtime):
         flush_with_retries(billing_runtime)
     # tenacity's 3 attempts: the error is transient now, like Stripe's 5xx.
     assert counter("billing_flush_runs_total", result="lock_unavailable") == before + 3
+    assert scrape(billing_runtime.settings)[
+        ("billing_flush_consecutive_lock_unavailable", ())
+    ] == 3
+
+
+def test_runs_from_cron_reach_the_scrape_of_another_process(billing_runtime, emulator):
+    """Cron's commands are short-lived processes: their counters die with them, their records
+    in the database reach the web app's scrape (and the alerts that read it)."""
+    settings = billing_runtime.settings
+    contract_breaking_usage(billing_runtime)
+    env = billing_env(settings)
+    redis_down = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    started = int(time.time())
+    before = scrape(settings)
+    assert ("billing_contract_last_validation_failed_checks", ()) not in before
+
+    validation = run_flask(env, "validate_contract", "--fail-closed")
+    flush = run_flask(redis_down, "flush_hourly")
+    assert validation.returncode == 1, validation.stdout + validation.stderr
+    assert flush.returncode == 1 and json.loads(flush.stdout)["ok"] is False, flush.stderr
+
+    after = scrape(settings)
+    assert after[("billing_contract_last_validation_failed_checks", ())] == 2
+    assert after[("billing_contract_last_validation_timestamp_seconds", ())] >= started
+    assert after[("billing_flush_consecutive_lock_unavailable", ())] == 3  # 3 passes
+    assert after[("billing_flush_last_run_timestamp_seconds", ())] >= started
+    for counted in ("billing_contract_validations_total", "billing_flush_runs_total"):
+        gone = {k: v for k, v in after.items() if k[0] == counted and v != before.get(k)}
+        assert gone == {}, gone  # what the alerts could not read: the processes' counters
+
+    # While Redis is down for the web app too, the database's gauges still come.
+    blind = scrape(settings.replace(redis_url=redis_down["REDIS_URL"]))
+    assert blind[("billing_state_up", ())] == 0
+    assert blind[("billing_flush_consecutive_lock_unavailable", ())] == 3
+    assert ("billing_flush_lock_held_seconds", ()) not in blind
+
+    # Fixed: the next runs clear both.
+    with billing_runtime.session_factory.begin() as session:
+        session.execute(sa.delete(BillableEvent))
+    assert run_flask(env, "validate_contract", "--fail-closed").returncode == 0
+    assert run_flask(env, "flush_hourly").returncode == 0
+    cleared = scrape(settings)
+    assert cleared[("billing_contract_last_validation_failed_checks", ())] == 0
+    assert cleared[("billing_flush_consecutive_lock_unavailable", ())] == 0
+    assert cleared[("billing_flush_last_success_timestamp_seconds", ())] >= started
 
 
 def test_dead_letters_and_a_database_outage_at_scrape_time(billing_runtime, settings):

@@ -77,3 +77,28 @@ def test_status_names_the_lock_holder_and_open_rows(billing_runtime, redis_clien
     assert "task task-abc" in text and "heartbeat alive" in text
     assert "runs skipped by the lock in a row: 1" in text
     assert 29 * 3600 < shown["backlog"]["oldest_unbilled_age_seconds"] < 31 * 3600
+
+
+def test_status_with_redis_down_still_shows_the_runs_it_refused(billing_runtime, emulator):
+    from tests.ops.conftest import contract_breaking_usage, free_port
+
+    contract_breaking_usage(billing_runtime)
+    down = billing_runtime.settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(down)
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["billing", "flush_hourly"]).exit_code == 1
+    assert runner.invoke(args=["billing", "validate_contract", "--fail-closed"]).exit_code == 1
+
+    result = runner.invoke(args=["billing", "status"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "runs refused with Redis unreachable in a row: 3" in lines
+    [last] = [line for line in lines if line.startswith("last flush: ")]
+    assert " lock_unavailable: LockUnavailableError: Redis lock backend unreachable" in last
+    [validation] = [line for line in lines if line.startswith("last contract validation: ")]
+    assert validation.endswith(
+        " FAILED quantity_positive_integer, event_type_has_meter (cli, 30 days)"
+    ), validation
+    assert lines[-1].startswith("flush lock: unknown (Redis error: ")
+    assert result.stderr.strip().startswith("Error: Redis error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
