@@ -119,7 +119,10 @@ def _tail_problem(tail: str, prefix: str, allowed: re.Pattern[str], alphabet: st
 
 def secret_key_problem(key: str) -> str | None:
     """What keeps `key` from being shaped like a Stripe secret or restricted key, or None: the
-    one rule of the settings, preflight and the gateway. Shows the key masked only."""
+    one rule of the settings (so of every process configured by the environment: the flush, the
+    worker, the web command) and of preflight (which also checks settings built in code; the
+    gateway leaves those to Stripe, whose refusal stops the run with usage left pending). Shows
+    the key masked only."""
     kind, _, rest = key.partition("_")
     mode, _, tail = rest.partition("_")
     if kind not in KEY_KINDS:
