@@ -68,7 +68,7 @@ def _settings(api_base: str, schema: str, rate: float, **overrides: Any):
 
     return Settings(
         billing_enabled=True,
-        stripe_secret_key="sk_test_benchflush0000",
+        stripe_secret_key="sk_test_bench_flush_0000",
         stripe_api_base=api_base,
         stripe_meters=parse_meter_map("STRIPE_BILLING_METERS", ",".join(METERS)),
         stripe_meter_event_rate_per_second=rate,
