@@ -67,7 +67,7 @@ def _environment(api_base: str) -> dict[str, str]:
     return {
         **os.environ,
         "DATABASE_URL": db.with_search_path(DATABASE_URL, SCHEMA),
-        "STRIPE_SECRET_KEY": "sk_test_bench_webhooks_0000",
+        "STRIPE_SECRET_KEY": "sk_test_benchwebhooks0000",
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "STRIPE_API_BASE": api_base,
         "STRIPE_METER_EVENT_RATE_PER_SECOND": "10000",

@@ -33,9 +33,10 @@ ASIDE = "billable_events_adopting"
 FIRST_REVISION = "0001"
 MOVED = "_upstream"
 # The names migration 0001 gives billable_events' indexes and constraints (0001 never changes).
+UNIQUE_KEY_INDEX = "uq_billable_events_idempotency_key"
 INDEX_NAMES = (
     "pk_billable_events",
-    "uq_billable_events_idempotency_key",
+    UNIQUE_KEY_INDEX,
     "ix_billable_events_organization_id_occurred_at",
     "ix_billable_events_unclaimed",
     "ix_billable_events_unclaimed_by_group",
@@ -183,19 +184,21 @@ def _add_billing_indexes(connection: Connection) -> list[str]:
     inspector = sa.inspect(connection)
     present = {i["name"] for i in inspector.get_indexes(TABLE)}
     added = []
-    table = BillableEvent.__table__
     if unique_index_on(inspector, "idempotency_key") is None:
-        name = "uq_billable_events_idempotency_key"
+        # Plain DDL: an `sa.Index` on the model's table would join `table.indexes` for the rest
+        # of the process, so the loop below created it a second time.
         try:
-            sa.Index(name, table.c.idempotency_key, unique=True).create(connection)
+            connection.exec_driver_sql(
+                f'CREATE UNIQUE INDEX "{UNIQUE_KEY_INDEX}" ON {TABLE} (idempotency_key)'
+            )
         except sa.exc.IntegrityError as error:
             raise AdoptionError(
                 "idempotency_key holds duplicates; the contract needs it unique (a retried write "
                 "must never bill twice): remove the duplicates, then adopt again; nothing was "
                 "changed"
             ) from error
-        added.append(name)
-    for index in table.indexes:
+        added.append(UNIQUE_KEY_INDEX)
+    for index in BillableEvent.__table__.indexes:
         # Revision 0001's indexes only: later migrations add their own (and their columns).
         if index.name in INDEX_NAMES and index.name not in present:
             index.create(connection)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import click
 from flask import Blueprint, Flask
+from flask.cli import run_command
 
 from billing import logs
-from billing.config import Settings, load_settings, metrics_path_from_env, webhook_path_from_env
+from billing.config import (
+    ConfigError,
+    Settings,
+    config_error_line,
+    load_settings,
+    metrics_path_from_env,
+    webhook_path_from_env,
+)
 from billing.runtime import EXTENSION_KEY, Runtime, current_runtime
 
 __all__ = ["EXTENSION_KEY", "Billing", "create_app", "current_runtime"]
@@ -33,7 +42,7 @@ class Billing:
         from billing.webhooks import cli as webhooks_cli
         from billing.webhooks.views import make_blueprint
 
-        settings = settings or self._settings
+        settings = settings or self._settings or settings_for_build()
         app.extensions[EXTENSION_KEY] = _LazyRuntime(settings, self._configure_logging)
         # `flask billing …`: every command group and command module, one line each.
         billing_cli = cli.billing_cli
@@ -50,18 +59,43 @@ class Billing:
         billing_cli.add_command(cli_ops.lock_cli)
         billing_cli.add_command(cli_ops.reconcile_command)
         app.cli.add_command(billing_cli)
-        webhooks = make_blueprint(_webhook_path(settings))
-        app.register_blueprint(webhooks)
-        _exempt_from_host_csrf(app, webhooks)
-        metrics_path = settings.metrics_path if settings else metrics_path_from_env()
+        webhook_path, metrics_path = route_paths(settings)
+        if webhook_path:
+            webhooks = make_blueprint(webhook_path)
+            app.register_blueprint(webhooks)
+            _exempt_from_host_csrf(app, webhooks)
         if metrics_path:
             from billing.metrics_http import metrics_blueprint
 
             app.register_blueprint(metrics_blueprint(metrics_path))
 
 
-def _webhook_path(settings: Settings | None) -> str:
-    return settings.webhook_path if settings else webhook_path_from_env()
+def settings_for_build() -> Settings | None:
+    """The settings, read now when a server builds the app (a WSGI server, `flask run`): a bad
+    one stops it before it serves, instead of a 500 on every webhook. None inside any other
+    `flask` command, which reads them when it runs: `flask billing --help` works with a bad
+    environment, and each command exits 1 with the configuration line."""
+    context = click.get_current_context(silent=True)
+    if context is not None and context.command is not run_command:
+        return None
+    try:
+        return load_settings()
+    except ConfigError as error:
+        if context is None:
+            raise
+        raise click.ClickException(config_error_line(error)) from error
+
+
+def route_paths(settings: Settings | None) -> tuple[str | None, str | None]:
+    """The webhook and metrics routes. Without settings (inside a command) the two paths are read
+    alone, as Flask needs them now; a bad one leaves both routes out, and the command reports it
+    when it reads the settings."""
+    if settings is not None:
+        return settings.webhook_path, settings.metrics_path
+    try:
+        return webhook_path_from_env(), metrics_path_from_env()
+    except ConfigError:
+        return None, None
 
 
 def _exempt_from_host_csrf(app: Flask, blueprint: Blueprint) -> None:
@@ -105,9 +139,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     README's Throughput)."""
     from billing.webhooks.endpoint import DirectRoute
 
+    settings = settings or settings_for_build()
     app = Flask("billing")
     Billing(app, settings, configure_logging=True)
-    app.wsgi_app = DirectRoute(  # type: ignore[method-assign]
-        app.wsgi_app, _webhook_path(settings), app.extensions[EXTENSION_KEY]
-    )
+    webhook_path, _ = route_paths(settings)
+    if webhook_path:
+        app.wsgi_app = DirectRoute(  # type: ignore[method-assign]
+            app.wsgi_app, webhook_path, app.extensions[EXTENSION_KEY]
+        )
     return app

@@ -45,10 +45,15 @@ DEFAULT_MAX_EVENT_QUANTITY = 10**12
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 HTTP_SCHEMES = ("http", "https")
+# What billing ships drivers and migrations for (`postgresql://` and `postgres://` mean psycopg2).
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "sqlite")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_KEY_PREFIX = re.compile(r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_)")
+# The known prefixes a masked secret keeps; then, for a mistyped one, its first letters.
+_KEY_PREFIX = re.compile(
+    r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|(?:sk|rk|pk|whsec)[_-])"
+)
 SECRET_FIELDS = frozenset({"stripe_secret_key", "stripe_webhook_secret"})
 
 
@@ -57,7 +62,8 @@ class ConfigError(ValueError):
 
 
 def mask_secret(value: str | None) -> str:
-    """`sk_test_…1234`: enough to tell keys apart in logs, never enough to use one."""
+    """`sk_test_…1234`: enough to tell keys apart in logs, never enough to use one. A short one
+    keeps no character: four would be most of it."""
     if not value:
         return "<unset>"
     match = _KEY_PREFIX.match(value)
@@ -65,16 +71,92 @@ def mask_secret(value: str | None) -> str:
     return f"{prefix}…{value[-4:]}" if len(value) - len(prefix) >= 12 else f"{prefix}…"
 
 
-# Anything shaped like a Stripe secret or a URL password, wherever it appears in a message.
-# Wider than a real key's alphabet on purpose: better to mask too much than to leak a tail.
-_SECRET_TOKEN = re.compile(r"\b(?:(?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9_+/=]+")
+# Anything shaped like a Stripe secret (mistyped ones too: `sk_tst_…`, `sk-test-…`, a server's
+# own `sk_test_****1234`) or a URL password, wherever it appears in a message. Wider than a real
+# key's alphabet on purpose: better to mask too much than to leak a tail. A bare prefix holds no
+# secret (`sk_live_…9876` is masked already, `after sk_test_` a message's words).
+_SECRET_TOKEN = re.compile(r"\b(?:sk|rk|whsec)[_-][A-Za-z0-9_+/=*-]+")
+_BARE_PREFIX = re.compile(r"(?:sk|rk)_(?:test|live)_?|whsec_")
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
 
 
 def scrub(text: str) -> str:
     """Mask Stripe secrets and connection-URL passwords (`redis://:***@host`) in any text."""
-    text = _SECRET_TOKEN.sub(lambda m: mask_secret(m.group(0)), text)
+    text = _SECRET_TOKEN.sub(_mask_token, text)
     return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    token = match.group(0)
+    return token if _BARE_PREFIX.fullmatch(token) else mask_secret(token)
+
+
+def config_error_line(error: ConfigError) -> str:
+    """What every entry point prints for a bad setting, after click's `Error: `."""
+    return scrub(f"configuration error: {error}")
+
+
+# Stripe's secret and restricted keys: `sk_` or `rk_`, the mode, then letters and digits (24 and
+# more in the keys Stripe issues; 8 here, which still catches a key cut off or pasted with a
+# space, a quote or a comment). Signing secrets: `whsec_`, then a tail that Stripe's dashboard
+# (letters, digits) and CLI (hex) and test tools (`_`) fill differently; only what no secret holds
+# is refused.
+KEY_MODES = ("test", "live")
+KEY_KINDS = {"sk": "a secret key", "rk": "a restricted key"}
+MIN_SECRET_TAIL = 8
+_KEY_TAIL = re.compile(r"[A-Za-z0-9]")
+_SIGNING_SECRET_TAIL = re.compile(r"[A-Za-z0-9_+/=-]")
+
+
+def _tail_problem(tail: str, prefix: str, allowed: re.Pattern[str], alphabet: str) -> str | None:
+    refused = sorted({c for c in tail if not allowed.fullmatch(c)})
+    if refused:
+        return f"after {prefix} only {alphabet} may follow, found {', '.join(map(repr, refused))}"
+    if len(tail) < MIN_SECRET_TAIL:
+        return f"{len(tail)} characters after {prefix}, want at least {MIN_SECRET_TAIL}"
+    return None
+
+
+def secret_key_problem(key: str) -> str | None:
+    """What keeps `key` from being shaped like a Stripe secret or restricted key, or None: the
+    one rule of the settings (so of every process configured by the environment: the flush, the
+    worker, the web command) and of preflight (which also checks settings built in code; the
+    gateway leaves those to Stripe, whose refusal stops the run with usage left pending). Shows
+    the key masked only."""
+    kind, _, rest = key.partition("_")
+    mode, _, tail = rest.partition("_")
+    if kind not in KEY_KINDS:
+        hint = "; pk_ is a publishable key, which cannot bill" if kind == "pk" else ""
+        problem = f"must start with sk_ or rk_ (a secret or restricted key){hint}"
+    elif mode not in KEY_MODES or not rest.startswith(f"{mode}_"):
+        problem = f"after {kind}_ comes test_ or live_"
+    else:
+        problem = _tail_problem(tail, f"{kind}_{mode}_", _KEY_TAIL, "letters and digits")
+    return None if problem is None else f"STRIPE_SECRET_KEY {mask_secret(key)}: {problem}"
+
+
+def webhook_secret_problem(value: str) -> str | None:
+    """What is wrong with the first bad entry of `STRIPE_WEBHOOK_SECRET` (comma-separated during a
+    rotation), or None."""
+    secrets = _split_secrets(value)
+    for number, secret in enumerate(secrets, 1):
+        if not secret.startswith("whsec_"):
+            problem: str | None = "must start with whsec_ (the endpoint's signing secret)"
+        else:
+            tail = secret.removeprefix("whsec_")
+            problem = _tail_problem(
+                tail, "whsec_", _SIGNING_SECRET_TAIL, "letters, digits and _ + / = -"
+            )
+        if problem:
+            return (
+                f"STRIPE_WEBHOOK_SECRET entry {number} of {len(secrets)} "
+                f"({mask_secret(secret)}): {problem}"
+            )
+    return None
+
+
+def _split_secrets(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
 class _Env:
@@ -127,7 +209,9 @@ class _Env:
             raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value!r}")
         return number
 
-    def url(self, name: str, default: str | None, schemes: tuple[str, ...] = ()) -> str | None:
+    def url(
+        self, name: str, default: str | None, schemes: tuple[str, ...] = (), kind: str = "a URL"
+    ) -> str | None:
         """A URL with a scheme and a place (`redis://host`, `sqlite:///file`): checked here,
         so a typo is one line naming the variable instead of a traceback in a client library."""
         value = self.str(name, default)
@@ -138,7 +222,7 @@ class _Env:
         if "://" not in value or not scheme or (schemes and scheme not in schemes):
             want = f" ({', '.join(schemes)})" if schemes else ""
             shown = shown_url(value)
-            raise ConfigError(f"{name} must be a URL like scheme://host{want}, got {shown!r}")
+            raise ConfigError(f"{name} must be {kind} like scheme://host{want}, got {shown!r}")
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -150,11 +234,17 @@ class _Env:
 
 def parse_webhook_secrets(name: str, value: str | None) -> tuple[str, ...]:
     """`whsec_new,whsec_old`: every listed secret verifies, so a rotation never drops events."""
-    secrets = tuple(part.strip() for part in (value or "").split(",") if part.strip())
-    for secret in secrets:
-        if not secret.startswith("whsec_"):
-            raise ConfigError(f"{name} entries must start with whsec_, got {mask_secret(secret)!r}")
-    return secrets
+    problem = webhook_secret_problem(value or "")
+    if problem:
+        raise ConfigError(problem)
+    return _split_secrets(value)
+
+
+def _secret_key(value: str | None) -> str | None:
+    problem = value and secret_key_problem(value)
+    if problem:
+        raise ConfigError(problem)
+    return value
 
 
 def webhook_path_from_env(environ: Mapping[str, str] | None = None) -> str:
@@ -176,11 +266,15 @@ def parse_meter_map(name: str, value: str | None) -> dict[str, str]:
         item = item.strip()
         if not item:
             continue
-        event_type, _, event_name = item.partition("=")
-        event_type, event_name = event_type.strip(), (event_name.strip() or event_type.strip())
-        if not event_type or len(event_name) > 100 or " " in event_name:
+        event_type, _, event_name = (part.strip() for part in item.partition("="))
+        event_name = event_name or event_type
+        if not event_type or "=" in event_name or len(event_name) > 100 or " " in event_name:
             raise ConfigError(
-                f"{name} has an invalid entry {item!r} (want type or type=event_name)"
+                f"{name} has an invalid entry {item!r} (want type or type=event_name, one =)"
+            )
+        if event_type in meters:  # the later entry would silently win
+            raise ConfigError(
+                f"{name} lists event type {event_type!r} twice ({value!r}): one meter each"
             )
         meters[event_type] = event_name
     return meters
@@ -273,7 +367,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
-        secret_key = env.str("STRIPE_SECRET_KEY")
+        secret_key = _secret_key(env.str("STRIPE_SECRET_KEY"))
         redis_url = env.url("REDIS_URL", DEFAULT_REDIS_URL, REDIS_SCHEMES) or DEFAULT_REDIS_URL
         lock_ttl = env.int(
             "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", 3300, maximum=MAX_FLUSH_LOCK_TTL_SECONDS
@@ -358,7 +452,10 @@ class Settings:
                 "SAAS_PUBLIC_BASE_URL", env.str("SAAS_PUBLIC_BASE_URL")
             ),
             saas_unlock_wait_seconds=env.int("SAAS_UNLOCK_WAIT_SECONDS", 60, maximum=3600),
-            database_url=env.url("DATABASE_URL", DEFAULT_DATABASE_URL) or DEFAULT_DATABASE_URL,
+            database_url=env.url(
+                "DATABASE_URL", DEFAULT_DATABASE_URL, DATABASE_SCHEMES, "a PostgreSQL or SQLite URL"
+            )
+            or DEFAULT_DATABASE_URL,
             redis_url=redis_url,
             celery_broker_url=env.url("CELERY_BROKER_URL", redis_url) or redis_url,
             celery_result_backend=env.url("CELERY_RESULT_BACKEND", None),

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -270,8 +271,7 @@ class Emulator:
                                    "(sk_test_...) only and refuses live-mode keys. Never point a "
                                    "live key at it.")
         if not cred.startswith(("sk_test_", "rk_test_")):
-            shown = cred[:8] + "*" * max(0, len(cred) - 12) + cred[-4:]
-            raise StripeError(401, f"Invalid API Key provided: {shown}")
+            raise StripeError(401, f"Invalid API Key provided: {_masked_key(cred)}")
         return cred
 
     def _params(self, req: Request, route: Route) -> dict[str, Any]:
@@ -396,3 +396,14 @@ class Emulator:
                 "events": len(st.events),
             }
 
+
+_KEY_PREFIX = re.compile(r"[a-z]{2,5}_(?:(?:test|live)_)?")
+
+
+def _masked_key(key: str) -> str:
+    """A refused key as Stripe echoes it (`sk_test_****1234`): its prefix and, when the rest is
+    long, its last four; the asterisks do not tell its length."""
+    match = _KEY_PREFIX.match(key)
+    prefix = match.group(0) if match else ""
+    rest = key[len(prefix):]
+    return f"{prefix}****{rest[-4:] if len(rest) >= 12 else ''}"

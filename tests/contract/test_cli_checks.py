@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from flask.cli import FlaskGroup
 
 from billing import create_app
 from billing.config import ConfigError
@@ -27,6 +29,9 @@ def cli():
     apps = []
 
     def invoke(settings, *args: str):
+        if settings is None:  # from the environment: built inside the command line, as by flask
+            flask = FlaskGroup(create_app=create_app, load_dotenv=False)
+            return CliRunner().invoke(flask, ["billing", *args])
         app = create_app(settings)
         apps.append(app)
         return app.test_cli_runner().invoke(args=["billing", *args])

@@ -51,9 +51,11 @@ class TestConfiguration:
         [
             ({"stripe_secret_key": None}, "stripe_secret_key", "is not set"),
             ({"stripe_secret_key": "pk_test_publishable1234567"}, "stripe_secret_key",
-             "not shaped like a Stripe secret key"),
+             "pk_ is a publishable key"),
             ({"stripe_webhook_secret": "secret_without_prefix"}, "stripe_webhook_secret",
-             "not shaped whsec_"),
+             "entry 1 of 1 (…efix): must start with whsec_"),
+            ({"stripe_webhook_secret": "whsec_short"}, "stripe_webhook_secret",
+             "5 characters after whsec_, want at least 8"),
             ({"stripe_webhook_secret": None}, "stripe_webhook_secret", "is not set"),
             ({"flush_lock_ttl_seconds": 3600}, "flush_lock_ttl", "must be between 1 and 3599"),
             ({"flush_lock_ttl_seconds": 0}, "flush_lock_ttl", "must be between 1 and 3599"),
@@ -67,6 +69,28 @@ class TestConfiguration:
                                require_enabled=True)
         assert check in failed(report)
         assert message in detail(report, check)
+
+    def test_a_rotation_list_passes_with_every_secret_masked(self, make_runtime, billing_settings):
+        rotating = "whsec_newsecret12345678,whsec_oldsecret87654321"
+        report = run_preflight(make_runtime(billing_settings.replace(
+            stripe_webhook_secret=rotating)), require_enabled=True)
+        assert statuses(report)["stripe_webhook_secret"] is Status.PASS, report.table()
+        assert detail(report, "stripe_webhook_secret") == "2 secrets: whsec_…5678, whsec_…4321"
+
+    def test_the_key_rule_is_the_settings(self, make_runtime, billing_settings):
+        """`sk_test_probe_abcdef1234` (an underscore in the tail): preflight's check fails it with
+        the line the settings refuse it with, so no process configured by the environment (a
+        flush, a worker, the web command) runs with it either (tests/ops/test_refuse_to_start)."""
+        key = "sk_test_probe_abcdef1234"
+        report = run_preflight(make_runtime(billing_settings.replace(stripe_secret_key=key)),
+                               require_enabled=True)
+        expected = ("STRIPE_SECRET_KEY sk_test_…1234: after sk_test_ only letters and digits may "
+                    "follow, found '_'")
+        assert detail(report, "stripe_secret_key") == expected
+        assert statuses(report)["stripe_access"] is Status.SKIP
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"STRIPE_SECRET_KEY": key})
+        assert str(refused.value) == expected
 
     def test_enabled_is_only_checked_when_required(self, make_runtime, billing_settings):
         rt = make_runtime(billing_settings.replace(billing_enabled=False))

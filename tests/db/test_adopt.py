@@ -194,3 +194,36 @@ def test_duplicate_idempotency_keys_refuse_adoption_and_change_nothing(producer_
     assert sa.inspect(runtime.engine).get_table_names() == ["billable_events"]
     columns = {c["name"] for c in sa.inspect(runtime.engine).get_columns("billable_events")}
     assert "usage_submission_id" not in columns
+
+
+# The issue's repro: the contract's columns and nothing else (no unique key, nullable columns).
+MINIMAL_TABLE = {
+    "postgresql": "CREATE TABLE billable_events(id bigserial primary key, organization_id bigint, "
+    "event_type varchar, quantity bigint, occurred_at timestamptz, source varchar, "
+    "idempotency_key varchar)",
+    "sqlite": "CREATE TABLE billable_events(id INTEGER primary key, organization_id bigint, "
+    "event_type varchar, quantity bigint, occurred_at timestamp, source varchar, "
+    "idempotency_key varchar)",
+}
+
+
+def test_a_minimal_table_meeting_the_contract_is_adopted_and_billed(producer_db, emulator):
+    """Adoption adds the unique index on idempotency_key once (it used to create it a second
+    time from the index list read before) and the rows are then billed."""
+    runtime, dialect = producer_db
+    with runtime.engine.begin() as connection:
+        connection.exec_driver_sql(MINIMAL_TABLE[dialect])
+    _produce(runtime, 3)
+
+    adopted = _invoke(runtime, "adopt")
+    assert adopted.exit_code == 0, adopted.output
+    report = json.loads(adopted.stdout)
+    assert report["rows"] == 3 and report["revision"] == db.head_revision()
+    assert report["added_indexes"].count("uq_billable_events_idempotency_key") == 1
+    indexes = {i["name"]: i for i in sa.inspect(runtime.engine).get_indexes("billable_events")}
+    assert indexes["uq_billable_events_idempotency_key"]["unique"]
+
+    customers = add_accounts(runtime, [1])
+    result = flush_once(runtime)
+    assert result.ok and result.events_claimed == 3
+    assert emulator.billed() == {customers[1]: {"api_call": 1 + 2 + 3}}

@@ -186,6 +186,24 @@ class TestStrictness:
         with pytest.raises(stripe.AuthenticationError, match="live"):
             client.v1.customers.list()
 
+    @pytest.mark.parametrize(
+        ("key", "shown"),
+        [
+            ("pk_test_" + "AbCdEfGhIjKlMnOpQrSt1234", "pk_test_****1234"),
+            ("sk_tst_12345", "sk_****"),  # short: not one character of it
+            ("sk_test1234", "sk_****"),
+            ("hunter2", "****"),
+            ("mykey" + "x" * 20 + "9876", "****9876"),
+        ],
+    )
+    def test_an_invalid_key_is_echoed_masked_as_stripe_does(self, client_factory, key, shown):
+        """Stripe's `Invalid API Key provided: sk_test_****1234`: the prefix and at most the
+        last four, so a short key is never echoed almost whole into someone's logs."""
+        client = client_factory(key=key)
+        with pytest.raises(stripe.AuthenticationError) as refused:
+            client.v1.customers.list()
+        assert refused.value.user_message == f"Invalid API Key provided: {shown}"
+
     def test_missing_key_refused(self, stripe_emulator):
         parts = urlsplit(stripe_emulator.url)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)

@@ -19,7 +19,7 @@ def test_each_request_is_logged_once(tmp_path):
         "PATH": str(BIN) + ":/usr/bin:/bin",
         "HOME": str(tmp_path),
         "DATABASE_URL": database_url,
-        "STRIPE_WEBHOOK_SECRET": "whsec_demo",
+        "STRIPE_WEBHOOK_SECRET": "whsec_demo00000000",
         "BILLING_LOG_FORMAT": "text",  # what the script sets
     }
     started = Processes(tmp_path)

@@ -95,6 +95,7 @@ def test_systemd_units_verify(tmp_path):
         "billing-worker.service",
         "billing-beat.service",
         "billing-flower.service",
+        "billing-web.service",
     }
     result = subprocess.run(
         [analyze, "verify", "--man=no", *map(str, units)], capture_output=True, text=True

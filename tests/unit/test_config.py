@@ -3,7 +3,7 @@ import logging
 import pytest
 
 from billing import logs
-from billing.config import ConfigError, Settings, mask_secret
+from billing.config import ConfigError, Settings, mask_secret, scrub
 
 GUIDE_DEFAULTS = {
     "billing_enabled": False,
@@ -183,6 +183,13 @@ BAD_VALUES = [
     ("REDIS_URL", "notaurl"),
     ("REDIS_URL", "http://cache:6379"),
     ("DATABASE_URL", "billing.db"),
+    # PostgreSQL (psycopg2) and SQLite only: anything else failed later with a driver traceback.
+    ("DATABASE_URL", "mysql://db.example/billing"),
+    ("DATABASE_URL", "postgresql+psycopg://db.example/billing"),
+    ("DATABASE_URL", "redis://cache:6379/0"),
+    # One meter per event type, one `=` per entry.
+    ("STRIPE_BILLING_METERS", "api_call,api_call=x"),
+    ("STRIPE_BILLING_METERS", "a=b=c"),
     ("CELERY_BROKER_URL", "localhost"),
     ("CELERY_RESULT_BACKEND", "redis"),
     ("STRIPE_API_BASE", "127.0.0.1:12111"),
@@ -286,3 +293,126 @@ def test_every_url_shown_is_masked():
     shown = settings.masked()
     assert shown["stripe_api_base"] == "https://proxy:***@stripe.internal"
     assert "hunter2pass" not in repr(settings) and "hunter2pass" not in str(shown)
+
+
+class TestDatabaseUrl:
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "postgresql://billing@db/billing",
+            "postgres://billing@db/billing",
+            "postgresql+psycopg2://billing@db/billing",
+            "sqlite:///billing.db",
+            "sqlite:////var/lib/billing/billing.db",
+        ],
+    )
+    def test_postgresql_and_sqlite_are_accepted(self, url):
+        assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+
+    def test_another_database_is_refused_saying_which_are_supported(self):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"DATABASE_URL": "mysql://billing:hunter2pass@db/billing"})
+        message = str(refused.value)
+        assert "PostgreSQL" in message and "SQLite" in message and "mysql://" in message
+        assert "hunter2pass" not in message
+
+
+class TestMeterMap:
+    def test_an_event_type_listed_twice_is_refused(self):
+        with pytest.raises(ConfigError, match="event type 'api_call' twice"):
+            Settings.from_env({"STRIPE_BILLING_METERS": "api_call,api_call=x"})
+
+    def test_an_entry_with_two_equals_signs_is_refused(self):
+        with pytest.raises(ConfigError, match=r"'a=b=c'.*one ="):
+            Settings.from_env({"STRIPE_BILLING_METERS": "a=b=c"})
+
+    def test_several_event_types_may_share_a_meter(self):
+        settings = Settings.from_env({"STRIPE_BILLING_METERS": "api_call=calls,batch_call=calls"})
+        assert settings.stripe_meters == {"api_call": "calls", "batch_call": "calls"}
+
+
+class TestSecretKeyShape:
+    """One rule (config.secret_key_problem) for the settings, preflight and the gateway."""
+
+    @pytest.mark.parametrize(
+        "key",
+        ["sk_test_51AbCdEfGhIjKlMnOpQrStUv1234", "sk_live_" + "a1" * 12, "rk_test_abcd1234",
+         "rk_live_" + "Z9" * 50],
+    )
+    def test_stripe_key_formats_are_accepted(self, key):
+        assert Settings.from_env({"STRIPE_SECRET_KEY": key}).stripe_secret_key == key
+
+    @pytest.mark.parametrize(
+        ("key", "words"),
+        [
+            ("sk_test_probe_abcdef1234", ["after sk_test_", "letters and digits", "'_'"]),
+            ("sk_test_abcdef 1234", ["after sk_test_", "letters and digits", "' '"]),
+            ("pk_test_publishable1234567", ["publishable key", "sk_", "rk_"]),
+            ("whsec_abcdefgh12345678", ["must start with sk_ or rk_"]),
+            ("sk_tset_abcdefgh12345678", ["after sk_", "test_ or live_"]),
+            ("sk_test_abc", ["after sk_test_", "3 characters", "at least 8"]),
+            ("sk_test_", ["after sk_test_", "0 characters", "at least 8"]),
+        ],
+    )
+    def test_a_misshaped_key_is_refused_saying_what_is_wrong(self, key, words):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"STRIPE_SECRET_KEY": key})
+        message = str(refused.value)
+        assert message.startswith("STRIPE_SECRET_KEY ")
+        for word in words:
+            assert word in message, message
+        tail = key.split("_", 2)[-1]
+        assert len(tail) < 4 or tail not in message  # the key itself is never shown
+
+
+class TestWebhookSecretShape:
+    def test_every_entry_of_a_rotation_list_is_checked_and_named(self):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"STRIPE_WEBHOOK_SECRET": "whsec_current1234567890,whsec_abc"})
+        message = str(refused.value)
+        assert "STRIPE_WEBHOOK_SECRET entry 2 of 2" in message
+        assert "after whsec_" in message and "3 characters" in message and "at least 8" in message
+
+    @pytest.mark.parametrize(
+        ("secret", "words"),
+        [
+            ("we_1AbCdEfGhIjKlMnOp", ["entry 1 of 1", "must start with whsec_"]),
+            ("whsec_abc def12345678", ["after whsec_", "' '"]),
+            ('"whsec_abcdef12345678"', ["must start with whsec_"]),
+        ],
+    )
+    def test_a_misshaped_secret_is_refused_saying_what_is_wrong(self, secret, words):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"STRIPE_WEBHOOK_SECRET": secret})
+        for word in words:
+            assert word in str(refused.value), str(refused.value)
+        assert "12345678" not in str(refused.value)
+
+
+class TestScrub:
+    @pytest.mark.parametrize(
+        "token",
+        [
+            "sk_test_probe_abcdef1234",  # Stripe's shape, with an underscore in the tail
+            "sk_tst_12345",  # a typo of the mode, short: echoed almost whole by a server
+            "sk_test1234",
+            "sk-test-abcdefgh1234",
+            "rk_live_abcdefgh",
+            "whsec_abc",
+            "sk_test_****1234",
+        ],
+    )
+    def test_key_like_tokens_are_masked_to_a_prefix_and_at_most_four_characters(self, token):
+        shown = scrub(f"Invalid API Key provided: {token}; stopped")
+        assert shown.startswith("Invalid API Key provided: ") and shown.endswith("; stopped")
+        masked = shown.removeprefix("Invalid API Key provided: ").removesuffix("; stopped")
+        assert "…" in masked and masked != token
+        assert len(masked.split("…")[1]) <= 4 and len(masked.split("…")[0]) <= 8
+
+    def test_short_tails_show_no_characters(self):
+        assert mask_secret("sk_tst_12345") == "sk_…"
+        assert mask_secret("sk_test_****1234") == "sk_test_…"
+
+    def test_words_are_left_alone(self):
+        text = "skipped: risk_score of work-queue 'desk_top' sk"
+        assert scrub(text) == text

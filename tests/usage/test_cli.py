@@ -6,6 +6,8 @@ import json
 from datetime import timedelta
 
 import pytest
+from click.testing import CliRunner
+from flask.cli import FlaskGroup
 
 from billing import create_app, db
 from billing.models import utcnow
@@ -101,7 +103,9 @@ def test_flush_hourly_refuses_to_run_unguarded(billing_runtime, emulator):
 
 def test_bad_configuration_is_one_line_and_exit_one(monkeypatch):
     monkeypatch.setenv("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "soon")
-    result = create_app().test_cli_runner().invoke(args=["billing", "flush_now"])
+    # Built inside the command line, as `flask` builds it: outside one, create_app() refuses.
+    flask = FlaskGroup(create_app=create_app, load_dotenv=False)
+    result = CliRunner().invoke(flask, ["billing", "flush_now"])
     assert result.exit_code == 1
     assert "configuration error: STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS" in result.output
     assert "Traceback" not in result.output
