@@ -19,6 +19,8 @@ default, keeps the portable path (`_claim_portable`): correct, not fast.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -226,17 +228,14 @@ class Claimer:
         )
         w = windowed.c
         # The same identifier as `usage_identifier`, built in SQL.
-        identifier = sa.func.left(
-            sa.func.concat(
-                w.organization_id,
-                "-",
-                meters.c.type_part,
-                "-",
-                sa.func.to_char(sa.func.timezone("UTC", w.window_start), "YYYYMMDDHH24MI"),
-                "-",
-                token,
-            ),
-            100,
+        identifier = sa.func.concat(
+            w.organization_id,
+            "-",
+            meters.c.type_part,
+            "-",
+            sa.func.to_char(sa.func.timezone("UTC", w.window_start), "YYYYMMDDHH24MI"),
+            "-",
+            token,
         )
         keys = (w.organization_id, w.stripe_customer_id, w.event_type, meters.c.event_name)
         # Summed as numeric: nothing reaches the bigint outbox `value` before the ceiling check.
@@ -562,11 +561,33 @@ def usage_identifier(organization_id: int, event_type: str, start: datetime, tok
     restart; a re-used identifier inside Stripe's window would silently drop real usage.
     """
     type_part = identifier_type_part(event_type)
-    return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"[:100]
+    return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"
+
+
+# An event type of at most 40 word characters is its own part of the identifier.
+KEPT_TYPE = re.compile(r"[A-Za-z0-9_]{1,40}")
+HASHED_PREFIX = 32
+HASH_HEX = 16
 
 
 def identifier_type_part(event_type: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in event_type)[:40]
+    """The event type's part of an identifier: a different one for every event type.
+
+    Two types must never share it: `api_call` and `api.call` mapped to one meter once made one
+    identifier in one organization-hour, and the second outbox row broke
+    `uq_usage_submissions_identifier` on every flush, stopping all billing. A type of at most 40
+    word characters (ASCII letters, digits, `_`) is kept as it is; any other becomes its prefix
+    (non-word characters as `_`) plus `-` and 64 bits of the SHA-256 of the exact type. A kept
+    type never holds a `-`, so a kept and a hashed part never meet, and two hashed ones only on
+    a hash collision. At most 49 characters: with a 20-character organization id (a negative
+    bigint), 12 of time, 12 of token and 3 dashes, the identifier stays within Stripe's 100.
+    Identifiers already written keep the form they were written with.
+    """
+    if KEPT_TYPE.fullmatch(event_type):
+        return event_type
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", event_type[:HASHED_PREFIX])
+    digest = hashlib.sha256(event_type.encode()).hexdigest()[:HASH_HEX]
+    return f"{prefix}-{digest}"
 
 
 def _id_in(column: Any, ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:
