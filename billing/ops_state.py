@@ -1,8 +1,10 @@
 """What an operator watches, read from the database and Redis: `flask billing status` and the
 scrape-time gauges of `billing.metrics` both come from `read_state`.
 
-Only rows that still need something are counted (outbox rows not `sent`, webhook rows not
-`processed`/`ignored`), so the queries follow the backlog, not the table's history.
+Only rows that still need something are counted (pending billable events, outbox rows not
+`sent`, webhook rows not `processed`/`ignored`), so the queries follow the backlog, not the
+table's history. A billable event an operator dismissed is no longer pending: it leaves the
+backlog, the oldest-unbilled age and the unbillable counts at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily
 
 from billing import flush_record
+from billing.billability import REASONS, BillableRules, count_unbillable
 from billing.locks import LockState, inspect_lock
 from billing.models import (
     BillableEvent,
@@ -23,6 +26,7 @@ from billing.models import (
     UsageSubmission,
     WebhookEvent,
     WebhookStatus,
+    pending_event,
     utcnow,
 )
 
@@ -52,6 +56,8 @@ class OpsState:
     oldest_unbilled_at: datetime | None
     outbox_by_status: dict[str, int]
     webhooks_by_status: dict[str, int]
+    # Pending rows the flush sets aside, by reason (`billing.billability`); every reason present.
+    unbillable: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     history: flush_record.FlushHistory | None = None
     lock: LockState | None = None
     lock_backend: str = "redis"
@@ -76,6 +82,7 @@ class OpsState:
                 "oldest_unbilled_at": _iso(self.oldest_unbilled_at),
                 "oldest_unbilled_age_seconds": round(self.oldest_unbilled_age_seconds, 1),
             },
+            "unbillable": self.unbillable,
             "outbox_by_status": self.outbox_by_status,
             "webhooks_by_status": self.webhooks_by_status,
             "dead_letters": self.dead_letters,
@@ -96,8 +103,16 @@ class OpsState:
             self.oldest_unbilled_age_seconds,
         )
         yield _gauge(
-            "billing_unclaimed_events", "billable_events rows no flush has claimed yet.",
+            "billing_unclaimed_events",
+            "Pending billable_events rows: claimed by no flush, dismissed by no operator.",
             self.unclaimed_events,
+        )
+        yield _labelled(
+            "billing_unbillable_events",
+            "Pending billable_events rows the flush sets aside (never sends) until fixed or "
+            "dismissed, by reason.",
+            "reason",
+            self.unbillable,
         )
         yield _labelled(
             "billing_outbox_rows",
@@ -147,9 +162,11 @@ def read_state(runtime: Runtime) -> OpsState:
     with runtime.session_factory() as session:
         unclaimed, oldest_unclaimed = session.execute(
             sa.select(sa.func.count(), sa.func.min(BillableEvent.occurred_at)).where(
-                BillableEvent.usage_submission_id.is_(None)
+                pending_event()
             )
         ).one()
+        rules = BillableRules.of(runtime.settings, now, session.get_bind().dialect.name)
+        unbillable = {**dict.fromkeys(REASONS, 0), **count_unbillable(session, rules)}
         oldest_unsent = session.scalar(
             sa.select(sa.func.min(UsageSubmission.window_start)).where(
                 UsageSubmission.status.not_in(DONE_SUBMISSION_STATUSES)
@@ -173,6 +190,7 @@ def read_state(runtime: Runtime) -> OpsState:
         oldest_unclaimed_event_at=oldest_unclaimed,
         oldest_unbilled_at=min(oldest) if oldest else None,
         outbox_by_status=outbox,
+        unbillable=unbillable,
         webhooks_by_status=webhooks,
         history=history,
         lock=lock,
@@ -181,8 +199,8 @@ def read_state(runtime: Runtime) -> OpsState:
 
 
 def count_unclaimed(runtime: Runtime, organization_id: int | None = None) -> int:
-    """The backlog: billable_events rows no flush has claimed (one organization's, or all)."""
-    query = sa.select(sa.func.count()).where(BillableEvent.usage_submission_id.is_(None))
+    """The backlog: pending billable_events rows (one organization's, or all)."""
+    query = sa.select(sa.func.count()).where(pending_event())
     if organization_id is not None:
         query = query.where(BillableEvent.organization_id == organization_id)
     with runtime.session_factory() as session:
