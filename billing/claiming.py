@@ -19,40 +19,34 @@ default, keeps the portable path (`_claim_portable`): correct, not fast.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing import billability
+from billing.billability import HOUR, BillableRules, hour_bucket
 from billing.config import Settings
-from billing.models import BillableEvent, BillingAccount, SubmissionStatus, UsageSubmission
+from billing.models import (
+    BillableEvent,
+    BillingAccount,
+    SubmissionStatus,
+    UsageSubmission,
+    pending_event,
+)
 
 if TYPE_CHECKING:
     from billing.submitting import Stops
 
-# Stripe accepts meter event timestamps up to 35 days old; claim only what is younger than 34
-# days so that a re-send inside the 23-hour window still lands inside Stripe's limit.
-MAX_EVENT_AGE = timedelta(days=34)
-HOUR = timedelta(hours=1)
-
-
-def whole_positive_quantity(quantity: Any) -> sa.ColumnElement[bool]:
-    """A quantity that is a meter event value: a whole number > 0. A `numeric` column may hold
-    0.4 or 1.5; summing and truncating those would bill usage that never happened."""
-    return sa.and_(quantity > 0, quantity == sa.cast(quantity, sa.BigInteger))
-
-
-class UnbillableReason:
-    INVALID_QUANTITY = "invalid_quantity"
-    FUTURE = "future"
-    TOO_OLD = "too_old"
-    NO_METER = "no_meter"
-    NO_CUSTOMER = "no_customer"
-
+# Where the flush result's reasons are defined (kept importable from here).
+UnbillableReason = billability.UnbillableReason
 
 # Group order keeps each (organization, type, hour) whole inside one batch, except at a batch's
 # edges, so a batch yields few meter events.
@@ -114,15 +108,12 @@ class Claimer:
         stopped = self.stops.stopped_meters()
         return sorted(t for t, name in self.settings.stripe_meters.items() if name not in stopped)
 
-    def _event_filter(self, now: datetime) -> list[sa.ColumnElement[bool]]:
+    def _rules(self, now: datetime, dialect: str) -> BillableRules:
+        return BillableRules.of(self.settings, now, dialect, meters=self.claimable_event_types())
+
+    def _event_filter(self, rules: BillableRules) -> list[sa.ColumnElement[bool]]:
         event = BillableEvent
-        conditions = [
-            event.usage_submission_id.is_(None),
-            whole_positive_quantity(event.quantity),
-            event.occurred_at <= now,
-            event.occurred_at > now - MAX_EVENT_AGE,
-            event.event_type.in_(self.claimable_event_types()),
-        ]
+        conditions = [pending_event(), *rules.row_filter()]
         if self.organization_id is not None:
             conditions.append(event.organization_id == self.organization_id)
         if self._cursor is not None:
@@ -156,10 +147,11 @@ class Claimer:
             try:
                 with self.sessions.begin() as session:
                     dialect = session.get_bind().dialect.name
+                    rules = self._rules(now, dialect)
                     if dialect == "postgresql":
-                        batch = self._claim_set_based(session, now, token)
+                        batch = self._claim_set_based(session, rules, token)
                     else:
-                        batch = self._claim_portable(session, now, token)
+                        batch = self._claim_portable(session, rules, token)
                 break
             except ClaimConflict:
                 if attempt == self.CONFLICT_ATTEMPTS:
@@ -176,8 +168,11 @@ class Claimer:
 
     # PostgreSQL: one statement per batch -------------------------------------------------------
 
-    def _claim_set_based(self, session: Session, now: datetime, token: str) -> ClaimedBatch | None:
+    def _claim_set_based(
+        self, session: Session, rules: BillableRules, token: str
+    ) -> ClaimedBatch | None:
         event, account, submission = BillableEvent, BillingAccount, UsageSubmission
+        now = rules.now
         # Read in group order; no row lock: the link below writes each row once, in id order.
         # Locking (FOR UPDATE) or linking in group order visits pages at random, and a backlog
         # larger than PostgreSQL's buffers had each page read and written again and again
@@ -185,12 +180,12 @@ class Claimer:
         # the same rows is caught by the link's re-check instead (`ClaimConflict`).
         picked = (
             sa.select(*GROUP_ORDER, event.quantity)
-            .where(*self._event_filter(now))
+            .where(*self._event_filter(rules))
             .order_by(*GROUP_ORDER)
             .limit(self.batch_size)
             .cte("picked")
         )
-        hour = sa.func.date_trunc("hour", picked.c.occurred_at, "UTC")
+        hour = hour_bucket(picked.c.occurred_at, "postgresql")
         # The period boundary inside this hour, if any: the hour is split at it.
         boundary = sa.case(
             *(
@@ -207,6 +202,7 @@ class Claimer:
                 picked.c.organization_id,
                 picked.c.event_type,
                 picked.c.quantity,
+                hour.label("hour"),
                 account.stripe_customer_id,
                 sa.case((after, boundary), else_=hour).label("window_start"),
                 sa.case((before, boundary), else_=hour + HOUR).label("window_end"),
@@ -226,44 +222,59 @@ class Claimer:
             name="meters",
         ).data(
             [
-                (
-                    event_type,
-                    self.settings.stripe_meters[event_type],
-                    identifier_type_part(event_type),
-                )
-                for event_type in self.claimable_event_types()
+                (t, self.settings.stripe_meters[t], identifier_type_part(t))
+                for t in rules.meters
             ]
         )
         w = windowed.c
         # The same identifier as `usage_identifier`, built in SQL.
-        identifier = sa.func.left(
-            sa.func.concat(
-                w.organization_id,
-                "-",
-                meters.c.type_part,
-                "-",
-                sa.func.to_char(sa.func.timezone("UTC", w.window_start), "YYYYMMDDHH24MI"),
-                "-",
-                token,
-            ),
-            100,
+        identifier = sa.func.concat(
+            w.organization_id,
+            "-",
+            meters.c.type_part,
+            "-",
+            sa.func.to_char(sa.func.timezone("UTC", w.window_start), "YYYYMMDDHH24MI"),
+            "-",
+            token,
         )
         keys = (w.organization_id, w.stripe_customer_id, w.event_type, meters.c.event_name)
+        # Summed as numeric: nothing reaches the bigint outbox `value` before the ceiling check.
         grouped = (
             sa.select(
                 *keys,
-                sa.func.sum(w.quantity),
-                sa.func.count(),
+                sa.func.sum(w.quantity).label("value"),
+                sa.func.count().label("event_count"),
                 w.window_start,
                 w.window_end,
-                identifier,
-                sa.literal(SubmissionStatus.PENDING.value),
-                sa.literal(0),
-                sa.literal(now, UsageSubmission.created_at.type),
-                sa.literal(now, UsageSubmission.updated_at.type),
+                w.hour,
+                identifier.label("identifier"),
             )
             .join(meters, meters.c.event_type == w.event_type)
-            .group_by(*keys, meters.c.type_part, w.window_start, w.window_end)
+            .group_by(*keys, meters.c.type_part, w.window_start, w.window_end, w.hour)
+            .cte("grouped")
+        )
+        first, last = _edge_of(picked, last=False), _edge_of(picked, last=True)
+        over_ceiling = self._groups_over_ceiling(rules, (first, last), grouped)
+        g = grouped.c
+        group_key = (g.organization_id, g.event_type, g.hour)
+        billable = sa.select(
+            g.organization_id,
+            g.stripe_customer_id,
+            g.event_type,
+            g.event_name,
+            g.value,
+            g.event_count,
+            g.window_start,
+            g.window_end,
+            g.identifier,
+            sa.literal(SubmissionStatus.PENDING.value),
+            sa.literal(0),
+            sa.literal(now, UsageSubmission.created_at.type),
+            sa.literal(now, UsageSubmission.updated_at.type),
+        ).where(
+            ~sa.exists().where(
+                *(mine == theirs for mine, theirs in zip(group_key, over_ceiling.c, strict=True))
+            )
         )
         outbox = (
             sa.insert(submission)
@@ -283,7 +294,7 @@ class Claimer:
                     "created_at",
                     "updated_at",
                 ],
-                grouped,
+                billable,
             )
             .returning(
                 submission.id,
@@ -297,6 +308,7 @@ class Claimer:
         )
         # The picked ids as one array: the link is an index scan of the primary key in id order
         # (PostgreSQL sorts the array), each row matched to its group's outbox row by window.
+        # Rows of a group over the ceiling have no outbox row: they stay pending.
         picked_ids = sa.cast(
             sa.select(sa.func.array_agg(picked.c.id)).scalar_subquery(), sa.ARRAY(sa.BigInteger)
         )
@@ -305,7 +317,7 @@ class Claimer:
             .values(usage_submission_id=outbox.c.id, claimed_at=now)
             .where(
                 event.id == sa.any_(picked_ids),
-                event.usage_submission_id.is_(None),  # re-checked on the latest row version
+                pending_event(),  # re-checked on the latest row version
                 outbox.c.organization_id == event.organization_id,
                 outbox.c.event_type == event.event_type,
                 event.occurred_at >= outbox.c.window_start,
@@ -314,10 +326,8 @@ class Claimer:
             .returning(event.id)
             .cte("linked")
         )
-        last = sa.select(*picked.c[:4]).order_by(*(c.desc() for c in picked.c[:4])).limit(1)
-        last = last.subquery("last")
         statement = sa.select(
-            *last.c,
+            *last.c[:4],
             sa.select(sa.func.count()).select_from(picked).scalar_subquery().label("picked"),
             sa.select(sa.func.count()).select_from(linked).scalar_subquery().label("linked"),
             sa.select(sa.func.coalesce(sa.func.sum(outbox.c.event_count), 0))
@@ -325,38 +335,86 @@ class Claimer:
             .label("grouped"),
             sa.select(sa.func.array_agg(outbox.c.id)).scalar_subquery().label("submission_ids"),
         )
+        # Every join here is between CTEs, whose sizes PostgreSQL cannot estimate (a batch of
+        # thousands of rows and its outbox rows were each taken for a handful): on such
+        # estimates it chose a nested loop for the link, outbox rows x batch rows comparisons,
+        # quadratic in the batch. Hash joins stay linear at any size; the pick (an index scan
+        # under its LIMIT) and the edge groups' sums (index range scans) are no joins.
+        session.execute(sa.text("SET LOCAL enable_nestloop = off"))
         row = session.execute(statement).one_or_none()
         if row is None:
             return None
         if row.linked != row.grouped:
-            # Another claimer linked some of these rows after they were read: this batch's
-            # outbox rows would count them twice. Roll it back and pick again.
+            # Another claimer linked (or an operator dismissed) some of these rows after they
+            # were read: this batch's outbox rows would count them twice. Roll back, pick again.
             raise ClaimConflict(f"grouped {row.grouped} billable events but linked {row.linked}")
         self._cursor = tuple(row[:4])
         return ClaimedBatch(
             picked=row.picked, events=row.linked, submission_ids=sorted(row.submission_ids or [])
         )
 
+    @staticmethod
+    def _groups_over_ceiling(
+        rules: BillableRules, edges: tuple[Any, Any], grouped: Any
+    ) -> Any:
+        """The (organization, event type, hour) groups of the batch whose billable rows sum above
+        STRIPE_USAGE_MAX_GROUP_QUANTITY. A group inside the batch is all there (the batch is a
+        run of rows in group order); only the first and the last group may continue outside it,
+        so only theirs is summed over the table (two index range scans)."""
+        edge_groups = sa.union(
+            *(sa.select(e.c.organization_id, e.c.event_type, e.c.hour) for e in edges)
+        ).cte("edges")
+        e = edge_groups.c
+        edge_totals = sa.select(
+            e.organization_id,
+            e.event_type,
+            e.hour,
+            rules.group_total(e.organization_id, e.event_type, e.hour, e.hour + HOUR).label(
+                "total"
+            ),
+        ).cte("edge_totals")
+        g = grouped.c
+        key = (g.organization_id, g.event_type, g.hour)
+        in_batch = (
+            sa.select(*key, sa.func.sum(g.value).label("total")).group_by(*key).subquery("hours")
+        )
+        h, t = in_batch.c, edge_totals.c
+        joined = sa.and_(
+            h.organization_id == t.organization_id, h.event_type == t.event_type, h.hour == t.hour
+        )
+        return (
+            sa.select(h.organization_id, h.event_type, h.hour)
+            .select_from(in_batch.outerjoin(edge_totals, joined))
+            .where(rules.over_group_ceiling(sa.func.coalesce(t.total, h.total)))
+            .cte("over_ceiling")
+        )
+
     # Portable (SQLite): pick, group, insert, link -----------------------------------------------
 
-    def _claim_portable(self, session: Session, now: datetime, token: str) -> ClaimedBatch | None:
+    def _claim_portable(
+        self, session: Session, rules: BillableRules, token: str
+    ) -> ClaimedBatch | None:
         event = BillableEvent
-        dialect = session.get_bind().dialect.name
+        dialect = rules.dialect
+        now = rules.now
         if dialect == "sqlite":
             # SQLite has no row locks: take the write lock up front so two claimers serialise.
             session.execute(sa.text("UPDATE billable_events SET id = id WHERE 0"))
         pick = (
-            sa.select(*GROUP_ORDER)
+            sa.select(*GROUP_ORDER, event.quantity)
             .join(BillingAccount, BillingAccount.organization_id == event.organization_id)
-            .where(*self._event_filter(now), *self._account_filter())
+            .where(*self._event_filter(rules), *self._account_filter())
             .order_by(*GROUP_ORDER)
             .limit(self.batch_size)
         )
         picked = session.execute(pick).all()
         if not picked:
             return None
-        self._cursor = tuple(picked[-1])
-        ids = [row.id for row in picked]
+        self._cursor = tuple(picked[-1][:4])
+        over_ceiling = _portable_groups_over_ceiling(session, rules, picked)
+        ids = [row.id for row in picked if _group_of(row) not in over_ceiling]
+        if not ids:
+            return ClaimedBatch(picked=len(picked), events=0, submission_ids=[])
         groups = session.execute(_group_query(ids, dialect)).all()
         rows = [self._outbox_row(group, token, now) for group in groups]
         submission_ids = list(
@@ -367,7 +425,7 @@ class Claimer:
             sa.update(event)
             .where(
                 _id_in(event.id, ids, dialect),
-                event.usage_submission_id.is_(None),
+                pending_event(),
                 _id_in(submission.id, submission_ids, dialect),
                 submission.organization_id == event.organization_id,
                 submission.event_type == event.event_type,
@@ -379,7 +437,7 @@ class Claimer:
         ).rowcount
         if linked != len(ids):
             raise RuntimeError(f"claimed {len(ids)} billable events but linked {linked}")
-        return ClaimedBatch(picked=len(ids), events=len(ids), submission_ids=submission_ids)
+        return ClaimedBatch(picked=len(picked), events=len(ids), submission_ids=submission_ids)
 
     def _outbox_row(self, group: Any, token: str, now: datetime) -> dict[str, Any]:
         hour = _as_utc(group.hour)
@@ -407,29 +465,38 @@ class Claimer:
     # Reporting --------------------------------------------------------------------------------
 
     def count_unbillable(self) -> dict[str, int]:
-        """Unclaimed rows that this flush could not bill, by reason. Nothing is dropped."""
-        now = self.clock()
-        event = BillableEvent
-        meters = sorted(self.settings.stripe_meters)
-        reason = sa.case(
-            (sa.not_(whole_positive_quantity(event.quantity)), UnbillableReason.INVALID_QUANTITY),
-            (event.occurred_at > now, UnbillableReason.FUTURE),
-            (event.occurred_at <= now - MAX_EVENT_AGE, UnbillableReason.TOO_OLD),
-            (event.event_type.not_in(meters) if meters else sa.true(), UnbillableReason.NO_METER),
-            (BillingAccount.stripe_customer_id.is_(None), UnbillableReason.NO_CUSTOMER),
-            else_=sa.null(),
-        )
-        query = (
-            sa.select(reason.label("reason"), sa.func.count())
-            .select_from(event)
-            .outerjoin(BillingAccount, BillingAccount.organization_id == event.organization_id)
-            .where(event.usage_submission_id.is_(None))
-            .group_by(reason)
-        )
-        if self.organization_id is not None:
-            query = query.where(event.organization_id == self.organization_id)
+        """Pending rows this flush set aside, by reason (`billing.billability`). Nothing is
+        dropped: each stays pending until it is fixed and billed, or dismissed."""
         with self.sessions() as session:
-            return {r: int(n) for r, n in session.execute(query) if r is not None}
+            rules = BillableRules.of(self.settings, self.clock(), session.get_bind().dialect.name)
+            return billability.count_unbillable(session, rules, self.organization_id)
+
+
+def _edge_of(picked: Any, *, last: bool) -> Any:
+    """The first or the last picked row (group order): where the batch may cut a group."""
+    order = [c.desc() if last else c for c in picked.c[:4]]
+    hour = hour_bucket(picked.c.occurred_at, "postgresql").label("hour")
+    return sa.select(*picked.c[:4], hour).order_by(*order).limit(1).cte("last" if last else "first")
+
+
+def _group_of(row: Any) -> tuple[int, str, datetime]:
+    return row.organization_id, row.event_type, _as_utc(row.occurred_at).replace(
+        minute=0, second=0, microsecond=0
+    )
+
+
+def _portable_groups_over_ceiling(
+    session: Session, rules: BillableRules, picked: Sequence[Any]
+) -> set[tuple[int, str, datetime]]:
+    """`Claimer._groups_over_ceiling`, for the portable path (the batch's rows are in memory)."""
+    totals: Counter[tuple[int, str, datetime]] = Counter()
+    for row in picked:
+        totals[_group_of(row)] += int(row.quantity)
+    for organization_id, event_type, hour in {_group_of(picked[0]), _group_of(picked[-1])}:
+        totals[(organization_id, event_type, hour)] = session.scalar(
+            sa.select(rules.group_total(organization_id, event_type, hour, hour + HOUR))
+        )
+    return {group for group, total in totals.items() if total > rules.max_group_quantity}
 
 
 def _group_query(ids: Sequence[int], dialect: str) -> sa.Select[Any]:
@@ -439,11 +506,11 @@ def _group_query(ids: Sequence[int], dialect: str) -> sa.Select[Any]:
     on each side is stamped inside its own billing period.
     """
     event, account = BillableEvent, BillingAccount
-    hour = _hour_bucket(event.occurred_at, dialect)
+    hour = hour_bucket(event.occurred_at, dialect)
     after_boundary = sa.case(
         *(
             (
-                sa.and_(_hour_bucket(boundary, dialect) == hour, event.occurred_at >= boundary),
+                sa.and_(hour_bucket(boundary, dialect) == hour, event.occurred_at >= boundary),
                 1,
             )
             for boundary in (account.current_period_start, account.current_period_end)
@@ -494,17 +561,33 @@ def usage_identifier(organization_id: int, event_type: str, start: datetime, tok
     restart; a re-used identifier inside Stripe's window would silently drop real usage.
     """
     type_part = identifier_type_part(event_type)
-    return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"[:100]
+    return f"{organization_id}-{type_part}-{start:%Y%m%d%H%M}-{token}"
+
+
+# An event type of at most 40 word characters is its own part of the identifier.
+KEPT_TYPE = re.compile(r"[A-Za-z0-9_]{1,40}")
+HASHED_PREFIX = 32
+HASH_HEX = 16
 
 
 def identifier_type_part(event_type: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in event_type)[:40]
+    """The event type's part of an identifier: a different one for every event type.
 
-
-def _hour_bucket(column: Any, dialect: str) -> Any:
-    if dialect == "postgresql":
-        return sa.func.date_trunc("hour", column, "UTC")
-    return sa.func.strftime("%Y-%m-%d %H:00:00", column)
+    Two types must never share it: `api_call` and `api.call` mapped to one meter once made one
+    identifier in one organization-hour, and the second outbox row broke
+    `uq_usage_submissions_identifier` on every flush, stopping all billing. A type of at most 40
+    word characters (ASCII letters, digits, `_`) is kept as it is; any other becomes its prefix
+    (non-word characters as `_`) plus `-` and 64 bits of the SHA-256 of the exact type. A kept
+    type never holds a `-`, so a kept and a hashed part never meet, and two hashed ones only on
+    a hash collision. At most 49 characters: with a 20-character organization id (a negative
+    bigint), 12 of time, 12 of token and 3 dashes, the identifier stays within Stripe's 100.
+    Identifiers already written keep the form they were written with.
+    """
+    if KEPT_TYPE.fullmatch(event_type):
+        return event_type
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", event_type[:HASHED_PREFIX])
+    digest = hashlib.sha256(event_type.encode()).hexdigest()[:HASH_HEX]
+    return f"{prefix}-{digest}"
 
 
 def _id_in(column: Any, ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:

@@ -52,10 +52,17 @@ def status_command(as_json: bool) -> None:
 def status_text(state: OpsState) -> str:
     data = state.to_dict()
     backlog = data["backlog"]
+    set_aside = {reason: n for reason, n in data["unbillable"].items() if n}
     lines = [
         f"backlog: {backlog['unclaimed_events']} unclaimed events, oldest "
         f"{backlog['oldest_unclaimed_event_at'] or '-'}; oldest unbilled usage "
         f"{backlog['oldest_unbilled_at'] or '-'} ({_age(backlog['oldest_unbilled_age_seconds'])})",
+        "unbillable (set aside, pending): "
+        + (
+            f"{_counts(set_aside)}; list with `flask billing usage unbillable`"
+            if set_aside
+            else "none"
+        ),
         "outbox (not sent): " + _counts(data["outbox_by_status"]),
         "webhooks (open): " + _counts(data["webhooks_by_status"]),
     ]

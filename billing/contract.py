@@ -5,9 +5,10 @@
 for the README, so the documentation and the checks cannot drift apart.
 
 Every check is one set-based query (a count, then up to five sample ids only when it fails). The
-per-row rules look at pending (unclaimed) rows only: a claimed row passed the same rules when the
-flush claimed it, so the cost follows the backlog (partial index `ix_billable_events_unclaimed`),
-not the table's history.
+per-row rules look at pending rows only (neither claimed nor dismissed, `models.pending_event`): a
+claimed row passed the same rules when the flush claimed it, so the cost follows the backlog
+(partial index `ix_billable_events_unclaimed`), not the table's history. No check may fail on the
+value it checks (see `billing.billability`): a 1e30 quantity is reported, not an error.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
-from billing.claiming import MAX_EVENT_AGE, whole_positive_quantity
+from billing.billability import (
+    EVENTS,
+    MAX_EVENT_AGE,
+    REQUIRED_COLUMNS,
+    exact_sum,
+    hour_bucket,
+    whole_number,
+)
 from billing.config import Settings
-from billing.models import BillableEvent, BillingAccount, utcnow
+from billing.models import BillableEvent, BillingAccount, pending_event, utcnow
 from billing.reports import Status, StatusReport, render_table
 from billing.runtime import Runtime
 
@@ -111,7 +119,7 @@ CONTRACT_COLUMNS: tuple[ContractColumn, ...] = (
         "bigint, integer",
         True,
         "billing",
-        "NULL until the flush claims the row (NULL = pending).",
+        "NULL until the flush claims the row.",
     ),
     ContractColumn(
         "claimed_at",
@@ -120,6 +128,15 @@ CONTRACT_COLUMNS: tuple[ContractColumn, ...] = (
         True,
         "billing",
         "When the flush claimed the row.",
+    ),
+    ContractColumn(
+        "usage_dismissal_id",
+        (sa.Integer,),
+        "bigint, integer",
+        True,
+        "billing",
+        "NULL unless an operator dismissed the row (`flask billing usage dismiss`); a row is "
+        "pending while this and `usage_submission_id` are NULL.",
     ),
 )
 
@@ -147,6 +164,19 @@ CONTRACT_RULES: tuple[ContractRule, ...] = (
     ),
     ContractRule(
         "quantity_positive_integer", "quantity is a whole number greater than 0.", PENDING_IN_WINDOW
+    ),
+    ContractRule(
+        "quantity_within_ceiling",
+        "quantity is at most `STRIPE_USAGE_MAX_EVENT_QUANTITY` (default 10^12); a larger one is "
+        "set aside (`quantity_over_ceiling`), never sent.",
+        PENDING_IN_WINDOW,
+    ),
+    ContractRule(
+        "group_within_ceiling",
+        "the valid quantities (whole, > 0, within the event ceiling) of one organization, event "
+        "type and hour sum to at most `STRIPE_USAGE_MAX_GROUP_QUANTITY` (default 10^13); a larger "
+        "group is set aside (`group_over_ceiling`), never sent.",
+        PENDING_IN_WINDOW,
     ),
     ContractRule(
         "occurred_at_not_future",
@@ -274,6 +304,9 @@ class Scope:
     organization_id: int | None
     meters: tuple[str, ...]
     quantity_is_integer: bool
+    dialect: str
+    max_event_quantity: int
+    max_group_quantity: int
 
 
 @dataclass(frozen=True)
@@ -296,12 +329,44 @@ def _in_window(scope: Scope) -> sa.ColumnElement[bool]:
     return sa.or_(event.occurred_at >= scope.since, event.occurred_at.is_(None))
 
 
-def _not_whole_positive(scope: Scope) -> sa.ColumnElement[bool]:
+def _whole_positive(scope: Scope, quantity: Any) -> sa.ColumnElement[bool]:
     if scope.quantity_is_integer:
-        bad = event.quantity <= 0
-    else:  # a numeric column can hold fractions: the flush's own rule leaves those unclaimed
-        bad = sa.not_(whole_positive_quantity(event.quantity))
-    return sa.and_(event.quantity.is_not(None), bad)
+        return quantity > 0
+    # A numeric column can hold fractions: the flush's own rule leaves those unclaimed. Never a
+    # cast to bigint: 1e30 would make the check itself fail (see `billing.billability`).
+    return sa.and_(quantity > 0, whole_number(quantity, scope.dialect))
+
+
+def _not_whole_positive(scope: Scope) -> sa.ColumnElement[bool]:
+    return sa.and_(event.quantity.is_not(None), sa.not_(_whole_positive(scope, event.quantity)))
+
+
+def _valid_quantity(scope: Scope, quantity: Any) -> sa.ColumnElement[bool]:
+    """What the flush sums: a whole number > 0 within the event ceiling."""
+    return sa.and_(_whole_positive(scope, quantity), quantity <= scope.max_event_quantity)
+
+
+def _in_group_over_ceiling(scope: Scope) -> sa.ColumnElement[bool]:
+    """A valid row of an (organization, event type, hour) whose valid pending rows in the window
+    sum above the group ceiling."""
+    inner = EVENTS.alias("group_rows")
+    c = inner.c
+    group = (c.organization_id, c.event_type, hour_bucket(c.occurred_at, scope.dialect))
+    conditions = [
+        pending_event(inner),
+        c.occurred_at >= scope.since,
+        _valid_quantity(scope, c.quantity),
+    ]
+    if scope.organization_id is not None:
+        conditions.append(c.organization_id == scope.organization_id)
+    over = (
+        sa.select(*group)
+        .where(*conditions)
+        .group_by(*group)
+        .having(exact_sum(c.quantity, scope.dialect) > scope.max_group_quantity)
+    )
+    row = (event.organization_id, event.event_type, hour_bucket(event.occurred_at, scope.dialect))
+    return sa.and_(_valid_quantity(scope, event.quantity), sa.tuple_(*row).in_(over))
 
 
 def _unmapped_event_type(scope: Scope) -> sa.ColumnElement[bool]:
@@ -310,7 +375,7 @@ def _unmapped_event_type(scope: Scope) -> sa.ColumnElement[bool]:
     return sa.and_(event.event_type.is_not(None), event.event_type.not_in(scope.meters))
 
 
-REQUIRED_VALUE_COLUMNS = ("organization_id", "event_type", "quantity", "occurred_at")
+REQUIRED_VALUE_COLUMNS = REQUIRED_COLUMNS  # the flush's `missing_value`
 
 ROW_CHECKS: tuple[RowCheck, ...] = (
     RowCheck(
@@ -322,6 +387,18 @@ ROW_CHECKS: tuple[RowCheck, ...] = (
         "quantity_positive_integer",
         _not_whole_positive,
         "pending row(s) whose quantity is not a whole number > 0",
+    ),
+    RowCheck(
+        "quantity_within_ceiling",
+        lambda s: event.quantity > s.max_event_quantity,
+        "pending row(s) whose quantity is above STRIPE_USAGE_MAX_EVENT_QUANTITY",
+    ),
+    RowCheck(
+        "group_within_ceiling",
+        _in_group_over_ceiling,
+        "pending row(s) in an organization, event type and hour whose quantities sum above "
+        "STRIPE_USAGE_MAX_GROUP_QUANTITY",
+        subject=event.organization_id,
     ),
     RowCheck(
         "occurred_at_not_future",
@@ -382,16 +459,14 @@ def run_contract_checks(
     )
     started = time.monotonic()
     with runtime.engine.connect() as connection:
-        results = _check_all(
-            connection, report, settings.stripe_meters, settings.contract_zeitgeist_max_age_hours
-        )
+        results = _check_all(connection, report, settings)
     report.checks = [results[name] for name in CHECK_NAMES]
     report.duration_seconds = round(time.monotonic() - started, 3)
     return report
 
 
 def _check_all(
-    connection: Connection, report: ContractReport, meters: dict[str, str], max_age_hours: int
+    connection: Connection, report: ContractReport, settings: Settings
 ) -> dict[str, CheckResult]:
     inspector = sa.inspect(connection)
     schema = _schema_check(inspector)
@@ -405,14 +480,17 @@ def _check_all(
         now=report.now,
         since=report.window_start,
         organization_id=report.organization_id,
-        meters=tuple(sorted(meters)),
+        meters=tuple(sorted(settings.stripe_meters)),
         quantity_is_integer=_column_is_integer(inspector, "quantity"),
+        dialect=connection.dialect.name,
+        max_event_quantity=settings.max_event_quantity,
+        max_group_quantity=settings.max_group_quantity,
     )
     results = {r.check: r for r in _row_checks(connection, scope)}
     results[schema.check] = schema
     results["idempotency_key_unique"] = _idempotency_check(connection, inspector, scope)
     results["zeitgeist_fresh"] = (
-        _zeitgeist_check(connection, scope, max_age_hours)
+        _zeitgeist_check(connection, scope, settings.contract_zeitgeist_max_age_hours)
         if report.require_zeitgeist
         else CheckResult(
             "zeitgeist_fresh", Status.SKIP, detail="not required (--require-zeitgeist to enforce)"
@@ -473,7 +551,7 @@ def _column_is_integer(inspector: sa.Inspector, name: str) -> bool:
 
 
 def _pending(scope: Scope) -> list[sa.ColumnElement[bool]]:
-    conditions = [event.usage_submission_id.is_(None)]
+    conditions = [pending_event()]
     if scope.organization_id is not None:
         conditions.append(event.organization_id == scope.organization_id)
     return conditions
@@ -598,7 +676,7 @@ def _idempotency_check(
             detail=f"enforced by the database ({enforced})",
         )
     rows = [
-        sa.or_(event.occurred_at >= scope.since, event.usage_submission_id.is_(None)),
+        sa.or_(event.occurred_at >= scope.since, pending_event()),
         event.idempotency_key.is_not(None),
     ]
     if scope.organization_id is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -15,6 +16,17 @@ class TransientFlushError(RuntimeError):
             f"Stripe errors: {result.last_error}"
         )
         self.result = result
+
+
+# What a pass did (added up over a run's passes); every other field says how things stand.
+RUN_COUNTERS = (
+    "events_claimed",
+    "batches",
+    "submissions_sent",
+    "submissions_already_delivered",
+    "submissions_failed",
+    "submissions_held",
+)
 
 
 @dataclass
@@ -61,6 +73,24 @@ class FlushResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+    @classmethod
+    def of_run(cls, passes: Sequence[FlushResult]) -> FlushResult:
+        """One result for a run of several passes (`flush_hourly`): what the passes did, added up
+        (a row claimed and left pending by the first pass and sent by the second is claimed once
+        and sent once), and how things stand after the last one (pending, stops, rows waiting
+        for an operator, unbillable rows)."""
+        last = passes[-1]
+        billed: dict[str, int] = {}
+        for result in passes:
+            for event_type, value in result.billed_value.items():
+                billed[event_type] = billed.get(event_type, 0) + value
+        return replace(
+            last,
+            **{name: sum(getattr(r, name) for r in passes) for name in RUN_COUNTERS},
+            billed_value=billed,
+            duration_seconds=round(sum(r.duration_seconds for r in passes), 3),
+        )
 
     def raise_if_transient(self) -> FlushResult:
         """Another pass may finish the work, unless the account itself was refused."""

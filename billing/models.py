@@ -150,6 +150,15 @@ class BillableEvent(Base):
     )
 
 
+def pending_event(events: Any = None) -> sa.ColumnElement[bool]:
+    """A billable event still to be billed: no flush claimed it and no operator dismissed it.
+
+    Every read of the backlog (claiming, the contract checks, the counts, gauges and alerts) uses
+    this one predicate, so a dismissed row leaves all of them at once."""
+    columns = (BillableEvent.__table__ if events is None else events).c
+    return sa.and_(columns.usage_submission_id.is_(None), columns.usage_dismissal_id.is_(None))
+
+
 class UsageDismissal(Base):
     """An operator's decision that some billable events are never billed: who, when and why."""
 

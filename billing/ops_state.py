@@ -4,8 +4,10 @@ scrape-time gauges of `billing.metrics` both come from `read_state`.
 The run records (last flush, last contract validation) are in the database, so they are read even
 while Redis is down: the lock is then unknown (`lock_error`) and the rest still reported.
 
-Only rows that still need something are counted (outbox rows not `sent`, webhook rows not
-`processed`/`ignored`), so the queries follow the backlog, not the table's history.
+Only rows that still need something are counted (pending billable events, outbox rows not
+`sent`, webhook rows not `processed`/`ignored`), so the queries follow the backlog, not the
+table's history. A billable event an operator dismissed is no longer pending: it leaves the
+backlog, the oldest-unbilled age and the unbillable counts at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily
 
 from billing import flush_record, ops_records
+from billing.billability import REASONS, BillableRules, count_unbillable
 from billing.errors import error_line
 from billing.locks import LockState, inspect_lock
 from billing.models import (
@@ -31,6 +34,7 @@ from billing.models import (
     UsageSubmission,
     WebhookEvent,
     WebhookStatus,
+    pending_event,
     utcnow,
 )
 
@@ -60,6 +64,8 @@ class OpsState:
     oldest_unbilled_at: datetime | None
     outbox_by_status: dict[str, int]
     webhooks_by_status: dict[str, int]
+    # Pending rows the flush sets aside, by reason (`billing.billability`); every reason present.
+    unbillable: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     history: flush_record.FlushHistory = field(default_factory=flush_record.FlushHistory)
     contract_validation: dict[str, Any] | None = None
     lock: LockState | None = None
@@ -89,6 +95,7 @@ class OpsState:
                 "oldest_unbilled_at": _iso(self.oldest_unbilled_at),
                 "oldest_unbilled_age_seconds": round(self.oldest_unbilled_age_seconds, 1),
             },
+            "unbillable": self.unbillable,
             "outbox_by_status": self.outbox_by_status,
             "webhooks_by_status": self.webhooks_by_status,
             "dead_letters": self.dead_letters,
@@ -113,8 +120,16 @@ class OpsState:
             self.oldest_unbilled_age_seconds,
         )
         yield _gauge(
-            "billing_unclaimed_events", "billable_events rows no flush has claimed yet.",
+            "billing_unclaimed_events",
+            "Pending billable_events rows: claimed by no flush, dismissed by no operator.",
             self.unclaimed_events,
+        )
+        yield _labelled(
+            "billing_unbillable_events",
+            "Pending billable_events rows the flush sets aside (never sends) until fixed or "
+            "dismissed, by reason.",
+            "reason",
+            self.unbillable,
         )
         yield _labelled(
             "billing_outbox_rows",
@@ -191,9 +206,11 @@ def read_state(runtime: Runtime) -> OpsState:
     with runtime.session_factory() as session:
         unclaimed, oldest_unclaimed = session.execute(
             sa.select(sa.func.count(), sa.func.min(BillableEvent.occurred_at)).where(
-                BillableEvent.usage_submission_id.is_(None)
+                pending_event()
             )
         ).one()
+        rules = BillableRules.of(runtime.settings, now, session.get_bind().dialect.name)
+        unbillable = {**dict.fromkeys(REASONS, 0), **count_unbillable(session, rules)}
         oldest_unsent = session.scalar(
             sa.select(sa.func.min(UsageSubmission.window_start)).where(
                 UsageSubmission.status.not_in(DONE_SUBMISSION_STATUSES)
@@ -221,6 +238,7 @@ def read_state(runtime: Runtime) -> OpsState:
         oldest_unclaimed_event_at=oldest_unclaimed,
         oldest_unbilled_at=min(oldest) if oldest else None,
         outbox_by_status=outbox,
+        unbillable=unbillable,
         webhooks_by_status=webhooks,
         history=history,
         contract_validation=contract_validation,
@@ -252,8 +270,8 @@ def _read_lock(runtime: Runtime) -> tuple[LockState | None, str | None]:
 
 
 def count_unclaimed(runtime: Runtime, organization_id: int | None = None) -> int:
-    """The backlog: billable_events rows no flush has claimed (one organization's, or all)."""
-    query = sa.select(sa.func.count()).where(BillableEvent.usage_submission_id.is_(None))
+    """The backlog: pending billable_events rows (one organization's, or all)."""
+    query = sa.select(sa.func.count()).where(pending_event())
     if organization_id is not None:
         query = query.where(BillableEvent.organization_id == organization_id)
     with runtime.session_factory() as session:

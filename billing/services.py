@@ -169,7 +169,8 @@ def flush_with_retries(
     runtime: Runtime, *, on_progress: Callable[[FlushResult], None] | None = None
 ) -> FlushResult:
     """`flask billing flush_hourly`: the guarded flush, retried in-process on transient errors;
-    the passes share one call budget per row (`billing.retry_policy`)."""
+    the passes share one call budget per row (`billing.retry_policy`). The result (also the one a
+    final TransientFlushError carries) covers the whole run: `FlushResult.of_run`."""
     passes = retry_policy.HOURLY_PASSES
     retrying = Retrying(
         stop=stop_after_attempt(retry_policy.passes_allowed(passes)),
@@ -177,11 +178,20 @@ def flush_with_retries(
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
         reraise=True,
     )
+    done: list[FlushResult] = []
+
+    def progress(result: FlushResult) -> None:  # the run's events claimed so far
+        assert on_progress is not None
+        on_progress(FlushResult.of_run([*done, result]))
+
     for attempt in retrying:
         with attempt:
             calls = retry_policy.calls_in_pass(attempt.retry_state.attempt_number - 1, passes)
-            result = flush_guarded(runtime, on_progress=on_progress, call_attempts=calls)
-            result.raise_if_transient()
+            result = flush_guarded(
+                runtime, on_progress=progress if on_progress else None, call_attempts=calls
+            )
+            done.append(result)
+            result = FlushResult.of_run(done).raise_if_transient()
     return result
 
 

@@ -74,9 +74,9 @@ class UsageFlush:
     # The pass ---------------------------------------------------------------------------------
 
     def run(self) -> FlushResult:
+        """The pass after `flush_usage` logged its start and passed the contract gate."""
         started = time.monotonic()
         fields = self._scope_fields()
-        log.info(logs.FLUSH_STARTED, extra=fields)
         try:
             self.submitter.check_before_claiming()
             self.submitter.hold_stale_submissions()
@@ -148,7 +148,7 @@ class UsageFlush:
         return bool(r.submissions_sent or r.submissions_failed or r.submissions_pending)
 
     def _scope_fields(self) -> dict[str, Any]:
-        return {} if self.organization_id is None else {"organization_id": self.organization_id}
+        return scope_fields(self.organization_id)
 
     def _summary_fields(self) -> dict[str, Any]:
         r = self.result
@@ -196,6 +196,10 @@ class UsageFlush:
             log.error(logs.FLUSH_AWAITING_OPERATOR, extra={**self._scope_fields(), **counts})
 
 
+def scope_fields(organization_id: int | None) -> dict[str, Any]:
+    return {} if organization_id is None else {"organization_id": organization_id}
+
+
 def flush_usage(
     settings: Settings,
     session_factory: sessionmaker[Session],
@@ -214,16 +218,18 @@ def flush_usage(
     if not settings.billing_enabled:
         log.warning(logs.FLUSH_DISABLED)
         return FlushResult(enabled=False)
+    fields = scope_fields(organization_id)
+    # Before the gate: its warning or block belongs to this run, and reads so in the logs.
+    log.info(logs.FLUSH_STARTED, extra=fields)
     # The gate (billing.services) decides whether checks run and whether a failure blocks.
     verdict = contract_gate() if contract_gate else GateVerdict([], blocks=False)
     failures = verdict.failures
     if failures:
+        failed = {**fields, "failed_checks": [f["check"] for f in failures]}
         if verdict.blocks:
-            log.error(logs.FLUSH_BLOCKED, extra={"failed_checks": [f["check"] for f in failures]})
+            log.error(logs.FLUSH_BLOCKED, extra=failed)
             return FlushResult(blocked=True, contract_failures=failures)
-        log.warning(
-            logs.FLUSH_CONTRACT_WARNING, extra={"failed_checks": [f["check"] for f in failures]}
-        )
+        log.warning(logs.FLUSH_CONTRACT_WARNING, extra=failed)
     flush = UsageFlush(
         settings,
         session_factory,

@@ -80,10 +80,12 @@ class TestDefects:
         assert_only_failure(report, "quantity_positive_integer")
 
     def test_fractional_quantity_in_a_numeric_column(self, runtime, db_engine):
+        # numeric is billing's own type since migration 0005; the restore must not leave bigint
+        # behind for the session's later tests.
         with altered(
             db_engine,
+            "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric(18, 4)",
             "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric",
-            "ALTER TABLE billable_events ALTER COLUMN quantity TYPE bigint",
         ):
             bad = add_events(db_engine, {"quantity": 1.5})
             add_events(db_engine, {"quantity": 2.0})
@@ -91,6 +93,33 @@ class TestDefects:
             schema, _ = check(runtime, "table_columns")
         assert schema.status is Status.PASS  # numeric is a compatible type
         assert (result.offending_rows, result.sample_ids) == (1, bad)
+
+    def test_quantity_above_the_event_ceiling(self, runtime, db_engine):
+        ceiling = runtime.settings.max_event_quantity
+        bad = add_events(db_engine, {"quantity": ceiling + 1}, {"quantity": 10**30})
+        add_events(db_engine, {"quantity": ceiling})
+        result, report = check(runtime, "quantity_within_ceiling")
+        assert (result.offending_rows, result.sample_ids) == (2, bad)
+        assert_only_failure(report, "quantity_within_ceiling")
+
+    def test_group_above_the_group_ceiling(self, make_runtime, settings, db_engine):
+        rt = make_runtime(settings.replace(max_event_quantity=10, max_group_quantity=25))
+        add_account(db_engine, CLEAN_ORG, "cus_clean")
+        hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+        bad = add_events(
+            db_engine, *({"quantity": 10, "occurred_at": hour + timedelta(minutes=m)}
+                         for m in (1, 2, 3))
+        )
+        # 25 is at the ceiling: passes.
+        add_events(
+            db_engine,
+            *({"quantity": q, "occurred_at": hour + timedelta(hours=1, minutes=m)}
+              for q, m in ((10, 1), (10, 2), (5, 3))),
+        )
+        result, report = check(rt, "group_within_ceiling")
+        assert (result.offending_rows, result.sample_ids) == (3, bad)
+        assert result.detail.endswith("organization_id 1")
+        assert_only_failure(report, "group_within_ceiling")
 
     def test_future_beyond_the_skew(self, runtime, db_engine):
         now = utcnow()
@@ -194,7 +223,8 @@ class TestSchema:
              "ALTER TABLE billable_events ALTER COLUMN occurred_at TYPE timestamptz",
              "occurred_at is timestamp without time zone"),
             ("ALTER TABLE billable_events ALTER COLUMN quantity TYPE text",
-             "ALTER TABLE billable_events ALTER COLUMN quantity TYPE bigint USING quantity::bigint",
+             "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric "
+             "USING quantity::numeric",
              "quantity is TEXT"),
             ("ALTER TABLE billable_events RENAME TO billable_events_old",
              "ALTER TABLE billable_events_old RENAME TO billable_events",
@@ -281,7 +311,13 @@ class TestPreFlushGate:
 
 
 def test_checks_run_on_sqlite(tmp_path, settings):
-    rt = Runtime(settings.replace(database_url=f"sqlite:///{tmp_path / 'billing.db'}"))
+    rt = Runtime(
+        settings.replace(
+            database_url=f"sqlite:///{tmp_path / 'billing.db'}",
+            max_event_quantity=10,
+            max_group_quantity=25,
+        )
+    )
     try:
         db.upgrade(rt.engine)
         now = utcnow()
@@ -295,6 +331,11 @@ def test_checks_run_on_sqlite(tmp_path, settings):
             "organization_has_customer": {"organization_id": 9},
         }
         bad = {name: add_events(rt.engine, row) for name, row in defects.items()}
+        bad["quantity_within_ceiling"] = add_events(rt.engine, {"quantity": 11}, {"quantity": 1e30})
+        three_hours_ago = now - timedelta(hours=3)
+        bad["group_within_ceiling"] = add_events(
+            rt.engine, *({"quantity": 10, "occurred_at": three_hours_ago} for _ in range(3))
+        )
         report = run_contract_checks(rt, lookback_days=30, require_zeitgeist=True, now=now)
         failed = {f["check"]: f["sample_ids"] for f in report.failures()}
         assert failed == bad

@@ -194,3 +194,29 @@ def test_db_commands_migrate_a_sqlite_file_up_and_down(settings, tmp_path):
     assert invoke(local, "db", "upgrade").output.strip() == f"database at {head}"
     assert invoke(local, "db", "current").output.strip() == f"current {head} head {head}"
     assert invoke(local, "db", "downgrade", "base").output.strip() == "database at None"
+
+
+def test_flush_hourly_reports_the_whole_run_not_its_last_pass(billing_runtime, emulator):
+    """The first pass claims the row and Stripe fails its 3 calls; the second pass sends it. The
+    result said `events_claimed: 0` (the second pass's) although the run claimed and sent one."""
+    customers = add_accounts(billing_runtime, [1])
+    rows = _events(billing_runtime, [1])
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": 3})
+    result = invoke(billing_runtime.settings, "flush_hourly")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["events_claimed"], payload["batches"], payload["submissions_sent"]) == (1, 1, 1)
+    assert payload["submissions_pending"] == 0
+    assert payload["billed_value"] == {"storage_gb_hour": 10}
+    assert emulator.stats()["requests"]["POST /v1/billing/meter_events"] == 4
+    assert emulator.billed() == expected_totals(rows, customers)
+
+
+def test_a_failed_flush_hourly_reports_what_its_passes_did(billing_runtime, emulator):
+    add_accounts(billing_runtime, [1])
+    _events(billing_runtime, [1])
+    emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": 1000})
+    result = invoke(billing_runtime.settings, "flush_hourly")
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout)
+    assert payload["events_claimed"] == 1 and payload["submissions_pending"] == 1

@@ -300,6 +300,29 @@ def test_flush_obeys_the_gates_verdict(billing_runtime, emulator, seeded, fail_c
     assert (unclaimed_count(runtime) == 400) is fail_closed
 
 
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_the_start_is_logged_before_the_contract_gates_line(billing_runtime, caplog, fail_closed):
+    """The gate's warning (or block) came before `Stripe usage flush started`, so it read as
+    belonging to the run before."""
+    runtime = billing_runtime
+    verdict = GateVerdict(
+        [{"check": "quantity_positive_integer", "offending_rows": 1, "sample_ids": [7]}],
+        blocks=fail_closed,
+    )
+    with caplog.at_level(logging.INFO, logger="billing"):
+        flush_usage(
+            runtime.settings,
+            runtime.session_factory,
+            lambda: runtime.stripe,
+            organization_id=None,
+            contract_gate=lambda: verdict,
+        )
+    messages = [r.getMessage() for r in caplog.records if r.name == "billing.usage"]
+    gate = logs.FLUSH_BLOCKED if fail_closed else logs.FLUSH_CONTRACT_WARNING
+    assert messages.count(logs.FLUSH_STARTED) == 1 and gate in messages
+    assert messages.index(logs.FLUSH_STARTED) < messages.index(gate)
+
+
 def test_log_lines_carry_organization_and_idempotency_key(billing_runtime, emulator, caplog):
     add_accounts(billing_runtime, [9])
     add_events(
