@@ -46,6 +46,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout_seconds
         },
+        # Only the hourly flush keeps a result (24 small keys a day). With an expiry Celery's
+        # Redis backend calls redis-py's deprecated `setex`; a deployment that wants results to
+        # expire sets `result_expires` in its celeryconfig.py.
+        "result_expires": None,
         "result_backend_transport_options": {
             "retry_policy": {"max_retries": 3, "interval_start": 0.2}
         },

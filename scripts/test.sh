@@ -7,4 +7,6 @@ scripts/bootstrap.sh
 scripts/install_chromium.sh
 scripts/services.sh
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+# Four processes on two cores: much of the suite waits on subprocesses, servers and the broker.
+# Every test process has its own PostgreSQL schema, Redis key prefix and Celery queue (its pid).
+.venv/bin/python -m pytest -n "${BILLING_TEST_PROCESSES:-4}" "$@"

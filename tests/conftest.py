@@ -147,6 +147,10 @@ def worker():
     from billing.celery_app import celery_app
 
     celery_app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 1}}
+    # Messages an earlier test queued with no worker running (and its runtime gone since) must
+    # not reach this module's worker: they would run, or retry, against the wrong database.
+    with celery_app.connection_for_write(TEST_BROKER_URL) as connection:
+        connection.default_channel.queue_purge(TEST_QUEUE)
     with start_worker(
         celery_app, perform_ping_check=False, queues=[TEST_QUEUE], shutdown_timeout=5
     ) as w:
