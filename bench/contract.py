@@ -32,7 +32,9 @@ from billing.contract import run_contract_checks
 from billing.runtime import Runtime
 
 RESULTS = Path(__file__).with_name("results") / "contract.json"
-DEFAULT_URL = os.environ.get("BILLING_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DEFAULT_URL = os.environ.get(
+    "BILLING_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 ORGS = 1000
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 
@@ -114,8 +116,11 @@ def main() -> None:
     admin = db.make_engine(args.database_url)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    runtime = Runtime(Settings(database_url=db.with_search_path(args.database_url, schema),
-                               stripe_meters=dict(METERS)))
+    runtime = Runtime(
+        Settings(
+            database_url=db.with_search_path(args.database_url, schema), stripe_meters=dict(METERS)
+        )
+    )
     scenarios: dict[str, Any] = {}
     try:
         db.upgrade(runtime.engine)
@@ -124,14 +129,21 @@ def main() -> None:
             ("backlog", args.rows, True),
         ):
             load = fill(runtime, args.rows, pending, defects)
-            scenarios[name] = {"pending_rows": pending, "load_seconds": round(load, 1),
-                               **time_checks(runtime, args.repeat)}
+            scenarios[name] = {
+                "pending_rows": pending,
+                "load_seconds": round(load, 1),
+                **time_checks(runtime, args.repeat),
+            }
             print(f"{name:18} {scenarios[name]['seconds_median']:.3f} s median", flush=True)
         execute(runtime, DROP_UNIQUE)
-        scenarios["backlog_no_unique"] = {"pending_rows": args.rows,
-                                          **time_checks(runtime, args.repeat)}
-        print(f"{'backlog_no_unique':18} {scenarios['backlog_no_unique']['seconds_median']:.3f} "
-              "s median")
+        scenarios["backlog_no_unique"] = {
+            "pending_rows": args.rows,
+            **time_checks(runtime, args.repeat),
+        }
+        print(
+            f"{'backlog_no_unique':18} {scenarios['backlog_no_unique']['seconds_median']:.3f} "
+            "s median"
+        )
         with runtime.engine.connect() as connection:
             version = connection.exec_driver_sql("SHOW server_version").scalar()
     finally:

@@ -40,9 +40,20 @@ EVENT = "bench_calls"
 
 def start_emulator() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", "0", "--rate-limits", "off",
-         "--quiet"],
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "billing.emulator",
+            "--port",
+            "0",
+            "--rate-limits",
+            "off",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 20
@@ -59,16 +70,18 @@ def start_emulator() -> tuple[subprocess.Popen[str], str]:
 
 
 def api(url: str, path: str, form: str) -> dict[str, Any]:
-    req = urllib.request.Request(url + path, data=form.encode(),
-                                 headers={"Authorization": f"Bearer {KEY}"})
+    req = urllib.request.Request(
+        url + path, data=form.encode(), headers={"Authorization": f"Bearer {KEY}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
 def control(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/_emulator/" + path, data=data,
-                                 method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url + "/_emulator/" + path, data=data, method="GET" if body is None else "POST"
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -78,10 +91,18 @@ def control(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str
 
 def _request(host: str, customer: str, n: int, run: str) -> bytes:
     ident = f"{run}-{customer[-6:]}-{n}"
-    body = (f"event_name={EVENT}&payload[stripe_customer_id]={quote(customer)}"
-            f"&payload[value]=1&identifier={ident}").encode()
-    ua = json.dumps({"bindings_version": "16.1.0", "lang": "python", "httplib": "requests",
-                     "lang_version": platform.python_version()})
+    body = (
+        f"event_name={EVENT}&payload[stripe_customer_id]={quote(customer)}"
+        f"&payload[value]=1&identifier={ident}"
+    ).encode()
+    ua = json.dumps(
+        {
+            "bindings_version": "16.1.0",
+            "lang": "python",
+            "httplib": "requests",
+            "lang_version": platform.python_version(),
+        }
+    )
     head = (
         "POST /v1/billing/meter_events HTTP/1.1\r\n"
         f"Host: {host}\r\n"
@@ -167,8 +188,7 @@ def load(url: str, customers: list[str], duration: float, warmup: float, out: An
                 c.sock.close()
                 live -= 1
     latencies.sort()
-    out.put({"latencies": latencies, "statuses": statuses, "errors": errors,
-             "duration": duration})
+    out.put({"latencies": latencies, "statuses": statuses, "errors": errors, "duration": duration})
 
 
 def _pct(sorted_values: list[float], q: float) -> float:
@@ -210,8 +230,9 @@ def raw_run(url: str, customers: list[str], duration: float) -> dict[str, Any]:
 def _stripe_worker(url: str, customer: str, duration: float, out: Any) -> None:
     import stripe
 
-    client = stripe.StripeClient(KEY, base_addresses={"api": url, "meter_events": url},
-                                 max_network_retries=0)
+    client = stripe.StripeClient(
+        KEY, base_addresses={"api": url, "meter_events": url}, max_network_retries=0
+    )
     run = uuid.uuid4().hex[:8]
     lat: list[float] = []
     errors = 0
@@ -221,10 +242,13 @@ def _stripe_worker(url: str, customer: str, duration: float, out: Any) -> None:
         n += 1
         t0 = time.perf_counter()
         try:
-            client.v1.billing.meter_events.create({
-                "event_name": EVENT, "identifier": f"sp-{run}-{n}",
-                "payload": {"stripe_customer_id": customer, "value": "1"},
-            })
+            client.v1.billing.meter_events.create(
+                {
+                    "event_name": EVENT,
+                    "identifier": f"sp-{run}-{n}",
+                    "payload": {"stripe_customer_id": customer, "value": "1"},
+                }
+            )
             lat.append(time.perf_counter() - t0)
         except stripe.StripeError:
             errors += 1
@@ -253,11 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds (raw load)")
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--stripe-duration", type=float, default=3.0,
-                    help="seconds through stripe-python (0 = skip)")
+    ap.add_argument(
+        "--stripe-duration",
+        type=float,
+        default=3.0,
+        help="seconds through stripe-python (0 = skip)",
+    )
     ap.add_argument("--stripe-processes", type=int, default=1)
-    ap.add_argument("--rate-limits", choices=("off", "live", "test"), default="off",
-                    help="the emulator's rate ceilings during the measured runs")
+    ap.add_argument(
+        "--rate-limits",
+        choices=("off", "live", "test"),
+        default="off",
+        help="the emulator's rate ceilings during the measured runs",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.output = args.output.resolve()
@@ -265,24 +297,32 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = start_emulator()
     try:
         control(url, "limits", {"preset": "off"})
-        api(url, "/v1/billing/meters", f"display_name=Bench&event_name={EVENT}"
-            "&default_aggregation[formula]=sum")
-        customers = [api(url, "/v1/customers", f"name=bench{i}")["id"]
-                     for i in range(args.connections + args.stripe_processes)]
+        api(
+            url,
+            "/v1/billing/meters",
+            f"display_name=Bench&event_name={EVENT}&default_aggregation[formula]=sum",
+        )
+        customers = [
+            api(url, "/v1/customers", f"name=bench{i}")["id"]
+            for i in range(args.connections + args.stripe_processes)
+        ]
         control(url, "limits", {"preset": args.rate_limits})
         raw = raw_run(url, customers[: args.connections], args.duration)
         stats = control(url, "stats")
         through_stripe = None
         if args.stripe_duration > 0:
-            through_stripe = stripe_run(url, customers[args.connections:], args.stripe_duration)
+            through_stripe = stripe_run(url, customers[args.connections :], args.stripe_duration)
     finally:
         proc.terminate()
         code = proc.wait(timeout=10)
 
     result = {
         "benchmark": "emulator meter events",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "rate_limits": args.rate_limits,
         "raw_keep_alive": raw,
         "stripe_python": through_stripe,
@@ -292,14 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"raw keep-alive ({raw['connections']} connections, {raw['duration_s']:.0f} s): "
-          f"{raw['requests_per_s']:.0f} req/s, p50 {raw['p50_ms']:.2f} ms, "
-          f"p99 {raw['p99_ms']:.2f} ms, errors {raw['errors']}, statuses {raw['statuses']}")
+    print(
+        f"raw keep-alive ({raw['connections']} connections, {raw['duration_s']:.0f} s): "
+        f"{raw['requests_per_s']:.0f} req/s, p50 {raw['p50_ms']:.2f} ms, "
+        f"p99 {raw['p99_ms']:.2f} ms, errors {raw['errors']}, statuses {raw['statuses']}"
+    )
     if through_stripe:
-        print(f"stripe-python ({through_stripe['client_processes']} process): "
-              f"{through_stripe['requests_per_s']:.0f} req/s, "
-              f"p50 {through_stripe['p50_ms']:.2f} ms, p99 {through_stripe['p99_ms']:.2f} ms, "
-              f"errors {through_stripe['errors']}")
+        print(
+            f"stripe-python ({through_stripe['client_processes']} process): "
+            f"{through_stripe['requests_per_s']:.0f} req/s, "
+            f"p50 {through_stripe['p50_ms']:.2f} ms, p99 {through_stripe['p99_ms']:.2f} ms, "
+            f"errors {through_stripe['errors']}"
+        )
     print(f"server exit code {code}; results in {args.output}")
     # Under a ceiling, 429s are the expected answer past it; anything else is an error.
     refused = sum(n for status, n in raw["statuses"].items() if status not in ("200", "429"))

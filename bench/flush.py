@@ -185,10 +185,23 @@ def run_one(args: argparse.Namespace, api_base: str, size: int, orgs: int) -> di
     _control(api_base, "limits", {"preset": args.limits})
     _control(api_base, "stats/reset", {})
     out = subprocess.run(
-        [sys.executable, __file__, "--child", "--api-base", api_base, "--schema", schema,
-         "--rate", str(args.rate), "--log-level", args.log_level,
-         "--sample-every", str(max(1, size // BATCH_SIZE // 4))],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--api-base",
+            api_base,
+            "--schema",
+            schema,
+            "--rate",
+            str(args.rate),
+            "--log-level",
+            args.log_level,
+            "--sample-every",
+            str(max(1, size // BATCH_SIZE // 4)),
+        ],
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise ChildFailed(f"flush child failed (exit {out.returncode}):\n{out.stderr.rstrip()}")
@@ -282,14 +295,16 @@ class PhaseClock:
         for phase, ms in own.items():
             self.sampled[phase] += ms
         picked = _find(plan["Plan"], "CTE picked") or {}
-        self.samples.append({
-            "batch": self._claims,
-            "execution_ms": plan["Execution Time"],
-            "shared_hit_buffers": plan["Plan"].get("Shared Hit Blocks", 0),
-            "pick_ms": picked.get("Actual Total Time") if picked.get("Actual Rows") else None,
-            "pick_buffers": picked.get("Shared Hit Blocks", 0)
-            + picked.get("Shared Read Blocks", 0),
-        })
+        self.samples.append(
+            {
+                "batch": self._claims,
+                "execution_ms": plan["Execution Time"],
+                "shared_hit_buffers": plan["Plan"].get("Shared Hit Blocks", 0),
+                "pick_ms": picked.get("Actual Total Time") if picked.get("Actual Rows") else None,
+                "pick_buffers": picked.get("Shared Hit Blocks", 0)
+                + picked.get("Shared Read Blocks", 0),
+            }
+        )
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase; the one-statement claim split in the sampled proportions."""
@@ -302,8 +317,12 @@ class PhaseClock:
 
 
 # Which phase a plan node's own time belongs to: by the CTE it sits in, or its node type.
-CTE_PHASES = {"CTE picked": "claim", "CTE windowed": "aggregate", "CTE outbox": "outbox",
-              "CTE linked": "claim"}
+CTE_PHASES = {
+    "CTE picked": "claim",
+    "CTE windowed": "aggregate",
+    "CTE outbox": "outbox",
+    "CTE linked": "claim",
+}
 
 
 def _walk(node: dict[str, Any], phase: str, own: dict[str, float]) -> None:
@@ -348,17 +367,21 @@ def child(args: argparse.Namespace) -> None:
     log_path.unlink()
     phases = clock.phases()
     phases["submit"] = submitting["seconds"]
-    print(json.dumps({
-        "wall_seconds": wall,
-        "ok": result.ok,
-        "events": result.events_claimed,
-        "batches": result.batches,
-        "phases_seconds": phases,
-        "explain_samples": clock.samples,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "log_lines": log_lines,
-        "log_bytes": log_bytes,
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_seconds": wall,
+                "ok": result.ok,
+                "events": result.events_claimed,
+                "batches": result.batches,
+                "phases_seconds": phases,
+                "explain_samples": clock.samples,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "log_lines": log_lines,
+                "log_bytes": log_bytes,
+            }
+        )
+    )
 
 
 def _timed_flush(args: argparse.Namespace, log_path: Path) -> tuple[Any, float, PhaseClock, dict]:
@@ -435,13 +458,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100000,1000000,5000000")
     parser.add_argument("--orgs", default="100,1000", help="comma-separated organization counts")
     parser.add_argument("--hours", type=int, default=3)
-    parser.add_argument("--limits", choices=("live", "test", "off"), default="live",
-                        help="the emulator's rate ceilings during the flush")
-    parser.add_argument("--rate", type=float, default=LIVE_KEY_CLIENT_RATE,
-                        help="the client's meter-event rate limit (STRIPE_METER_EVENT_RATE_...)")
+    parser.add_argument(
+        "--limits",
+        choices=("live", "test", "off"),
+        default="live",
+        help="the emulator's rate ceilings during the flush",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=LIVE_KEY_CLIENT_RATE,
+        help="the client's meter-event rate limit (STRIPE_METER_EVENT_RATE_...)",
+    )
     parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"sizes {QUICK['sizes']}, orgs {QUICK['orgs']} (under a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"sizes {QUICK['sizes']}, orgs {QUICK['orgs']} (under a minute)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sample-every", type=int, default=1, help=argparse.SUPPRESS)
@@ -458,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     api_base = f"http://127.0.0.1:{port}"
     emulator = subprocess.Popen(
         [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     rows: list[dict[str, Any]] = []
     smallest: dict[int, float] = {}
@@ -486,8 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         _drop_schema()
     report = {
         "benchmark": "hourly flush of a billable_events backlog",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "hours": args.hours,
         "limits": args.limits,
         "client_rate_per_second": args.rate,

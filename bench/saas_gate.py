@@ -94,8 +94,10 @@ def main() -> None:
     admin = db.make_engine(DATABASE_URL)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    settings = Settings(database_url=db.with_search_path(DATABASE_URL, schema),
-                        saas_workspace_booking_url="https://booking.test/x")
+    settings = Settings(
+        database_url=db.with_search_path(DATABASE_URL, schema),
+        saas_workspace_booking_url="https://booking.test/x",
+    )
     runtime = Runtime(settings)
     try:
         db.upgrade(runtime.engine)

@@ -94,7 +94,10 @@ def create_sync_app() -> Any:
     def process_now(runtime: Runtime) -> service.HandOff:
         def hand_off(event_id: str, fields: dict[str, Any]) -> bool:
             service.process_event(
-                runtime, event_id, handlers.HANDLERS, final_attempt=True,
+                runtime,
+                event_id,
+                handlers.HANDLERS,
+                final_attempt=True,
                 transient_errors=handlers.TRANSIENT_ERRORS,
             )
             service.report_queued([fields])  # the line the queued endpoint logs
@@ -116,9 +119,20 @@ def create_sync_app() -> Any:
 def start_emulator(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--rate-limits", "off",
-         "--quiet"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "billing.emulator",
+            "--port",
+            str(port),
+            "--rate-limits",
+            "off",
+            "--quiet",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     _wait(lambda: urllib.request.urlopen(f"{url}/_emulator/health", timeout=1), "emulator")
@@ -155,9 +169,13 @@ def prepare(runtime: Any) -> tuple[str, str]:
         {"customer": customer.id, "items": [{"price": price}]}
     )
     with runtime.session_factory.begin() as session:
-        session.add(BillingAccount(organization_id=ORGANIZATION_ID,
-                                   stripe_customer_id=customer.id,
-                                   stripe_subscription_id=subscription.id))
+        session.add(
+            BillingAccount(
+                organization_id=ORGANIZATION_ID,
+                stripe_customer_id=customer.id,
+                stripe_subscription_id=subscription.id,
+            )
+        )
     return customer.id, subscription.id
 
 
@@ -175,8 +193,9 @@ def cleanup(runtime: Any) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     # The queue, and the binding sets kombu keeps under the exchange's name (Celery's is the
     # queue's).
-    client.delete(QUEUE, Channel.keyprefix_queue % QUEUE,
-                  Channel.keyprefix_binding_permanent % QUEUE)
+    client.delete(
+        QUEUE, Channel.keyprefix_queue % QUEUE, Channel.keyprefix_binding_permanent % QUEUE
+    )
     client.close()
 
 
@@ -186,8 +205,14 @@ def delivery(customer: str, subscription: str, n: int, prefix: str) -> bytes:
         "object": "event",
         "api_version": "2026-10-28.endive",
         "created": int(time.time()),
-        "data": {"object": {"id": subscription, "object": "subscription", "customer": customer,
-                            "status": "active"}},
+        "data": {
+            "object": {
+                "id": subscription,
+                "object": "subscription",
+                "customer": customer,
+                "status": "active",
+            }
+        },
         "livemode": False,
         "pending_webhooks": 1,
         "request": {"id": None, "idempotency_key": None},
@@ -215,8 +240,9 @@ def component_costs(runtime: Any, customer: str, subscription: str, n: int = 200
     from billing.webhooks.tasks import PROCESS_TASK, enqueuer
 
     deliveries = signed([delivery(customer, subscription, i, "cost") for i in range(n)])
-    verified = [service.verify_delivery(*signed_body, runtime.settings)
-                for signed_body in deliveries]
+    verified = [
+        service.verify_delivery(*signed_body, runtime.settings) for signed_body in deliveries
+    ]
     ids = [[one.event["id"]] for one in verified]
     enqueue = enqueuer(runtime)
     enqueue("evt_warmup")
@@ -224,11 +250,11 @@ def component_costs(runtime: Any, customer: str, subscription: str, n: int = 200
     pieces = {
         "verify": lambda i: service.verify_delivery(*deliveries[i], runtime.settings),
         "store_once": lambda i: service.store_once(
-            runtime.ingest_engine, verified[i].event, verified[i].text),
+            runtime.ingest_engine, verified[i].event, verified[i].text
+        ),
         "celery_publish": lambda i: enqueue(ids[i][0]),
         # What the view's background publisher does with the tasks that arrive together.
-        "publish_batch_of_8": lambda i: i % 8 or publisher.send_many(
-            PROCESS_TASK, ids[i:i + 8]),
+        "publish_batch_of_8": lambda i: i % 8 or publisher.send_many(PROCESS_TASK, ids[i : i + 8]),
     }
     costs: dict[str, Any] = {"calls": n}
     for name, piece in pieces.items():
@@ -253,11 +279,23 @@ def component_costs(runtime: Any, customer: str, subscription: str, n: int = 200
 def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log: Path) -> tuple:
     port = _free_port()
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("gunicorn")), app,
-         "--config", "python:billing.gunicorn_conf",  # the README's web command
-         "--bind", f"127.0.0.1:{port}", *gunicorn_overrides(args),
-         "--keep-alive", "30", "--backlog", "2048"],
-        env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).with_name("gunicorn")),
+            app,
+            "--config",
+            "python:billing.gunicorn_conf",  # the README's web command
+            "--bind",
+            f"127.0.0.1:{port}",
+            *gunicorn_overrides(args),
+            "--keep-alive",
+            "30",
+            "--backlog",
+            "2048",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/stripe/webhook"
 
@@ -275,10 +313,14 @@ def start_gunicorn(app: str, env: dict[str, str], args: argparse.Namespace, log:
 
 def gunicorn_overrides(args: argparse.Namespace) -> list[str]:
     """The worker flags given on the bench's command line; the rest is billing.gunicorn_conf's."""
-    flags = {"--workers": args.workers, "--worker-class": args.worker_class,
-             "--threads": args.threads}
-    return [part for flag, value in flags.items() if value is not None
-            for part in (flag, str(value))]
+    flags = {
+        "--workers": args.workers,
+        "--worker-class": args.worker_class,
+        "--threads": args.threads,
+    }
+    return [
+        part for flag, value in flags.items() if value is not None for part in (flag, str(value))
+    ]
 
 
 WRK_SCRIPT = ROOT / "bench" / "webhooks_wrk.lua"
@@ -295,9 +337,19 @@ def run_load(url: str, deliveries: list[tuple[bytes, str]], args: argparse.Names
         if args.load_tool == "wrk":
             return _run_wrk(url, path, len(deliveries), args)
         out = subprocess.run(
-            [sys.executable, __file__, "--load", url, "--bodies", str(path),
-             "--concurrency", str(args.concurrency)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--load",
+                url,
+                "--bodies",
+                str(path),
+                "--concurrency",
+                str(args.concurrency),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         return json.loads(out)
     finally:
@@ -309,9 +361,23 @@ def _run_wrk(url: str, bodies: Path, count: int, args: argparse.Namespace) -> di
     share of the deliveries (none is sent twice) and the duration only bounds the run."""
     before = os.times()
     wrk = subprocess.Popen(
-        [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.concurrency),
-         "-d", f"{args.max_seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            args.wrk,
+            "-t",
+            str(args.wrk_threads),
+            "-c",
+            str(args.concurrency),
+            "-d",
+            f"{args.max_seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "BENCH_BODIES": str(bodies), "BENCH_THREADS": str(args.wrk_threads)},
     )
     output: list[str] = []
@@ -330,9 +396,10 @@ def _run_wrk(url: str, bodies: Path, count: int, args: argparse.Namespace) -> di
     lines = [line for line in output if line.startswith("BENCH ")]
     if not lines:
         raise RuntimeError(f"wrk printed no result:\n{''.join(output)}\n{stderr}")
-    result = json.loads(lines[-1][len("BENCH "):])
-    load_cpu = (after.children_user + after.children_system
-                - before.children_user - before.children_system)
+    result = json.loads(lines[-1][len("BENCH ") :])
+    load_cpu = (
+        after.children_user + after.children_system - before.children_user - before.children_system
+    )
     requests = result["requests"]
     return {
         "requests": requests,
@@ -372,9 +439,15 @@ def load_main(url: str, bodies_path: str, concurrency: int) -> None:
                 break
             signature, body = deliveries[index]
             started = time.perf_counter()
-            connection.request("POST", parsed.path, body=body.encode(), headers={
-                "Content-Type": "application/json", "Stripe-Signature": signature,
-            })
+            connection.request(
+                "POST",
+                parsed.path,
+                body=body.encode(),
+                headers={
+                    "Content-Type": "application/json",
+                    "Stripe-Signature": signature,
+                },
+            )
             response = connection.getresponse()
             response.read()
             mine.append(time.perf_counter() - started)
@@ -400,16 +473,20 @@ def load_main(url: str, bodies_path: str, concurrency: int) -> None:
     def pct(p: float) -> float:
         return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000, 2)
 
-    print(json.dumps({
-        "requests": len(latencies),
-        "seconds": round(elapsed, 3),
-        "per_second": round(len(latencies) / elapsed, 1),
-        "p50_ms": pct(50),
-        "p99_ms": pct(99),
-        "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "load_cpu_ms_per_request": round(time.process_time() / len(latencies) * 1000, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "requests": len(latencies),
+                "seconds": round(elapsed, 3),
+                "per_second": round(len(latencies) / elapsed, 1),
+                "p50_ms": pct(50),
+                "p99_ms": pct(99),
+                "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
+                "statuses": {str(k): v for k, v in sorted(statuses.items())},
+                "load_cpu_ms_per_request": round(time.process_time() / len(latencies) * 1000, 3),
+            }
+        )
+    )
 
 
 def cpu_seconds(master: int) -> float:
@@ -453,12 +530,21 @@ def services_cpu_seconds() -> float:
     return total / ticks
 
 
-def measure(name: str, app: str, env: dict, args: argparse.Namespace, count: int,
-            customer: str, subscription: str, log: Path) -> dict:
+def measure(
+    name: str,
+    app: str,
+    env: dict,
+    args: argparse.Namespace,
+    count: int,
+    customer: str,
+    subscription: str,
+    log: Path,
+) -> dict:
     process, url = start_gunicorn(app, env, args, log)
     try:
-        warmup = signed([delivery(customer, subscription, i, f"{name}w")
-                         for i in range(WARMUP_DELIVERIES)])
+        warmup = signed(
+            [delivery(customer, subscription, i, f"{name}w") for i in range(WARMUP_DELIVERIES)]
+        )
         run_load(url, warmup, args)
         deliveries = signed([delivery(customer, subscription, i, name) for i in range(count)])
         before, load_before = cpu_seconds(process.pid), os.getloadavg()[0]
@@ -501,12 +587,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--worker-class")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--load-tool", choices=("wrk", "python"), default=None,
-                        help="wrk if installed (default), else a threaded Python client")
+    parser.add_argument(
+        "--load-tool",
+        choices=("wrk", "python"),
+        default=None,
+        help="wrk if installed (default), else a threaded Python client",
+    )
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help=argparse.SUPPRESS)
     parser.add_argument("--wrk-threads", type=int, default=1)
-    parser.add_argument("--max-seconds", type=int, default=120,
-                        help="wrk's run time bound (a run ends when every delivery is answered)")
+    parser.add_argument(
+        "--max-seconds",
+        type=int,
+        default=120,
+        help="wrk's run time bound (a run ends when every delivery is answered)",
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--bodies", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,16 +627,29 @@ def main() -> None:
     try:
         customer, subscription = prepare(runtime)
         costs = component_costs(runtime, customer, subscription)
-        print("per call (wall/CPU µs): " + ", ".join(
-            f"{name} {costs[name + '_wall_us']}/{costs[name + '_cpu_us']}"
-            for name in ("verify", "store_once", "celery_publish", "publish_batch_of_8")),
-            flush=True)
-        queued = measure("queued", "billing:create_app()", env, args, args.requests,
-                         customer, subscription, log)
+        print(
+            "per call (wall/CPU µs): "
+            + ", ".join(
+                f"{name} {costs[name + '_wall_us']}/{costs[name + '_cpu_us']}"
+                for name in ("verify", "store_once", "celery_publish", "publish_batch_of_8")
+            ),
+            flush=True,
+        )
+        queued = measure(
+            "queued", "billing:create_app()", env, args, args.requests, customer, subscription, log
+        )
         stored = count_rows(runtime)
         queue_length = redis.Redis.from_url(REDIS_URL).llen(QUEUE)
-        synchronous = measure("sync", "webhooks:create_sync_app()", env, args,
-                              args.sync_requests, customer, subscription, log)
+        synchronous = measure(
+            "sync",
+            "webhooks:create_sync_app()",
+            env,
+            args,
+            args.sync_requests,
+            customer,
+            subscription,
+            log,
+        )
         processed_sync = count_rows(runtime, "processed")
     finally:
         emulator.terminate()
@@ -561,15 +668,21 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'endpoint':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU ms/req':>18}"
-          "  statuses")
+    print(
+        f"{'endpoint':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU ms/req':>18}"
+        "  statuses"
+    )
     for name in ("queued", "synchronous"):
         row = result[name]
-        print(f"{name:<12} {row['per_second']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8} "
-              f"{row['server_cpu_ms_per_request']:>18}  {row['statuses']}  "
-              f"load {row['load_average_1m']}")
-    print(f"queued/synchronous throughput: {result['throughput_ratio']}x; rows stored {stored}, "
-          f"tasks enqueued {queue_length}; written to {args.output}")
+        print(
+            f"{name:<12} {row['per_second']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8} "
+            f"{row['server_cpu_ms_per_request']:>18}  {row['statuses']}  "
+            f"load {row['load_average_1m']}"
+        )
+    print(
+        f"queued/synchronous throughput: {result['throughput_ratio']}x; rows stored {stored}, "
+        f"tasks enqueued {queue_length}; written to {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -121,7 +121,11 @@ class TaskPublisher:
         # ignore_result in the message: Celery lets the request's flag override the task's, and
         # the published tasks' results are read by nobody (their retries stored states anyway).
         return self.app.amqp.as_task_v2(
-            uuid(), task_name, args=args, argsrepr=repr(args), kwargsrepr="{}",
+            uuid(),
+            task_name,
+            args=args,
+            argsrepr=repr(args),
+            kwargsrepr="{}",
             ignore_result=True,
         )
 

@@ -112,7 +112,10 @@ def make_sender(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_publish_retry_policy={
-            "max_retries": 1, "interval_start": 0.05, "interval_step": 0.1, "interval_max": 0.1,
+            "max_retries": 1,
+            "interval_start": 0.05,
+            "interval_step": 0.1,
+            "interval_max": 0.1,
         },
     )
     return sender

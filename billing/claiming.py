@@ -220,12 +220,7 @@ class Claimer:
             sa.column("event_name", sa.String),
             sa.column("type_part", sa.String),
             name="meters",
-        ).data(
-            [
-                (t, self.settings.stripe_meters[t], identifier_type_part(t))
-                for t in rules.meters
-            ]
-        )
+        ).data([(t, self.settings.stripe_meters[t], identifier_type_part(t)) for t in rules.meters])
         w = windowed.c
         # The same identifier as `usage_identifier`, built in SQL.
         identifier = sa.func.concat(
@@ -354,9 +349,7 @@ class Claimer:
         )
 
     @staticmethod
-    def _groups_over_ceiling(
-        rules: BillableRules, edges: tuple[Any, Any], grouped: Any
-    ) -> Any:
+    def _groups_over_ceiling(rules: BillableRules, edges: tuple[Any, Any], grouped: Any) -> Any:
         """The (organization, event type, hour) groups of the batch whose billable rows sum above
         STRIPE_USAGE_MAX_GROUP_QUANTITY. A group inside the batch is all there (the batch is a
         run of rows in group order); only the first and the last group may continue outside it,
@@ -480,8 +473,10 @@ def _edge_of(picked: Any, *, last: bool) -> Any:
 
 
 def _group_of(row: Any) -> tuple[int, str, datetime]:
-    return row.organization_id, row.event_type, _as_utc(row.occurred_at).replace(
-        minute=0, second=0, microsecond=0
+    return (
+        row.organization_id,
+        row.event_type,
+        _as_utc(row.occurred_at).replace(minute=0, second=0, microsecond=0),
     )
 
 

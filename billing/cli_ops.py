@@ -155,9 +155,7 @@ def lock_release_command(if_holder_dead: bool) -> None:
     rt = runtime()
     with ops_errors():
         state = inspect_lock(rt.redis, rt.settings.flush_lock_key)
-        outcome = (
-            ReleaseOutcome.NOT_HELD if state is None else release_dead_holder(rt.redis, state)
-        )
+        outcome = ReleaseOutcome.NOT_HELD if state is None else release_dead_holder(rt.redis, state)
     payload = {"key": rt.settings.flush_lock_key, "outcome": outcome.value}
     if state is not None:
         payload["lock"] = state.to_dict()
@@ -175,10 +173,18 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
 
 @click.command("reconcile")
 @with_appcontext
-@click.option("--since", type=click.DateTime(ISO_FORMATS), default=None,
-              help="Start (UTC, ISO 8601). Default: 48 h ago, or the oldest held row's hour.")
-@click.option("--until", type=click.DateTime(ISO_FORMATS), default=None,
-              help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour.")
+@click.option(
+    "--since",
+    type=click.DateTime(ISO_FORMATS),
+    default=None,
+    help="Start (UTC, ISO 8601). Default: 48 h ago, or the oldest held row's hour.",
+)
+@click.option(
+    "--until",
+    type=click.DateTime(ISO_FORMATS),
+    default=None,
+    help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
@@ -205,8 +211,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 
 
 def _progress_bar(label: str) -> Any:

@@ -46,8 +46,14 @@ def unbillable_command(org_id: int | None, reason: str | None, limit: int, as_js
     if listing.events:
         headers = ("id", "reason", "org", "event_type", "quantity", "occurred_at")
         rows = [
-            (e["id"], e["reason"], e["organization_id"], e["event_type"], e["quantity"],
-             e["occurred_at"])
+            (
+                e["id"],
+                e["reason"],
+                e["organization_id"],
+                e["event_type"],
+                e["quantity"],
+                e["occurred_at"],
+            )
             for e in listing.events
         ]
         click.echo(render_table(headers, rows))

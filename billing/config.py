@@ -51,9 +51,7 @@ DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "sqlite")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # The known prefixes a masked secret keeps; then, for a mistyped one, its first letters.
-_KEY_PREFIX = re.compile(
-    r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|(?:sk|rk|pk|whsec)[_-])"
-)
+_KEY_PREFIX = re.compile(r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|(?:sk|rk|pk|whsec)[_-])")
 SECRET_FIELDS = frozenset({"stripe_secret_key", "stripe_webhook_secret"})
 
 
@@ -480,9 +478,7 @@ class Settings:
             ).upper(),
             log_format=env.choice("BILLING_LOG_FORMAT", "auto", ("auto", "json", "text")),
             metrics_path=metrics_path_from_env(env.environ),
-            worker_metrics_port=env.int(
-                "BILLING_WORKER_METRICS_PORT", 0, minimum=0, maximum=65535
-            ),
+            worker_metrics_port=env.int("BILLING_WORKER_METRICS_PORT", 0, minimum=0, maximum=65535),
             worker_metrics_address=env.str("BILLING_WORKER_METRICS_ADDRESS", "127.0.0.1")
             or "127.0.0.1",
             # Read by prometheus-client itself at import; here to check it before a worker starts.

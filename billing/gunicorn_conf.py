@@ -61,8 +61,10 @@ def _share_metrics_directory() -> None:
     if os.environ.get(MULTIPROC_DIR):  # the operator's (systemd's RuntimeDirectory=), checked
         return
     if "prometheus_client" in sys.modules:  # --preload built the app in this process already
-        _refuse(f"--preload needs {MULTIPROC_DIR} set (an empty directory), or each worker "
-                "counts alone and a scrape sees one of them")
+        _refuse(
+            f"--preload needs {MULTIPROC_DIR} set (an empty directory), or each worker "
+            "counts alone and a scrape sees one of them"
+        )
     _created_metrics_dir = tempfile.mkdtemp(prefix="billing-web-metrics-")
     os.environ[MULTIPROC_DIR] = _created_metrics_dir
 

@@ -339,6 +339,7 @@ class Entitlement(Base):
         CheckConstraint("source IN ('stripe', 'manual')", name="source_known"),
     )
 
+
 class AdjustmentKind(enum.StrEnum):
     MINIMUM_COMMITMENT = "minimum_commitment"  # top metered usage up to this, every period
     CREDIT = "credit"  # one-off: taken off the next period invoice, then consumed

@@ -77,9 +77,7 @@ def _lock_for_write(session: Session, name: str) -> None:
     )
 
 
-def _compare_and_set(
-    session: Session, name: str, payload: Payload, seen: datetime | None
-) -> bool:
+def _compare_and_set(session: Session, name: str, payload: Payload, seen: datetime | None) -> bool:
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect](OpsRecord)
     values = insert.values(name=name, payload=payload, updated_at=utcnow())

@@ -221,7 +221,8 @@ def _compare(
 
 def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
     expired = [
-        r for r in group.rows
+        r
+        for r in group.rows
         if r["status"] == HELD
         and datetime.fromisoformat(r["identifier_since"]) + IDENTIFIER_WINDOW <= now
     ]
@@ -236,7 +237,9 @@ def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
     assert group.stripe is not None
     if group.stripe == sent + held:
         submissions.mark_held_delivered(
-            runtime, ids, actor=ACTOR,
+            runtime,
+            ids,
+            actor=ACTOR,
             reason=f"Stripe's hourly summary {group.stripe} = sent {sent} + held {held}",
         )
         group.settled, group.status = "delivered", "match"
@@ -255,8 +258,13 @@ def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
         row["status"] = SENT if group.settled == "delivered" else PENDING
     log.warning(
         "Stripe usage held rows settled by reconciliation",
-        extra={"submission_ids": ids, "settled": group.settled, "stripe_customer_id":
-               group.customer, "meter": group.meter, "hour": group.hour.isoformat()},
+        extra={
+            "submission_ids": ids,
+            "settled": group.settled,
+            "stripe_customer_id": group.customer,
+            "meter": group.meter,
+            "hour": group.hour.isoformat(),
+        },
     )
 
 

@@ -366,8 +366,9 @@ def _sent_span(run: _Run, customer_id: str) -> tuple[datetime, datetime] | None:
     submission = UsageSubmission
     with run.runtime.session_factory() as session:
         first, last = session.execute(
-            sa.select(sa.func.min(submission.window_start), sa.func.max(submission.window_end))
-            .where(
+            sa.select(
+                sa.func.min(submission.window_start), sa.func.max(submission.window_end)
+            ).where(
                 submission.organization_id == run.organization_id,
                 submission.stripe_customer_id == customer_id,
                 submission.status == SubmissionStatus.SENT.value,

@@ -402,9 +402,7 @@ class StripeGateway:
             # anything the browser sends back.
             "client_reference_id": str(checkout.organization_id),
             "metadata": {"organization_id": str(checkout.organization_id)},
-            "subscription_data": {
-                "metadata": {"organization_id": str(checkout.organization_id)}
-            },
+            "subscription_data": {"metadata": {"organization_id": str(checkout.organization_id)}},
             "success_url": checkout.success_url,
             "cancel_url": checkout.cancel_url,
         }
@@ -427,9 +425,13 @@ class StripeGateway:
         found = self._call(
             self.client.v1.entitlements.features.list, {"lookup_key": lookup_key, "limit": 1}
         )
-        feature = found.data[0] if found.data else self._call(
-            self.client.v1.entitlements.features.create,
-            {"lookup_key": lookup_key, "name": lookup_key},
+        feature = (
+            found.data[0]
+            if found.data
+            else self._call(
+                self.client.v1.entitlements.features.create,
+                {"lookup_key": lookup_key, "name": lookup_key},
+            )
         )
         product = self._call(
             self.client.v1.products.create,

@@ -113,9 +113,7 @@ def dismiss_unbillable(
     if bool(ids) == (organization_id is not None):
         raise DismissalError("give billable event ids or an organization (not both)")
     if unbillable is not None and (ids or unbillable not in REASONS):
-        raise DismissalError(
-            f"--unbillable takes one of {', '.join(REASONS)}, with --org-id only"
-        )
+        raise DismissalError(f"--unbillable takes one of {', '.join(REASONS)}, with --org-id only")
     try:
         with runtime.session_factory.begin() as session:
             rules = _begin_consistent(session, runtime)
@@ -214,9 +212,7 @@ def _counts(
     session: Session, candidates: sa.Subquery, chosen: list[sa.ColumnElement[bool]]
 ) -> dict[str, int]:
     query = (
-        sa.select(candidates.c.reason, sa.func.count())
-        .where(*chosen)
-        .group_by(candidates.c.reason)
+        sa.select(candidates.c.reason, sa.func.count()).where(*chosen).group_by(candidates.c.reason)
     )
     found = dict(session.execute(query).all())
     # Group reasons last: dismissing a row set aside for its own sake changes no group's sum.

@@ -175,8 +175,9 @@ class Emulator:
             return result
         return self._after(result, req, key, started)
 
-    async def _after(self, pending: Awaitable[Response | None], req: Request, key: str,
-                     started: float) -> Response | None:
+    async def _after(
+        self, pending: Awaitable[Response | None], req: Request, key: str, started: float
+    ) -> Response | None:
         result = await pending
         self._log(req, key, result, started)
         return result
@@ -195,9 +196,12 @@ class Emulator:
             api_key = self._authenticate(req)
             match = router.match(req.method, req.path)
             if match is None:
-                raise StripeError(404, f"Unrecognized request URL ({req.method}: {req.path}). "
-                                       "Please see https://stripe.com/docs or we can help at "
-                                       "https://support.stripe.com/.")
+                raise StripeError(
+                    404,
+                    f"Unrecognized request URL ({req.method}: {req.path}). "
+                    "Please see https://stripe.com/docs or we can help at "
+                    "https://support.stripe.com/.",
+                )
             if not self.limiter.allow(req.path):
                 raise errors.rate_limited()
             decision = self.faults.decide(req.method, req.path)
@@ -222,9 +226,16 @@ class Emulator:
             if lock is not None:
                 self._locks.discard(lock)
 
-    async def _delayed(self, decision: Decision, req: Request, api_key: str, route: Route,
-                       args: tuple[str, ...], params: dict[str, Any],
-                       lock: tuple[str, ...] | None) -> Response | None:
+    async def _delayed(
+        self,
+        decision: Decision,
+        req: Request,
+        api_key: str,
+        route: Route,
+        args: tuple[str, ...],
+        params: dict[str, Any],
+        lock: tuple[str, ...] | None,
+    ) -> Response | None:
         # Holding the per-object lock (and the idempotency key) across the latency makes
         # contention observable: a concurrent call gets lock_timeout (or 409 for the same key).
         claim = self._idem_key(req, api_key)
@@ -263,13 +274,19 @@ class Emulator:
             cred = ""
         cred = cred.strip()
         if not cred:
-            raise StripeError(401, "You did not provide an API key. You need to provide your API "
-                                   "key in the Authorization header, using Bearer auth (e.g. "
-                                   "'Authorization: Bearer YOUR_SECRET_KEY').")
+            raise StripeError(
+                401,
+                "You did not provide an API key. You need to provide your API "
+                "key in the Authorization header, using Bearer auth (e.g. "
+                "'Authorization: Bearer YOUR_SECRET_KEY').",
+            )
         if cred.startswith(("sk_live_", "rk_live_", "pk_live_")):
-            raise StripeError(401, "This is the Stripe emulator: it accepts test-mode keys "
-                                   "(sk_test_...) only and refuses live-mode keys. Never point a "
-                                   "live key at it.")
+            raise StripeError(
+                401,
+                "This is the Stripe emulator: it accepts test-mode keys "
+                "(sk_test_...) only and refuses live-mode keys. Never point a "
+                "live key at it.",
+            )
         if not cred.startswith(("sk_test_", "rk_test_")):
             raise StripeError(401, f"Invalid API Key provided: {_masked_key(cred)}")
         return cred
@@ -278,8 +295,10 @@ class Emulator:
         if req.method == "POST":
             ctype = req.headers.get("content-type", "")
             if req.body and "json" in ctype:
-                raise errors.invalid("Invalid request: v1 endpoints take form-encoded bodies "
-                                     "(application/x-www-form-urlencoded), not JSON.")
+                raise errors.invalid(
+                    "Invalid request: v1 endpoints take form-encoded bodies "
+                    "(application/x-www-form-urlencoded), not JSON."
+                )
             raw = parse_form(req.query) if req.query else {}
             try:
                 raw.update(parse_form(req.body.decode("utf-8")))
@@ -295,8 +314,14 @@ class Emulator:
         value = req.headers.get("idempotency-key")
         return (api_key, value) if value else None
 
-    def _execute(self, req: Request, api_key: str, route: Route, args: tuple[str, ...],
-                 params: dict[str, Any]) -> Response:
+    def _execute(
+        self,
+        req: Request,
+        api_key: str,
+        route: Route,
+        args: tuple[str, ...],
+        params: dict[str, Any],
+    ) -> Response:
         st = self.state
         idem = self._idem_key(req, api_key)
         headers = self._headers(req)
@@ -304,8 +329,9 @@ class Emulator:
         if idem is not None:
             signature = (req.method, req.path, json.dumps(params, sort_keys=True))
             if len(idem[1]) > 255:
-                raise errors.invalid("Idempotency-Key must be at most 255 characters.",
-                                     param="Idempotency-Key")
+                raise errors.invalid(
+                    "Idempotency-Key must be at most 255 characters.", param="Idempotency-Key"
+                )
             stored = self._idem.get(idem)
             if stored is not None and stored.created > st.now() - ID_WINDOW:
                 if stored.signature != signature:
@@ -316,8 +342,11 @@ class Emulator:
                         f"'{idem[1]}' if you meant to execute a different request.",
                         type="idempotency_error",
                     )
-                return Response(stored.status, stored.body,
-                                [*headers, ("Idempotent-Replayed", "true"), *stored.headers])
+                return Response(
+                    stored.status,
+                    stored.body,
+                    [*headers, ("Idempotent-Replayed", "true"), *stored.headers],
+                )
             if idem in self._idem_inflight:
                 raise StripeError(
                     409,
@@ -359,9 +388,11 @@ class Emulator:
         return headers
 
     def _error(self, err: StripeError) -> Response:
-        return Response(err.status, err.body(),
-                        [("Request-Id", f"{self._req_prefix}{next(self._req_ids):010d}"),
-                         *err.headers])
+        return Response(
+            err.status,
+            err.body(),
+            [("Request-Id", f"{self._req_prefix}{next(self._req_ids):010d}"), *err.headers],
+        )
 
     def _fault_response(self, fault: Fault | None) -> Response:
         assert fault is not None and fault.status is not None
@@ -405,5 +436,5 @@ def _masked_key(key: str) -> str:
     long, its last four; the asterisks do not tell its length."""
     match = _KEY_PREFIX.match(key)
     prefix = match.group(0) if match else ""
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     return f"{prefix}****{rest[-4:] if len(rest) >= 12 else ''}"

@@ -28,23 +28,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=12111, help="port, 0 = any free (default 12111)")
     p.add_argument("--webhook-url", help="POST signed events to this endpoint")
     p.add_argument("--webhook-secret", help="whsec_... signing secret (generated if omitted)")
-    p.add_argument("--rate-limits", choices=sorted(PRESETS), default="test",
-                   help="rate-ceiling preset: test = 25 req/s shared (Stripe test mode, the "
-                   "default), live = 100 req/s shared + 1,000/s meter events, off = none")
-    p.add_argument("--global-rps", type=float, metavar="N",
-                   help="override the shared ceiling (0 = none)")
-    p.add_argument("--path-rps", type=_path_rps, action="append", default=[], metavar="PATH=N",
-                   help="own ceiling for a path prefix, repeatable "
-                   "(e.g. /v1/billing/meter_events=5000)")
-    p.add_argument("--finalize-delay", type=int, default=3600, metavar="SECONDS",
-                   help="draft renewal invoice → finalized, in emulator seconds (default 3600)")
-    p.add_argument("--no-invoice-auto-pay", action="store_true",
-                   help="leave finalized invoices open instead of paying them at once")
-    p.add_argument("--webhook-backoff-ms", type=float, default=1000.0,
-                   help="first webhook retry delay, doubling per attempt (default 1000)")
+    p.add_argument(
+        "--rate-limits",
+        choices=sorted(PRESETS),
+        default="test",
+        help="rate-ceiling preset: test = 25 req/s shared (Stripe test mode, the "
+        "default), live = 100 req/s shared + 1,000/s meter events, off = none",
+    )
+    p.add_argument(
+        "--global-rps", type=float, metavar="N", help="override the shared ceiling (0 = none)"
+    )
+    p.add_argument(
+        "--path-rps",
+        type=_path_rps,
+        action="append",
+        default=[],
+        metavar="PATH=N",
+        help="own ceiling for a path prefix, repeatable (e.g. /v1/billing/meter_events=5000)",
+    )
+    p.add_argument(
+        "--finalize-delay",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="draft renewal invoice → finalized, in emulator seconds (default 3600)",
+    )
+    p.add_argument(
+        "--no-invoice-auto-pay",
+        action="store_true",
+        help="leave finalized invoices open instead of paying them at once",
+    )
+    p.add_argument(
+        "--webhook-backoff-ms",
+        type=float,
+        default=1000.0,
+        help="first webhook retry delay, doubling per attempt (default 1000)",
+    )
     p.add_argument("--webhook-max-attempts", type=int, default=10)
-    p.add_argument("--allow-remote-controls", action="store_true",
-                   help="answer /_emulator/ controls from non-loopback peers too")
+    p.add_argument(
+        "--allow-remote-controls",
+        action="store_true",
+        help="answer /_emulator/ controls from non-loopback peers too",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return p
 
@@ -77,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def announce() -> None:
-        log.warning("Stripe emulator listening on %s (api version %s, rate limits %s)",
-                    server.url, server.emulator.state.settings.api_version,
-                    server.emulator.limiter.describe())
+        log.warning(
+            "Stripe emulator listening on %s (api version %s, rate limits %s)",
+            server.url,
+            server.emulator.state.settings.api_version,
+            server.emulator.limiter.describe(),
+        )
         if args.webhook_url:
             log.warning("webhooks → %s signed with %s", args.webhook_url, secret)
 

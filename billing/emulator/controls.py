@@ -51,8 +51,15 @@ class Controls:
 
     def handle(self, req: Request) -> HandlerResult:
         if not self.em.options.allow_remote_controls and not _loopback(req.peer):
-            return _json({"error": {"message": "Test controls answer loopback clients only.",
-                                    "type": "invalid_request_error"}}, 403)
+            return _json(
+                {
+                    "error": {
+                        "message": "Test controls answer loopback clients only.",
+                        "type": "invalid_request_error",
+                    }
+                },
+                403,
+            )
         try:
             fn = self._routes.get((req.method, req.path))
             if fn is not None:
@@ -65,8 +72,15 @@ class Controls:
                 with self.em.state.lock:
                     inv = self.em.state.get(self.em.state.invoices, "invoice", m.group(1))
                     return _json(inv)
-            return _json({"error": {"message": f"No control {req.method} {req.path}",
-                                    "type": "invalid_request_error"}}, 404)
+            return _json(
+                {
+                    "error": {
+                        "message": f"No control {req.method} {req.path}",
+                        "type": "invalid_request_error",
+                    }
+                },
+                404,
+            )
         except StripeError as err:
             return Response(err.status, err.body())
 
@@ -93,16 +107,39 @@ class Controls:
             else:
                 raise invalid('Pass {"advance": seconds} or {"set": unix_ts}.')
         now = st.now()
-        return _json({"now": now, "offset": st.clock.offset,
-                      "iso": datetime.fromtimestamp(now, UTC).isoformat()})
+        return _json(
+            {
+                "now": now,
+                "offset": st.clock.offset,
+                "iso": datetime.fromtimestamp(now, UTC).isoformat(),
+            }
+        )
 
     def faults(self, req: Request, body: dict[str, Any]) -> Response:
         rules = self.em.faults.rules
         if req.method == "POST":
-            _only(body, {"clear", "faults", "path", "method", "status", "code", "should_retry",
-                         "latency_ms", "drop", "count", "probability", "seed"})
-            specs = body.get("faults") or ([] if "path" not in body else [
-                {k: v for k, v in body.items() if k not in ("clear", "faults")}])
+            _only(
+                body,
+                {
+                    "clear",
+                    "faults",
+                    "path",
+                    "method",
+                    "status",
+                    "code",
+                    "should_retry",
+                    "latency_ms",
+                    "drop",
+                    "count",
+                    "probability",
+                    "seed",
+                },
+            )
+            specs = body.get("faults") or (
+                []
+                if "path" not in body
+                else [{k: v for k, v in body.items() if k not in ("clear", "faults")}]
+            )
             parsed = [parse_fault(spec) for spec in specs]  # all or nothing
             if body.get("clear"):
                 rules.clear()
@@ -122,8 +159,13 @@ class Controls:
                 s.finalize_delay = int(body["finalize_delay"])
             if "invoice_auto_pay" in body:
                 s.invoice_auto_pay = bool(body["invoice_auto_pay"])
-        return _json({"finalize_delay": s.finalize_delay, "invoice_auto_pay": s.invoice_auto_pay,
-                      "api_version": s.api_version})
+        return _json(
+            {
+                "finalize_delay": s.finalize_delay,
+                "invoice_auto_pay": s.invoice_auto_pay,
+                "api_version": s.api_version,
+            }
+        )
 
     def stats(self, req: Request, body: dict[str, Any]) -> Response:
         return _json(self.em.snapshot())
@@ -138,8 +180,13 @@ class Controls:
             if body.pop("clear_deliveries", False):
                 sender.clear()
             sender.config.update(body)
-        return _json({"config": sender.config.describe(), "pending": sender.pending(),
-                      "deliveries": list(sender.deliveries)})
+        return _json(
+            {
+                "config": sender.config.describe(),
+                "pending": sender.pending(),
+                "deliveries": list(sender.deliveries),
+            }
+        )
 
     def flush(self, req: Request, body: dict[str, Any]) -> HandlerResult:
         """Wait (without blocking the server) until every queued delivery is done."""
@@ -151,8 +198,13 @@ class Controls:
             deadline = time.monotonic() + timeout
             while sender.pending() and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            return _json({"idle": sender.pending() == 0, "pending": sender.pending(),
-                          "deliveries": len(sender.deliveries)})
+            return _json(
+                {
+                    "idle": sender.pending() == 0,
+                    "pending": sender.pending(),
+                    "deliveries": len(sender.deliveries),
+                }
+            )
 
         return wait()
 
@@ -162,8 +214,11 @@ class Controls:
         with st.lock:
             if req.method == "GET" and not api:
                 sess = st.get(st.checkout_sessions, "checkout.session", ident)
-                return Response(200, _page(sess, st.checkout_lines[ident]).encode(),
-                                content_type="text/html; charset=utf-8")
+                return Response(
+                    200,
+                    _page(sess, st.checkout_lines[ident]).encode(),
+                    content_type="text/html; charset=utf-8",
+                )
             if req.method != "POST":
                 raise StripeError(405, "Use POST to complete a Checkout Session.")
             if api:
@@ -216,11 +271,11 @@ def _page(sess: dict[str, Any], lines: list[dict[str, Any]]) -> str:
 <html><head><meta charset="utf-8"><title>Emulated Checkout</title></head>
 <body style="font-family: sans-serif; max-width: 32em; margin: 3em auto">
 <h1>Emulated Stripe Checkout</h1>
-<p>Session <code>{html.escape(sess['id'])}</code> — status <b>{sess['status']}</b></p>
+<p>Session <code>{html.escape(sess["id"])}</code> — status <b>{sess["status"]}</b></p>
 <ul>{rows}</ul>
 <form method="post">
 <label>Email <input name="email" value="{email}"></label>
 <button type="submit"{disabled}>Pay (test mode)</button>
 </form>
-<p><a href="{html.escape(sess.get('cancel_url') or '#')}">Cancel</a></p>
+<p><a href="{html.escape(sess.get("cancel_url") or "#")}">Cancel</a></p>
 </body></html>"""

@@ -53,16 +53,33 @@ class Fault:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "path": self.path, "method": self.method, "status": self.status, "code": self.code,
-            "should_retry": self.should_retry, "latency_ms": self.latency_ms, "drop": self.drop,
-            "remaining": self.count, "probability": self.probability, "seed": self.seed,
+            "path": self.path,
+            "method": self.method,
+            "status": self.status,
+            "code": self.code,
+            "should_retry": self.should_retry,
+            "latency_ms": self.latency_ms,
+            "drop": self.drop,
+            "remaining": self.count,
+            "probability": self.probability,
+            "seed": self.seed,
             "hits": self.hits,
         }
 
 
 def parse_fault(spec: dict[str, Any]) -> Fault:
-    known = {"path", "method", "status", "code", "should_retry", "latency_ms", "drop", "count",
-             "probability", "seed"}
+    known = {
+        "path",
+        "method",
+        "status",
+        "code",
+        "should_retry",
+        "latency_ms",
+        "drop",
+        "count",
+        "probability",
+        "seed",
+    }
     unknown = set(spec) - known
     if unknown:
         raise invalid(f"Unknown fault field(s): {', '.join(sorted(unknown))}")

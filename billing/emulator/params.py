@@ -81,9 +81,7 @@ class Int(Spec):
         if value == "":
             return None
         if not isinstance(value, str) or not value.lstrip("-").isdigit():
-            raise invalid(
-                f"Invalid integer: {value}", param=name, code="parameter_invalid_integer"
-            )
+            raise invalid(f"Invalid integer: {value}", param=name, code="parameter_invalid_integer")
         number = int(value)
         if self.minimum is not None and number < self.minimum:
             raise invalid(f"Invalid {name}: must be at least {self.minimum}", param=name)

@@ -80,8 +80,9 @@ class EmulatorServer:
         """Serve from a daemon thread; returns once listening (then `url` has the real port)."""
         if self._thread is not None:
             raise RuntimeError("already started")
-        self._thread = threading.Thread(target=self._thread_main, name="stripe-emulator",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._thread_main, name="stripe-emulator", daemon=True
+        )
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
@@ -102,8 +103,12 @@ class EmulatorServer:
     def __enter__(self) -> EmulatorServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def _thread_main(self) -> None:

@@ -125,8 +125,14 @@ class State:
 
     # lookups ----------------------------------------------------------------------------------
 
-    def get(self, table: dict[str, dict[str, Any]], kind: str, ident: str, param: str = "id",
-            status: int = 404) -> dict[str, Any]:
+    def get(
+        self,
+        table: dict[str, dict[str, Any]],
+        kind: str,
+        ident: str,
+        param: str = "id",
+        status: int = 404,
+    ) -> dict[str, Any]:
         obj = table.get(ident)
         if obj is None:
             err = missing(kind, ident, param)
@@ -211,6 +217,7 @@ class State:
         stale = [k for k, rec in self.identifiers.items() if rec.received_at <= cutoff]
         for key in stale:
             del self.identifiers[key]
+
 
 # lists and expansion ----------------------------------------------------------------------------
 

@@ -114,9 +114,18 @@ class WebhookSender:
                 body = json.dumps(event, indent=2).encode()
                 for dup in (False, True) if cfg.duplicate else (False,):
                     self._seq += 1
-                    self._jobs.append(_Job(due, self._seq, event["id"], event["type"], body,
-                                           arrival=self._seq, duplicate=dup,
-                                           generation=self._generation))
+                    self._jobs.append(
+                        _Job(
+                            due,
+                            self._seq,
+                            event["id"],
+                            event["type"],
+                            body,
+                            arrival=self._seq,
+                            duplicate=dup,
+                            generation=self._generation,
+                        )
+                    )
             if cfg.order != "in_order":  # what was held may be reordered with what came before
                 self._reorder_held(cfg.order)
             self._jobs.sort()
@@ -205,12 +214,22 @@ class WebhookSender:
             error = f"{type(exc).__name__}: {exc}"
         ok = status is not None and 200 <= status < 300
         record = {
-            "event_id": job.event_id, "type": job.event_type, "attempt": job.attempt,
-            "status": status, "error": error, "ok": ok, "duplicate": job.duplicate,
+            "event_id": job.event_id,
+            "type": job.event_type,
+            "attempt": job.attempt,
+            "status": status,
+            "error": error,
+            "ok": ok,
+            "duplicate": job.duplicate,
             "at": time.time(),
         }
-        log.info("webhook %s %s attempt %d -> %s", job.event_type, job.event_id, job.attempt,
-                 status or error)
+        log.info(
+            "webhook %s %s attempt %d -> %s",
+            job.event_type,
+            job.event_id,
+            job.attempt,
+            status or error,
+        )
         with self._cv:
             if job.generation != self._generation:
                 return
@@ -226,8 +245,9 @@ class WebhookSender:
 
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     parts = urlsplit(url)
-    conn_cls = (http.client.HTTPSConnection if parts.scheme == "https"
-                else http.client.HTTPConnection)
+    conn_cls = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
     conn = conn_cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
         path = parts.path or "/"

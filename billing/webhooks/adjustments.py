@@ -90,11 +90,14 @@ def on_invoice_created(runtime: Runtime, invoice_id: str) -> AppliedAdjustments 
     if result.newly_applied:
         log.info(
             logs.INVOICE_ADJUSTMENTS_APPLIED,
-            extra={**fields, "currency": result.currency,
-                   "metered_usage_cents": result.metered_usage_cents,
-                   "minimum_commitment_topup_cents": result.minimum_commitment_topup_cents,
-                   "credit_cents": result.credit_cents,
-                   "adjustments_applied": result.newly_applied},
+            extra={
+                **fields,
+                "currency": result.currency,
+                "metered_usage_cents": result.metered_usage_cents,
+                "minimum_commitment_topup_cents": result.minimum_commitment_topup_cents,
+                "credit_cents": result.credit_cents,
+                "adjustments_applied": result.newly_applied,
+            },
         )
     return result
 
@@ -121,9 +124,7 @@ def flush_late_usage(runtime: Runtime, organization_id: int) -> None:
     flush_once(runtime, organization_id=organization_id).raise_if_transient()
 
 
-def metered_usage_cents(
-    runtime: Runtime, organization_id: int, lines: list[dict[str, Any]]
-) -> int:
+def metered_usage_cents(runtime: Runtime, organization_id: int, lines: list[dict[str, Any]]) -> int:
     """The invoice's charges for metered prices (licensed fees and our own items excluded).
 
     Per metered line, the larger of Stripe's amount and the same price applied to the usage
@@ -200,9 +201,12 @@ def plan_adjustments(
             if adjustment.currency != invoice.currency:
                 log.warning(
                     logs.INVOICE_ADJUSTMENTS_SKIPPED,
-                    extra={"invoice_id": invoice.id, "organization_id": organization_id,
-                           "adjustment_id": adjustment.id,
-                           "reason": f"currency {adjustment.currency} != {invoice.currency}"},
+                    extra={
+                        "invoice_id": invoice.id,
+                        "organization_id": organization_id,
+                        "adjustment_id": adjustment.id,
+                        "reason": f"currency {adjustment.currency} != {invoice.currency}",
+                    },
                 )
                 continue
             row = _plan_one(adjustment, invoice, usage_cents, editable=editable)
@@ -279,9 +283,7 @@ def apply_planned(
     lines: list[dict[str, Any]],
     usage_cents: int,
 ) -> AppliedAdjustments:
-    on_invoice = {
-        (line.get("metadata") or {}).get(KEY_METADATA): line for line in lines
-    }
+    on_invoice = {(line.get("metadata") or {}).get(KEY_METADATA): line for line in lines}
     topup = credit = applied = 0
     for row in planned:
         existing = on_invoice.get(row.idempotency_key)
@@ -342,8 +344,11 @@ def _mark_applied(runtime: Runtime, row: InvoiceAdjustment, item_id: str | None)
         session.execute(
             sa.update(InvoiceAdjustment)
             .where(InvoiceAdjustment.id == row.id)
-            .values(status=InvoiceAdjustmentStatus.APPLIED.value,
-                    stripe_invoice_item_id=item_id, applied_at=utcnow())
+            .values(
+                status=InvoiceAdjustmentStatus.APPLIED.value,
+                stripe_invoice_item_id=item_id,
+                applied_at=utcnow(),
+            )
         )
 
 
@@ -363,8 +368,10 @@ def _set_missed(session: Session, row: InvoiceAdjustment) -> None:
     row.status = InvoiceAdjustmentStatus.MISSED.value
     session.execute(
         sa.update(BillingAdjustment)
-        .where(BillingAdjustment.id == row.adjustment_id,
-               BillingAdjustment.consumed_invoice_id == row.stripe_invoice_id)
+        .where(
+            BillingAdjustment.id == row.adjustment_id,
+            BillingAdjustment.consumed_invoice_id == row.stripe_invoice_id,
+        )
         .values(consumed_invoice_id=None)
     )
 
@@ -372,9 +379,14 @@ def _set_missed(session: Session, row: InvoiceAdjustment) -> None:
 def _log_missed(row: InvoiceAdjustment, error: str) -> None:
     log.error(
         logs.INVOICE_ADJUSTMENT_MISSED,
-        extra={"invoice_id": row.stripe_invoice_id, "organization_id": row.organization_id,
-               "adjustment_id": row.adjustment_id, "kind": row.kind,
-               "amount_cents": row.amount_cents, "error": error},
+        extra={
+            "invoice_id": row.stripe_invoice_id,
+            "organization_id": row.organization_id,
+            "adjustment_id": row.adjustment_id,
+            "kind": row.kind,
+            "amount_cents": row.amount_cents,
+            "error": error,
+        },
     )
 
 
@@ -412,7 +424,9 @@ def add_adjustment(
                 "remove it first"
             )
         adjustment = BillingAdjustment(
-            organization_id=organization_id, kind=kind, amount_cents=amount_cents,
+            organization_id=organization_id,
+            kind=kind,
+            amount_cents=amount_cents,
             currency=currency,
         )
         session.add(adjustment)
@@ -511,10 +525,12 @@ def carry_over_missed(runtime: Runtime, row_id: int, *, actor: str) -> dict[str,
                 f"{(row.metered_usage_cents or 0) + row.amount_cents} "
                 f"{row.currency.upper()} cents)"
             ),
-            metadata={KEY_METADATA: f"{row.idempotency_key}-carried",
-                      "billing_adjustment_id": str(row.adjustment_id),
-                      "billing_adjustment_kind": row.kind,
-                      "billing_missed_invoice": row.stripe_invoice_id},
+            metadata={
+                KEY_METADATA: f"{row.idempotency_key}-carried",
+                "billing_adjustment_id": str(row.adjustment_id),
+                "billing_adjustment_kind": row.kind,
+                "billing_missed_invoice": row.stripe_invoice_id,
+            },
             idempotency_key=f"{row.idempotency_key}-carried",
         )
         _resolve(row, InvoiceAdjustmentStatus.CARRIED_OVER, actor, None)
@@ -555,18 +571,29 @@ def _resolve(
     row.resolution_note = note
     log.warning(
         logs.INVOICE_ADJUSTMENT_RESOLVED,
-        extra={"invoice_id": row.stripe_invoice_id, "organization_id": row.organization_id,
-               "adjustment_id": row.adjustment_id, "amount_cents": row.amount_cents,
-               "resolution": status.value, "actor": actor, "reason": note},
+        extra={
+            "invoice_id": row.stripe_invoice_id,
+            "organization_id": row.organization_id,
+            "adjustment_id": row.adjustment_id,
+            "amount_cents": row.amount_cents,
+            "resolution": status.value,
+            "actor": actor,
+            "reason": note,
+        },
     )
 
 
 def _application_dict(row: InvoiceAdjustment) -> dict[str, Any]:
     return {
-        "id": row.id, "invoice_id": row.stripe_invoice_id, "kind": row.kind,
-        "amount_cents": row.amount_cents, "metered_usage_cents": row.metered_usage_cents,
-        "status": row.status, "invoice_item_id": row.stripe_invoice_item_id,
-        "resolved_at": row.resolved_at, "resolved_by": row.resolved_by,
+        "id": row.id,
+        "invoice_id": row.stripe_invoice_id,
+        "kind": row.kind,
+        "amount_cents": row.amount_cents,
+        "metered_usage_cents": row.metered_usage_cents,
+        "status": row.status,
+        "invoice_item_id": row.stripe_invoice_item_id,
+        "resolved_at": row.resolved_at,
+        "resolved_by": row.resolved_by,
         "resolution_note": row.resolution_note,
     }
 

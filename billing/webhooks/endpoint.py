@@ -57,9 +57,14 @@ def receive(
     except Exception as error:
         # Most likely not stored (the database refused or is gone). A 5xx makes Stripe deliver it
         # again: answered as a duplicate if it was stored after all, and queued by the sweep.
-        log.exception(logs.WEBHOOK_SERVER_ERROR, extra={
-            "event_id": event["id"], "event_type": event["type"], "error": type(error).__name__,
-        })
+        log.exception(
+            logs.WEBHOOK_SERVER_ERROR,
+            extra={
+                "event_id": event["id"],
+                "event_type": event["type"],
+                "error": type(error).__name__,
+            },
+        )
         return Answer(500, b'{"error": 500}')
     return Answer(200, b'{"received": true, "outcome": "%s"}' % outcome.value.encode())
 
@@ -81,8 +86,12 @@ def _reject(
     # Never the body: it is attacker-controlled and may carry customer data.
     log.warning(
         logs.WEBHOOK_REJECTED,
-        extra={"reason": rejected.reason, "status": rejected.status,
-               "remote_addr": remote_addr, "content_length": content_length},
+        extra={
+            "reason": rejected.reason,
+            "status": rejected.status,
+            "remote_addr": remote_addr,
+            "content_length": content_length,
+        },
     )
     return Answer(rejected.status, b'{"error": %d}' % rejected.status)
 
@@ -121,7 +130,11 @@ class DirectRoute:
             environ.get("REMOTE_ADDR"),
             self.make_hand_off(runtime),
         )
-        start_response(answer.status_line, [
-            ("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(answer.body))),
-        ])
+        start_response(
+            answer.status_line,
+            [
+                ("Content-Type", CONTENT_TYPE),
+                ("Content-Length", str(len(answer.body))),
+            ],
+        )
         return [answer.body]

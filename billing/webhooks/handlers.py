@@ -85,9 +85,12 @@ def on_checkout_completed(runtime: Runtime, event: Mapping[str, Any]) -> None:
     if checkout.get("status") != "complete" or organization_id is None or not customer_id:
         log.warning(
             logs.WEBHOOK_UNLINKED_CUSTOMER,
-            extra={"checkout_session": checkout.get("id"), "stripe_customer_id": customer_id,
-                   "client_reference_id": checkout.get("client_reference_id"),
-                   "checkout_status": checkout.get("status")},
+            extra={
+                "checkout_session": checkout.get("id"),
+                "stripe_customer_id": customer_id,
+                "client_reference_id": checkout.get("client_reference_id"),
+                "checkout_status": checkout.get("status"),
+            },
         )
         return
     link_account(runtime, organization_id, customer_id, subscription_id)
@@ -131,8 +134,11 @@ def link_account(
         raise TransientHandlerError(f"concurrent link of organization {organization_id}") from error
     log.info(
         logs.ACCOUNT_LINKED,
-        extra={"organization_id": organization_id, "stripe_customer_id": customer_id,
-               "stripe_subscription_id": subscription_id},
+        extra={
+            "organization_id": organization_id,
+            "stripe_customer_id": customer_id,
+            "stripe_subscription_id": subscription_id,
+        },
     )
 
 
@@ -153,8 +159,10 @@ def sync_subscription(runtime: Runtime, subscription_id: str, customer_id: str) 
         if account is None:
             log.warning(
                 logs.WEBHOOK_UNLINKED_CUSTOMER,
-                extra={"stripe_customer_id": customer_id,
-                       "stripe_subscription_id": subscription_id},
+                extra={
+                    "stripe_customer_id": customer_id,
+                    "stripe_subscription_id": subscription_id,
+                },
             )
             return None
         # Read Stripe while holding the account row, so this write is never older than one
@@ -170,8 +178,11 @@ def sync_subscription(runtime: Runtime, subscription_id: str, customer_id: str) 
         organization_id = account.organization_id
     log.info(
         logs.SUBSCRIPTION_SYNCED,
-        extra={"organization_id": organization_id, "stripe_subscription_id": subscription_id,
-               "status": subscription.status},
+        extra={
+            "organization_id": organization_id,
+            "stripe_subscription_id": subscription_id,
+            "status": subscription.status,
+        },
     )
     return organization_id
 

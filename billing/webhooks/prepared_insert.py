@@ -60,8 +60,7 @@ def _prepared_texts(statement: Insert, columns: tuple[str, ...]) -> tuple[str, s
         raise ValueError(f"parameters {compiled.positiontup} are not in the order {columns}")
     text = str(compiled)
     name = "billing_insert_" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return (f"PREPARE {name} AS {text}",
-            f"EXECUTE {name} ({', '.join(['%s'] * len(columns))})")
+    return (f"PREPARE {name} AS {text}", f"EXECUTE {name} ({', '.join(['%s'] * len(columns))})")
 
 
 @functools.cache

@@ -222,8 +222,10 @@ def store_once(engine: Engine, event: dict[str, Any], text: str | None = None) -
 def _insert_event(dialect: str) -> sa.Insert:
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     # inline(): the id is the table's own default, not fetched back (no RETURNING).
-    return insert(WebhookEvent.__table__).inline().on_conflict_do_nothing(
-        index_elements=["stripe_event_id"]
+    return (
+        insert(WebhookEvent.__table__)
+        .inline()
+        .on_conflict_do_nothing(index_elements=["stripe_event_id"])
     )
 
 
@@ -270,8 +272,9 @@ def claim(runtime: Runtime, event_id: str, now: datetime) -> Claim | Unclaimed:
                     ),
                 ),
             )
-            .values(status=WebhookStatus.PROCESSING.value, attempts=table.c.attempts + 1,
-                    updated_at=now)
+            .values(
+                status=WebhookStatus.PROCESSING.value, attempts=table.c.attempts + 1, updated_at=now
+            )
             .returning(table.c.type, table.c.payload, table.c.attempts)
         ).first()
         if claimed is not None:
@@ -302,8 +305,7 @@ def process_event(
     if isinstance(claimed, Unclaimed):
         _log_unclaimed(event_id, claimed)
         return claimed.outcome
-    fields = {"event_id": event_id, "event_type": claimed.event_type,
-              "attempt": claimed.attempts}
+    fields = {"event_id": event_id, "event_type": claimed.event_type, "attempt": claimed.attempts}
     handler = handlers.get(claimed.event_type)
     if handler is None:
         _finish(runtime, event_id, WebhookStatus.IGNORED)
@@ -349,8 +351,15 @@ def _log_unclaimed(event_id: str, unclaimed: Unclaimed) -> None:
 
 def _finish(runtime: Runtime, event_id: str, status: WebhookStatus) -> None:
     now = utcnow()
-    _set(runtime, event_id, status=status.value, processed_at=now, updated_at=now,
-         last_error=None, last_traceback=None)
+    _set(
+        runtime,
+        event_id,
+        status=status.value,
+        processed_at=now,
+        updated_at=now,
+        last_error=None,
+        last_traceback=None,
+    )
 
 
 def _record_failure(runtime: Runtime, event_id: str, error: BaseException, *, retry: bool) -> None:
@@ -402,10 +411,14 @@ def sweep_stuck(
             sa.select(table.c.stripe_event_id, table.c.type)
             .where(
                 sa.or_(
-                    sa.and_(table.c.status == WebhookStatus.RECEIVED.value,
-                            table.c.updated_at < received_before),
-                    sa.and_(table.c.status == WebhookStatus.PROCESSING.value,
-                            table.c.updated_at < processing_before),
+                    sa.and_(
+                        table.c.status == WebhookStatus.RECEIVED.value,
+                        table.c.updated_at < received_before,
+                    ),
+                    sa.and_(
+                        table.c.status == WebhookStatus.PROCESSING.value,
+                        table.c.updated_at < processing_before,
+                    ),
                 )
             )
             .order_by(table.c.received_at)
@@ -415,8 +428,9 @@ def sweep_stuck(
         if ids:
             session.execute(
                 sa.update(table)
-                .where(table.c.stripe_event_id.in_(ids),
-                       table.c.status == WebhookStatus.RECEIVED.value)
+                .where(
+                    table.c.stripe_event_id.in_(ids), table.c.status == WebhookStatus.RECEIVED.value
+                )
                 .values(updated_at=now)
             )
     queued: list[str] = []
@@ -461,10 +475,20 @@ def list_events(
     runtime: Runtime, *, status: str | None, event_type: str | None, limit: int
 ) -> list[dict[str, Any]]:
     table = WebhookEvent.__table__
-    query = sa.select(
-        table.c.stripe_event_id, table.c.type, table.c.status, table.c.attempts,
-        table.c.last_error, table.c.received_at, table.c.processed_at, table.c.updated_at,
-    ).order_by(table.c.received_at.desc()).limit(limit)
+    query = (
+        sa.select(
+            table.c.stripe_event_id,
+            table.c.type,
+            table.c.status,
+            table.c.attempts,
+            table.c.last_error,
+            table.c.received_at,
+            table.c.processed_at,
+            table.c.updated_at,
+        )
+        .order_by(table.c.received_at.desc())
+        .limit(limit)
+    )
     if status:
         query = query.where(table.c.status == status)
     if event_type:

@@ -88,8 +88,9 @@ def add_submission(
 
 
 @contextlib.contextmanager
-def altered(engine: sa.Engine, change: str, restore: str, *, truncate: bool = True
-            ) -> Iterator[None]:
+def altered(
+    engine: sa.Engine, change: str, restore: str, *, truncate: bool = True
+) -> Iterator[None]:
     """Change the schema (e.g. to seed a defect it forbids); empty the table and restore after."""
     with engine.begin() as connection:
         connection.exec_driver_sql(change)
@@ -124,8 +125,7 @@ def subscribe(runtime: Runtime, organization_id: int, *, interval: str = "month"
                     "currency": "usd",
                     "unit_amount": 1,
                     "product_data": {"name": name},
-                    "recurring": {"interval": interval, "usage_type": "metered",
-                                  "meter": meter.id},
+                    "recurring": {"interval": interval, "usage_type": "metered", "meter": meter.id},
                 }
             ).id
         }

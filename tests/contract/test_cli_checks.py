@@ -55,8 +55,9 @@ class TestValidateContract:
 
     @pytest.fixture
     def defect(self, clean, db_engine):
-        return add_events(db_engine, {"event_type": "api_calls",
-                                      "occurred_at": utcnow() - timedelta(days=10)})
+        return add_events(
+            db_engine, {"event_type": "api_calls", "occurred_at": utcnow() - timedelta(days=10)}
+        )
 
     def test_clean_data_exits_0_with_a_table(self, cli, clean):
         result = cli(clean, "validate_contract", "--fail-closed")
@@ -144,8 +145,17 @@ class TestSmokeOrg:
         return billing_settings
 
     def test_passing_org_exits_0(self, cli, subscribed, billing_runtime):
-        result = cli(subscribed, "smoke_org", "--org-id", str(ORG), "--require-enabled",
-                     "--validate-contract", "--fail-closed", "--refresh-period", "--json")
+        result = cli(
+            subscribed,
+            "smoke_org",
+            "--org-id",
+            str(ORG),
+            "--require-enabled",
+            "--validate-contract",
+            "--fail-closed",
+            "--refresh-period",
+            "--json",
+        )
         assert result.exit_code == 0, result.output
         report = stdout_json(result)
         assert {s["step"]: s["status"] for s in report["steps"]}["meter_summaries"] == "pass"
@@ -153,18 +163,25 @@ class TestSmokeOrg:
 
     @pytest.mark.parametrize(
         ("flags", "code"),
-        [((), 1), (("--fail-closed",), 1), (("--no-fail-closed",), 0),
-         (("--fail-closed", "--no-fail-closed"), 0)],
+        [
+            ((), 1),
+            (("--fail-closed",), 1),
+            (("--no-fail-closed",), 0),
+            (("--fail-closed", "--no-fail-closed"), 0),
+        ],
     )
     def test_failure_exit_codes(self, cli, unsubscribed, flags, code):
         result = cli(unsubscribed, "smoke_org", "--org-id", str(ORG), *flags)
         assert result.exit_code == code
         assert "stripe_subscription  fail" in result.stdout
 
-    @pytest.mark.parametrize(("flags", "status"), [
-        (("--validate-contract",), "fail"),
-        (("--validate-contract", "--skip-contract"), "skip"),
-    ])
+    @pytest.mark.parametrize(
+        ("flags", "status"),
+        [
+            (("--validate-contract",), "fail"),
+            (("--validate-contract", "--skip-contract"), "skip"),
+        ],
+    )
     def test_skip_contract_wins(self, cli, subscribed, billing_runtime, flags, status):
         add_events(billing_runtime.engine, {"organization_id": ORG, "quantity": 0})
         result = cli(subscribed, "smoke_org", "--org-id", str(ORG), "--json", *flags)
@@ -207,8 +224,14 @@ class TestSyncPeriods:
 
 class TestScript:
     def run_script(self, *args: str, env: dict[str, str] | None = None):
-        return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
-                              env={**os.environ, **(env or {})}, check=False)
+        return subprocess.run(
+            [str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
 
     def test_usage_without_an_org_id(self):
         result = self.run_script()

@@ -107,14 +107,16 @@ class TestDefects:
         add_account(db_engine, CLEAN_ORG, "cus_clean")
         hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
         bad = add_events(
-            db_engine, *({"quantity": 10, "occurred_at": hour + timedelta(minutes=m)}
-                         for m in (1, 2, 3))
+            db_engine,
+            *({"quantity": 10, "occurred_at": hour + timedelta(minutes=m)} for m in (1, 2, 3)),
         )
         # 25 is at the ceiling: passes.
         add_events(
             db_engine,
-            *({"quantity": q, "occurred_at": hour + timedelta(hours=1, minutes=m)}
-              for q, m in ((10, 1), (10, 2), (5, 3))),
+            *(
+                {"quantity": q, "occurred_at": hour + timedelta(hours=1, minutes=m)}
+                for q, m in ((10, 1), (10, 2), (5, 3))
+            ),
         )
         result, report = check(rt, "group_within_ceiling")
         assert (result.offending_rows, result.sample_ids) == (3, bad)
@@ -216,19 +218,27 @@ class TestSchema:
     @pytest.mark.parametrize(
         ("change", "restore", "problem"),
         [
-            ("ALTER TABLE billable_events RENAME COLUMN source TO producer",
-             "ALTER TABLE billable_events RENAME COLUMN producer TO source",
-             "missing column source"),
-            ("ALTER TABLE billable_events ALTER COLUMN occurred_at TYPE timestamp",
-             "ALTER TABLE billable_events ALTER COLUMN occurred_at TYPE timestamptz",
-             "occurred_at is timestamp without time zone"),
-            ("ALTER TABLE billable_events ALTER COLUMN quantity TYPE text",
-             "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric "
-             "USING quantity::numeric",
-             "quantity is TEXT"),
-            ("ALTER TABLE billable_events RENAME TO billable_events_old",
-             "ALTER TABLE billable_events_old RENAME TO billable_events",
-             "table billable_events does not exist"),
+            (
+                "ALTER TABLE billable_events RENAME COLUMN source TO producer",
+                "ALTER TABLE billable_events RENAME COLUMN producer TO source",
+                "missing column source",
+            ),
+            (
+                "ALTER TABLE billable_events ALTER COLUMN occurred_at TYPE timestamp",
+                "ALTER TABLE billable_events ALTER COLUMN occurred_at TYPE timestamptz",
+                "occurred_at is timestamp without time zone",
+            ),
+            (
+                "ALTER TABLE billable_events ALTER COLUMN quantity TYPE text",
+                "ALTER TABLE billable_events ALTER COLUMN quantity TYPE numeric "
+                "USING quantity::numeric",
+                "quantity is TEXT",
+            ),
+            (
+                "ALTER TABLE billable_events RENAME TO billable_events_old",
+                "ALTER TABLE billable_events_old RENAME TO billable_events",
+                "table billable_events does not exist",
+            ),
         ],
     )
     def test_incompatible_schema_fails_and_skips_the_rest(
@@ -254,7 +264,8 @@ class TestScope:
         assert run_contract_checks(runtime, lookback_days=30, organization_id=CLEAN_ORG).ok
         scoped = run_contract_checks(runtime, lookback_days=30, organization_id=2)
         assert {f["check"] for f in scoped.failures()} == {
-            "quantity_positive_integer", "organization_has_customer"
+            "quantity_positive_integer",
+            "organization_has_customer",
         }
 
     def test_claimed_rows_are_not_rechecked(self, runtime, db_engine):
@@ -285,7 +296,7 @@ class TestReport:
         headers = ["check", "status", "offending", "rows", "sample", "ids", "detail"]
         assert lines[0].split() == headers
         column = lines[0].index("status")
-        assert all(line[column:column + 4] in ("pass", "fail", "skip") for line in lines[1:])
+        assert all(line[column : column + 4] in ("pass", "fail", "skip") for line in lines[1:])
         row = next(line for line in lines if line.startswith("quantity_positive_integer"))
         assert ",".join(map(str, failure["sample_ids"])) in row
 

@@ -14,8 +14,10 @@ DAY = 86_400
 
 def item_period(runtime, subscription_id: str) -> tuple[datetime, datetime]:
     item = runtime.stripe.retrieve_subscription(subscription_id).items.data[0]
-    return (datetime.fromtimestamp(item.current_period_start, UTC),
-            datetime.fromtimestamp(item.current_period_end, UTC))
+    return (
+        datetime.fromtimestamp(item.current_period_start, UTC),
+        datetime.fromtimestamp(item.current_period_end, UTC),
+    )
 
 
 def stored_period(runtime, organization_id: int) -> tuple[datetime | None, datetime | None]:
@@ -75,8 +77,9 @@ def test_sync_subscription_without_an_account(billing_runtime):
     assert sync_subscription(billing_runtime, subscription.id) is None
 
 
-@pytest.mark.parametrize(("customer", "message"), [(None, "no billing account"),
-                                                    ("cus_1", "no Stripe subscription")])
+@pytest.mark.parametrize(
+    ("customer", "message"), [(None, "no billing account"), ("cus_1", "no Stripe subscription")]
+)
 def test_sync_period_needs_an_account_with_a_subscription(billing_runtime, customer, message):
     if customer:
         add_account(billing_runtime.engine, 1, customer)

@@ -50,12 +50,21 @@ class TestConfiguration:
         ("changes", "check", "message"),
         [
             ({"stripe_secret_key": None}, "stripe_secret_key", "is not set"),
-            ({"stripe_secret_key": "pk_test_publishable1234567"}, "stripe_secret_key",
-             "pk_ is a publishable key"),
-            ({"stripe_webhook_secret": "secret_without_prefix"}, "stripe_webhook_secret",
-             "entry 1 of 1 (…efix): must start with whsec_"),
-            ({"stripe_webhook_secret": "whsec_short"}, "stripe_webhook_secret",
-             "5 characters after whsec_, want at least 8"),
+            (
+                {"stripe_secret_key": "pk_test_publishable1234567"},
+                "stripe_secret_key",
+                "pk_ is a publishable key",
+            ),
+            (
+                {"stripe_webhook_secret": "secret_without_prefix"},
+                "stripe_webhook_secret",
+                "entry 1 of 1 (…efix): must start with whsec_",
+            ),
+            (
+                {"stripe_webhook_secret": "whsec_short"},
+                "stripe_webhook_secret",
+                "5 characters after whsec_, want at least 8",
+            ),
             ({"stripe_webhook_secret": None}, "stripe_webhook_secret", "is not set"),
             ({"flush_lock_ttl_seconds": 3600}, "flush_lock_ttl", "must be between 1 and 3599"),
             ({"flush_lock_ttl_seconds": 0}, "flush_lock_ttl", "must be between 1 and 3599"),
@@ -63,17 +72,21 @@ class TestConfiguration:
             ({"billing_enabled": False}, "billing_enabled", "billing is off"),
         ],
     )
-    def test_each_bad_value_fails_its_check(self, make_runtime, billing_settings, changes, check,
-                                            message):
-        report = run_preflight(make_runtime(billing_settings.replace(**changes)),
-                               require_enabled=True)
+    def test_each_bad_value_fails_its_check(
+        self, make_runtime, billing_settings, changes, check, message
+    ):
+        report = run_preflight(
+            make_runtime(billing_settings.replace(**changes)), require_enabled=True
+        )
         assert check in failed(report)
         assert message in detail(report, check)
 
     def test_a_rotation_list_passes_with_every_secret_masked(self, make_runtime, billing_settings):
         rotating = "whsec_newsecret12345678,whsec_oldsecret87654321"
-        report = run_preflight(make_runtime(billing_settings.replace(
-            stripe_webhook_secret=rotating)), require_enabled=True)
+        report = run_preflight(
+            make_runtime(billing_settings.replace(stripe_webhook_secret=rotating)),
+            require_enabled=True,
+        )
         assert statuses(report)["stripe_webhook_secret"] is Status.PASS, report.table()
         assert detail(report, "stripe_webhook_secret") == "2 secrets: whsec_…5678, whsec_…4321"
 
@@ -82,10 +95,13 @@ class TestConfiguration:
         the line the settings refuse it with, so no process configured by the environment (a
         flush, a worker, the web command) runs with it either (tests/ops/test_refuse_to_start)."""
         key = "sk_test_probe_abcdef1234"
-        report = run_preflight(make_runtime(billing_settings.replace(stripe_secret_key=key)),
-                               require_enabled=True)
-        expected = ("STRIPE_SECRET_KEY sk_test_…1234: after sk_test_ only letters and digits may "
-                    "follow, found '_'")
+        report = run_preflight(
+            make_runtime(billing_settings.replace(stripe_secret_key=key)), require_enabled=True
+        )
+        expected = (
+            "STRIPE_SECRET_KEY sk_test_…1234: after sk_test_ only letters and digits may "
+            "follow, found '_'"
+        )
         assert detail(report, "stripe_secret_key") == expected
         assert statuses(report)["stripe_access"] is Status.SKIP
         with pytest.raises(ConfigError) as refused:
@@ -98,10 +114,13 @@ class TestConfiguration:
         assert statuses(report)["billing_enabled"] is Status.SKIP and report.ok
 
     def test_secrets_are_masked_everywhere(self, make_runtime, billing_settings):
-        rt = make_runtime(billing_settings.replace(
-            stripe_secret_key=LIVE_KEY, stripe_webhook_secret="whsec_webhooksecret5555",
-            celery_broker_url="redis://:brokerpassword@127.0.0.1:1/0",
-        ))
+        rt = make_runtime(
+            billing_settings.replace(
+                stripe_secret_key=LIVE_KEY,
+                stripe_webhook_secret="whsec_webhooksecret5555",
+                celery_broker_url="redis://:brokerpassword@127.0.0.1:1/0",
+            )
+        )
         text = json.dumps(run_preflight(rt, require_enabled=True).to_dict(), ensure_ascii=False)
         for secret in (LIVE_KEY, "whsec_webhooksecret5555", "brokerpassword"):
             assert secret not in text
@@ -148,9 +167,11 @@ class TestServices:
         assert detail(report, "flush_lock") == "file lock backend: probe lock taken and released"
 
     def test_stripe_unreachable_skips_the_meter_check(self, make_runtime, billing_settings):
-        rt = make_runtime(billing_settings.replace(
-            stripe_api_base="http://127.0.0.1:1", stripe_max_network_retries=0
-        ))
+        rt = make_runtime(
+            billing_settings.replace(
+                stripe_api_base="http://127.0.0.1:1", stripe_max_network_retries=0
+            )
+        )
         report = run_preflight(rt, require_enabled=True)
         assert failed(report) == {"stripe_access"}
         assert statuses(report)["stripe_meters"] is Status.SKIP
@@ -159,16 +180,18 @@ class TestServices:
         meter = billing_runtime.stripe.meter_by_event_name()["storage_gb_hour"]
         billing_runtime.stripe.client.v1.billing.meters.deactivate(meter.id)
         meters = {**billing_settings.stripe_meters, "gpu": "gpu_seconds"}
-        report = run_preflight(make_runtime(billing_settings.replace(stripe_meters=meters)),
-                               require_enabled=True)
+        report = run_preflight(
+            make_runtime(billing_settings.replace(stripe_meters=meters)), require_enabled=True
+        )
         assert failed(report) == {"stripe_meters"}
         assert detail(report, "stripe_meters") == (
             "meters missing: gpu_seconds; inactive: storage_gb_hour"
         )
 
     def test_no_meters_configured(self, make_runtime, billing_settings):
-        report = run_preflight(make_runtime(billing_settings.replace(stripe_meters={})),
-                               require_enabled=True)
+        report = run_preflight(
+            make_runtime(billing_settings.replace(stripe_meters={})), require_enabled=True
+        )
         assert "STRIPE_BILLING_METERS is empty" in detail(report, "stripe_meters")
 
 

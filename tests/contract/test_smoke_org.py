@@ -20,14 +20,28 @@ from tests.contract import (
 )
 
 ORG = 7
-STEPS = ["test_mode", "billing_enabled", "billing_account", "stripe_customer",
-         "stripe_subscription", "refresh_period", "contract", "flush", "meter_summaries"]
+STEPS = [
+    "test_mode",
+    "billing_enabled",
+    "billing_account",
+    "stripe_customer",
+    "stripe_subscription",
+    "refresh_period",
+    "contract",
+    "flush",
+    "meter_summaries",
+]
 QUANTITIES = {"api_call": [5, 7, 11], "storage_gb_hour": [3, 4]}
 
 
 def run(runtime, organization_id: int = ORG, **options):
-    options = {"require_enabled": True, "validate_contract": True, "refresh_period": True,
-               "settle_seconds": 0, **options}
+    options = {
+        "require_enabled": True,
+        "validate_contract": True,
+        "refresh_period": True,
+        "settle_seconds": 0,
+        **options,
+    }
     return smoke_org(runtime, organization_id, **options)
 
 
@@ -49,8 +63,14 @@ def assert_outcome(report, failed: str, skipped: list[str]) -> None:
     assert all(step(report, name).status is Status.SKIP for name in skipped)
 
 
-AFTER_ACCOUNT = ["stripe_customer", "stripe_subscription", "refresh_period", "contract", "flush",
-                 "meter_summaries"]
+AFTER_ACCOUNT = [
+    "stripe_customer",
+    "stripe_subscription",
+    "refresh_period",
+    "contract",
+    "flush",
+    "meter_summaries",
+]
 AFTER_SUBSCRIPTION = ["refresh_period", "flush", "meter_summaries"]
 
 
@@ -59,12 +79,19 @@ def customer(billing_runtime, emulator):
     """ORG subscribed 6 hours ago, with usage in each of the last three hours."""
     subscription = subscribe_hours_ago(billing_runtime, emulator, ORG, hours=6)
     now = utcnow()
-    add_events(billing_runtime.engine, *(
-        {"organization_id": ORG, "event_type": event_type, "quantity": quantity,
-         "occurred_at": now - timedelta(hours=hour + 1, minutes=5)}
-        for event_type, quantities in QUANTITIES.items()
-        for hour, quantity in enumerate(quantities)
-    ))
+    add_events(
+        billing_runtime.engine,
+        *(
+            {
+                "organization_id": ORG,
+                "event_type": event_type,
+                "quantity": quantity,
+                "occurred_at": now - timedelta(hours=hour + 1, minutes=5),
+            }
+            for event_type, quantities in QUANTITIES.items()
+            for hour, quantity in enumerate(quantities)
+        ),
+    )
     return subscription.customer
 
 
@@ -76,8 +103,9 @@ def unclaimed(runtime) -> int:
 
 
 class TestPassing:
-    def test_billed_usage_is_confirmed_by_event_summaries(self, billing_runtime, emulator,
-                                                          customer):
+    def test_billed_usage_is_confirmed_by_event_summaries(
+        self, billing_runtime, emulator, customer
+    ):
         report = run(billing_runtime)
         assert report.ok, report.table()
         assert set(statuses(report).values()) == {Status.PASS}
@@ -109,17 +137,23 @@ class TestPassing:
         assert statuses(again)["refresh_period"] is Status.SKIP
         assert statuses(again)["contract"] is Status.SKIP
 
-
     def test_usage_older_than_a_fresh_subscription_is_verified_not_skipped(
         self, billing_runtime, emulator
     ):
         """The period starts after this run's usage: comparing the period alone is 0 vs 0."""
         subscription = subscribe(billing_runtime, ORG)
-        add_events(billing_runtime.engine, *(
-            {"organization_id": ORG, "event_type": "api_call", "quantity": quantity,
-             "occurred_at": utcnow() - timedelta(hours=hour + 1)}
-            for hour, quantity in enumerate(QUANTITIES["api_call"])
-        ))
+        add_events(
+            billing_runtime.engine,
+            *(
+                {
+                    "organization_id": ORG,
+                    "event_type": "api_call",
+                    "quantity": quantity,
+                    "occurred_at": utcnow() - timedelta(hours=hour + 1),
+                }
+                for hour, quantity in enumerate(QUANTITIES["api_call"])
+            ),
+        )
         report = run(billing_runtime)
         assert report.ok, report.table()
         values = step(report, "meter_summaries").values
@@ -132,8 +166,9 @@ class TestPassing:
 
 
 class TestRefusals:
-    def test_a_live_key_is_refused_before_any_stripe_call(self, make_runtime, billing_settings,
-                                                          emulator, customer):
+    def test_a_live_key_is_refused_before_any_stripe_call(
+        self, make_runtime, billing_settings, emulator, customer
+    ):
         key = "sk_live_" + "realmoney4321"
         live = make_runtime(billing_settings.replace(stripe_secret_key=key))
         before = emulator.stats()["requests"]
@@ -187,11 +222,13 @@ class TestFailures:
 
     def test_customer_deleted_in_stripe(self, billing_runtime, customer):
         billing_runtime.stripe.client.v1.customers.delete(customer)
-        assert_outcome(run(billing_runtime), "stripe_customer",
-                       ["stripe_subscription", *AFTER_SUBSCRIPTION])
+        assert_outcome(
+            run(billing_runtime), "stripe_customer", ["stripe_subscription", *AFTER_SUBSCRIPTION]
+        )
 
-    def test_contract_failure_for_this_org_stops_before_the_flush(self, billing_runtime,
-                                                                   emulator, customer):
+    def test_contract_failure_for_this_org_stops_before_the_flush(
+        self, billing_runtime, emulator, customer
+    ):
         bad = add_events(billing_runtime.engine, {"organization_id": ORG, "quantity": 0})
         add_events(billing_runtime.engine, {"organization_id": ORG + 1, "event_type": "nope"})
         report = run(billing_runtime)
@@ -207,8 +244,9 @@ class TestFailures:
         assert_outcome(report, "flush", ["meter_summaries"])
         assert "unbillable {'no_meter': 1}" in step(report, "flush").detail
 
-    def test_stripe_refusing_meter_events_fails_the_flush(self, billing_runtime, emulator,
-                                                          customer):
+    def test_stripe_refusing_meter_events_fails_the_flush(
+        self, billing_runtime, emulator, customer
+    ):
         emulator.faults({"path": "/v1/billing/meter_events", "method": "POST", "status": 400})
         report = run(billing_runtime)
         assert_outcome(report, "flush", ["meter_summaries"])
@@ -234,9 +272,16 @@ class TestFailures:
     def test_stripe_holds_usage_our_outbox_never_sent(self, billing_runtime, customer):
         from billing.stripe_gateway import MeterEvent
 
-        billing_runtime.stripe.send_meter_event(MeterEvent(
-            "storage_gb_hour", customer, 9, utcnow() - timedelta(minutes=30), "elsewhere-1", "k1"
-        ))
+        billing_runtime.stripe.send_meter_event(
+            MeterEvent(
+                "storage_gb_hour",
+                customer,
+                9,
+                utcnow() - timedelta(minutes=30),
+                "elsewhere-1",
+                "k1",
+            )
+        )
         report = run(billing_runtime)
         assert_outcome(report, "meter_summaries", [])
         storage = step(report, "meter_summaries").values["meters"]["storage_gb_hour"]

@@ -52,16 +52,21 @@ class TestObjects:
         stripe_client.v1.billing.meters.deactivate(metered.meter.id)
         with pytest.raises(stripe.InvalidRequestError, match="inactive"):
             stripe_client.v1.billing.meter_events.create(
-                {"event_name": "api_calls",
-                 "payload": {"stripe_customer_id": metered.customer.id, "value": "1"}}
+                {
+                    "event_name": "api_calls",
+                    "payload": {"stripe_customer_id": metered.customer.id, "value": "1"},
+                }
             )
         assert stripe_client.v1.billing.meters.reactivate(metered.meter.id).status == "active"
 
 
 class TestMeterEvents:
     def send(self, client, customer, value="1", **extra):
-        params = {"event_name": "api_calls",
-                  "payload": {"stripe_customer_id": customer, "value": value}, **extra}
+        params = {
+            "event_name": "api_calls",
+            "payload": {"stripe_customer_id": customer, "value": value},
+            **extra,
+        }
         return client.v1.billing.meter_events.create(params)
 
     def test_summaries_by_hour(self, stripe_client, metered, emulator):
@@ -71,11 +76,17 @@ class TestMeterEvents:
             assert ev.object == "billing.meter_event" and ev.timestamp == hour + offset
         grouped = stripe_client.v1.billing.meters.event_summaries.list(
             metered.meter.id,
-            {"customer": metered.customer.id, "start_time": hour, "end_time": hour + 3 * 3600,
-             "value_grouping_window": "hour"},
+            {
+                "customer": metered.customer.id,
+                "start_time": hour,
+                "end_time": hour + 3 * 3600,
+                "value_grouping_window": "hour",
+            },
         )
         assert [(s.start_time - hour, s.aggregated_value) for s in grouped.data] == [
-            (7200, 1.0), (3600, 11.0), (0, 12.0)
+            (7200, 1.0),
+            (3600, 11.0),
+            (0, 12.0),
         ]
         assert all(s.object == "billing.meter_event_summary" for s in grouped.data)
         total = stripe_client.v1.billing.meters.event_summaries.list(
@@ -87,8 +98,12 @@ class TestMeterEvents:
         with pytest.raises(stripe.InvalidRequestError, match="aligned"):
             stripe_client.v1.billing.meters.event_summaries.list(
                 metered.meter.id,
-                {"customer": metered.customer.id, "start_time": hour + 60,
-                 "end_time": hour + 7200, "value_grouping_window": "hour"},
+                {
+                    "customer": metered.customer.id,
+                    "start_time": hour + 60,
+                    "end_time": hour + 7200,
+                    "value_grouping_window": "hour",
+                },
             )
 
     def test_duplicate_identifier_not_counted_twice(self, stripe_client, metered, emulator):
@@ -118,7 +133,11 @@ class TestMeterEvents:
         self.send(stripe_client, cus, timestamp=now + 4 * 60)
         self.send(stripe_client, cus, timestamp=now - 34 * 86_400)
         assert emulator.stats()["meter_events"] == {
-            "accepted": 2, "duplicates": 0, "rejected": 2, "canceled": 0, "lock_timeouts": 0
+            "accepted": 2,
+            "duplicates": 0,
+            "rejected": 2,
+            "canceled": 0,
+            "lock_timeouts": 0,
         }
 
     @pytest.mark.parametrize(
@@ -139,8 +158,10 @@ class TestMeterEvents:
     def test_unknown_event_name(self, stripe_client, metered):
         with pytest.raises(stripe.InvalidRequestError, match="No active meter"):
             stripe_client.v1.billing.meter_events.create(
-                {"event_name": "nope", "payload": {"stripe_customer_id": metered.customer.id,
-                                                   "value": "1"}}
+                {
+                    "event_name": "nope",
+                    "payload": {"stripe_customer_id": metered.customer.id, "value": "1"},
+                }
             )
 
     def test_cancel_adjustment(self, stripe_client, metered, emulator):
@@ -160,11 +181,16 @@ class TestStrictness:
         assert info.value.param == "emial"
 
     def test_unknown_nested_parameter(self, stripe_client, metered):
-        with pytest.raises(stripe.InvalidRequestError,
-                           match=r"Received unknown parameter: recurring\[usage\]"):
+        with pytest.raises(
+            stripe.InvalidRequestError, match=r"Received unknown parameter: recurring\[usage\]"
+        ):
             stripe_client.v1.prices.create(
-                {"currency": "usd", "unit_amount": 5, "product": metered.product.id,
-                 "recurring": {"interval": "month", "usage": "metered"}}
+                {
+                    "currency": "usd",
+                    "unit_amount": 5,
+                    "product": metered.product.id,
+                    "recurring": {"interval": "month", "usage": "metered"},
+                }
             )
 
     def test_missing_object_is_404(self, stripe_client):
@@ -219,16 +245,22 @@ class TestStrictness:
 def test_count_meter_with_custom_customer_key(stripe_client, emulator):
     cus = stripe_client.v1.customers.create({})
     meter = stripe_client.v1.billing.meters.create(
-        {"display_name": "Logins", "event_name": "logins",
-         "default_aggregation": {"formula": "count"},
-         "customer_mapping": {"type": "by_id", "event_payload_key": "account"}})
+        {
+            "display_name": "Logins",
+            "event_name": "logins",
+            "default_aggregation": {"formula": "count"},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "account"},
+        }
+    )
     for _ in range(3):
         stripe_client.v1.billing.meter_events.create(
-            {"event_name": "logins", "payload": {"account": cus.id}})
+            {"event_name": "logins", "payload": {"account": cus.id}}
+        )
     now = emulator.now()
     summary = stripe_client.v1.billing.meters.event_summaries.list(
-        meter.id, {"customer": cus.id, "start_time": now - now % 60 - 3600,
-                   "end_time": now - now % 60 + 60})
+        meter.id,
+        {"customer": cus.id, "start_time": now - now % 60 - 3600, "end_time": now - now % 60 + 60},
+    )
     assert summary.data[0].aggregated_value == 3.0
 
 

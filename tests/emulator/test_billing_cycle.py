@@ -17,14 +17,15 @@ def types_since(client, since_id=None):
 
 def usage(client, customer, value, timestamp):
     client.v1.billing.meter_events.create(
-        {"event_name": "api_calls", "timestamp": timestamp,
-         "payload": {"stripe_customer_id": customer, "value": str(value)}}
+        {
+            "event_name": "api_calls",
+            "timestamp": timestamp,
+            "payload": {"stripe_customer_id": customer, "value": str(value)},
+        }
     )
 
 
-def test_period_end_drafts_invoice_rolls_period_then_finalizes(
-    stripe_client, metered, emulator
-):
+def test_period_end_drafts_invoice_rolls_period_then_finalizes(stripe_client, metered, emulator):
     client, cus = stripe_client, metered.customer.id
     item = metered.subscription["items"].data[0]
     start, end = item.current_period_start, item.current_period_end
@@ -54,8 +55,13 @@ def test_period_end_drafts_invoice_rolls_period_then_finalizes(
     # Within the grace period: late usage for the closed period and an invoice item still land.
     usage(client, cus, 100, end - 60)
     ii = client.v1.invoice_items.create(
-        {"customer": cus, "invoice": inv.id, "amount": 500, "currency": "usd",
-         "description": "Setup fee"}
+        {
+            "customer": cus,
+            "invoice": inv.id,
+            "amount": 500,
+            "currency": "usd",
+            "description": "Setup fee",
+        }
     )
     assert ii.invoice == inv.id
     inv = client.v1.invoices.retrieve(inv.id)
@@ -88,37 +94,52 @@ def test_finalized_invoice_stays_open_without_auto_pay(stripe_client, metered, e
 
 def test_cancel_emits_deleted_and_drops_entitlements(stripe_client, metered, emulator):
     feat = stripe_client.v1.entitlements.features.create({"name": "API", "lookup_key": "api"})
-    stripe_client.v1.products.features.create(metered.product.id,
-                                              {"entitlement_feature": feat.id})
+    stripe_client.v1.products.features.create(metered.product.id, {"entitlement_feature": feat.id})
     active = stripe_client.v1.entitlements.active_entitlements.list(
-        {"customer": metered.customer.id})
+        {"customer": metered.customer.id}
+    )
     assert [e.lookup_key for e in active.data] == ["api"]
     sub = stripe_client.v1.subscriptions.cancel(metered.subscription.id)
     assert sub.status == "canceled" and sub.ended_at
     assert not stripe_client.v1.entitlements.active_entitlements.list(
-        {"customer": metered.customer.id}).data
+        {"customer": metered.customer.id}
+    ).data
     kinds = types_since(stripe_client)
     assert kinds.count("entitlements.active_entitlement_summary.updated") == 2
-    assert kinds[-2:] == ["customer.subscription.deleted",
-                          "entitlements.active_entitlement_summary.updated"]
+    assert kinds[-2:] == [
+        "customer.subscription.deleted",
+        "entitlements.active_entitlement_summary.updated",
+    ]
 
 
 def test_checkout_completion(stripe_client, emulator):
     feat = stripe_client.v1.entitlements.features.create(
-        {"name": "Pro seats", "lookup_key": "pro-seats"})
+        {"name": "Pro seats", "lookup_key": "pro-seats"}
+    )
     price = stripe_client.v1.prices.create(
-        {"currency": "usd", "unit_amount": 2000, "product_data": {"name": "Pro"},
-         "recurring": {"interval": "month"}})
+        {
+            "currency": "usd",
+            "unit_amount": 2000,
+            "product_data": {"name": "Pro"},
+            "recurring": {"interval": "month"},
+        }
+    )
     stripe_client.v1.products.features.create(price.product, {"entitlement_feature": feat.id})
     with pytest.raises(stripe.InvalidRequestError, match="Received unknown parameter"):
         stripe_client.v1.entitlements.features.create(
-            {"name": "x", "lookup_key": "x", "lookupkey": "y"})
+            {"name": "x", "lookup_key": "x", "lookupkey": "y"}
+        )
 
     session = stripe_client.v1.checkout.sessions.create(
-        {"mode": "subscription", "line_items": [{"price": price.id, "quantity": 1}],
-         "client_reference_id": "org_42", "customer_email": "new@example.com",
-         "success_url": "https://app.example/ok?s={CHECKOUT_SESSION_ID}",
-         "cancel_url": "https://app.example/cancel"})
+        {
+            "mode": "subscription",
+            "line_items": [{"price": price.id, "quantity": 1}],
+            "client_reference_id": "org_42",
+            "customer_email": "new@example.com",
+            "success_url": "https://app.example/ok?s={CHECKOUT_SESSION_ID}",
+            "cancel_url": "https://app.example/cancel",
+        }
+    )
     assert session.id.startswith("cs_") and session.status == "open"
     assert session.url.endswith(session.id)
 
@@ -134,14 +155,18 @@ def test_checkout_completion(stripe_client, emulator):
     active = stripe_client.v1.entitlements.active_entitlements.list({"customer": done.customer})
     assert [e.lookup_key for e in active.data] == ["pro-seats"]
     kinds = types_since(stripe_client)
-    for expected in ("customer.created", "customer.subscription.created",
-                     "checkout.session.completed",
-                     "entitlements.active_entitlement_summary.updated"):
+    for expected in (
+        "customer.created",
+        "customer.subscription.created",
+        "checkout.session.completed",
+        "entitlements.active_entitlement_summary.updated",
+    ):
         assert expected in kinds
     completed = stripe_client.v1.events.list({"type": "checkout.session.completed"}).data[0]
     assert completed.data.object.client_reference_id == "org_42"
     summary = stripe_client.v1.events.list(
-        {"type": "entitlements.active_entitlement_summary.updated"}).data[0]
+        {"type": "entitlements.active_entitlement_summary.updated"}
+    ).data[0]
     assert summary.data.object.customer == done.customer
     assert stripe_client.v1.events.retrieve(summary.id).type == summary.type
 
@@ -158,8 +183,9 @@ def test_lookup_key_is_unique(stripe_client, emulator):
 
 
 def test_cancel_at_period_end_bills_usage_then_ends(stripe_client, metered, emulator):
-    sub = stripe_client.v1.subscriptions.update(metered.subscription.id,
-                                                {"cancel_at_period_end": True})
+    sub = stripe_client.v1.subscriptions.update(
+        metered.subscription.id, {"cancel_at_period_end": True}
+    )
     end = sub["items"].data[0].current_period_end
     assert sub.cancel_at == end and sub.status == "active"
     usage(stripe_client, metered.customer.id, 40, emulator.now())
@@ -174,17 +200,29 @@ def test_cancel_at_period_end_bills_usage_then_ends(stripe_client, metered, emul
 
 def test_update_adds_an_item(stripe_client, metered):
     seats = stripe_client.v1.prices.create(
-        {"currency": "usd", "unit_amount": 1000, "product": metered.product.id,
-         "recurring": {"interval": "month"}})
+        {
+            "currency": "usd",
+            "unit_amount": 1000,
+            "product": metered.product.id,
+            "recurring": {"interval": "month"},
+        }
+    )
     sub = stripe_client.v1.subscriptions.update(
-        metered.subscription.id, {"items": [{"price": seats.id, "quantity": 3}]})
+        metered.subscription.id, {"items": [{"price": seats.id, "quantity": 3}]}
+    )
     items = sub["items"].data
     assert [i.price.id for i in items] == [metered.price.id, seats.id]
     assert items[1].quantity == 3
     assert items[1].current_period_end == items[0].current_period_end
     yearly = stripe_client.v1.prices.create(
-        {"currency": "usd", "unit_amount": 1000, "product": metered.product.id,
-         "recurring": {"interval": "year"}})
+        {
+            "currency": "usd",
+            "unit_amount": 1000,
+            "product": metered.product.id,
+            "recurring": {"interval": "year"},
+        }
+    )
     with pytest.raises(stripe.InvalidRequestError, match="interval"):
         stripe_client.v1.subscriptions.update(
-            metered.subscription.id, {"items": [{"price": yearly.id}]})
+            metered.subscription.id, {"items": [{"price": yearly.id}]}
+        )

@@ -30,8 +30,11 @@ def test_cli_serves_logs_and_stops_on_sigterm():
                 url = m.group(1)
                 break
         assert url, "no 'listening on' line"
-        req = urllib.request.Request(url + "/v1/customers", data=b"email=a%40example.com",
-                                     headers={"Authorization": "Bearer sk_test_cli"})
+        req = urllib.request.Request(
+            url + "/v1/customers",
+            data=b"email=a%40example.com",
+            headers={"Authorization": "Bearer sk_test_cli"},
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["email"] == "a@example.com"
         line = proc.stderr.readline()

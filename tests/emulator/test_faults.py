@@ -14,8 +14,10 @@ KEY = f"POST {EVENTS}"
 
 
 def event(client, customer, identifier=None, value="1"):
-    params = {"event_name": "api_calls", "payload": {"stripe_customer_id": customer,
-                                                     "value": value}}
+    params = {
+        "event_name": "api_calls",
+        "payload": {"stripe_customer_id": customer, "value": value},
+    }
     if identifier:
         params["identifier"] = identifier
     return client.v1.billing.meter_events.create(params)
@@ -103,8 +105,10 @@ def test_lock_timeout_on_concurrent_calls_for_one_customer_and_meter(
 
 def test_probability_faults_are_repeatable_with_a_seed(stripe_client, emulator):
     def pattern():
-        emulator.post("faults", {"clear": True, "path": "/v1/customers", "status": 500,
-                                 "probability": 0.5, "seed": 7})
+        emulator.post(
+            "faults",
+            {"clear": True, "path": "/v1/customers", "status": 500, "probability": 0.5, "seed": 7},
+        )
         outcome = []
         for _ in range(12):
             try:

@@ -17,7 +17,7 @@ def only(emulator, *types):
 
 def test_delivery_verifies_and_tampering_fails(stripe_client, emulator, webhook_receiver):
     customer = stripe_client.v1.customers.create({"email": "hook@example.com"})
-    (headers, body), = webhook_receiver.wait_for(1)
+    ((headers, body),) = webhook_receiver.wait_for(1)
     sig = headers["Stripe-Signature"]
     assert sig.startswith("t=") and ",v1=" in sig
     event = stripe.Webhook.construct_event(body.decode(), sig, SECRET)
@@ -36,7 +36,7 @@ def test_delivery_verifies_and_tampering_fails(stripe_client, emulator, webhook_
 def test_stale_signature_rejected(stripe_client, emulator, webhook_receiver):
     emulator.post("webhooks", {"timestamp_offset": -600})  # signed 10 minutes ago
     stripe_client.v1.customers.create({})
-    (headers, body), = webhook_receiver.wait_for(1)
+    ((headers, body),) = webhook_receiver.wait_for(1)
     with pytest.raises(stripe.SignatureVerificationError, match="tolerance"):
         stripe.Webhook.construct_event(body.decode(), headers["Stripe-Signature"], SECRET)
     # Without a tolerance the signature itself is still valid.
@@ -56,8 +56,10 @@ def test_failed_delivery_is_retried_until_success(stripe_client, emulator, webho
 
 
 def test_unreachable_endpoint_gives_up_after_max_attempts(stripe_client, emulator):
-    emulator.post("webhooks", {"url": "http://127.0.0.1:9/nothing", "secret": SECRET,
-                               "max_attempts": 3, "timeout_s": 1})
+    emulator.post(
+        "webhooks",
+        {"url": "http://127.0.0.1:9/nothing", "secret": SECRET, "max_attempts": 3, "timeout_s": 1},
+    )
     stripe_client.v1.customers.create({})
     assert emulator.flush_webhooks()["idle"]
     deliveries = emulator.get("webhooks")["deliveries"]

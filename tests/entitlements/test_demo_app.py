@@ -25,8 +25,16 @@ def test_each_request_is_logged_once(tmp_path):
     started = Processes(tmp_path)
     app = started.start(
         "demo",
-        [str(BIN / "flask"), "--app", "billing.entitlements.demo_app:create_demo_app()", "run",
-         "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(BIN / "flask"),
+            "--app",
+            "billing.entitlements.demo_app:create_demo_app()",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -45,4 +53,3 @@ def test_each_request_is_logged_once(tmp_path):
     for request in ("GET /?probe=after-runtime HTTP/1.1", "POST /stripe/webhook HTTP/1.1"):
         assert sum(request in line for line in log.splitlines()) == 1, log
     assert log.count("Stripe webhook rejected") == 1, log
-

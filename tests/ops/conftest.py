@@ -29,9 +29,7 @@ def free_port() -> int:
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that makes a subprocess load `settings` (what an env file would hold)."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "BILLING_", "PROM"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "BILLING_", "PROM"))}
     env.update(
         STRIPE_BILLING_ENABLED="1" if settings.billing_enabled else "0",
         STRIPE_SECRET_KEY=settings.stripe_secret_key or "",
@@ -145,8 +143,12 @@ def recent_usage(runtime, orgs=(1, 2), minutes_ago: int = 20):
 
     customers = add_accounts(runtime, list(orgs))
     rows = [
-        {"organization_id": org, "event_type": "api_call", "quantity": 5 * org,
-         "occurred_at": utcnow() - timedelta(minutes=minutes_ago)}
+        {
+            "organization_id": org,
+            "event_type": "api_call",
+            "quantity": 5 * org,
+            "occurred_at": utcnow() - timedelta(minutes=minutes_ago),
+        }
         for org in orgs
     ]
     add_events(runtime, rows)
@@ -166,9 +168,17 @@ def contract_breaking_usage(runtime) -> None:
     add_events(
         runtime,
         [
-            {"organization_id": 1, "event_type": "unmetered", "quantity": 1,
-             "occurred_at": an_hour_ago},
-            {"organization_id": 1, "event_type": "api_call", "quantity": -2,
-             "occurred_at": an_hour_ago},
+            {
+                "organization_id": 1,
+                "event_type": "unmetered",
+                "quantity": 1,
+                "occurred_at": an_hour_ago,
+            },
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": -2,
+                "occurred_at": an_hour_ago,
+            },
         ],
     )

@@ -94,8 +94,14 @@ def test_the_cron_lines_run_and_record_their_runs(billing_runtime, emulator, run
     stuck = utcnow() - timedelta(hours=1)
     with billing_runtime.session_factory.begin() as session:
         session.add(
-            WebhookEvent(stripe_event_id="evt_stuck", type="invoice.created", payload={},
-                         status="received", received_at=stuck, updated_at=stuck)
+            WebhookEvent(
+                stripe_event_id="evt_stuck",
+                type="invoice.created",
+                payload={},
+                status="received",
+                received_at=stuck,
+                updated_at=stuck,
+            )
         )
 
     assert run_line("webhooks sweep") == {"queued": 1, "not_queued": 0}

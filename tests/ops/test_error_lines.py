@@ -48,8 +48,16 @@ CASES = [
     # (extra environment, command, exit code, words the line must hold)
     (
         {},
-        ["adjustments", "add", "--org-id", "1", "--kind", "credit",
-         "--amount-cents", "99999999999999999999"],
+        [
+            "adjustments",
+            "add",
+            "--org-id",
+            "1",
+            "--kind",
+            "credit",
+            "--amount-cents",
+            "99999999999999999999",
+        ],
         1,
         ["--amount-cents must be at most 99999999"],
     ),
@@ -201,11 +209,11 @@ def test_status_shows_the_failed_flush_in_one_line(env, db_engine):
     last = [line for line in status.stdout.splitlines() if line.startswith("last flush: ")]
     assert len(last) == 1, status.stdout
     assert last[0].endswith(
-        ' error: database error: '
+        " error: database error: "
         '(psycopg2.errors.UndefinedTable) relation "usage_submissions" does not exist'
     ), last[0]
     assert "[SQL:" not in status.stdout and "Background on this error" not in status.stdout
-    assert status.stdout.count("relation \"usage_submissions\" does not exist") == 1
+    assert status.stdout.count('relation "usage_submissions" does not exist') == 1
 
 
 def test_stripe_unreachable_is_one_line_and_a_json_result(billing_runtime):

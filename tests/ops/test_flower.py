@@ -37,15 +37,19 @@ def test_flower_finds_the_flush_task_with_its_name_and_final_state(
     customers = add_accounts(billing_runtime, [1])
     add_events(
         billing_runtime,
-        [{"organization_id": 1, "event_type": "api_call", "quantity": 7,
-          "occurred_at": utcnow() - timedelta(minutes=30)}],
+        [
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": 7,
+                "occurred_at": utcnow() - timedelta(minutes=30),
+            }
+        ],
     )
     queue = f"{billing_settings.billing_queue}-flower-{uuid.uuid4().hex[:6]}"
     env = settings_env(billing_settings.replace(billing_queue=queue), FLOWER_BASIC_AUTH=AUTH)
     port = free_port()
-    flower = unit_command(
-        "billing-flower.service", venv_root(), {"--port=5555": f"--port={port}"}
-    )
+    flower = unit_command("billing-flower.service", venv_root(), {"--port=5555": f"--port={port}"})
     assert "--address=127.0.0.1" in flower
     processes.start("flower", flower, env)
     base = f"http://127.0.0.1:{port}"

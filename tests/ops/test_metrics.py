@@ -129,9 +129,7 @@ def test_redis_unreachable_is_retried_counted_and_recorded(billing_runtime):
         flush_with_retries(billing_runtime)
     # tenacity's 3 attempts: the error is transient now, like Stripe's 5xx.
     assert counter("billing_flush_runs_total", result="lock_unavailable") == before + 3
-    assert scrape(billing_runtime.settings)[
-        ("billing_flush_consecutive_lock_unavailable", ())
-    ] == 3
+    assert scrape(billing_runtime.settings)[("billing_flush_consecutive_lock_unavailable", ())] == 3
 
 
 def test_runs_from_cron_reach_the_scrape_of_another_process(billing_runtime, emulator):
@@ -180,8 +178,9 @@ def test_dead_letters_and_a_database_outage_at_scrape_time(billing_runtime, sett
     with billing_runtime.session_factory.begin() as session:
         for n, status in enumerate(["failed", "failed", "processed", "received"]):
             session.add(
-                WebhookEvent(stripe_event_id=f"evt_{n}", type="invoice.created", payload={},
-                             status=status)
+                WebhookEvent(
+                    stripe_event_id=f"evt_{n}", type="invoice.created", payload={}, status=status
+                )
             )
     state = scrape(billing_runtime.settings)
     assert state[("billing_webhook_dead_letters", ())] == 2
@@ -194,9 +193,10 @@ def test_dead_letters_and_a_database_outage_at_scrape_time(billing_runtime, sett
 
 
 def test_metrics_path_is_configurable_and_can_be_turned_off(settings):
-    assert create_app(settings.replace(metrics_path=None)).test_client().get(
-        "/metrics"
-    ).status_code == 404
+    assert (
+        create_app(settings.replace(metrics_path=None)).test_client().get("/metrics").status_code
+        == 404
+    )
     moved = create_app(settings.replace(metrics_path="/internal/metrics")).test_client()
     assert moved.get("/internal/metrics").status_code == 200
 

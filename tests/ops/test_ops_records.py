@@ -77,9 +77,10 @@ def test_a_record_that_cannot_be_written_is_logged_and_the_flush_goes_on(
         with billing_runtime.engine.begin() as connection:
             connection.exec_driver_sql("ALTER TABLE ops_records_away RENAME TO ops_records")
     assert result.ok and result.billed_value == {"api_call": 15}
-    assert emulator.billed() and sum(
-        sum(per_meter.values()) for per_meter in emulator.billed().values()
-    ) == 15
+    assert (
+        emulator.billed()
+        and sum(sum(per_meter.values()) for per_meter in emulator.billed().values()) == 15
+    )
     [warning] = [r for r in caplog.records if r.getMessage() == "billing run record not written"]
     assert warning.record == ops_records.FLUSH
     assert warning.error.startswith("database error: (psycopg2.errors.UndefinedTable)")

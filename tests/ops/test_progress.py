@@ -21,9 +21,7 @@ def run_cli(env: dict[str, str], *args: str, tty: bool) -> tuple[int, str]:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         return done.returncode, done.stderr
     leader, follower = pty.openpty()
-    with subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=follower
-    ) as process:
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=follower) as process:
         os.close(follower)
         chunks = []
         while True:
@@ -45,8 +43,12 @@ def backlog(billing_runtime, emulator):
     add_events(
         billing_runtime,
         [
-            {"organization_id": 1 + n % 2, "event_type": "api_call", "quantity": 1,
-             "occurred_at": utcnow() - timedelta(hours=3, minutes=n % 50)}
+            {
+                "organization_id": 1 + n % 2,
+                "event_type": "api_call",
+                "quantity": 1,
+                "occurred_at": utcnow() - timedelta(hours=3, minutes=n % 50),
+            }
             for n in range(40)
         ],
     )

@@ -24,8 +24,12 @@ def run(settings, *args):
 
 def window(hours_back: int = 30):
     now = utcnow()
-    return ["--since", (now - timedelta(hours=hours_back)).strftime("%Y-%m-%dT%H:00:00"),
-            "--until", floor_hour(now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")]
+    return [
+        "--since",
+        (now - timedelta(hours=hours_back)).strftime("%Y-%m-%dT%H:00:00"),
+        "--until",
+        floor_hour(now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+    ]
 
 
 def flushed_usage(runtime):
@@ -34,8 +38,12 @@ def flushed_usage(runtime):
     add_events(
         runtime,
         [
-            {"organization_id": org, "event_type": "api_call", "quantity": q,
-             "occurred_at": now - timedelta(hours=h)}
+            {
+                "organization_id": org,
+                "event_type": "api_call",
+                "quantity": q,
+                "occurred_at": now - timedelta(hours=h),
+            }
             for org, q, h in ((1, 5, 5), (1, 7, 5), (1, 3, 4), (2, 11, 4))
         ],
     )
@@ -46,19 +54,32 @@ def flushed_usage(runtime):
 def stripe_event(runtime, customer, hour, value):
     """A meter event that reached Stripe outside our outbox (or an attempt we did not record)."""
     runtime.stripe.send_meter_event(
-        MeterEvent(event_name="api_call", stripe_customer_id=customer, value=value,
-                   timestamp=hour, identifier=f"x-{uuid.uuid4().hex}",
-                   idempotency_key=f"x-{uuid.uuid4().hex}")
+        MeterEvent(
+            event_name="api_call",
+            stripe_customer_id=customer,
+            value=value,
+            timestamp=hour,
+            identifier=f"x-{uuid.uuid4().hex}",
+            idempotency_key=f"x-{uuid.uuid4().hex}",
+        )
     )
 
 
 def held_row(runtime, customer, hour, value, org=1):
     with runtime.session_factory.begin() as session:
         row = UsageSubmission(
-            organization_id=org, stripe_customer_id=customer, event_type="api_call",
-            event_name="api_call", value=value, event_count=1, window_start=hour,
-            window_end=hour + timedelta(hours=1), identifier=f"held-{uuid.uuid4().hex[:8]}",
-            status="held", attempts=1, created_at=utcnow() - timedelta(hours=30),
+            organization_id=org,
+            stripe_customer_id=customer,
+            event_type="api_call",
+            event_name="api_call",
+            value=value,
+            event_count=1,
+            window_start=hour,
+            window_end=hour + timedelta(hours=1),
+            identifier=f"held-{uuid.uuid4().hex[:8]}",
+            status="held",
+            attempts=1,
+            created_at=utcnow() - timedelta(hours=30),
             last_error="unsent for over 23h",
         )
         session.add(row)
@@ -69,10 +90,13 @@ def held_row(runtime, customer, hour, value, org=1):
 def row_state(runtime, row_id):
     with runtime.session_factory() as session:
         row = session.get(UsageSubmission, row_id)
-        actions = list(session.scalars(
-            sa.select(UsageSubmissionAction.action).where(
-                UsageSubmissionAction.submission_id == row_id)
-        ))
+        actions = list(
+            session.scalars(
+                sa.select(UsageSubmissionAction.action).where(
+                    UsageSubmissionAction.submission_id == row_id
+                )
+            )
+        )
         return row.status, row.identifier, actions
 
 
@@ -95,8 +119,10 @@ def test_drift_lists_the_rows_behind_it_and_exits_one(billing_runtime, emulator)
     assert drift["status"] == "drift" and drift["stripe_customer_id"] == customers[2]
     assert (drift["stripe_total"], drift["sent_total"]) == (15, 11)
     assert [(r["status"], r["value"]) for r in drift["rows"]] == [("sent", 11)]
-    text = create_app(billing_runtime.settings).test_cli_runner().invoke(
-        args=["billing", "reconcile", *window()]
+    text = (
+        create_app(billing_runtime.settings)
+        .test_cli_runner()
+        .invoke(args=["billing", "reconcile", *window()])
     )
     assert text.exit_code == 1 and "Stripe 15 outbox sent 11" in text.output
 

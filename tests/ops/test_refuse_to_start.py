@@ -19,18 +19,36 @@ from tests.process import BIN, ROOT, billing_env, run_flask
 
 # (variable, value, the configuration line's text after `Error: configuration error: `)
 BAD_SETTINGS = [
-    ("STRIPE_WEBHOOK_TOLERANCE_SECONDS", "abc",
-     "STRIPE_WEBHOOK_TOLERANCE_SECONDS must be a whole number, got 'abc'"),
-    ("STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", "abc",
-     "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS must be a whole number, got 'abc'"),
-    ("STRIPE_WEBHOOK_PATH", "hook",
-     "STRIPE_WEBHOOK_PATH must be a URL path starting with /, got 'hook'"),
-    ("BILLING_METRICS_PATH", "metrics",
-     "BILLING_METRICS_PATH must be a URL path starting with /, got 'metrics'"),
-    ("DATABASE_URL", "mysql://billing@db.example/billing",
-     "DATABASE_URL must be a PostgreSQL or SQLite URL"),
-    ("STRIPE_SECRET_KEY", "sk_test_probe_abcdef1234",
-     "STRIPE_SECRET_KEY sk_test_…1234: after sk_test_ only letters and digits may follow"),
+    (
+        "STRIPE_WEBHOOK_TOLERANCE_SECONDS",
+        "abc",
+        "STRIPE_WEBHOOK_TOLERANCE_SECONDS must be a whole number, got 'abc'",
+    ),
+    (
+        "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS",
+        "abc",
+        "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS must be a whole number, got 'abc'",
+    ),
+    (
+        "STRIPE_WEBHOOK_PATH",
+        "hook",
+        "STRIPE_WEBHOOK_PATH must be a URL path starting with /, got 'hook'",
+    ),
+    (
+        "BILLING_METRICS_PATH",
+        "metrics",
+        "BILLING_METRICS_PATH must be a URL path starting with /, got 'metrics'",
+    ),
+    (
+        "DATABASE_URL",
+        "mysql://billing@db.example/billing",
+        "DATABASE_URL must be a PostgreSQL or SQLite URL",
+    ),
+    (
+        "STRIPE_SECRET_KEY",
+        "sk_test_probe_abcdef1234",
+        "STRIPE_SECRET_KEY sk_test_…1234: after sk_test_ only letters and digits may follow",
+    ),
 ]
 IDS = [f"{name}={value}" for name, value, _ in BAD_SETTINGS]
 
@@ -59,7 +77,11 @@ def test_flask_run_refuses_to_serve(env, name, value, line):
     port = free_port()
     result = subprocess.run(
         [str(BIN / "flask"), "run", "--port", str(port)],
-        cwd=ROOT, env={**env, name: value}, capture_output=True, text=True, timeout=15,
+        cwd=ROOT,
+        env={**env, name: value},
+        capture_output=True,
+        text=True,
+        timeout=15,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr

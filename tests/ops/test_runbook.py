@@ -58,9 +58,19 @@ def resolve(command: str) -> tuple[list[str], click.Command, list[str]]:
 def test_the_runbook_shows_the_commands_an_operator_needs():
     paths = {" ".join(resolve(c)[0]) for c in COMMANDS}
     for needed in (
-        "db upgrade", "preflight", "smoke_org", "status", "reconcile", "lock release",
-        "lock show", "webhooks list", "webhooks replay", "submissions list",
-        "submissions retry", "flush_hourly", "validate_contract",
+        "db upgrade",
+        "preflight",
+        "smoke_org",
+        "status",
+        "reconcile",
+        "lock release",
+        "lock show",
+        "webhooks list",
+        "webhooks replay",
+        "submissions list",
+        "submissions retry",
+        "flush_hourly",
+        "validate_contract",
     ):
         assert needed in paths, f"the runbook never shows `flask billing {needed}`"
 

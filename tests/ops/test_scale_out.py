@@ -64,9 +64,10 @@ def queue(broker: str, processes: Processes) -> Iterator[str]:
     if broker == "rabbitmq":
         processes.stop_all()
         # Not answering (the test skipped): nothing was declared there.
-        with contextlib.suppress(kombu.exceptions.OperationalError), kombu.Connection(
-            AMQP_URL, connect_timeout=2
-        ) as connection:
+        with (
+            contextlib.suppress(kombu.exceptions.OperationalError),
+            kombu.Connection(AMQP_URL, connect_timeout=2) as connection,
+        ):
             connection.default_channel.queue_delete(name)
 
 
@@ -91,8 +92,15 @@ def test_two_workers_process_each_event_once_and_flush_single_flight(
         deliveries = [i for i in ids for _ in range(DELIVERIES_EACH)]
         random.Random(13).shuffle(deliveries)
         bodies = {
-            i: make_event("invoice.payment_failed", i, id=f"in_{i}", object="invoice",
-                          customer="cus_unknown", amount_due=100, currency="usd")
+            i: make_event(
+                "invoice.payment_failed",
+                i,
+                id=f"in_{i}",
+                object="invoice",
+                customer="cus_unknown",
+                amount_due=100,
+                currency="usd",
+            )
             for i in ids
         }
         http = requests.Session()

@@ -26,8 +26,12 @@ def test_status_reports_backlog_then_the_flush_that_cleared_it(billing_runtime, 
         billing_runtime,
         [
             {"organization_id": 1, "event_type": "api_call", "quantity": 5, "occurred_at": old},
-            {"organization_id": 1, "event_type": "api_call", "quantity": 2,
-             "occurred_at": utcnow() - timedelta(minutes=5)},
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": 2,
+                "occurred_at": utcnow() - timedelta(minutes=5),
+            },
         ],
     )
     before = json.loads(status(settings, "--json"))
@@ -55,14 +59,22 @@ def test_status_names_the_lock_holder_and_open_rows(billing_runtime, redis_clien
         session.add(WebhookEvent(stripe_event_id="evt_1", type="x", payload={}, status="failed"))
         session.add(
             UsageSubmission(
-                organization_id=1, stripe_customer_id="cus_1", event_type="api_call",
-                event_name="api_call", value=3, event_count=1,
-                window_start=utcnow() - timedelta(hours=30), window_end=utcnow(),
-                identifier="held-1", status="held", attempts=1,
+                organization_id=1,
+                stripe_customer_id="cus_1",
+                event_type="api_call",
+                event_name="api_call",
+                value=3,
+                event_count=1,
+                window_start=utcnow() - timedelta(hours=30),
+                window_end=utcnow(),
+                identifier="held-1",
+                status="held",
+                attempts=1,
             )
         )
-    lock = RedisFlushLock(redis_client, settings.flush_lock_key, 30, lease_seconds=5,
-                          task_id="task-abc")
+    lock = RedisFlushLock(
+        redis_client, settings.flush_lock_key, 30, lease_seconds=5, task_id="task-abc"
+    )
     assert lock.acquire()
     try:
         assert flush_guarded(billing_runtime).skipped

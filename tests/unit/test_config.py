@@ -336,8 +336,12 @@ class TestSecretKeyShape:
 
     @pytest.mark.parametrize(
         "key",
-        ["sk_test_51AbCdEfGhIjKlMnOpQrStUv1234", "sk_live_" + "a1" * 12, "rk_test_abcd1234",
-         "rk_live_" + "Z9" * 50],
+        [
+            "sk_test_51AbCdEfGhIjKlMnOpQrStUv1234",
+            "sk_live_" + "a1" * 12,
+            "rk_test_abcd1234",
+            "rk_live_" + "Z9" * 50,
+        ],
     )
     def test_stripe_key_formats_are_accepted(self, key):
         assert Settings.from_env({"STRIPE_SECRET_KEY": key}).stripe_secret_key == key

@@ -11,9 +11,26 @@ from tests.process import BIN, ROOT
 def test_a_failed_flush_child_shows_why(tmp_path):
     output = tmp_path / "flush.json"
     completed = subprocess.run(  # an unknown log level: the child's logging set-up raises
-        [str(BIN / "python"), "bench/flush.py", "--sizes", "200", "--orgs", "2", "--hours", "1",
-         "--limits", "off", "--log-level", "NOT_A_LEVEL", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "python"),
+            "bench/flush.py",
+            "--sizes",
+            "200",
+            "--orgs",
+            "2",
+            "--hours",
+            "1",
+            "--limits",
+            "off",
+            "--log-level",
+            "NOT_A_LEVEL",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 1, completed.stdout + completed.stderr
     assert "flush child failed (exit 1)" in completed.stderr

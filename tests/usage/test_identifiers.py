@@ -44,8 +44,19 @@ def test_event_types_that_sanitize_alike_get_their_own_identifiers(request, emul
 
 def test_the_type_part_is_one_to_one_and_the_identifier_fits_stripe():
     types = [
-        "api_call", "api.call", "api-call", "api call", "API_CALL", "api_call-1",
-        "x" * 40, "x" * 41, "x" * 41 + "y", "x" * 100, "x" * 99 + "y", "évènement", "e_v_nement",
+        "api_call",
+        "api.call",
+        "api-call",
+        "api call",
+        "API_CALL",
+        "api_call-1",
+        "x" * 40,
+        "x" * 41,
+        "x" * 41 + "y",
+        "x" * 100,
+        "x" * 99 + "y",
+        "évènement",
+        "e_v_nement",
     ]
     parts = [identifier_type_part(t) for t in types]
     assert len(set(parts)) == len(types)

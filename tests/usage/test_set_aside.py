@@ -93,13 +93,21 @@ def test_a_group_over_the_ceiling_is_set_aside_whole_even_across_batches(
     customers = add_accounts(runtime, [1, 2, 3])
     hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     over = [
-        {"organization_id": 3, "event_type": "api_call", "quantity": 10,
-         "occurred_at": hour + timedelta(minutes=m)}
+        {
+            "organization_id": 3,
+            "event_type": "api_call",
+            "quantity": 10,
+            "occurred_at": hour + timedelta(minutes=m),
+        }
         for m in (1, 2, 3)  # 30 > 25
     ]
     under = [
-        {"organization_id": 3, "event_type": "api_call", "quantity": q,
-         "occurred_at": hour + timedelta(hours=1, minutes=m)}
+        {
+            "organization_id": 3,
+            "event_type": "api_call",
+            "quantity": q,
+            "occurred_at": hour + timedelta(hours=1, minutes=m),
+        }
         for q, m in ((10, 1), (10, 2), (5, 3))  # 25: at the ceiling, billed
     ]
     normal = _normal_rows()

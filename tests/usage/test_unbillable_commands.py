@@ -27,8 +27,14 @@ def invoke(settings, *args: str):
 def _add(runtime, org: int, quantity, *, age=timedelta(hours=1), event_type="api_call") -> int:
     add_events(
         runtime,
-        [{"organization_id": org, "event_type": event_type, "quantity": quantity,
-          "occurred_at": utcnow() - age}],
+        [
+            {
+                "organization_id": org,
+                "event_type": event_type,
+                "quantity": quantity,
+                "occurred_at": utcnow() - age,
+            }
+        ],
     )
     with runtime.session_factory() as session:
         return session.scalar(sa.select(sa.func.max(BillableEvent.id)))
@@ -51,7 +57,10 @@ def set_aside(billing_runtime, emulator):
     result = flush_once(runtime)
     assert result.ok and result.events_claimed == len(NORMAL)
     assert result.unbillable == {
-        "quantity_over_ceiling": 3, "invalid_quantity": 1, "no_customer": 1, "too_old": 1
+        "quantity_over_ceiling": 3,
+        "invalid_quantity": 1,
+        "no_customer": 1,
+        "too_old": 1,
     }
     return runtime, customers, ids, emulator
 
@@ -77,19 +86,27 @@ def test_unbillable_lists_the_rows_set_aside_with_their_reason(set_aside):
     payload = json.loads(listed.stdout)
     assert payload["counts"] == {
         **dict.fromkeys(REASONS, 0),
-        "quantity_over_ceiling": 3, "invalid_quantity": 1, "no_customer": 1, "too_old": 1,
+        "quantity_over_ceiling": 3,
+        "invalid_quantity": 1,
+        "no_customer": 1,
+        "too_old": 1,
     }
     assert payload["total"] == 6
     by_id = {e["id"]: e for e in payload["events"]}
     assert by_id[ids["huge"][0]]["reason"] == "quantity_over_ceiling"
     assert by_id[ids["huge"][0]]["quantity"] == "5000000000000000000"
     assert by_id[ids["fraction"]] | {"occurred_at": None} == {
-        "id": ids["fraction"], "reason": "invalid_quantity", "organization_id": 1,
-        "event_type": "api_call", "quantity": "1.5", "occurred_at": None,
+        "id": ids["fraction"],
+        "reason": "invalid_quantity",
+        "organization_id": 1,
+        "event_type": "api_call",
+        "quantity": "1.5",
+        "occurred_at": None,
     }
 
-    org = json.loads(invoke(runtime.settings, "usage", "unbillable", "--org-id", "3", "--json")
-                     .stdout)
+    org = json.loads(
+        invoke(runtime.settings, "usage", "unbillable", "--org-id", "3", "--json").stdout
+    )
     assert [e["id"] for e in org["events"]] == ids["huge"] and org["total"] == 2
     old = invoke(runtime.settings, "usage", "unbillable", "--reason", "too_old", "--limit", "1")
     assert old.exit_code == 0 and "too_old 1" in old.stdout
@@ -105,19 +122,33 @@ def test_dismissing_sets_usage_aside_for_good_and_clears_counts_gauges_and_age(s
     over_ceiling = ("billing_unbillable_events", (("reason", "quantity_over_ceiling"),))
     assert scrape(settings)[over_ceiling] == 3
 
-    by_org = invoke(settings, "usage", "dismiss", "--org-id", "3", "--unbillable",
-                    "quantity_over_ceiling", "--reason", "test producer wrote 5e18", "--actor",
-                    "alice")
+    by_org = invoke(
+        settings,
+        "usage",
+        "dismiss",
+        "--org-id",
+        "3",
+        "--unbillable",
+        "quantity_over_ceiling",
+        "--reason",
+        "test producer wrote 5e18",
+        "--actor",
+        "alice",
+    )
     assert by_org.exit_code == 0, by_org.output
     result = json.loads(by_org.stdout)
     assert result["event_count"] == 2 and result["actor"] == "alice"
-    by_id = invoke(settings, "usage", "dismiss", str(ids["too_old"]), "--reason",
-                   "older than Stripe accepts")
+    by_id = invoke(
+        settings, "usage", "dismiss", str(ids["too_old"]), "--reason", "older than Stripe accepts"
+    )
     assert by_id.exit_code == 0, by_id.output
 
     [first, second] = _dismissals(runtime)
     assert (first.unbillable_reason, first.event_count, first.reason, first.actor) == (
-        "quantity_over_ceiling", 2, "test producer wrote 5e18", "alice"
+        "quantity_over_ceiling",
+        2,
+        "test producer wrote 5e18",
+        "alice",
     )
     assert (second.unbillable_reason, second.event_count) == ("too_old", 1)
     assert second.actor and second.created_at
@@ -125,7 +156,9 @@ def test_dismissing_sets_usage_aside_for_good_and_clears_counts_gauges_and_age(s
 
     after = json.loads(invoke(settings, "status", "--json").stdout)
     assert after["unbillable"] == {
-        **dict.fromkeys(REASONS, 0), "quantity_over_ceiling": 1, "invalid_quantity": 1,
+        **dict.fromkeys(REASONS, 0),
+        "quantity_over_ceiling": 1,
+        "invalid_quantity": 1,
         "no_customer": 1,
     }
     assert after["backlog"]["unclaimed_events"] == 3
@@ -134,12 +167,16 @@ def test_dismissing_sets_usage_aside_for_good_and_clears_counts_gauges_and_age(s
     assert gauges[("billing_unbillable_events", (("reason", "too_old"),))] == 0
     assert gauges[over_ceiling] == 1
     assert gauges[("billing_unclaimed_events", ())] == 3
-    assert "unbillable (set aside, pending): invalid_quantity 1, no_customer 1, " \
+    assert (
+        "unbillable (set aside, pending): invalid_quantity 1, no_customer 1, "
         "quantity_over_ceiling 1" in invoke(settings, "status").stdout
+    )
 
     # Dismissed usage is never billed, whatever later flushes find.
     assert flush_once(runtime).unbillable == {
-        "quantity_over_ceiling": 1, "invalid_quantity": 1, "no_customer": 1
+        "quantity_over_ceiling": 1,
+        "invalid_quantity": 1,
+        "no_customer": 1,
     }
     billed = [{"organization_id": o, "event_type": "api_call", "quantity": q} for o, q in NORMAL]
     assert emulator.billed() == expected_totals(billed, customers)
@@ -184,8 +221,9 @@ def test_selection_errors_are_usage_errors(set_aside):
     assert both.exit_code == 2 and "not both" in both.output
     neither = invoke(runtime.settings, "usage", "dismiss", "--reason", "x")
     assert neither.exit_code == 2
-    stray = invoke(runtime.settings, "usage", "dismiss", "1", "--unbillable", "too_old",
-                   "--reason", "x")
+    stray = invoke(
+        runtime.settings, "usage", "dismiss", "1", "--unbillable", "too_old", "--reason", "x"
+    )
     assert stray.exit_code == 2 and "--unbillable goes with --org-id" in stray.output
 
 
@@ -220,15 +258,18 @@ def test_listing_and_dismissing_on_sqlite(sqlite_runtime, emulator):
     billable = _add(runtime, 1, 4)
     listing = json.loads(invoke(runtime.settings, "usage", "unbillable", "--json").stdout)
     assert {e["id"]: e["reason"] for e in listing["events"]} == {
-        fraction: "invalid_quantity", unmapped: "no_meter"
+        fraction: "invalid_quantity",
+        unmapped: "no_meter",
     }
-    refused = invoke(runtime.settings, "usage", "dismiss", str(fraction), str(billable),
-                     "--reason", "x")
+    refused = invoke(
+        runtime.settings, "usage", "dismiss", str(fraction), str(billable), "--reason", "x"
+    )
     assert refused.exit_code == 1 and "is billable now" in refused.output
     done = invoke(runtime.settings, "usage", "dismiss", "--org-id", "1", "--reason", "x")
     assert done.exit_code == 0, done.output
     assert sorted(d["unbillable_reason"] for d in json.loads(done.stdout)["dismissals"]) == [
-        "invalid_quantity", "no_meter"
+        "invalid_quantity",
+        "no_meter",
     ]
     assert _dismissed_ids(runtime) == {fraction, unmapped}
     result = flush_once(runtime)

@@ -139,8 +139,9 @@ def queued_messages(broker_client: redis.Redis, queue: str) -> list[dict]:
 
 def queued_event_ids(broker_client: redis.Redis, queue: str) -> list[str]:
     """The event id argument of each queued processing task, oldest first."""
-    return [json.loads(base64.b64decode(m["body"]))[0][0]
-            for m in queued_messages(broker_client, queue)]
+    return [
+        json.loads(base64.b64decode(m["body"]))[0][0] for m in queued_messages(broker_client, queue)
+    ]
 
 
 @pytest.fixture
@@ -189,7 +190,8 @@ class Delivering:
         busy = ("received", "processing")
         wait_until(
             lambda: not any(s in busy for s in statuses(self.runtime).values()),
-            timeout, "the worker to finish every stored event",
+            timeout,
+            "the worker to finish every stored event",
         )
         return statuses(self.runtime)
 
@@ -199,7 +201,8 @@ class Delivering:
 
 @pytest.fixture
 def delivering(emulator, app_server, worker) -> Iterator[Delivering]:
-    emulator.control("POST", "webhooks", {"url": app_server.url, "secret": SECRET,
-                                          "backoff_ms": 20})
+    emulator.control(
+        "POST", "webhooks", {"url": app_server.url, "secret": SECRET, "backoff_ms": 20}
+    )
     yield Delivering(emulator, app_server)
     emulator.control("POST", "webhooks", {"url": None})

@@ -52,10 +52,14 @@ def metered_subscription(runtime, emulator, hour_start) -> tuple[str, object]:
     customer = add_accounts(runtime, [ORG])[ORG]
     meter = runtime.stripe.meter_by_event_name()["api_call"]
     product = client.v1.products.create({"name": "API"})
-    price = client.v1.prices.create({
-        "currency": "usd", "unit_amount_decimal": "1", "product": product.id,
-        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
-    })
+    price = client.v1.prices.create(
+        {
+            "currency": "usd",
+            "unit_amount_decimal": "1",
+            "product": product.id,
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+        }
+    )
     subscription = client.v1.subscriptions.create(
         {"customer": customer, "items": [{"price": price.id}]}
     )
@@ -71,14 +75,31 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
     delivering.settle()  # subscription.created: the account learns its period
     for args in (("minimum_commitment", "5000"), ("credit", "700"), ("credit", "300", "eur")):
         kind, amount, *currency = args
-        added = cli("adjustments", "add", "--org-id", str(ORG), "--kind", kind,
-                    "--amount-cents", amount, *(["--currency", currency[0]] if currency else []))
+        added = cli(
+            "adjustments",
+            "add",
+            "--org-id",
+            str(ORG),
+            "--kind",
+            kind,
+            "--amount-cents",
+            amount,
+            *(["--currency", currency[0]] if currency else []),
+        )
         assert added.exit_code == 0, added.output
     # Usage of the closed period that the hourly flush has not sent yet.
-    add_events(webhook_runtime, [
-        {"organization_id": ORG, "event_type": "api_call", "quantity": q, "occurred_at": hour_start}
-        for q in (500, 400, 300)
-    ])
+    add_events(
+        webhook_runtime,
+        [
+            {
+                "organization_id": ORG,
+                "event_type": "api_call",
+                "quantity": q,
+                "occurred_at": hour_start,
+            }
+            for q in (500, 400, 300)
+        ],
+    )
 
     delivering.configure(duplicate=True)  # every event delivered twice
     period_end = subscription["items"].data[0].current_period_end
@@ -87,7 +108,8 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
     (draft,) = stripe.client.v1.invoices.list({"customer": customer, "status": "draft"}).data
     assert draft.billing_reason == "subscription_cycle"
     (created,) = [
-        e for e in stripe.client.v1.events.list({"type": "invoice.created", "limit": 100}).data
+        e
+        for e in stripe.client.v1.events.list({"type": "invoice.created", "limit": 100}).data
         if e.data.object.id == draft.id
     ]
     # A third delivery of the same event, as Stripe's own retries would make.
@@ -96,8 +118,11 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
     delivering.settle()
 
     draft = stripe.retrieve_invoice(draft.id)
-    metered = [line.amount for line in stripe.invoice_lines(draft.id)
-               if line.parent.type == "subscription_item_details"]
+    metered = [
+        line.amount
+        for line in stripe.invoice_lines(draft.id)
+        if line.parent.type == "subscription_item_details"
+    ]
     assert metered == [1200]  # the late usage is on this invoice's period
     assert sorted(our_items(stripe, draft.id)) == [("credit", -700), ("minimum_commitment", 3800)]
     assert draft.total == 1200 + 3800 - 700
@@ -107,19 +132,33 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
     ]
     (applied,) = captured.messages(logs.INVOICE_ADJUSTMENTS_APPLIED)
     assert (applied.event_id, applied.event_type, applied.invoice_id, applied.organization_id) == (
-        created.id, "invoice.created", draft.id, ORG)
-    assert (applied.metered_usage_cents, applied.minimum_commitment_topup_cents,
-            applied.credit_cents) == (1200, 3800, 700)
-    assert len([r for r in captured.messages(logs.WEBHOOK_DUPLICATE)
-                if r.event_id == created.id]) == 2
+        created.id,
+        "invoice.created",
+        draft.id,
+        ORG,
+    )
+    assert (
+        applied.metered_usage_cents,
+        applied.minimum_commitment_topup_cents,
+        applied.credit_cents,
+    ) == (1200, 3800, 700)
+    assert (
+        len([r for r in captured.messages(logs.WEBHOOK_DUPLICATE) if r.event_id == created.id]) == 2
+    )
     listed = json.loads(cli("adjustments", "list", "--org-id", str(ORG)).output)["adjustments"]
     pending = {(a["kind"], a["currency"]): a["pending"] for a in listed}
-    assert pending == {("minimum_commitment", "usd"): True, ("credit", "usd"): False,
-                       ("credit", "eur"): True}
+    assert pending == {
+        ("minimum_commitment", "usd"): True,
+        ("credit", "usd"): False,
+        ("credit", "eur"): True,
+    }
 
     # The subscription's first invoice was finalized at once: never adjusted.
-    first = [i for i in stripe.client.v1.invoices.list({"customer": customer}).data
-             if i.billing_reason == "subscription_create"]
+    first = [
+        i
+        for i in stripe.client.v1.invoices.list({"customer": customer}).data
+        if i.billing_reason == "subscription_create"
+    ]
     assert first and all(our_items(stripe, i.id) == [] for i in first)
 
     # Finalized an hour later; running the event again changes nothing on it.
@@ -129,8 +168,9 @@ def test_invoice_created_redelivered_applies_adjustments_once_with_late_usage(
     assert replayed.exit_code == 0, replayed.output
     assert sorted(our_items(stripe, draft.id)) == [("credit", -700), ("minimum_commitment", 3800)]
     assert len(applied_rows(webhook_runtime)) == 2
-    assert any("only drafts" in r.reason
-               for r in captured.messages(logs.INVOICE_ADJUSTMENTS_SKIPPED))
+    assert any(
+        "only drafts" in r.reason for r in captured.messages(logs.INVOICE_ADJUSTMENTS_SKIPPED)
+    )
 
 
 @pytest.fixture
@@ -154,9 +194,11 @@ def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(
 def test_a_credit_goes_on_one_invoice_only(webhook_runtime, org_account):
     adjustments.add_adjustment(webhook_runtime, ORG, "credit", 700, "usd")
     first = adjustments.plan_adjustments(
-        webhook_runtime, ORG, SimpleNamespace(id="in_a", currency="usd"), usage_cents=0)
+        webhook_runtime, ORG, SimpleNamespace(id="in_a", currency="usd"), usage_cents=0
+    )
     second = adjustments.plan_adjustments(
-        webhook_runtime, ORG, SimpleNamespace(id="in_b", currency="usd"), usage_cents=0)
+        webhook_runtime, ORG, SimpleNamespace(id="in_b", currency="usd"), usage_cents=0
+    )
     assert [(r.stripe_invoice_id, r.amount_cents) for r in first] == [("in_a", -700)]
     assert second == []
 
@@ -167,8 +209,20 @@ class TestAdjustmentsCommands:
         add_accounts(webhook_runtime, [3])
 
     def test_add_list_remove(self, cli, webhook_runtime):
-        added = json.loads(cli("adjustments", "add", "--org-id", "3", "--kind", "credit",
-                               "--amount-cents", "250", "--currency", "EUR").output)
+        added = json.loads(
+            cli(
+                "adjustments",
+                "add",
+                "--org-id",
+                "3",
+                "--kind",
+                "credit",
+                "--amount-cents",
+                "250",
+                "--currency",
+                "EUR",
+            ).output
+        )
         assert (added["kind"], added["amount_cents"], added["currency"]) == ("credit", 250, "eur")
         listed = json.loads(cli("adjustments", "list").output)
         assert [a["id"] for a in listed["adjustments"]] == [added["id"]]
@@ -178,8 +232,16 @@ class TestAdjustmentsCommands:
         assert json.loads(cli("adjustments", "list", "--all").output)["count"] == 1
 
     def test_a_second_minimum_for_the_same_currency_is_refused(self, cli):
-        args = ("adjustments", "add", "--org-id", "3", "--kind", "minimum_commitment",
-                "--amount-cents", "100")
+        args = (
+            "adjustments",
+            "add",
+            "--org-id",
+            "3",
+            "--kind",
+            "minimum_commitment",
+            "--amount-cents",
+            "100",
+        )
         assert cli(*args).exit_code == 0
         again = cli(*args)
         assert again.exit_code == 1 and "already has a usd minimum commitment" in again.output
@@ -206,7 +268,8 @@ class TestAdjustmentsCommands:
     def test_a_spent_credit_cannot_be_removed(self, cli, webhook_runtime):
         credit = adjustments.add_adjustment(webhook_runtime, 3, "credit", 500, "usd")
         adjustments.plan_adjustments(
-            webhook_runtime, 3, SimpleNamespace(id="in_x", currency="usd"), usage_cents=0)
+            webhook_runtime, 3, SimpleNamespace(id="in_x", currency="usd"), usage_cents=0
+        )
         refused = cli("adjustments", "remove", "--id", str(credit["id"]))
         assert refused.exit_code == 1 and "already applied to in_x" in refused.output
 
@@ -224,22 +287,37 @@ def test_usage_for_the_minimum_counts_what_the_outbox_sent_when_stripe_lags(webh
     client = webhook_runtime.stripe.client
     meter = webhook_runtime.stripe.meter_by_event_name()["api_call"]
     product = client.v1.products.create({"name": "API"})
-    price = client.v1.prices.create({
-        "currency": "usd", "unit_amount_decimal": "1.5", "product": product.id,
-        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
-    })
+    price = client.v1.prices.create(
+        {
+            "currency": "usd",
+            "unit_amount_decimal": "1.5",
+            "product": product.id,
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+        }
+    )
     start = datetime(2026, 10, 1, tzinfo=UTC)
     end = datetime(2026, 11, 1, tzinfo=UTC)
     with webhook_runtime.session_factory.begin() as session:
-        for n, (hour, status) in enumerate([(start, "sent"), (start + timedelta(days=3), "sent"),
-                                            (end, "sent"), (start, "failed")]):
-            session.add(UsageSubmission(
-                organization_id=ORG, stripe_customer_id="cus_x", event_type="api_call",
-                event_name="api_call", value=1000, event_count=1, window_start=hour,
-                window_end=hour + timedelta(hours=1), identifier=f"id-{n}", status=status,
-            ))
+        for n, (hour, status) in enumerate(
+            [(start, "sent"), (start + timedelta(days=3), "sent"), (end, "sent"), (start, "failed")]
+        ):
+            session.add(
+                UsageSubmission(
+                    organization_id=ORG,
+                    stripe_customer_id="cus_x",
+                    event_type="api_call",
+                    event_name="api_call",
+                    value=1000,
+                    event_count=1,
+                    window_start=hour,
+                    window_end=hour + timedelta(hours=1),
+                    identifier=f"id-{n}",
+                    status=status,
+                )
+            )
     lagging_line = {
-        "amount": 0, "parent": {"type": "subscription_item_details"},
+        "amount": 0,
+        "parent": {"type": "subscription_item_details"},
         "pricing": {"price_details": {"price": price.id}},
         "period": {"start": int(start.timestamp()), "end": int(end.timestamp())},
     }
@@ -251,12 +329,16 @@ def test_usage_for_the_minimum_counts_what_the_outbox_sent_when_stripe_lags(webh
 
 def missed_top_ups(runtime) -> list[InvoiceAdjustment]:
     with runtime.session_factory() as session:
-        return list(session.scalars(
-            sa.select(InvoiceAdjustment)
-            .where(InvoiceAdjustment.status == "missed",
-                   InvoiceAdjustment.kind == "minimum_commitment")
-            .order_by(InvoiceAdjustment.id)
-        ))
+        return list(
+            session.scalars(
+                sa.select(InvoiceAdjustment)
+                .where(
+                    InvoiceAdjustment.status == "missed",
+                    InvoiceAdjustment.kind == "minimum_commitment",
+                )
+                .order_by(InvoiceAdjustment.id)
+            )
+        )
 
 
 class TestInvoiceFinalizedBeforeProcessing:
@@ -270,20 +352,31 @@ class TestInvoiceFinalizedBeforeProcessing:
         customer, subscription = metered_subscription(webhook_runtime, emulator, hour_start)
         delivering.settle()
         for kind, amount in (("minimum_commitment", "5000000"), ("credit", "700")):
-            added = cli("adjustments", "add", "--org-id", str(ORG), "--kind", kind,
-                        "--amount-cents", amount)
+            added = cli(
+                "adjustments", "add", "--org-id", str(ORG), "--kind", kind, "--amount-cents", amount
+            )
             assert added.exit_code == 0, added.output
-        add_events(webhook_runtime, [
-            {"organization_id": ORG, "event_type": "api_call", "quantity": 1200,
-             "occurred_at": hour_start},
-        ])
+        add_events(
+            webhook_runtime,
+            [
+                {
+                    "organization_id": ORG,
+                    "event_type": "api_call",
+                    "quantity": 1200,
+                    "occurred_at": hour_start,
+                },
+            ],
+        )
         period_end = subscription["items"].data[0].current_period_end
         # One step past the period's end and the finalization hour: the draft is finalized
         # before the worker sees invoice.created.
         emulator.control("POST", "clock", {"set": period_end + 3600 + 60})
         delivering.settle()
-        (invoice,) = [i for i in webhook_runtime.stripe.client.v1.invoices.list(
-            {"customer": customer}).data if i.billing_reason == "subscription_cycle"]
+        (invoice,) = [
+            i
+            for i in webhook_runtime.stripe.client.v1.invoices.list({"customer": customer}).data
+            if i.billing_reason == "subscription_cycle"
+        ]
         assert invoice.status in ("open", "paid")
         return SimpleNamespace(customer=customer, invoice=invoice, period_end=period_end)
 
@@ -296,20 +389,28 @@ class TestInvoiceFinalizedBeforeProcessing:
         assert our_items(stripe, renewed.invoice.id) == []
         (missed,) = missed_top_ups(webhook_runtime)
         # 5,000,000 minus the 1,200 cents of usage the late-usage flush sent for the period.
-        assert (missed.stripe_invoice_id, missed.kind, missed.amount_cents,
-                missed.metered_usage_cents) == (renewed.invoice.id, "minimum_commitment",
-                                                 5_000_000 - 1200, 1200)
-        credit = [r for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED)
-                  if r.kind == "credit"]
+        assert (
+            missed.stripe_invoice_id,
+            missed.kind,
+            missed.amount_cents,
+            missed.metered_usage_cents,
+        ) == (renewed.invoice.id, "minimum_commitment", 5_000_000 - 1200, 1200)
+        credit = [
+            r for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED) if r.kind == "credit"
+        ]
         assert credit, "the credit that missed the invoice is logged too"
         listed = json.loads(cli("adjustments", "list", "--missed").output)["adjustments"]
         assert [(a["kind"], [x["status"] for x in a["applied"]]) for a in listed] == [
-            ("minimum_commitment", ["missed"]), ("credit", ["missed"])]
+            ("minimum_commitment", ["missed"]),
+            ("credit", ["missed"]),
+        ]
         pending = {a["kind"]: a["pending"] for a in listed}
         assert pending["credit"] is True  # it goes on the next invoice by itself
         assert read_state(webhook_runtime).missed_adjustments == 1
-        assert any(r.amount_cents == 5_000_000 - 1200
-                   for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED))
+        assert any(
+            r.amount_cents == 5_000_000 - 1200
+            for r in captured.messages(logs.INVOICE_ADJUSTMENT_MISSED)
+        )
 
     def test_carry_over_bills_it_on_the_next_invoice_once(
         self, renewed, webhook_runtime, emulator, delivering, cli
@@ -325,17 +426,27 @@ class TestInvoiceFinalizedBeforeProcessing:
         assert again.exit_code == 1 and "is carried_over, not missed" in again.output
         assert read_state(webhook_runtime).missed_adjustments == 0
         pending = webhook_runtime.stripe.client.v1.invoice_items.list(
-            {"customer": renewed.customer, "pending": True}).data
-        assert [(i.amount, i.id) for i in pending] == [(5_000_000 - 1200,
-                                                        shown["invoice_item_id"])]
+            {"customer": renewed.customer, "pending": True}
+        ).data
+        assert [(i.amount, i.id) for i in pending] == [(5_000_000 - 1200, shown["invoice_item_id"])]
         # The next period's invoice carries it, and the credit that missed the first one.
         emulator.control("POST", "clock", {"set": renewed.period_end + 31 * 86400 + 60})
         delivering.settle()
-        latest = max((i for i in webhook_runtime.stripe.client.v1.invoices.list(
-            {"customer": renewed.customer}).data if i.billing_reason == "subscription_cycle"),
-            key=lambda i: i.created)
-        amounts = sorted(line.amount for line in webhook_runtime.stripe.invoice_lines(latest.id)
-                         if line.parent.type == "invoice_item_details")
+        latest = max(
+            (
+                i
+                for i in webhook_runtime.stripe.client.v1.invoices.list(
+                    {"customer": renewed.customer}
+                ).data
+                if i.billing_reason == "subscription_cycle"
+            ),
+            key=lambda i: i.created,
+        )
+        amounts = sorted(
+            line.amount
+            for line in webhook_runtime.stripe.invoice_lines(latest.id)
+            if line.parent.type == "invoice_item_details"
+        )
         assert 5_000_000 - 1200 in amounts and -700 in amounts
 
     def test_waive_needs_a_reason_and_keeps_it(self, renewed, webhook_runtime, cli):
@@ -343,19 +454,34 @@ class TestInvoiceFinalizedBeforeProcessing:
         assert cli("adjustments", "waive", str(missed.id)).exit_code == 2
         blank = cli("adjustments", "waive", str(missed.id), "--reason", " ")
         assert blank.exit_code == 1 and "needs a reason" in blank.output
-        waived = cli("adjustments", "waive", str(missed.id), "--reason", "outage goodwill",
-                     "--actor", "ops-ben")
+        waived = cli(
+            "adjustments",
+            "waive",
+            str(missed.id),
+            "--reason",
+            "outage goodwill",
+            "--actor",
+            "ops-ben",
+        )
         assert waived.exit_code == 0, waived.output
         with webhook_runtime.session_factory() as session:
             row = session.get(InvoiceAdjustment, missed.id)
             assert (row.status, row.resolved_by, row.resolution_note) == (
-                "waived", "ops-ben", "outage goodwill")
-        assert webhook_runtime.stripe.client.v1.invoice_items.list(
-            {"customer": renewed.customer, "pending": True}).data == []
+                "waived",
+                "ops-ben",
+                "outage goodwill",
+            )
+        assert (
+            webhook_runtime.stripe.client.v1.invoice_items.list(
+                {"customer": renewed.customer, "pending": True}
+            ).data
+            == []
+        )
 
     def test_a_missed_credit_is_not_carried_over_by_hand(self, renewed, webhook_runtime, cli):
         with webhook_runtime.session_factory() as session:
-            credit_row = session.scalar(sa.select(InvoiceAdjustment.id).where(
-                InvoiceAdjustment.kind == "credit"))
+            credit_row = session.scalar(
+                sa.select(InvoiceAdjustment.id).where(InvoiceAdjustment.kind == "credit")
+            )
         refused = cli("adjustments", "carry-over", str(credit_row))
         assert refused.exit_code == 1 and "goes on the next invoice by itself" in refused.output

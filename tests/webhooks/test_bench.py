@@ -14,9 +14,22 @@ QUEUED, SYNCHRONOUS = 200, 40
 def test_the_webhook_bench_measures_a_queuing_and_a_processing_endpoint(tmp_path):
     output = tmp_path / "webhooks.json"
     completed = subprocess.run(
-        [str(BIN / "python"), "bench/webhooks.py", "--requests", str(QUEUED),
-         "--sync-requests", str(SYNCHRONOUS), "--load-tool", "python", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "python"),
+            "bench/webhooks.py",
+            "--requests",
+            str(QUEUED),
+            "--sync-requests",
+            str(SYNCHRONOUS),
+            "--load-tool",
+            "python",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     result = json.loads(output.read_text())
@@ -28,7 +41,5 @@ def test_the_webhook_bench_measures_a_queuing_and_a_processing_endpoint(tmp_path
     assert queued["rows_stored"] == queued["tasks_enqueued"] == QUEUED + warmup
     # Synchronous: each delivery processed inside its request.
     assert synchronous["rows_processed"] == SYNCHRONOUS + warmup
-    assert result["throughput_ratio"] == round(
-        queued["per_second"] / synchronous["per_second"], 2
-    )
+    assert result["throughput_ratio"] == round(queued["per_second"] / synchronous["per_second"], 2)
     assert "queued/synchronous throughput" in completed.stdout

@@ -36,8 +36,12 @@ def saas_checkout(stripe, organization_id: int, price: str | None = None):
         SAAS_FEATURE, product_name="Workspace", unit_amount=4900
     )
     return stripe.create_subscription_checkout(
-        SubscriptionCheckout(organization_id=organization_id, price_id=price,
-                             success_url="http://app/ok", cancel_url="http://app/no")
+        SubscriptionCheckout(
+            organization_id=organization_id,
+            price_id=price,
+            success_url="http://app/ok",
+            cancel_url="http://app/no",
+        )
     )
 
 
@@ -51,7 +55,8 @@ def test_checkout_links_the_organization_and_entitlements_follow_the_subscriptio
     assert set(final.values()) <= {"processed", "ignored"}
     linked = account(webhook_runtime, 42)
     assert (linked.stripe_customer_id, linked.stripe_subscription_id) == (
-        completed["customer"], completed["subscription"]
+        completed["customer"],
+        completed["subscription"],
     )
     subscription = stripe.retrieve_subscription(completed["subscription"])
     item = subscription["items"].data[0]
@@ -75,11 +80,20 @@ def test_checkout_links_what_stripe_says_not_what_the_payload_says(
     checkout = saas_checkout(stripe, 42)
     completed = emulator.control("POST", f"checkout_sessions/{checkout.id}/complete", {})
     delivering.settle()
-    tampered = {"id": "evt_tampered_checkout", "object": "event",
-                "type": "checkout.session.completed",
-                "data": {"object": {"id": checkout.id, "object": "checkout.session",
-                                    "client_reference_id": "666", "customer": "cus_other",
-                                    "status": "complete"}}}
+    tampered = {
+        "id": "evt_tampered_checkout",
+        "object": "event",
+        "type": "checkout.session.completed",
+        "data": {
+            "object": {
+                "id": checkout.id,
+                "object": "checkout.session",
+                "client_reference_id": "666",
+                "customer": "cus_other",
+                "status": "complete",
+            }
+        },
+    }
     assert post(delivering.url, json.dumps(tampered).encode()).status_code == 200
     assert delivering.settle()["evt_tampered_checkout"] == "processed"
     assert account(webhook_runtime, 666) is None
@@ -87,9 +101,18 @@ def test_checkout_links_what_stripe_says_not_what_the_payload_says(
 
     # A session still open (never paid) links nothing, whatever its delivery claims.
     unpaid = saas_checkout(stripe, 43)
-    early = {**tampered, "id": "evt_open_checkout",
-             "data": {"object": {"id": unpaid.id, "object": "checkout.session",
-                                 "client_reference_id": "43", "customer": "cus_43"}}}
+    early = {
+        **tampered,
+        "id": "evt_open_checkout",
+        "data": {
+            "object": {
+                "id": unpaid.id,
+                "object": "checkout.session",
+                "client_reference_id": "43",
+                "customer": "cus_43",
+            }
+        },
+    }
     assert post(delivering.url, json.dumps(early).encode()).status_code == 200
     assert delivering.settle()["evt_open_checkout"] == "processed"
     assert account(webhook_runtime, 43) is None
@@ -112,19 +135,32 @@ def test_out_of_order_subscription_updates_end_in_the_newest_state(
         stripe.client.v1.subscriptions.update(subscription.id, {"metadata": {"n": str(n)}})
     stripe.client.v1.subscriptions.cancel(subscription.id)
     delivering.settle()
-    delivered = [d["type"] for d in delivering.deliveries()
-                 if d["type"].startswith("customer.subscription")]
+    delivered = [
+        d["type"] for d in delivering.deliveries() if d["type"].startswith("customer.subscription")
+    ]
     assert delivered[0] == "customer.subscription.deleted"
     assert delivered[-1] == "customer.subscription.created"
     final = account(webhook_runtime, 7)
-    assert (final.stripe_subscription_id, final.subscription_status) == (subscription.id,
-                                                                          "canceled")
+    assert (final.stripe_subscription_id, final.subscription_status) == (
+        subscription.id,
+        "canceled",
+    )
     assert active_features(webhook_runtime, 7) == set()
 
     # A stale "active" update replayed long after: the handler reads Stripe, not the payload.
-    stale = {"id": "evt_stale", "object": "event", "type": "customer.subscription.updated",
-             "data": {"object": {"id": subscription.id, "object": "subscription",
-                                 "customer": customer.id, "status": "active"}}}
+    stale = {
+        "id": "evt_stale",
+        "object": "event",
+        "type": "customer.subscription.updated",
+        "data": {
+            "object": {
+                "id": subscription.id,
+                "object": "subscription",
+                "customer": customer.id,
+                "status": "active",
+            }
+        },
+    }
     assert post(delivering.url, json.dumps(stale).encode()).status_code == 200
     delivering.settle()
     assert account(webhook_runtime, 7).subscription_status == "canceled"
@@ -134,22 +170,47 @@ def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
     delivering, webhook_runtime, captured
 ):
     url = delivering.url
-    failed = {"id": "evt_payfail", "object": "event", "type": "invoice.payment_failed",
-              "data": {"object": {"id": "in_1", "object": "invoice", "customer": "cus_x",
-                                  "amount_due": 4900, "currency": "usd", "attempt_count": 2}}}
-    meter = {"id": "evt_metererr", "object": "v2.core.event",
-             "type": "v1.billing.meter.error_report_triggered",
-             "related_object": {"id": "mtr_1", "type": "billing.meter"},
-             "data": {"reason": {"error_count": 3, "error_types": [
-                 {"code": "meter_event_customer_not_found", "error_count": 3}]}}}
+    failed = {
+        "id": "evt_payfail",
+        "object": "event",
+        "type": "invoice.payment_failed",
+        "data": {
+            "object": {
+                "id": "in_1",
+                "object": "invoice",
+                "customer": "cus_x",
+                "amount_due": 4900,
+                "currency": "usd",
+                "attempt_count": 2,
+            }
+        },
+    }
+    meter = {
+        "id": "evt_metererr",
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.error_report_triggered",
+        "related_object": {"id": "mtr_1", "type": "billing.meter"},
+        "data": {
+            "reason": {
+                "error_count": 3,
+                "error_types": [{"code": "meter_event_customer_not_found", "error_count": 3}],
+            }
+        },
+    }
     for event in (failed, meter):
         assert post(url, json.dumps(event).encode()).status_code == 200
     assert delivering.settle() == {"evt_payfail": "processed", "evt_metererr": "processed"}
     (payment,) = captured.messages(logs.INVOICE_PAYMENT_FAILED)
     assert payment.levelname == "WARNING"
-    assert (payment.event_id, payment.invoice_id, payment.amount_due) == ("evt_payfail", "in_1",
-                                                                          4900)
+    assert (payment.event_id, payment.invoice_id, payment.amount_due) == (
+        "evt_payfail",
+        "in_1",
+        4900,
+    )
     (report,) = captured.messages(logs.METER_ERROR_REPORTED)
     assert report.levelname == "WARNING"
     assert (report.event_id, report.event_type, report.meter_id) == (
-        "evt_metererr", "v1.billing.meter.error_report_triggered", "mtr_1")
+        "evt_metererr",
+        "v1.billing.meter.error_report_triggered",
+        "mtr_1",
+    )

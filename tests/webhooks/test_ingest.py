@@ -80,8 +80,11 @@ def test_accepted_event_is_stored_once_and_a_duplicate_is_only_acknowledged(
     assert (first.json()["outcome"], second.json()["outcome"]) == ("accepted", "duplicate")
     assert webhook_runtime.webhook_publisher.flush()
     (row,) = rows(webhook_runtime)
-    assert (row.stripe_event_id, row.type, row.status) == ("evt_once", "customer.created",
-                                                           "received")
+    assert (row.stripe_event_id, row.type, row.status) == (
+        "evt_once",
+        "customer.created",
+        "received",
+    )
     assert row.payload == json.loads(body)
     for message in (logs.WEBHOOK_ACCEPTED, logs.WEBHOOK_DUPLICATE):
         (record,) = captured.messages(message)
@@ -131,7 +134,9 @@ def test_a_delivery_the_database_cannot_store_gets_500_so_stripe_delivers_it_aga
     assert (response.status_code, response.json()) == (500, {"error": 500})
     (unstored,) = captured.messages(logs.WEBHOOK_SERVER_ERROR)
     assert (unstored.event_id, unstored.event_type, unstored.error) == (
-        "evt_unstored", "invoice.created", "OperationalError"
+        "evt_unstored",
+        "invoice.created",
+        "OperationalError",
     )
     assert unstored.exc_info is not None
     assert captured.messages(logs.WEBHOOK_ACCEPTED) == []
@@ -144,11 +149,14 @@ def test_an_old_secret_still_verifies_during_rotation(app_server, webhook_runtim
 
 
 def test_thin_v2_event_is_accepted(app_server, webhook_runtime):
-    body = json.dumps({
-        "id": "evt_thin", "object": "v2.core.event",
-        "type": "v1.billing.meter.error_report_triggered",
-        "related_object": {"id": "mtr_1", "type": "billing.meter"},
-    }).encode()
+    body = json.dumps(
+        {
+            "id": "evt_thin",
+            "object": "v2.core.event",
+            "type": "v1.billing.meter.error_report_triggered",
+            "related_object": {"id": "mtr_1", "type": "billing.meter"},
+        }
+    ).encode()
     assert post(app_server.url, body).status_code == 200
     assert rows(webhook_runtime)[0].type == "v1.billing.meter.error_report_triggered"
 
@@ -207,8 +215,10 @@ def test_webhook_path_is_configurable(make_runtime, webhook_settings):
 
 def test_a_host_app_gets_the_endpoint_from_billing(webhook_runtime):
     body = make_event(event_id="evt_host")
-    response = host_app(webhook_runtime).test_client().post(
-        "/stripe/webhook", data=body, headers={"Stripe-Signature": sign(body)}
+    response = (
+        host_app(webhook_runtime)
+        .test_client()
+        .post("/stripe/webhook", data=body, headers={"Stripe-Signature": sign(body)})
     )
     assert response.status_code == 200
     assert [row.stripe_event_id for row in rows(webhook_runtime)] == ["evt_host"]
@@ -266,14 +276,19 @@ def test_the_standalone_route_and_a_host_apps_view_answer_alike(webhook_runtime)
             send(accepted, sign(accepted)),
             client.get("/stripe/webhook").status_code,
         ]
-    assert answers["standalone"] == answers["host"] == [
-        (400, "application/json", {"error": 400}),
-        (400, "application/json", {"error": 400}),
-        (413, "application/json", {"error": 413}),
-        (200, "application/json", {"received": True, "outcome": "accepted"}),
-        (200, "application/json", {"received": True, "outcome": "duplicate"}),
-        405,
-    ]
+    assert (
+        answers["standalone"]
+        == answers["host"]
+        == [
+            (400, "application/json", {"error": 400}),
+            (400, "application/json", {"error": 400}),
+            (413, "application/json", {"error": 413}),
+            (200, "application/json", {"received": True, "outcome": "accepted"}),
+            (200, "application/json", {"received": True, "outcome": "duplicate"}),
+            405,
+        ]
+    )
     assert sorted(row.stripe_event_id for row in rows(webhook_runtime)) == [
-        "evt_host", "evt_standalone"
+        "evt_host",
+        "evt_standalone",
     ]

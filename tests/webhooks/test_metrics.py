@@ -60,12 +60,18 @@ def test_processing_counts_by_type_and_dead_letters_show_at_scrape(app_server, w
         raise ValueError("a bug in the handler")
 
     ok = service.process_event(
-        webhook_runtime, "evt_metrics_ok", {"test.metrics": lambda runtime, event: None},
-        final_attempt=True, transient_errors=(),
+        webhook_runtime,
+        "evt_metrics_ok",
+        {"test.metrics": lambda runtime, event: None},
+        final_attempt=True,
+        transient_errors=(),
     )
     bad = service.process_event(
-        webhook_runtime, "evt_metrics_bad", {"test.metrics": broken},
-        final_attempt=True, transient_errors=(),
+        webhook_runtime,
+        "evt_metrics_bad",
+        {"test.metrics": broken},
+        final_attempt=True,
+        transient_errors=(),
     )
     assert (ok, bad) == (service.ProcessOutcome.PROCESSED, service.ProcessOutcome.FAILED)
     assert value("billing_webhooks_processed_total", type="test.metrics") == processed + 1

@@ -27,8 +27,9 @@ def _in_session(engine: Any, sql: str) -> list[tuple[Any, ...]]:
 
 def _prepared_statements(engine: Any) -> dict[str, tuple[str, int]]:
     """name → (statement, times executed) for the session's prepared statements."""
-    found = _in_session(engine, "SELECT name, statement, generic_plans + custom_plans "
-                                "FROM pg_prepared_statements")
+    found = _in_session(
+        engine, "SELECT name, statement, generic_plans + custom_plans FROM pg_prepared_statements"
+    )
     return {name: (statement, executions) for name, statement, executions in found}
 
 
@@ -41,7 +42,10 @@ def test_each_insert_runs_the_statement_prepared_in_the_session(webhook_runtime)
     assert " AS INSERT INTO webhook_events " in statement
     assert executions == 4
     assert sorted(row.stripe_event_id for row in rows(webhook_runtime)) == [
-        "evt_prepared_1", "evt_prepared_2", "evt_prepared_3"]
+        "evt_prepared_1",
+        "evt_prepared_2",
+        "evt_prepared_3",
+    ]
 
 
 def test_a_session_that_lost_the_statement_still_stores_every_delivery(webhook_runtime):

@@ -143,8 +143,9 @@ def test_type_without_handler_is_ignored(worker, app_server, webhook_runtime, ca
     assert (record.event_id, record.event_type) == ("evt_other", "customer.created")
 
 
-def test_processed_event_queued_again_is_skipped(worker, app_server, webhook_runtime, calls,
-                                                 captured):
+def test_processed_event_queued_again_is_skipped(
+    worker, app_server, webhook_runtime, calls, captured
+):
     assert post(app_server.url, make_event("test.counted", "evt_twice")).status_code == 200
     _final(webhook_runtime, "evt_twice")
     process_webhook.apply_async(args=["evt_twice"], queue=webhook_runtime.settings.billing_queue)
@@ -155,21 +156,29 @@ def test_processed_event_queued_again_is_skipped(worker, app_server, webhook_run
 
 
 def test_two_workers_never_run_one_event_at_once(webhook_runtime, calls):
-    service.store_once(webhook_runtime.ingest_engine,
-                       {"id": "evt_race", "type": "test.counted", "object": "event"})
+    service.store_once(
+        webhook_runtime.ingest_engine, {"id": "evt_race", "type": "test.counted", "object": "event"}
+    )
     calls.delay = 0.3
 
     def run() -> service.ProcessOutcome:
-        return service.process_event(webhook_runtime, "evt_race", handlers.HANDLERS,
-                                     final_attempt=False,
-                                     transient_errors=handlers.TRANSIENT_ERRORS)
+        return service.process_event(
+            webhook_runtime,
+            "evt_race",
+            handlers.HANDLERS,
+            final_attempt=False,
+            transient_errors=handlers.TRANSIENT_ERRORS,
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(lambda _: run(), range(8)))
     assert calls.count == 1
     assert outcomes.count(service.ProcessOutcome.PROCESSED) == 1
-    assert set(outcomes) <= {service.ProcessOutcome.PROCESSED, service.ProcessOutcome.BUSY,
-                             service.ProcessOutcome.ALREADY_DONE}
+    assert set(outcomes) <= {
+        service.ProcessOutcome.PROCESSED,
+        service.ProcessOutcome.BUSY,
+        service.ProcessOutcome.ALREADY_DONE,
+    }
 
 
 def test_broker_down_at_ingest_then_the_sweep_gets_it_processed(
@@ -200,8 +209,10 @@ def test_broker_down_at_ingest_then_the_sweep_gets_it_processed(
 def test_sweep_takes_back_an_event_whose_worker_died(worker, webhook_runtime, calls):
     from billing.webhooks.tasks import enqueuer
 
-    service.store_once(webhook_runtime.ingest_engine,
-                       {"id": "evt_orphan", "type": "test.counted", "object": "event"})
+    service.store_once(
+        webhook_runtime.ingest_engine,
+        {"id": "evt_orphan", "type": "test.counted", "object": "event"},
+    )
     # A worker claimed it, then died (SIGKILL): the row stays in processing.
     claimed = service.claim(webhook_runtime, "evt_orphan", utcnow())
     assert isinstance(claimed, service.Claim)
@@ -266,8 +277,10 @@ def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime,
     from billing.webhooks.tasks import sweep_webhooks
 
     for event_id in ("evt_stranded_1", "evt_stranded_2"):
-        service.store_once(webhook_runtime.ingest_engine,
-                           {"id": event_id, "type": "test.counted", "object": "event"})
+        service.store_once(
+            webhook_runtime.ingest_engine,
+            {"id": event_id, "type": "test.counted", "object": "event"},
+        )
     older = webhook_runtime.settings.webhook_requeue_after_seconds + 5
     with webhook_runtime.session_factory.begin() as session:
         session.execute(

@@ -41,10 +41,14 @@ def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_clien
     messages = queued_messages(broker_client, webhook_settings.billing_queue)
     assert [m["headers"]["task"] for m in messages] == [PROCESS_TASK] * 3
     assert [(m["headers"]["argsrepr"], m["headers"]["kwargsrepr"]) for m in messages] == [
-        ("['evt_sender_1']", "{}"), ("['evt_sender_2']", "{}"), ("['evt_sender_3']", "{}")
+        ("['evt_sender_1']", "{}"),
+        ("['evt_sender_2']", "{}"),
+        ("['evt_sender_3']", "{}"),
     ]
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in messages] == [
-        ["evt_sender_1"], ["evt_sender_2"], ["evt_sender_3"]
+        ["evt_sender_1"],
+        ["evt_sender_2"],
+        ["evt_sender_3"],
     ]
     assert {m["properties"]["delivery_info"]["routing_key"] for m in messages} == {
         webhook_settings.billing_queue
@@ -95,12 +99,18 @@ def test_background_publisher_batches_what_arrives_together_and_reports_each_tas
     publisher = runtime.task_publisher
     round_trips: list[int] = []
     send_many = publisher.send_many
-    monkeypatch.setattr(publisher, "send_many",
-                        lambda name, many: round_trips.append(len(many)) or send_many(name, many))
+    monkeypatch.setattr(
+        publisher,
+        "send_many",
+        lambda name, many: round_trips.append(len(many)) or send_many(name, many),
+    )
     published: list[str] = []
     background = broker.BackgroundPublisher(
-        publisher, PROCESS_TASK, on_published=published.extend,
-        on_failed=lambda contexts, error: pytest.fail(f"{contexts}: {error!r}"), linger=0.05,
+        publisher,
+        PROCESS_TASK,
+        on_published=published.extend,
+        on_failed=lambda contexts, error: pytest.fail(f"{contexts}: {error!r}"),
+        linger=0.05,
     )
     submitters = [
         threading.Thread(target=lambda n=n: background.submit([f"evt_bg_{n}"], f"evt_bg_{n}"))
@@ -124,8 +134,11 @@ def test_background_publisher_close_publishes_what_is_pending(
 ):
     runtime = make_runtime(webhook_settings)
     background = broker.BackgroundPublisher(
-        runtime.task_publisher, PROCESS_TASK, on_published=lambda _: None,
-        on_failed=lambda contexts, error: pytest.fail(repr(error)), linger=0.5,
+        runtime.task_publisher,
+        PROCESS_TASK,
+        on_published=lambda _: None,
+        on_failed=lambda contexts, error: pytest.fail(repr(error)),
+        linger=0.5,
     )
     assert all(background.submit([f"evt_pending_{n}"]) for n in range(3))
     background.close()
@@ -144,15 +157,19 @@ def test_a_report_that_raises_does_not_stop_the_background_publisher(
             raise RuntimeError("a log handler failed")
 
     background = broker.BackgroundPublisher(
-        runtime.task_publisher, PROCESS_TASK, on_published=report,
-        on_failed=lambda contexts, error: pytest.fail(repr(error)), linger=0,
+        runtime.task_publisher,
+        PROCESS_TASK,
+        on_published=report,
+        on_failed=lambda contexts, error: pytest.fail(repr(error)),
+        linger=0,
     )
     assert background.submit(["evt_report_1"], "evt_report_1") and background.flush()
     assert background.submit(["evt_report_2"], "evt_report_2") and background.flush()
     background.close()
     assert reported == ["evt_report_1", "evt_report_2"]
     assert queued_event_ids(broker_client, webhook_settings.billing_queue) == [
-        "evt_report_1", "evt_report_2"
+        "evt_report_1",
+        "evt_report_2",
     ]
 
 
@@ -171,8 +188,9 @@ runtime.webhook_publisher.linger = 0.5
 for n in range(5):
     assert runtime.webhook_publisher.submit([f"evt_exit_{{n}}"], {{"event_id": "evt_exit"}})
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     queued = queued_event_ids(broker_client, webhook_settings.billing_queue)
     assert queued == [f"evt_exit_{n}" for n in range(5)]
@@ -181,8 +199,9 @@ for n in range(5):
 def test_only_a_redis_broker_gets_the_publish_transport(webhook_settings):
     assert broker.publish_transport("redis://127.0.0.1:6379/0") == broker.PUBLISH_TRANSPORT
     assert broker.publish_transport("amqp://guest:guest@127.0.0.1:5672//") is None
-    amqp = make_sender(webhook_settings.replace(
-        celery_broker_url="amqp://guest:guest@127.0.0.1:5672//"))
+    amqp = make_sender(
+        webhook_settings.replace(celery_broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    )
     assert amqp.connection_for_write().transport_cls == "amqp"
 
 
@@ -246,8 +265,9 @@ def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_ba
     make_runtime, webhook_settings, broker_client, relay, captured
 ):
     db = webhook_settings.celery_broker_url.rsplit("/", 1)[1]
-    runtime = make_runtime(webhook_settings.replace(
-        celery_broker_url=f"redis://127.0.0.1:{relay.port}/{db}"))
+    runtime = make_runtime(
+        webhook_settings.replace(celery_broker_url=f"redis://127.0.0.1:{relay.port}/{db}")
+    )
     server = AppServer(runtime)
     publisher = runtime.webhook_publisher
     try:
@@ -263,7 +283,8 @@ def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_ba
         server.close()
     assert {r.status_code for r in (before, during, after)} == {200}
     assert {r.stripe_event_id: r.status for r in rows(runtime)} == {
-        "evt_relay_before": "received", "evt_relay_during": "received",
+        "evt_relay_before": "received",
+        "evt_relay_during": "received",
         "evt_relay_after": "received",
     }
     queued = queued_event_ids(broker_client, webhook_settings.billing_queue)
@@ -271,5 +292,6 @@ def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_ba
     (failed,) = captured.messages(logs.WEBHOOK_ENQUEUE_FAILED)
     assert failed.event_id == "evt_relay_during"
     assert [r.event_id for r in captured.messages(logs.WEBHOOK_ACCEPTED)] == [
-        "evt_relay_before", "evt_relay_after"
+        "evt_relay_before",
+        "evt_relay_after",
     ]

@@ -41,25 +41,38 @@ def readme_command(port: int, workers: int, worker_class: str | None = None) -> 
     """The README's web command on `port`; `worker_class` overrides billing.gunicorn_conf's, as
     its flag would."""
     override = ["--worker-class", worker_class] if worker_class else []
-    return [str(BIN / "gunicorn"), "-c", "python:billing.gunicorn_conf", "--workers", str(workers),
-            *override, "--bind", f"127.0.0.1:{port}", "billing:create_app()"]
+    return [
+        str(BIN / "gunicorn"),
+        "-c",
+        "python:billing.gunicorn_conf",
+        "--workers",
+        str(workers),
+        *override,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "billing:create_app()",
+    ]
 
 
 def start_web(settings: Settings, command: list[str], **env: str) -> subprocess.Popen:
     """`command`, configured by `settings` and then `env`."""
-    environ = billing_env(settings, BILLING_LOG_FORMAT="json",
-                          STRIPE_WEBHOOK_SECRET=settings.stripe_webhook_secret)
+    environ = billing_env(
+        settings, BILLING_LOG_FORMAT="json", STRIPE_WEBHOOK_SECRET=settings.stripe_webhook_secret
+    )
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # only a test's own
     environ.update(env)
-    return subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @contextmanager
 def serving(settings: Settings, command: list[str], port: int, **env: str) -> Iterator[Served]:
     """`command` serving on `port`, answering; stopped gracefully (SIGTERM) after."""
-    served = Served(f"http://127.0.0.1:{port}{settings.webhook_path}",
-                    f"http://127.0.0.1:{port}{settings.metrics_path}")
+    served = Served(
+        f"http://127.0.0.1:{port}{settings.webhook_path}",
+        f"http://127.0.0.1:{port}{settings.metrics_path}",
+    )
     server = start_web(settings, command, **env)
     try:
         deadline = time.monotonic() + 30
@@ -101,8 +114,9 @@ def test_gunicorn_serves_the_endpoint_and_every_accepted_delivery_is_queued_once
     assert [(a.status_code, a.json()["outcome"]) for a in answers] == [(200, "accepted")] * 20
     assert sorted(queued_event_ids(broker_client, webhook_settings.billing_queue)) == sorted(ids)
     assert {r.stripe_event_id for r in rows(webhook_runtime)} == set(ids)
-    accepted = [json.loads(line) for line in served.output.splitlines()
-                if logs.WEBHOOK_ACCEPTED in line]
+    accepted = [
+        json.loads(line) for line in served.output.splitlines() if logs.WEBHOOK_ACCEPTED in line
+    ]
     assert sorted(record["event_id"] for record in accepted) == sorted(ids)
 
 
@@ -117,8 +131,10 @@ def test_a_delivery_waiting_on_the_database_leaves_its_worker_serving(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE wait_event_type = 'Lock' AND strpos(query, 'billing_insert_') > 0"
     )
-    with (web_command(webhook_settings, workers=1, worker_class=worker_class) as served,
-          ThreadPoolExecutor(1) as pool):
+    with (
+        web_command(webhook_settings, workers=1, worker_class=worker_class) as served,
+        ThreadPoolExecutor(1) as pool,
+    ):
         with webhook_runtime.engine.begin() as locking:
             locking.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
             delivery = pool.submit(post, served.url, make_event("customer.updated", "evt_waits"))
@@ -144,8 +160,10 @@ def test_an_idle_keep_alive_connection_does_not_hold_a_graceful_stop(
     connection open and idle. gunicorn's `gevent_pywsgi` worker waits with no limit (measured:
     30.1 s against 2.7 s; bench/webhooks-results.md)."""
     # The server stops first (contexts exit in reverse), with the client's connection still open.
-    with (requests.Session() as client,
-          web_command(webhook_settings, workers=1, worker_class=worker_class) as served):
+    with (
+        requests.Session() as client,
+        web_command(webhook_settings, workers=1, worker_class=worker_class) as served,
+    ):
         answer = client.post(served.url, data=b"{}", timeout=5)
         assert answer.status_code == 400
         assert answer.headers.get("Connection", "").lower() != "close"
@@ -163,8 +181,7 @@ def test_each_worker_freezes_what_the_loaded_app_holds():
 
 
 @pytest.mark.parametrize(("name", "value", "line"), BAD_SETTINGS, ids=IDS)
-def test_a_bad_setting_stops_the_web_command_before_it_listens(webhook_settings, name, value,
-                                                               line):
+def test_a_bad_setting_stops_the_web_command_before_it_listens(webhook_settings, name, value, line):
     """The master checks the settings before it binds or forks (gunicorn_conf.on_starting): with
     a bad one nothing answers (a worker used to boot, answer /metrics with 200 and every webhook
     with a 500), and stderr's last line is the CLI's own, with no traceback."""

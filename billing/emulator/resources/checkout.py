@@ -47,23 +47,31 @@ def sessions_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     if p["mode"] != "subscription":
         raise invalid("The emulator supports Checkout in `mode=subscription` only.", param="mode")
     if p.get("customer") and p.get("customer_email"):
-        raise invalid("You may only specify one of these parameters: customer, customer_email.",
-                      param="customer_email")
+        raise invalid(
+            "You may only specify one of these parameters: customer, customer_email.",
+            param="customer_email",
+        )
     if p.get("customer"):
         st.customer(p["customer"])
     lines = p.get("line_items") or []
     if not lines:
-        raise invalid("`line_items` is required in `subscription` mode.", param="line_items",
-                      code="parameter_missing")
+        raise invalid(
+            "`line_items` is required in `subscription` mode.",
+            param="line_items",
+            code="parameter_missing",
+        )
     prices = subscriptions._check_prices(st, lines, "line_items")
     for i, (line, price) in enumerate(zip(lines, prices, strict=True)):
         if price["recurring"]["usage_type"] == "metered" and line.get("quantity") is not None:
-            raise invalid("Quantity should not be specified for metered prices.",
-                          param=f"line_items[{i}][quantity]")
+            raise invalid(
+                "Quantity should not be specified for metered prices.",
+                param=f"line_items[{i}][quantity]",
+            )
     ui_mode = p.get("ui_mode") or "hosted"
     if ui_mode == "hosted" and not p.get("success_url"):
-        raise invalid("Missing required param: success_url.", param="success_url",
-                      code="parameter_missing")
+        raise invalid(
+            "Missing required param: success_url.", param="success_url", code="parameter_missing"
+        )
     now = st.now()
     sess_id = st.new_id("cs_test_", 58)
     amount = sum(
@@ -100,7 +108,8 @@ def sessions_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
         "success_url": p.get("success_url"),
         "ui_mode": ui_mode,
         "url": f"{st.request.base_url or st.base_url}/_emulator/checkout/{sess_id}"
-        if ui_mode == "hosted" else None,
+        if ui_mode == "hosted"
+        else None,
     }
     st.checkout_sessions[sess_id] = sess
     st.checkout_lines[sess_id] = [
@@ -112,8 +121,9 @@ def sessions_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
             "currency": price["currency"],
             "description": st.products.get(price["product"], {}).get("name"),
             "price": price,
-            "quantity": line.get("quantity") if line.get("quantity") is not None else (
-                None if price["recurring"]["usage_type"] == "metered" else 1),
+            "quantity": line.get("quantity")
+            if line.get("quantity") is not None
+            else (None if price["recurring"]["usage_type"] == "metered" else 1),
         }
         for line, price in zip(lines, prices, strict=True)
     ]
@@ -125,9 +135,12 @@ def public(st: State, sess: dict[str, Any], expand_paths: list[str] | None = Non
     out = {k: v for k, v in sess.items() if not k.startswith("_")}
     paths = [x for x in expand_paths or [] if x != "line_items"]
     if expand_paths and "line_items" in expand_paths:
-        out["line_items"] = {"object": "list", "data": st.checkout_lines[sess["id"]],
-                             "has_more": False,
-                             "url": f"/v1/checkout/sessions/{sess['id']}/line_items"}
+        out["line_items"] = {
+            "object": "list",
+            "data": st.checkout_lines[sess["id"]],
+            "has_more": False,
+            "url": f"/v1/checkout/sessions/{sess['id']}/line_items",
+        }
     return expand(st, out, paths) if paths else out
 
 
@@ -146,8 +159,14 @@ def sessions_line_items(st: State, p: dict[str, Any], ident: str) -> dict[str, A
 @router.route(
     "GET",
     "/v1/checkout/sessions",
-    list_endpoint({"customer": Str(), "status": Str(choices=("complete", "expired", "open")),
-                   "subscription": Str(), "payment_intent": Str()}),
+    list_endpoint(
+        {
+            "customer": Str(),
+            "status": Str(choices=("complete", "expired", "open")),
+            "subscription": Str(),
+            "payment_intent": Str(),
+        }
+    ),
 )
 def sessions_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
     found = [
@@ -162,8 +181,10 @@ def sessions_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
 def sessions_expire(st: State, p: dict[str, Any], ident: str) -> Any:
     sess = st.get(st.checkout_sessions, "checkout.session", ident)
     if sess["status"] != "open":
-        raise invalid(f"Only open Checkout Sessions can be expired; this one is "
-                      f"{sess['status']}.", param="session")
+        raise invalid(
+            f"Only open Checkout Sessions can be expired; this one is {sess['status']}.",
+            param="session",
+        )
     sess["status"] = "expired"
     sess["url"] = None
     st.emit("checkout.session.expired", public(st, sess))
@@ -181,23 +202,35 @@ def complete(st: State, ident: str, email: str | None = None, name: str | None =
     else:
         cus = create_customer(st, {"email": email, "name": name})
     data = sess["_subscription_data"]
-    sub = subscriptions.create_subscription(st, {
-        "customer": cus["id"],
-        "items": [{"price": li["price"]["id"], "quantity": li["quantity"]}
-                  for li in st.checkout_lines[ident]],
-        "metadata": data.get("metadata") or {},
-        "description": data.get("description"),
-    })
-    sess.update({
-        "customer": cus["id"],
-        "customer_details": {"address": None, "email": cus.get("email") or email,
-                             "name": cus.get("name") or name, "phone": None,
-                             "tax_exempt": "none", "tax_ids": []},
-        "invoice": sub["latest_invoice"],
-        "payment_status": "paid",
-        "status": "complete",
-        "subscription": sub["id"],
-        "url": None,
-    })
+    sub = subscriptions.create_subscription(
+        st,
+        {
+            "customer": cus["id"],
+            "items": [
+                {"price": li["price"]["id"], "quantity": li["quantity"]}
+                for li in st.checkout_lines[ident]
+            ],
+            "metadata": data.get("metadata") or {},
+            "description": data.get("description"),
+        },
+    )
+    sess.update(
+        {
+            "customer": cus["id"],
+            "customer_details": {
+                "address": None,
+                "email": cus.get("email") or email,
+                "name": cus.get("name") or name,
+                "phone": None,
+                "tax_exempt": "none",
+                "tax_ids": [],
+            },
+            "invoice": sub["latest_invoice"],
+            "payment_status": "paid",
+            "status": "complete",
+            "subscription": sub["id"],
+            "url": None,
+        }
+    )
     st.emit("checkout.session.completed", public(st, sess))
     return public(st, sess)

@@ -177,11 +177,28 @@ def create_product(st: State, p: dict[str, Any]) -> dict[str, Any]:
 @router.route(
     "POST",
     "/v1/products",
-    endpoint({**_PRODUCT_FIELDS, "id": Str(), "default_price_data": Obj({
-        "currency": Str(3), "unit_amount": Int(0), "unit_amount_decimal": Str(),
-        "recurring": Obj({"interval": Str(choices=("day", "week", "month", "year")),
-                          "interval_count": Int(1)}, ("interval",)),
-    }, ("currency",))}, ("name",)),
+    endpoint(
+        {
+            **_PRODUCT_FIELDS,
+            "id": Str(),
+            "default_price_data": Obj(
+                {
+                    "currency": Str(3),
+                    "unit_amount": Int(0),
+                    "unit_amount_decimal": Str(),
+                    "recurring": Obj(
+                        {
+                            "interval": Str(choices=("day", "week", "month", "year")),
+                            "interval_count": Int(1),
+                        },
+                        ("interval",),
+                    ),
+                },
+                ("currency",),
+            ),
+        },
+        ("name",),
+    ),
 )
 def products_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     prod = create_product(st, p)
@@ -269,8 +286,10 @@ def create_price(st: State, p: dict[str, Any]) -> dict[str, Any]:
             "Missing required param: unit_amount.", param="unit_amount", code="parameter_missing"
         )
     if amount is not None and decimal is not None:
-        raise invalid("You may only specify one of these parameters: unit_amount, "
-                      "unit_amount_decimal.", param="unit_amount_decimal")
+        raise invalid(
+            "You may only specify one of these parameters: unit_amount, unit_amount_decimal.",
+            param="unit_amount_decimal",
+        )
     if decimal is not None:
         try:
             float(decimal)
@@ -288,8 +307,10 @@ def create_price(st: State, p: dict[str, Any]) -> dict[str, Any]:
             )
         if meter:
             if usage_type != "metered":
-                raise invalid("recurring[meter] requires recurring[usage_type]=metered.",
-                              param="recurring[meter]")
+                raise invalid(
+                    "recurring[meter] requires recurring[usage_type]=metered.",
+                    param="recurring[meter]",
+                )
             st.get(st.meters, "billing.meter", meter, "recurring[meter]", status=400)
         recurring = {
             "interval": r["interval"],
@@ -347,8 +368,15 @@ def prices_retrieve(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
 @router.route(
     "POST",
     "/v1/prices/{id}",
-    endpoint({"active": Bool(), "lookup_key": Str(200), "metadata": METADATA, "nickname": Str(),
-              "transfer_lookup_key": Bool()}),
+    endpoint(
+        {
+            "active": Bool(),
+            "lookup_key": Str(200),
+            "metadata": METADATA,
+            "nickname": Str(),
+            "transfer_lookup_key": Bool(),
+        }
+    ),
 )
 def prices_update(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
     price = st.get(st.prices, "price", ident)
@@ -365,11 +393,16 @@ def prices_update(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
 @router.route(
     "GET",
     "/v1/prices",
-    list_endpoint({
-        "active": Bool(), "currency": Str(3), "lookup_keys": List(Str()), "product": Str(),
-        "type": Str(choices=("one_time", "recurring")),
-        "recurring": Obj({"interval": Str(), "meter": Str(), "usage_type": Str()}),
-    }),
+    list_endpoint(
+        {
+            "active": Bool(),
+            "currency": Str(3),
+            "lookup_keys": List(Str()),
+            "product": Str(),
+            "type": Str(choices=("one_time", "recurring")),
+            "recurring": Obj({"interval": Str(), "meter": Str(), "usage_type": Str()}),
+        }
+    ),
 )
 def prices_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
     rec = p.get("recurring") or {}

@@ -20,8 +20,9 @@ LIVE_STATUSES = ("active", "trialing", "past_due")
 @router.route(
     "POST",
     "/v1/entitlements/features",
-    endpoint({"lookup_key": Str(80), "metadata": METADATA, "name": Str(80)},
-             ("lookup_key", "name")),
+    endpoint(
+        {"lookup_key": Str(80), "metadata": METADATA, "name": Str(80)}, ("lookup_key", "name")
+    ),
 )
 def features_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     if p["lookup_key"] in st.feature_by_lookup:
@@ -89,8 +90,9 @@ def product_features_create(st: State, p: dict[str, Any], product: str) -> dict[
     feat = st.get(st.features, "feature", p["entitlement_feature"], "entitlement_feature", 400)
     for pf in st.product_features.values():
         if pf["_product"] == product and pf["entitlement_feature"]["id"] == feat["id"]:
-            raise invalid("This feature is already attached to the product.",
-                          param="entitlement_feature")
+            raise invalid(
+                "This feature is already attached to the product.", param="entitlement_feature"
+            )
     pf = {
         "id": st.new_id("prodft_", 24),
         "object": "product_feature",

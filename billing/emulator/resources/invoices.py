@@ -45,12 +45,15 @@ def new_invoice(
         "attempt_count": 0,
         "attempted": False,
         "auto_advance": True,
-        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None,
-                          "status": None},
+        "automatic_tax": {
+            "disabled_reason": None,
+            "enabled": False,
+            "liability": None,
+            "status": None,
+        },
         "automatically_finalizes_at": None,
         "billing_reason": billing_reason,
-        "collection_method": (subscription or {}).get("collection_method",
-                                                      "charge_automatically"),
+        "collection_method": (subscription or {}).get("collection_method", "charge_automatically"),
         "created": now,
         "currency": currency,
         "customer": customer,
@@ -66,8 +69,13 @@ def new_invoice(
         "invoice_pdf": None,
         "issuer": {"type": "self"},
         "last_finalization_error": None,
-        "lines": {"object": "list", "data": [], "has_more": False, "total_count": 0,
-                  "url": f"/v1/invoices/{inv_id}/lines"},
+        "lines": {
+            "object": "list",
+            "data": [],
+            "has_more": False,
+            "total_count": 0,
+            "url": f"/v1/invoices/{inv_id}/lines",
+        },
         "livemode": False,
         "metadata": {},
         "next_payment_attempt": None,
@@ -92,8 +100,12 @@ def new_invoice(
         "starting_balance": 0,
         "statement_descriptor": None,
         "status": "draft",
-        "status_transitions": {"finalized_at": None, "marked_uncollectible_at": None,
-                               "paid_at": None, "voided_at": None},
+        "status_transitions": {
+            "finalized_at": None,
+            "marked_uncollectible_at": None,
+            "paid_at": None,
+            "voided_at": None,
+        },
         "subtotal": 0,
         "subtotal_excluding_tax": 0,
         "total": 0,
@@ -218,8 +230,11 @@ def open_draft(st: State, inv: dict[str, Any]) -> None:
 
 def finalize(st: State, inv: dict[str, Any]) -> dict[str, Any]:
     if inv["status"] != "draft":
-        raise invalid(f"This invoice is already {inv['status']}.", param="invoice",
-                      code="invoice_not_editable")
+        raise invalid(
+            f"This invoice is already {inv['status']}.",
+            param="invoice",
+            code="invoice_not_editable",
+        )
     refresh(st, inv)
     now = st.now()
     cus = st.customers[inv["customer"]]
@@ -273,12 +288,14 @@ def invoices_retrieve(st: State, p: dict[str, Any], ident: str) -> dict[str, Any
 @router.route(
     "GET",
     "/v1/invoices",
-    list_endpoint({
-        "collection_method": Str(choices=("charge_automatically", "send_invoice")),
-        "customer": Str(),
-        "status": Str(choices=("draft", "open", "paid", "uncollectible", "void")),
-        "subscription": Str(),
-    }),
+    list_endpoint(
+        {
+            "collection_method": Str(choices=("charge_automatically", "send_invoice")),
+            "customer": Str(),
+            "status": Str(choices=("draft", "open", "paid", "uncollectible", "void")),
+            "subscription": Str(),
+        }
+    ),
 )
 def invoices_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
     def keep(inv: dict[str, Any]) -> bool:
@@ -287,8 +304,9 @@ def invoices_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
             (not p.get("customer") or inv["customer"] == p["customer"])
             and (not p.get("status") or inv["status"] == p["status"])
             and (not p.get("subscription") or parent.get("subscription") == p["subscription"])
-            and (not p.get("collection_method")
-                 or inv["collection_method"] == p["collection_method"])
+            and (
+                not p.get("collection_method") or inv["collection_method"] == p["collection_method"]
+            )
         )
 
     found = [refresh(st, inv) for inv in st.invoices.values() if keep(inv)]
@@ -314,8 +332,9 @@ def invoices_update(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
     for key in ("auto_advance", "description"):
         if p.get(key) is not None:
             if inv["status"] != "draft" and key == "auto_advance":
-                raise invalid("auto_advance can only be changed on a draft invoice.",
-                              param="auto_advance")
+                raise invalid(
+                    "auto_advance can only be changed on a draft invoice.", param="auto_advance"
+                )
             inv[key] = p[key]
     st.emit("invoice.updated", refresh(st, inv), previous)
     return inv
@@ -400,20 +419,22 @@ def public_item(ii: dict[str, Any]) -> dict[str, Any]:
 @router.route(
     "POST",
     "/v1/invoiceitems",
-    endpoint({
-        "amount": Int(),
-        "currency": Str(3),
-        "customer": Str(),
-        "description": Str(),
-        "discountable": Bool(),
-        "invoice": Str(),
-        "metadata": METADATA,
-        "period": Obj({"end": Int(), "start": Int()}, ("end", "start")),
-        "pricing": Obj({"price": Str()}),
-        "quantity": Int(0),
-        "subscription": Str(),
-        "unit_amount_decimal": Str(),
-    }),
+    endpoint(
+        {
+            "amount": Int(),
+            "currency": Str(3),
+            "customer": Str(),
+            "description": Str(),
+            "discountable": Bool(),
+            "invoice": Str(),
+            "metadata": METADATA,
+            "period": Obj({"end": Int(), "start": Int()}, ("end", "start")),
+            "pricing": Obj({"price": Str()}),
+            "quantity": Int(0),
+            "subscription": Str(),
+            "unit_amount_decimal": Str(),
+        }
+    ),
 )
 def invoice_items_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     inv = None
@@ -428,8 +449,9 @@ def invoice_items_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
             )
     customer = p.get("customer") or (inv["customer"] if inv else None)
     if not customer:
-        raise invalid("Missing required param: customer.", param="customer",
-                      code="parameter_missing")
+        raise invalid(
+            "Missing required param: customer.", param="customer", code="parameter_missing"
+        )
     st.customer(customer)
     if inv and inv["customer"] != customer:
         raise invalid("The invoice belongs to another customer.", param="invoice")
@@ -442,8 +464,11 @@ def invoice_items_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
         price = st.get(st.prices, "price", price_id, "pricing[price]", status=400)
         currency = price["currency"]
         amount = _amount(quantity, price["unit_amount_decimal"])
-        pricing = {"price_details": {"price": price["id"], "product": price["product"]},
-                   "type": "price_details", "unit_amount_decimal": price["unit_amount_decimal"]}
+        pricing = {
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "type": "price_details",
+            "unit_amount_decimal": price["unit_amount_decimal"],
+        }
     elif p.get("unit_amount_decimal") is not None:
         currency = p.get("currency") or ""
         amount = _amount(quantity, p["unit_amount_decimal"])
@@ -453,8 +478,9 @@ def invoice_items_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     else:
         raise invalid("Missing required param: amount.", param="amount", code="parameter_missing")
     if not currency:
-        raise invalid("Missing required param: currency.", param="currency",
-                      code="parameter_missing")
+        raise invalid(
+            "Missing required param: currency.", param="currency", code="parameter_missing"
+        )
     if inv and currency.lower() != inv["currency"]:
         raise invalid("The invoice item's currency must match the invoice's.", param="currency")
     now = st.now()
@@ -473,10 +499,15 @@ def invoice_items_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
         "metadata": dict(p.get("metadata") or {}),
         "net_amount": amount,
         "parent": (
-            {"subscription_details": {"subscription": p["subscription"],
-                                      "subscription_item": None},
-             "type": "subscription_details"}
-            if p.get("subscription") else None
+            {
+                "subscription_details": {
+                    "subscription": p["subscription"],
+                    "subscription_item": None,
+                },
+                "type": "subscription_details",
+            }
+            if p.get("subscription")
+            else None
         ),
         "period": p.get("period") or {"end": now, "start": now},
         "pricing": pricing,
@@ -505,10 +536,13 @@ def invoice_items_delete(st: State, p: dict[str, Any], ident: str) -> dict[str, 
     if ii["invoice"]:
         inv = st.invoices[ii["invoice"]]
         if inv["status"] != "draft":
-            raise invalid("Invoice items on a finalized invoice cannot be deleted.",
-                          code="invoice_not_editable")
+            raise invalid(
+                "Invoice items on a finalized invoice cannot be deleted.",
+                code="invoice_not_editable",
+            )
         inv["lines"]["data"] = [
-            line for line in inv["lines"]["data"]
+            line
+            for line in inv["lines"]["data"]
             if (line["parent"].get("invoice_item_details") or {}).get("invoice_item") != ident
         ]
         refresh(st, inv)

@@ -134,8 +134,7 @@ def _active_meter(st: State, event_name: str) -> dict[str, Any]:
         )
     if meter["status"] != "active":
         raise invalid(
-            f"The meter for event_name `{event_name}` is inactive. Reactivate it to accept "
-            "events.",
+            f"The meter for event_name `{event_name}` is inactive. Reactivate it to accept events.",
             param="event_name",
         )
     return meter
@@ -167,44 +166,67 @@ def meter_events_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     value_key = meter["value_settings"]["event_payload_key"]
     customer_id = payload.get(cus_key)
     if not customer_id:
-        raise _reject(st, invalid(
-            f"Missing required param: payload[{cus_key}].",
-            param=f"payload[{cus_key}]", code="parameter_missing",
-        ))
+        raise _reject(
+            st,
+            invalid(
+                f"Missing required param: payload[{cus_key}].",
+                param=f"payload[{cus_key}]",
+                code="parameter_missing",
+            ),
+        )
     cus = st.customers.get(customer_id)
     if cus is None or cus.get("deleted"):
-        raise _reject(st, invalid(
-            f"No such customer: '{customer_id}'", param=f"payload[{cus_key}]",
-            code="resource_missing",
-        ))
+        raise _reject(
+            st,
+            invalid(
+                f"No such customer: '{customer_id}'",
+                param=f"payload[{cus_key}]",
+                code="resource_missing",
+            ),
+        )
     raw = payload.get(value_key)
     if raw is None:
         if meter["default_aggregation"]["formula"] != "count":
-            raise _reject(st, invalid(
-                f"Missing required param: payload[{value_key}].",
-                param=f"payload[{value_key}]", code="parameter_missing",
-            ))
+            raise _reject(
+                st,
+                invalid(
+                    f"Missing required param: payload[{value_key}].",
+                    param=f"payload[{value_key}]",
+                    code="parameter_missing",
+                ),
+            )
         value = 1
     elif raw.isdigit():
         value = int(raw)
     else:
-        raise _reject(st, invalid(
-            f"Invalid payload[{value_key}]: the value must be a whole number, got `{raw}`.",
-            param=f"payload[{value_key}]",
-        ))
+        raise _reject(
+            st,
+            invalid(
+                f"Invalid payload[{value_key}]: the value must be a whole number, got `{raw}`.",
+                param=f"payload[{value_key}]",
+            ),
+        )
     timestamp = p.get("timestamp")
     if timestamp is None:
         timestamp = now
     elif timestamp < now - MAX_PAST:
-        raise _reject(st, invalid(
-            "Timestamp must be within the past 35 days.", param="timestamp",
-            code="timestamp_too_far_in_past",
-        ))
+        raise _reject(
+            st,
+            invalid(
+                "Timestamp must be within the past 35 days.",
+                param="timestamp",
+                code="timestamp_too_far_in_past",
+            ),
+        )
     elif timestamp > now + MAX_FUTURE:
-        raise _reject(st, invalid(
-            "Timestamp must not be more than 5 minutes in the future.", param="timestamp",
-            code="timestamp_in_future",
-        ))
+        raise _reject(
+            st,
+            invalid(
+                "Timestamp must not be more than 5 minutes in the future.",
+                param="timestamp",
+                code="timestamp_in_future",
+            ),
+        )
     identifier = p.get("identifier") or st.new_id("", 24)
     seen = st.identifiers.get(identifier)
     if seen is not None and seen.received_at > now - ID_WINDOW:
@@ -216,9 +238,7 @@ def meter_events_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
             param="identifier",
             headers=[("Stripe-Should-Retry", "false")],
         )
-    rec = MeterEventRecord(
-        timestamp, value, identifier, now, customer_id, meter["id"], event_name
-    )
+    rec = MeterEventRecord(timestamp, value, identifier, now, customer_id, meter["id"], event_name)
     st.identifiers.pop(identifier, None)  # re-insert keeps the dict in receipt order for expiry
     st.identifiers[identifier] = rec
     st.meter_events.setdefault((meter["id"], customer_id), []).append(rec)
@@ -280,9 +300,7 @@ def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, An
 # aggregation ------------------------------------------------------------------------------------
 
 
-def aggregate(
-    st: State, meter: dict[str, Any], customer: str, start: int, end: int
-) -> float:
+def aggregate(st: State, meter: dict[str, Any], customer: str, start: int, end: int) -> float:
     """The meter's formula over events with start <= timestamp < end."""
     records = [
         r
@@ -347,14 +365,16 @@ def meter_event_summaries(st: State, p: dict[str, Any], ident: str) -> dict[str,
         value = aggregate(st, meter, p["customer"], lo, hi)
         if grouping and not value:
             continue  # grouped summaries list the windows that have usage
-        summaries.append({
-            "id": f"mtrusg_test_{meter['id'][9:]}{p['customer'][4:]}{lo:x}{hi:x}",
-            "object": "billing.meter_event_summary",
-            "aggregated_value": value,
-            "end_time": hi,
-            "livemode": False,
-            "meter": meter["id"],
-            "start_time": lo,
-        })
+        summaries.append(
+            {
+                "id": f"mtrusg_test_{meter['id'][9:]}{p['customer'][4:]}{lo:x}{hi:x}",
+                "object": "billing.meter_event_summary",
+                "aggregated_value": value,
+                "end_time": hi,
+                "livemode": False,
+                "meter": meter["id"],
+                "start_time": lo,
+            }
+        )
     url = f"/v1/billing/meters/{ident}/event_summaries"
     return paginate(newest_first(summaries), p, url)

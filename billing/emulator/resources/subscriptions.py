@@ -29,8 +29,18 @@ from billing.emulator.resources.core import merge_metadata
 from billing.emulator.router import router
 from billing.emulator.state import DAY, State, newest_first, paginate
 
-STATUSES = ("active", "all", "canceled", "ended", "incomplete", "incomplete_expired",
-            "past_due", "paused", "trialing", "unpaid")
+STATUSES = (
+    "active",
+    "all",
+    "canceled",
+    "ended",
+    "incomplete",
+    "incomplete_expired",
+    "past_due",
+    "paused",
+    "trialing",
+    "unpaid",
+)
 
 
 def boundary(anchor: int, interval: str, count: int, n: int) -> int:
@@ -51,22 +61,30 @@ def period(st: State, sub: dict[str, Any], offset: int = 0) -> tuple[int, int]:
     anchor, n = st.sub_cycle[sub["id"]]
     recurring = sub["items"]["data"][0]["price"]["recurring"]
     interval, count = recurring["interval"], recurring["interval_count"]
-    return (boundary(anchor, interval, count, n + offset),
-            boundary(anchor, interval, count, n + offset + 1))
+    return (
+        boundary(anchor, interval, count, n + offset),
+        boundary(anchor, interval, count, n + offset + 1),
+    )
 
 
-def _check_prices(st: State, items: list[dict[str, Any]], param: str,
-                  existing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def _check_prices(
+    st: State, items: list[dict[str, Any]], param: str, existing: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     prices = []
     for i, item in enumerate(items):
         if not item.get("price"):
-            raise invalid(f"Missing required param: {param}[{i}][price].",
-                          param=f"{param}[{i}][price]", code="parameter_missing")
+            raise invalid(
+                f"Missing required param: {param}[{i}][price].",
+                param=f"{param}[{i}][price]",
+                code="parameter_missing",
+            )
         price = st.get(st.prices, "price", item["price"], f"{param}[{i}][price]", status=400)
         if price["type"] != "recurring":
             raise invalid(
                 "The price specified is set to `type=one_time` but this field only accepts "
-                "prices with `type=recurring`.", param=f"{param}[{i}][price]")
+                "prices with `type=recurring`.",
+                param=f"{param}[{i}][price]",
+            )
         if not price["active"]:
             raise invalid("The price specified is inactive.", param=f"{param}[{i}][price]")
         prices.append(price)
@@ -75,18 +93,25 @@ def _check_prices(st: State, items: list[dict[str, Any]], param: str,
     for price in reference:
         assert first is not None
         same = (price["recurring"]["interval"], price["recurring"]["interval_count"]) == (
-            first["recurring"]["interval"], first["recurring"]["interval_count"])
+            first["recurring"]["interval"],
+            first["recurring"]["interval_count"],
+        )
         if not same:
-            raise invalid("Currency and interval fields must match across all plans on a "
-                          "subscription.", param=param)
+            raise invalid(
+                "Currency and interval fields must match across all plans on a subscription.",
+                param=param,
+            )
         if price["currency"] != first["currency"]:
-            raise invalid("Currency and interval fields must match across all plans on a "
-                          "subscription.", param=param)
+            raise invalid(
+                "Currency and interval fields must match across all plans on a subscription.",
+                param=param,
+            )
     return prices
 
 
-def _new_item(st: State, sub_id: str, price: dict[str, Any], spec: dict[str, Any],
-              start: int, end: int) -> dict[str, Any]:
+def _new_item(
+    st: State, sub_id: str, price: dict[str, Any], spec: dict[str, Any], start: int, end: int
+) -> dict[str, Any]:
     item = {
         "id": st.new_id("si_"),
         "object": "subscription_item",
@@ -151,16 +176,24 @@ def create_subscription(st: State, p: dict[str, Any]) -> dict[str, Any]:
         "discounts": [],
         "ended_at": None,
         "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
-        "items": {"object": "list", "data": [], "has_more": False, "total_count": 0,
-                  "url": f"/v1/subscription_items?subscription={sub_id}"},
+        "items": {
+            "object": "list",
+            "data": [],
+            "has_more": False,
+            "total_count": 0,
+            "url": f"/v1/subscription_items?subscription={sub_id}",
+        },
         "latest_invoice": None,
         "livemode": False,
         "metadata": dict(p.get("metadata") or {}),
         "next_pending_invoice_item_invoice": None,
         "on_behalf_of": None,
         "pause_collection": None,
-        "payment_settings": {"payment_method_options": None, "payment_method_types": None,
-                             "save_default_payment_method": "off"},
+        "payment_settings": {
+            "payment_method_options": None,
+            "payment_method_types": None,
+            "save_default_payment_method": "off",
+        },
         "pending_invoice_item_interval": None,
         "pending_setup_intent": None,
         "pending_update": None,
@@ -195,8 +228,14 @@ def _draft_invoice(
 ) -> dict[str, Any]:
     """A draft invoice for `sub` with a line per item: metered usage over `metered`, licensed
     quantities over `licensed` (None leaves that kind of item off the invoice)."""
-    inv = invoices.new_invoice(st, sub["customer"], subscription=sub, billing_reason=reason,
-                               period=covers, currency=sub["currency"])
+    inv = invoices.new_invoice(
+        st,
+        sub["customer"],
+        subscription=sub,
+        billing_reason=reason,
+        period=covers,
+        currency=sub["currency"],
+    )
     for item in sub["items"]["data"]:
         if item["price"]["recurring"]["usage_type"] == "metered":
             if metered is not None:
@@ -208,8 +247,9 @@ def _draft_invoice(
 
 def _first_invoice(st: State, sub: dict[str, Any], start: int, end: int) -> None:
     now = st.now()
-    inv = _draft_invoice(st, sub, "subscription_create", (now, now),
-                         metered=(start, end), licensed=(start, end))
+    inv = _draft_invoice(
+        st, sub, "subscription_create", (now, now), metered=(start, end), licensed=(start, end)
+    )
     invoices.attach_pending_items(st, inv, sub["id"])
     invoices.refresh(st, inv)
     sub["latest_invoice"] = inv["id"]
@@ -228,12 +268,19 @@ def run_period_end(st: State, sub_id: str, due: int) -> None:
     start, end = period(st, sub)
     if end != due:
         return  # a stale entry: the period changed since it was scheduled
-    ending = sub["cancel_at_period_end"] or (sub["cancel_at"] is not None
-                                            and sub["cancel_at"] <= end)
+    ending = sub["cancel_at_period_end"] or (
+        sub["cancel_at"] is not None and sub["cancel_at"] <= end
+    )
     _, next_end = period(st, sub, 1)
     # Usage is billed in arrears; licensed items in advance for the next period, if there is one.
-    inv = _draft_invoice(st, sub, "subscription_cycle", (start, end), metered=(start, end),
-                         licensed=None if ending else (end, next_end))
+    inv = _draft_invoice(
+        st,
+        sub,
+        "subscription_cycle",
+        (start, end),
+        metered=(start, end),
+        licensed=None if ending else (end, next_end),
+    )
     invoices.attach_pending_items(st, inv, sub_id)
     invoices.open_draft(st, inv)
     if ending:
@@ -253,14 +300,19 @@ def run_period_end(st: State, sub_id: str, due: int) -> None:
     st.schedule_at(next_end, "period_end", sub_id)
 
 
-def _end(st: State, sub: dict[str, Any], reason: str,
-         details: dict[str, Any] | None = None) -> None:
+def _end(
+    st: State, sub: dict[str, Any], reason: str, details: dict[str, Any] | None = None
+) -> None:
     now = st.now()
     sub["status"] = "canceled"
     sub["canceled_at"] = sub["canceled_at"] or now
     sub["ended_at"] = now
-    sub["cancellation_details"] = {"comment": None, "feedback": None, **(details or {}),
-                                   "reason": reason}
+    sub["cancellation_details"] = {
+        "comment": None,
+        "feedback": None,
+        **(details or {}),
+        "reason": reason,
+    }
     st.emit("customer.subscription.deleted", sub)
     entitlements.sync(st, sub["customer"])
 
@@ -277,8 +329,14 @@ _COMMON = {
     "description": Str(500),
     "metadata": METADATA,
     "off_session": Bool(),
-    "payment_behavior": Str(choices=("allow_incomplete", "default_incomplete",
-                                     "error_if_incomplete", "pending_if_incomplete")),
+    "payment_behavior": Str(
+        choices=(
+            "allow_incomplete",
+            "default_incomplete",
+            "error_if_incomplete",
+            "pending_if_incomplete",
+        )
+    ),
     "proration_behavior": Str(choices=("always_invoice", "create_prorations", "none")),
 }
 
@@ -286,8 +344,16 @@ _COMMON = {
 @router.route(
     "POST",
     "/v1/subscriptions",
-    endpoint({**_COMMON, "billing_cycle_anchor": Int(), "currency": Str(3), "customer": Str(),
-              "items": List(_ITEM, 20)}, ("customer",)),
+    endpoint(
+        {
+            **_COMMON,
+            "billing_cycle_anchor": Int(),
+            "currency": Str(3),
+            "customer": Str(),
+            "items": List(_ITEM, 20),
+        },
+        ("customer",),
+    ),
 )
 def subscriptions_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     if p.get("billing_cycle_anchor") is not None and p["billing_cycle_anchor"] < st.now():
@@ -306,18 +372,41 @@ def subscriptions_retrieve(st: State, p: dict[str, Any], ident: str) -> dict[str
 @router.route(
     "POST",
     "/v1/subscriptions/{id}",
-    endpoint({**_COMMON, "items": List(Obj({"clear_usage": Bool(), "deleted": Bool(),
-                                             "id": Str(), "metadata": METADATA, "price": Str(),
-                                             "quantity": Int(0)}), 20)}),
+    endpoint(
+        {
+            **_COMMON,
+            "items": List(
+                Obj(
+                    {
+                        "clear_usage": Bool(),
+                        "deleted": Bool(),
+                        "id": Str(),
+                        "metadata": METADATA,
+                        "price": Str(),
+                        "quantity": Int(0),
+                    }
+                ),
+                20,
+            ),
+        }
+    ),
 )
 def subscriptions_update(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
     sub = st.get(st.subscriptions, "subscription", ident)
     if sub["status"] == "canceled":
-        raise invalid("A canceled subscription can only update its cancellation_details and "
-                      "metadata.", param="id")
+        raise invalid(
+            "A canceled subscription can only update its cancellation_details and metadata.",
+            param="id",
+        )
     previous: dict[str, Any] = {}
-    for key in ("cancel_at", "cancel_at_period_end", "collection_method", "days_until_due",
-                "default_payment_method", "description"):
+    for key in (
+        "cancel_at",
+        "cancel_at_period_end",
+        "collection_method",
+        "days_until_due",
+        "default_payment_method",
+        "description",
+    ):
         if key in p and sub.get(key) != p[key]:
             previous[key] = sub.get(key)
             sub[key] = p[key]
@@ -347,8 +436,11 @@ def _update_items(st: State, sub: dict[str, Any], changes: list[dict[str, Any]])
         if change.get("id"):
             item = by_id.get(change["id"])
             if item is None:
-                raise invalid(f"No such subscription item: '{change['id']}'",
-                              param=f"items[{i}][id]", code="resource_missing")
+                raise invalid(
+                    f"No such subscription item: '{change['id']}'",
+                    param=f"items[{i}][id]",
+                    code="resource_missing",
+                )
             if change.get("deleted"):
                 keep.remove(item)
                 continue
@@ -373,19 +465,26 @@ def _update_items(st: State, sub: dict[str, Any], changes: list[dict[str, Any]])
 @router.route(
     "DELETE",
     "/v1/subscriptions/{id}",
-    endpoint({"cancellation_details": Obj({"comment": Str(), "feedback": Str()}),
-              "invoice_now": Bool(), "prorate": Bool()}),
+    endpoint(
+        {
+            "cancellation_details": Obj({"comment": Str(), "feedback": Str()}),
+            "invoice_now": Bool(),
+            "prorate": Bool(),
+        }
+    ),
 )
 def subscriptions_cancel(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
     sub = st.get(st.subscriptions, "subscription", ident)
     if sub["status"] == "canceled":
-        raise invalid(f"A canceled subscription can't be canceled again: {ident}.",
-                      code="resource_missing")
+        raise invalid(
+            f"A canceled subscription can't be canceled again: {ident}.", code="resource_missing"
+        )
     if p.get("invoice_now"):  # bill the usage so far
         start, _ = period(st, sub)
         now = st.now()
-        inv = _draft_invoice(st, sub, "subscription_update", (start, now),
-                             metered=(start, now), licensed=None)
+        inv = _draft_invoice(
+            st, sub, "subscription_update", (start, now), metered=(start, now), licensed=None
+        )
         invoices.attach_pending_items(st, inv, ident)
         invoices.refresh(st, inv)
         sub["latest_invoice"] = inv["id"]
@@ -414,8 +513,10 @@ def subscriptions_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
             ok
             and in_range(sub["created"], p.get("created"))
             and (not p.get("customer") or sub["customer"] == p["customer"])
-            and (not p.get("price")
-                 or any(i["price"]["id"] == p["price"] for i in sub["items"]["data"]))
+            and (
+                not p.get("price")
+                or any(i["price"]["id"] == p["price"] for i in sub["items"]["data"])
+            )
         )
 
     found = [s for s in st.subscriptions.values() if keep(s)]
@@ -427,12 +528,14 @@ def subscription_items_retrieve(st: State, p: dict[str, Any], ident: str) -> dic
     return st.get(st.subscription_items, "subscription_item", ident)
 
 
-@router.route("GET", "/v1/subscription_items", list_endpoint({"subscription": Str()},
-                                                             ("subscription",)))
+@router.route(
+    "GET", "/v1/subscription_items", list_endpoint({"subscription": Str()}, ("subscription",))
+)
 def subscription_items_list(st: State, p: dict[str, Any]) -> dict[str, Any]:
     sub = st.get(st.subscriptions, "subscription", p["subscription"], "subscription", 400)
-    return paginate(list(sub["items"]["data"]), p,
-                    f"/v1/subscription_items?subscription={sub['id']}")
+    return paginate(
+        list(sub["items"]["data"]), p, f"/v1/subscription_items?subscription={sub['id']}"
+    )
 
 
 def run_due_work(st: State, kind: str, ident: str, due: int) -> None:

@@ -44,9 +44,7 @@ def _billings_quantity_type(connection: sa.Connection) -> sa.types.TypeEngine | 
 def upgrade() -> None:
     connection = op.get_bind()
     if isinstance(_billings_quantity_type(connection), sa.Integer):
-        op.alter_column(
-            "billable_events", "quantity", type_=sa.Numeric(), existing_nullable=False
-        )
+        op.alter_column("billable_events", "quantity", type_=sa.Numeric(), existing_nullable=False)
     op.create_table(
         "usage_dismissals",
         sa.Column("id", BIG_ID, autoincrement=True, nullable=False),
@@ -114,4 +112,3 @@ def downgrade() -> None:
                 existing_nullable=False,
                 postgresql_using="quantity::bigint",
             )
-

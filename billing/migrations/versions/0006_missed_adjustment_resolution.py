@@ -37,9 +37,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    resolved = op.get_bind().execute(
-        sa.text("SELECT count(*) FROM invoice_adjustments WHERE resolved_at IS NOT NULL")
-    ).scalar_one()
+    resolved = (
+        op.get_bind()
+        .execute(sa.text("SELECT count(*) FROM invoice_adjustments WHERE resolved_at IS NOT NULL"))
+        .scalar_one()
+    )
     if resolved:
         raise RuntimeError(
             f"cannot downgrade below 0006: {resolved} missed adjustment(s) were resolved by an "
