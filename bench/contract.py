@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sqlalchemy as sa
 
 from billing import db
+from billing.checks.contract import run_contract_checks
 from billing.config import Settings
-from billing.contract import run_contract_checks
 from billing.runtime import Runtime
 
 RESULTS = Path(__file__).with_name("results") / "contract.json"

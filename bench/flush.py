@@ -387,8 +387,8 @@ def child(args: argparse.Namespace) -> None:
 def _timed_flush(args: argparse.Namespace, log_path: Path) -> tuple[Any, float, PhaseClock, dict]:
     from billing import logs
     from billing.runtime import Runtime
-    from billing.services import flush_once
-    from billing.submitting import Submitter
+    from billing.usage.service import flush_once
+    from billing.usage.submitting import Submitter
 
     with log_path.open("w") as log_file:
         logs.configure_logging(args.log_level, "json", stream=log_file)

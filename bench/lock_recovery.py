@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from billing.config import Settings  # noqa: E402
-from billing.locks import RedisFlushLock, inspect_lock, release_dead_holder  # noqa: E402
+from billing.usage.lock import RedisFlushLock, inspect_lock, release_dead_holder  # noqa: E402
 
 HOLDER = """
 import sys, time, redis
-from billing.locks import RedisFlushLock
+from billing.usage.lock import RedisFlushLock
 lock = RedisFlushLock(redis.Redis.from_url(sys.argv[1]), sys.argv[2], float(sys.argv[3]),
                       lease_seconds=float(sys.argv[4]), task_id="bench")
 assert lock.acquire()

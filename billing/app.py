@@ -37,9 +37,13 @@ class Billing:
             self.init_app(app, settings)
 
     def init_app(self, app: Flask, settings: Settings | None = None) -> None:
-        from billing import cli, cli_checks, cli_ops, cli_submissions, cli_usage
-        from billing.entitlements import cli as entitlements_cli
-        from billing.webhooks import cli as webhooks_cli
+        from billing.cli import checks as cli_checks
+        from billing.cli import core as cli
+        from billing.cli import entitlements as entitlements_cli
+        from billing.cli import ops as cli_ops
+        from billing.cli import outbox as cli_submissions
+        from billing.cli import usage as cli_usage
+        from billing.cli import webhooks as webhooks_cli
         from billing.webhooks.views import make_blueprint
 
         settings = settings or self._settings or settings_for_build()
@@ -65,7 +69,7 @@ class Billing:
             app.register_blueprint(webhooks)
             _exempt_from_host_csrf(app, webhooks)
         if metrics_path:
-            from billing.metrics_http import metrics_blueprint
+            from billing.ops.http import metrics_blueprint
 
             app.register_blueprint(metrics_blueprint(metrics_path))
 

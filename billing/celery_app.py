@@ -64,7 +64,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "timezone": "UTC",
         "enable_utc": True,
-        "imports": ("billing.tasks", "billing.webhooks.tasks"),
+        "imports": ("billing.usage.tasks", "billing.webhooks.tasks"),
         # Flower (any event monitor) sees tasks only when workers send events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -192,7 +192,7 @@ def _unbind_task_fields(task_id: str | None = None, **_: Any) -> None:
 def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
     """The worker's main process, before the prefork pool starts: children inherit no thread."""
     if getattr(sender, "app", None) is celery_app:
-        from billing.metrics_http import start_worker_metrics_server
+        from billing.ops.http import start_worker_metrics_server
 
         start_worker_metrics_server(process_settings())
 

@@ -36,8 +36,8 @@ from prometheus_client.registry import Collector
 from billing.errors import error_line
 
 if TYPE_CHECKING:
-    from billing.flush_result import FlushResult
     from billing.runtime import Runtime
+    from billing.usage.result import FlushResult
 
 log = logging.getLogger("billing.metrics")
 
@@ -123,7 +123,7 @@ class StateCollector(Collector):
         self._runtime = runtime
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        from billing.ops_state import read_state
+        from billing.ops.state import read_state
 
         up = GaugeMetricFamily(
             "billing_state_up", "1 when the database and Redis answered this scrape."

@@ -27,11 +27,11 @@ from billing.logs import get_logger
 from billing.models import OpsRecord, utcnow
 
 if TYPE_CHECKING:
-    from billing.contract import ContractReport
+    from billing.checks.contract import ContractReport
 
 log = get_logger("billing.ops_records")
 
-FLUSH = "flush_hourly"  # billing.flush_record
+FLUSH = "flush_hourly"  # billing.usage.history
 CONTRACT_VALIDATION = "contract_validation"
 
 Payload = dict[str, Any]

@@ -15,12 +15,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from billing import logs
+from billing.adjustments import service as adjustments
 from billing.entitlements.service import refresh_from_stripe
-from billing.flush_result import TransientFlushError
 from billing.models import BillingAccount
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError, subscription_period
-from billing.webhooks import adjustments
+from billing.usage.result import TransientFlushError
 from billing.webhooks.service import Handler
 
 log = logs.get_logger("billing.webhooks.handlers")

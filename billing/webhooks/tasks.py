@@ -13,7 +13,7 @@ from celery import Task
 from billing.broker import BackgroundPublisher
 from billing.celery_app import WEBHOOK_PROCESS_TASK, WEBHOOK_SWEEP_TASK, celery_app
 from billing.runtime import Runtime, get_runtime
-from billing.tasks import retry_countdown
+from billing.usage.tasks import retry_countdown
 from billing.webhooks import handlers, service
 
 PROCESS_TASK = WEBHOOK_PROCESS_TASK

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from billing import db
-from billing.contract import (
+from billing.checks.contract import (
     CHECK_NAMES,
     CONTRACT_COLUMNS,
     CONTRACT_RULES,
@@ -15,10 +15,10 @@ from billing.contract import (
     contract_markdown,
     run_contract_checks,
 )
+from billing.checks.report import Status
 from billing.models import utcnow
-from billing.reports import Status
 from billing.runtime import Runtime
-from billing.services import flush_once
+from billing.usage.service import flush_once
 from tests.contract import add_account, add_events, add_submission, altered, execute
 
 CLEAN_ORG = 1

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from billing.periods import PeriodSyncError, sync_all_periods, sync_period, sync_subscription
+from billing.accounts import PeriodSyncError, sync_all_periods, sync_period, sync_subscription
 from tests.contract import account_row, add_account, subscribe
 
 DAY = 86_400

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from billing.checks.report import Status
 from billing.config import ConfigError, Settings, scrub
-from billing.preflight import run_preflight
-from billing.reports import Status
+from billing.ops.preflight import run_preflight
 
 LIVE_KEY = "sk_live_" + "preflightsecret9876"
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from billing.checks.report import Status
 from billing.models import BillableEvent, utcnow
-from billing.reports import Status
-from billing.smoke import UnknownOrganizationError, smoke_org
+from billing.ops.smoke import UnknownOrganizationError, smoke_org
 from tests.contract import (
     account_row,
     add_account,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from billing import create_app, db
 from billing.models import utcnow
 from billing.runtime import Runtime
-from billing.services import flush_once
+from billing.usage.service import flush_once
 from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts
 

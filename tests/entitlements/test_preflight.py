@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from billing.preflight import run_preflight
-from billing.reports import Status
+from billing.checks.report import Status
+from billing.ops.preflight import run_preflight
 
 
 def saas_check(report) -> tuple[Status, str]:

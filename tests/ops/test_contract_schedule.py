@@ -10,8 +10,8 @@ from freezegun import freeze_time
 
 import celeryconfig
 from billing.celery_app import celery_app
-from billing.ops_state import read_run_records
-from billing.tasks import VALIDATE_CONTRACT_TASK, validate_contract
+from billing.ops.state import read_run_records
+from billing.usage.tasks import VALIDATE_CONTRACT_TASK, validate_contract
 from tests.ops.conftest import (
     CONTRACT_BREAKING_CHECKS,
     celery_worker_args,

@@ -15,7 +15,7 @@ import redis
 
 import celeryconfig
 from billing.models import WebhookEvent, utcnow
-from billing.ops_state import read_run_records
+from billing.ops.state import read_run_records
 from tests.conftest import TEST_BROKER_URL
 from tests.ops.conftest import recent_usage
 from tests.process import ROOT, billing_env

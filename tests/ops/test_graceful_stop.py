@@ -6,8 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
-from billing.locks import inspect_lock
-from billing.tasks import flush_hourly_usage
+from billing.usage.lock import inspect_lock
+from billing.usage.tasks import flush_hourly_usage
 from tests.ops.conftest import (
     recent_usage,
     settings_env,

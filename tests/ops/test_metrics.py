@@ -17,10 +17,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from billing import create_app
-from billing.locks import LockUnavailableError, RedisFlushLock
 from billing.models import BillableEvent, WebhookEvent, utcnow
-from billing.services import flush_guarded, flush_with_retries
-from billing.tasks import flush_hourly_usage
+from billing.usage.lock import LockUnavailableError, RedisFlushLock
+from billing.usage.service import flush_guarded, flush_with_retries
+from billing.usage.tasks import flush_hourly_usage
 from tests.ops.conftest import (
     celery_worker_args,
     contract_breaking_usage,

@@ -8,9 +8,10 @@ import threading
 
 import pytest
 
-from billing import create_app, db, flush_record, ops_records
+from billing import create_app, db, ops_records
 from billing.runtime import Runtime
-from billing.services import flush_guarded
+from billing.usage import history as flush_record
+from billing.usage.service import flush_guarded
 from tests.ops.conftest import recent_usage
 
 

@@ -11,9 +11,9 @@ import sqlalchemy as sa
 
 from billing import create_app
 from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
-from billing.reconcile import floor_hour
-from billing.services import flush_once
 from billing.stripe_gateway import MeterEvent
+from billing.usage.reconcile import floor_hour
+from billing.usage.service import flush_once
 from tests.usage.factories import add_accounts, add_events
 
 

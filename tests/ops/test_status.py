@@ -6,9 +6,9 @@ import json
 from datetime import timedelta
 
 from billing import create_app
-from billing.locks import RedisFlushLock
 from billing.models import UsageSubmission, WebhookEvent, utcnow
-from billing.services import flush_guarded
+from billing.usage.lock import RedisFlushLock
+from billing.usage.service import flush_guarded
 from tests.usage.factories import add_accounts, add_events
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from billing import create_app
 from billing.models import utcnow
-from billing.services import contract_gate, flush_once
+from billing.usage.service import contract_gate, flush_once
 from tests.process import ROOT
 from tests.usage.factories import add_accounts, add_events
 

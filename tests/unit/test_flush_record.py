@@ -1,7 +1,7 @@
 """What a run record calls a successful flush."""
 
-from billing.flush_record import outcome_of
-from billing.flush_result import FlushResult
+from billing.usage.history import outcome_of
+from billing.usage.result import FlushResult
 
 
 def test_rows_left_for_an_operator_by_earlier_runs_do_not_fail_a_healthy_run():
@@ -23,7 +23,7 @@ def test_runs_that_did_no_work():
 
 
 def counts_after(*outcomes: str) -> tuple[int, int]:
-    from billing.flush_record import FlushHistory
+    from billing.usage.history import FlushHistory
 
     history = FlushHistory()
     for outcome in outcomes:
@@ -45,7 +45,7 @@ def test_redis_down_neither_ends_nor_extends_a_run_of_lock_skips():
 
 
 def test_only_an_ok_run_is_the_last_success():
-    from billing.flush_record import FlushHistory
+    from billing.usage.history import FlushHistory
 
     ok = FlushHistory().after("ok", {"at": "1", "result": "ok"})
     later = ok.after("lock_unavailable", {"at": "2", "result": "lock_unavailable"})
@@ -54,7 +54,7 @@ def test_only_an_ok_run_is_the_last_success():
 
 
 def test_a_recorded_error_is_one_line():
-    from billing.flush_record import run_entry
+    from billing.usage.history import run_entry
 
     stripe_down = FlushResult(
         submissions_pending=2,

@@ -11,7 +11,7 @@ from flask.cli import FlaskGroup
 
 from billing import create_app, db
 from billing.models import utcnow
-from billing.retry_policy import CALLS_PER_ROW_PER_RUN
+from billing.usage.retry_policy import CALLS_PER_ROW_PER_RUN
 from tests.conftest import TEST_BROKER_URL
 from tests.usage.factories import add_accounts, add_events, expected_totals
 

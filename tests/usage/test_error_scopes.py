@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from billing import create_app
 from billing.models import BillingAccount, UsageSubmission, utcnow
-from billing.services import flush_once
+from billing.usage.service import flush_once
 from tests.usage.factories import (
     add_accounts,
     add_events,

@@ -9,12 +9,12 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from billing.claiming import Claimer
+from billing.checks.report import GateVerdict
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
-from billing.reports import GateVerdict
-from billing.services import flush_once
-from billing.submitting import Submitter
-from billing.usage import FlushResult, TransientFlushError, UsageFlush, flush_usage
+from billing.usage.claiming import Claimer
+from billing.usage.run import FlushResult, TransientFlushError, UsageFlush, flush_usage
+from billing.usage.service import flush_once
+from billing.usage.submitting import Submitter
 from tests.usage.factories import (
     add_accounts,
     add_events,

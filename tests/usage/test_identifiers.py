@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from billing.claiming import identifier_type_part, usage_identifier
 from billing.config import parse_meter_map
 from billing.models import UsageSubmission, utcnow
-from billing.services import flush_once
+from billing.usage.claiming import identifier_type_part, usage_identifier
+from billing.usage.service import flush_once
 from tests.usage.factories import add_accounts, add_events
 
 

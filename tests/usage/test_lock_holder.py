@@ -12,7 +12,7 @@ import textwrap
 import time
 
 from billing import create_app
-from billing.locks import (
+from billing.usage.lock import (
     LockHolder,
     RedisFlushLock,
     ReleaseOutcome,
@@ -92,7 +92,7 @@ def test_a_token_of_unknown_shape_is_never_called_dead(redis_client):
 HOLDER_SCRIPT = textwrap.dedent(
     """
     import sys, time, redis
-    from billing.locks import RedisFlushLock
+    from billing.usage.lock import RedisFlushLock
     lock = RedisFlushLock(redis.Redis.from_url(sys.argv[1]), sys.argv[2], 3300,
                           lease_seconds=float(sys.argv[3]), task_id="killed-task")
     assert lock.acquire()

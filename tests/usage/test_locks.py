@@ -3,7 +3,7 @@ import time
 import pytest
 import redis
 
-from billing.locks import FileFlushLock, LockUnavailableError, RedisFlushLock, held
+from billing.usage.lock import FileFlushLock, LockUnavailableError, RedisFlushLock, held
 from tests.conftest import REDIS_PREFIX
 
 KEY = f"{REDIS_PREFIX}flush-lock"
@@ -104,7 +104,7 @@ def test_a_flush_whose_heartbeat_died_does_not_report_ok(billing_runtime, emulat
     from datetime import timedelta
 
     from billing.models import utcnow
-    from billing.services import flush_guarded
+    from billing.usage.service import flush_guarded
     from tests.usage.factories import add_accounts, add_events
 
     add_accounts(billing_runtime, [1])

@@ -9,9 +9,9 @@ import sys
 import threading
 import time
 
-from billing.claiming import ClaimConflict, Claimer
-from billing.services import flush_guarded, flush_once
-from billing.usage import UsageFlush
+from billing.usage.claiming import ClaimConflict, Claimer
+from billing.usage.run import UsageFlush
+from billing.usage.service import flush_guarded, flush_once
 from tests.usage.factories import (
     add_accounts,
     add_events,

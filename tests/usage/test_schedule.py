@@ -4,7 +4,7 @@ import pytest
 from freezegun import freeze_time
 
 from billing.celery_app import celery_app
-from billing.tasks import FLUSH_HOURLY_TASK
+from billing.usage.tasks import FLUSH_HOURLY_TASK
 
 ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 

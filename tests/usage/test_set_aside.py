@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from billing import create_app
-from billing.claiming import Claimer
 from billing.models import BillableEvent, UsageSubmission, utcnow
-from billing.services import flush_once
+from billing.usage.claiming import Claimer
+from billing.usage.service import flush_once
 from tests.usage.factories import add_accounts, add_events, expected_totals
 
 BIGINT_MAX = 9223372036854775807

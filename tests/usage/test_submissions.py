@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 from billing import create_app
 from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
-from billing.preflight import run_preflight
-from billing.services import flush_once
+from billing.ops.preflight import run_preflight
+from billing.usage.service import flush_once
 from tests.usage.factories import add_accounts, add_events, expected_totals, submission_statuses
 
 METER_EVENTS = "/v1/billing/meter_events"

@@ -8,9 +8,9 @@ import pytest
 
 from billing.celery_app import celery_app
 from billing.models import utcnow
-from billing.retry_policy import CALLS_PER_ROW_PER_RUN, calls_in_pass, passes_allowed
 from billing.runtime import set_runtime
-from billing.tasks import (
+from billing.usage.retry_policy import CALLS_PER_ROW_PER_RUN, calls_in_pass, passes_allowed
+from billing.usage.tasks import (
     FLUSH_HOURLY_TASK,
     enqueue_hourly_flush,
     flush_hourly_usage,
@@ -176,7 +176,7 @@ def test_enqueue_uses_the_brokers_and_queue_of_the_given_settings(settings):
 
 
 def test_enqueue_to_an_unreachable_broker_is_one_error_naming_it(settings):
-    from billing.tasks import BrokerUnavailableError
+    from billing.usage.tasks import BrokerUnavailableError
 
     dead = "redis://:s3cret-pw@127.0.0.1:1/0"
     with pytest.raises(BrokerUnavailableError) as raised:

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from billing import create_app
-from billing.billability import REASONS
+from billing.checks.billability import REASONS
 from billing.models import BillableEvent, UsageDismissal, utcnow
-from billing.services import flush_once
+from billing.usage.service import flush_once
 from tests.ops.test_metrics import scrape
 from tests.usage.factories import add_accounts, add_events, expected_totals
 

@@ -11,10 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from billing import create_app, db
-from billing.contract import run_contract_checks
+from billing.checks.contract import run_contract_checks
 from billing.models import utcnow
 from billing.runtime import Runtime
-from billing.services import flush_once
+from billing.usage.service import flush_once
 from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts, expected_totals, unclaimed_count
 

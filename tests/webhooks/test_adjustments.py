@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
+from billing.adjustments import service as adjustments
 from billing.models import BillingAdjustment, InvoiceAdjustment, utcnow
-from billing.webhooks import adjustments
 from tests.usage.factories import add_accounts, add_events
 from tests.webhooks.conftest import post, standalone_app
 
@@ -383,7 +383,7 @@ class TestInvoiceFinalizedBeforeProcessing:
     def test_the_top_up_is_recorded_missed_and_visible(
         self, captured, renewed, webhook_runtime, cli
     ):
-        from billing.ops_state import read_state
+        from billing.ops.state import read_state
 
         stripe = webhook_runtime.stripe
         assert our_items(stripe, renewed.invoice.id) == []
@@ -415,7 +415,7 @@ class TestInvoiceFinalizedBeforeProcessing:
     def test_carry_over_bills_it_on_the_next_invoice_once(
         self, renewed, webhook_runtime, emulator, delivering, cli
     ):
-        from billing.ops_state import read_state
+        from billing.ops.state import read_state
 
         (missed,) = missed_top_ups(webhook_runtime)
         carried = cli("adjustments", "carry-over", str(missed.id), "--actor", "ops-anna")

@@ -8,10 +8,10 @@ import json
 import click
 from flask.cli import AppGroup
 
-from billing.cli import emit, operator_errors, runtime
+from billing.checks.report import render_table
+from billing.cli.core import emit, operator_errors, runtime
 from billing.models import SubmissionStatus
-from billing.reports import render_table
-from billing.submissions import (
+from billing.usage.outbox import (
     DEFAULT_LIMIT,
     LISTED_BY_DEFAULT,
     failed_submission_ids,

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
-from billing.billability import (
+from billing.checks.billability import (
     EVENTS,
     MAX_EVENT_AGE,
     REQUIRED_COLUMNS,
@@ -31,9 +31,9 @@ from billing.billability import (
     hour_bucket,
     whole_number,
 )
+from billing.checks.report import Status, StatusReport, render_table
 from billing.config import Settings
 from billing.models import BillableEvent, BillingAccount, pending_event, utcnow
-from billing.reports import Status, StatusReport, render_table
 from billing.runtime import Runtime
 
 TABLE = "billable_events"

@@ -119,7 +119,7 @@ def _organization(runtime: Runtime, customer_id: str) -> int | None:
 def flush_late_usage(runtime: Runtime, organization_id: int) -> None:
     """Send the organization's unsent usage now: hours are stamped inside the period they belong
     to, so usage of the closed period lands on this draft. Transient failures retry the event."""
-    from billing.services import flush_once
+    from billing.usage.service import flush_once
 
     flush_once(runtime, organization_id=organization_id).raise_if_transient()
 

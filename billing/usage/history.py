@@ -23,7 +23,7 @@ from billing.errors import error_line, one_line
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from billing.flush_result import FlushResult
+    from billing.usage.result import FlushResult
 
 # Outcomes of one hourly run (`billing_flush_runs_total{result=…}` uses the same words).
 OK = "ok"

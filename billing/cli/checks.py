@@ -13,13 +13,13 @@ from typing import Any, Protocol
 import click
 from flask.cli import with_appcontext
 
-from billing.cli import emit, operator_errors, runtime
+from billing.checks.contract import contract_fails_closed, run_contract_checks
+from billing.cli.core import emit, operator_errors, runtime
 from billing.config import MAX_CONTRACT_LOOKBACK_DAYS
-from billing.contract import contract_fails_closed, run_contract_checks
+from billing.ops.preflight import run_preflight
+from billing.ops.smoke import UnknownOrganizationError, smoke_org
 from billing.ops_records import record_contract_validation
-from billing.preflight import run_preflight
 from billing.runtime import current_runtime
-from billing.smoke import UnknownOrganizationError, smoke_org
 
 
 class Report(Protocol):
@@ -155,7 +155,7 @@ def smoke_org_command(
 @with_appcontext
 def sync_periods_command() -> None:
     """Copy every subscription's current billing period from Stripe to its billing account."""
-    from billing.periods import sync_all_periods
+    from billing.accounts import sync_all_periods
 
     rt = runtime()
     with operator_errors():

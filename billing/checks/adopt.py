@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db
-from billing.contract import TABLE, unique_index_on, upstream_column_problems
+from billing.checks.contract import TABLE, unique_index_on, upstream_column_problems
 from billing.models import BillableEvent
 
 ASIDE = "billable_events_adopting"

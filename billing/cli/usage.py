@@ -8,11 +8,11 @@ import json
 import click
 from flask.cli import AppGroup
 
-from billing.billability import REASONS
-from billing.cli import emit, operator_errors, runtime
-from billing.cli_submissions import ACTOR
-from billing.reports import render_table
-from billing.unbillable import (
+from billing.checks.billability import REASONS
+from billing.checks.report import render_table
+from billing.cli.core import emit, operator_errors, runtime
+from billing.cli.outbox import ACTOR
+from billing.usage.unbillable import (
     DEFAULT_LIMIT,
     DismissalError,
     dismiss_unbillable,

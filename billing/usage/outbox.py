@@ -25,7 +25,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.claiming import usage_identifier
 from billing.models import (
     SubmissionAction,
     SubmissionStatus,
@@ -34,6 +33,7 @@ from billing.models import (
     utcnow,
 )
 from billing.runtime import Runtime
+from billing.usage.claiming import usage_identifier
 
 FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
 AWAITING_OPERATOR = (FAILED, HELD)

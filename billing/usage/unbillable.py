@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from billing.billability import REASONS, BillableRules, unbillable_events
+from billing.checks.billability import REASONS, BillableRules, unbillable_events
 from billing.models import BillableEvent, UsageDismissal, pending_event, utcnow
 from billing.runtime import Runtime
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
-from billing.cli import emit, operator_errors, runtime
+from billing.cli.core import emit, operator_errors, runtime
 from billing.entitlements import SAAS_FEATURE, service
 
 ORG_ID = click.option("--org-id", type=click.IntRange(min=1), required=True)

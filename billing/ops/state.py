@@ -21,10 +21,9 @@ import redis
 import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily
 
-from billing import flush_record, ops_records
-from billing.billability import REASONS, BillableRules, count_unbillable
+from billing import ops_records
+from billing.checks.billability import REASONS, BillableRules, count_unbillable
 from billing.errors import error_line
-from billing.locks import LockState, inspect_lock
 from billing.models import (
     AdjustmentKind,
     BillableEvent,
@@ -37,6 +36,8 @@ from billing.models import (
     pending_event,
     utcnow,
 )
+from billing.usage.history import FlushHistory, timestamp_of
+from billing.usage.lock import LockState, inspect_lock
 
 if TYPE_CHECKING:
     from billing.runtime import Runtime
@@ -66,7 +67,7 @@ class OpsState:
     webhooks_by_status: dict[str, int]
     # Pending rows the flush sets aside, by reason (`billing.billability`); every reason present.
     unbillable: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-    history: flush_record.FlushHistory = field(default_factory=flush_record.FlushHistory)
+    history: FlushHistory = field(default_factory=FlushHistory)
     contract_validation: dict[str, Any] | None = None
     lock: LockState | None = None
     lock_backend: str = "redis"
@@ -165,12 +166,12 @@ class OpsState:
             )
 
     @staticmethod
-    def _history_gauges(history: flush_record.FlushHistory) -> Iterator[GaugeMetricFamily]:
+    def _history_gauges(history: FlushHistory) -> Iterator[GaugeMetricFamily]:
         for name, entry, text in (
             ("billing_flush_last_run_timestamp_seconds", history.last_run, "any outcome"),
             ("billing_flush_last_success_timestamp_seconds", history.last_success, "ok"),
         ):
-            stamp = flush_record.timestamp_of(entry)
+            stamp = timestamp_of(entry)
             if stamp is not None:  # absent until the first such run
                 yield _gauge(name, f"When the last hourly flush run ({text}) finished.", stamp)
         yield _gauge(
@@ -192,7 +193,7 @@ class OpsState:
         yield _gauge(
             "billing_contract_last_validation_timestamp_seconds",
             "When the last billable_events contract validation (scheduled or CLI) ran.",
-            flush_record.timestamp_of(validation) or 0,
+            timestamp_of(validation) or 0,
         )
         yield _gauge(
             "billing_contract_last_validation_failed_checks",
@@ -249,14 +250,14 @@ def read_state(runtime: Runtime) -> OpsState:
     )
 
 
-def read_run_records(runtime: Runtime) -> tuple[flush_record.FlushHistory, dict[str, Any] | None]:
+def read_run_records(runtime: Runtime) -> tuple[FlushHistory, dict[str, Any] | None]:
     """The last flush runs and the last contract validation (`billing.ops_records`)."""
     with runtime.session_factory() as session:
         found = ops_records.read_records(
             session, (ops_records.FLUSH, ops_records.CONTRACT_VALIDATION)
         )
-    history = flush_record.FlushHistory.from_payload(found.get(ops_records.FLUSH))
-    return history, found.get(ops_records.CONTRACT_VALIDATION)
+    flushes = FlushHistory.from_payload(found.get(ops_records.FLUSH))
+    return flushes, found.get(ops_records.CONTRACT_VALIDATION)
 
 
 def _read_lock(runtime: Runtime) -> tuple[LockState | None, str | None]:

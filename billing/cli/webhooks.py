@@ -7,10 +7,11 @@ import sys
 import click
 from flask.cli import AppGroup
 
-from billing.cli import emit, operator_errors, runtime
-from billing.cli_submissions import ACTOR
+from billing.adjustments import service as adjustments
+from billing.cli.core import emit, operator_errors, runtime
+from billing.cli.outbox import ACTOR
 from billing.models import AdjustmentKind, WebhookStatus
-from billing.webhooks import adjustments, service
+from billing.webhooks import service
 
 
 @click.group("webhooks", cls=AppGroup)

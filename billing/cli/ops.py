@@ -13,12 +13,12 @@ import click
 import redis
 from flask.cli import AppGroup, with_appcontext
 
-from billing import flush_record
-from billing.cli import emit, operator_errors, runtime
+from billing.cli.core import emit, operator_errors, runtime
 from billing.config import scrub
-from billing.locks import ReleaseOutcome, inspect_lock, release_dead_holder
 from billing.models import utcnow
-from billing.ops_state import OpsState, read_state
+from billing.ops.state import OpsState, read_state
+from billing.usage import history
+from billing.usage.lock import ReleaseOutcome, inspect_lock, release_dead_holder
 
 
 @contextmanager
@@ -93,7 +93,7 @@ def _run(entry: dict[str, Any] | None) -> str:
         return "never"
     detail = f"{entry['at']} {entry['result']}"
     # Counts only of runs that did work: a skipped, refused or raising run has none to show.
-    if "submissions_sent" in entry and entry["result"] in (flush_record.OK, flush_record.FAILED):
+    if "submissions_sent" in entry and entry["result"] in (history.OK, history.FAILED):
         detail += (
             f" (claimed {entry.get('events_claimed', 0)}, sent {entry['submissions_sent']}, "
             f"failed {entry.get('submissions_failed', 0)}, "
@@ -189,7 +189,7 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
 def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
     past Stripe's 24-hour identifier window. Exit 1 on drift or when Stripe could not answer."""
-    from billing.reconcile import default_window, reconcile
+    from billing.usage.reconcile import default_window, reconcile
 
     rt = runtime()
     with ops_errors():

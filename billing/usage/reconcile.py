@@ -26,11 +26,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from billing import submissions
 from billing.logs import get_logger
 from billing.models import SubmissionStatus, UsageSubmission, utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
+from billing.usage import outbox
 
 log = get_logger("billing.reconcile")
 
@@ -236,7 +236,7 @@ def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
     ids = [r["id"] for r in expired]
     assert group.stripe is not None
     if group.stripe == sent + held:
-        submissions.mark_held_delivered(
+        outbox.mark_held_delivered(
             runtime,
             ids,
             actor=ACTOR,
@@ -244,7 +244,7 @@ def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
         )
         group.settled, group.status = "delivered", "match"
     elif group.stripe == sent:
-        submissions.retry_submissions(runtime, ids, actor=ACTOR, reissue_held=True)
+        outbox.retry_submissions(runtime, ids, actor=ACTOR, reissue_held=True)
         group.settled = "reissued"
         group.detail = "absent from Stripe: re-issued with a new identifier for the next flush"
     else:

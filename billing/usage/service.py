@@ -9,14 +9,15 @@ from typing import Any
 import sqlalchemy as sa
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from billing import flush_record, logs, metrics, ops_records, retry_policy
-from billing.flush_result import FlushResult, TransientFlushError
-from billing.locks import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
+from billing import logs, metrics, ops_records
+from billing.checks.report import GateVerdict
 from billing.models import BillableEvent, BillingAccount, utcnow
-from billing.reports import GateVerdict
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
-from billing.usage import flush_usage
+from billing.usage import history, retry_policy
+from billing.usage.lock import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
+from billing.usage.result import FlushResult, TransientFlushError
+from billing.usage.run import flush_usage
 
 log = logs.get_logger("billing.services")
 
@@ -62,7 +63,7 @@ def contract_gate(
         return None
 
     def verdict() -> GateVerdict:
-        from billing.contract import contract_fails_closed, run_contract_checks
+        from billing.checks.contract import contract_fails_closed, run_contract_checks
 
         report = run_contract_checks(
             runtime,
@@ -121,12 +122,12 @@ def flush_guarded(
             runtime, clock=clock, on_progress=on_progress, call_attempts=call_attempts
         )
     except LockUnavailableError as error:
-        _observe(runtime, flush_record.LOCK_UNAVAILABLE, FlushResult(), error)
+        _observe(runtime, history.LOCK_UNAVAILABLE, FlushResult(), error)
         raise
     except Exception as error:
-        _observe(runtime, flush_record.ERROR, FlushResult(), error)
+        _observe(runtime, history.ERROR, FlushResult(), error)
         raise
-    _observe(runtime, flush_record.outcome_of(result), result)
+    _observe(runtime, history.outcome_of(result), result)
     return result
 
 
@@ -161,8 +162,8 @@ def _observe(
     """Count the run in this process and record it in the database, where every scrape and
     `status` read it (a cron process's counters die with it; Redis may be what failed)."""
     metrics.observe_flush(result, outcome, runtime.settings.stripe_meters)
-    if outcome != flush_record.DISABLED:
-        flush_record.record_run(runtime.session_factory, outcome, result, error=error)
+    if outcome != history.DISABLED:
+        history.record_run(runtime.session_factory, outcome, result, error=error)
 
 
 def flush_with_retries(
@@ -199,7 +200,7 @@ def validate_contract_scheduled(runtime: Runtime) -> dict[str, Any]:
     """The scheduled contract check (beat, minute 3): logged, counted and recorded (the alert
     reads the record), so it fires before a fail-closed flush at minute 13 is blocked. Returns
     the failed checks' names."""
-    from billing.contract import contract_fails_closed, run_contract_checks
+    from billing.checks.contract import contract_fails_closed, run_contract_checks
 
     settings = runtime.settings
     report = run_contract_checks(runtime, lookback_days=settings.contract_lookback_days)

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from billing import db
+from billing.checks.report import Status, StatusReport
 from billing.config import (
     MAX_FLUSH_LOCK_TTL_SECONDS,
     ConfigError,
@@ -25,10 +26,9 @@ from billing.config import (
     secret_key_problem,
     webhook_secret_problem,
 )
-from billing.locks import FileFlushLock
-from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
-from billing.submissions import awaiting_operator_counts
+from billing.usage.lock import FileFlushLock
+from billing.usage.outbox import awaiting_operator_counts
 
 # Celery routes by name through the broker; keep to characters every transport accepts.
 QUEUE_NAME_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")

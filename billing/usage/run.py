@@ -19,15 +19,16 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import logs, retry_policy
-from billing.claiming import ClaimedBatch, Claimer
+from billing import logs
+from billing.checks.report import GateVerdict
 from billing.config import Settings
-from billing.flush_result import FlushResult, TransientFlushError
 from billing.models import utcnow
-from billing.reports import GateVerdict
 from billing.stripe_gateway import StripeGateway
-from billing.submissions import awaiting_operator_counts
-from billing.submitting import Stops, Submitter
+from billing.usage import retry_policy
+from billing.usage.claiming import ClaimedBatch, Claimer
+from billing.usage.outbox import awaiting_operator_counts
+from billing.usage.result import FlushResult, TransientFlushError
+from billing.usage.submitting import Stops, Submitter
 
 __all__ = ["FlushResult", "TransientFlushError", "UsageFlush", "flush_usage"]
 

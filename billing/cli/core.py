@@ -14,16 +14,16 @@ from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db, logs
-from billing.adopt import AdoptionError, adopt_billable_events
+from billing.adjustments.service import AdjustmentError
+from billing.checks.adopt import AdoptionError, adopt_billable_events
 from billing.config import ConfigError
 from billing.entitlements.service import EntitlementError
 from billing.errors import error_line, one_line
-from billing.flush_result import FlushResult, TransientFlushError
-from billing.locks import LockUnavailableError
 from billing.runtime import Runtime, current_runtime
 from billing.stripe_gateway import StripeGatewayError
-from billing.submissions import SubmissionActionError
-from billing.webhooks.adjustments import AdjustmentError
+from billing.usage.lock import LockUnavailableError
+from billing.usage.outbox import SubmissionActionError
+from billing.usage.result import FlushResult, TransientFlushError
 from billing.webhooks.service import ReplayRefused
 
 # The group and its core commands; `Billing.init_app` adds every other command module's commands and
@@ -100,7 +100,7 @@ def flush_progress(rt: Runtime, organization_id: int | None = None) -> Iterator[
     if not sys.stderr.isatty():
         yield None
         return
-    from billing.ops_state import count_unclaimed
+    from billing.ops.state import count_unclaimed
 
     total = count_unclaimed(rt, organization_id)
     with click.progressbar(
@@ -194,7 +194,7 @@ def finish_flush(result: FlushResult) -> None:
 @click.option("--org-id", type=int, default=None, help="Flush one organization only.")
 def flush_now_command(org_id: int | None) -> None:
     """Run one flush pass immediately (no lock, no retries)."""
-    from billing.services import UnknownOrganizationError, flush_once
+    from billing.usage.service import UnknownOrganizationError, flush_once
 
     rt = runtime()
     with flush_run(rt, org_id) as progress:
@@ -208,7 +208,7 @@ def flush_now_command(org_id: int | None) -> None:
 @billing_cli.command("flush_hourly")
 def flush_hourly_command() -> None:
     """The hourly flush: under the overlap lock, 3 attempts with exponential backoff."""
-    from billing.services import flush_with_retries
+    from billing.usage.service import flush_with_retries
 
     rt = runtime()
     with flush_run(rt) as progress:
@@ -219,7 +219,7 @@ def flush_hourly_command() -> None:
 @billing_cli.command("enqueue_hourly")
 def enqueue_hourly_command() -> None:
     """Queue the hourly flush as a Celery task on STRIPE_BILLING_QUEUE; prints the task id."""
-    from billing.tasks import BrokerUnavailableError, enqueue_hourly_flush
+    from billing.usage.tasks import BrokerUnavailableError, enqueue_hourly_flush
 
     rt = runtime()
     with operator_errors(BrokerUnavailableError):
@@ -234,7 +234,7 @@ def enqueue_hourly_command() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed, for repeatable demos.")
 def seed_demo_command(orgs: int, events: int, hours: int, seed: int | None) -> None:
     """Create demo meters, customers, billing accounts and random events (test mode only)."""
-    from billing.demo import seed_demo
+    from billing.usage.demo import seed_demo
 
     rt = runtime()
     with operator_errors():

@@ -27,9 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_when_event_set
 
-from billing import logs, retry_policy
+from billing import logs
 from billing.config import Settings
-from billing.flush_result import FlushResult
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission
 from billing.stripe_gateway import (
     ErrorScope,
@@ -40,6 +39,8 @@ from billing.stripe_gateway import (
     StripeGatewayError,
     TransientStripeError,
 )
+from billing.usage import retry_policy
+from billing.usage.result import FlushResult
 
 log = logs.get_logger("billing.usage")
 

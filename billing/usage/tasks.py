@@ -11,12 +11,12 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from billing import retry_policy
 from billing.celery_app import FLUSH_HOURLY_TASK, VALIDATE_CONTRACT_TASK, celery_app
 from billing.config import Settings, scrub
-from billing.retry_policy import retry_countdown
 from billing.runtime import get_runtime
-from billing.services import TRANSIENT_ERRORS, flush_guarded, validate_contract_scheduled
+from billing.usage import retry_policy
+from billing.usage.retry_policy import retry_countdown
+from billing.usage.service import TRANSIENT_ERRORS, flush_guarded, validate_contract_scheduled
 
 __all__ = [
     "FLUSH_HOURLY_TASK",

@@ -10,8 +10,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from billing.accounts import store_subscription
 from billing.models import BillableEvent, BillingAccount, utcnow
-from billing.periods import store_subscription
 from billing.runtime import Runtime
 
 DEFAULT_EVENT_TYPES = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import billability
-from billing.billability import HOUR, BillableRules, hour_bucket
+from billing.checks import billability
+from billing.checks.billability import HOUR, BillableRules, hour_bucket
 from billing.config import Settings
 from billing.models import (
     BillableEvent,
@@ -43,7 +43,7 @@ from billing.models import (
 )
 
 if TYPE_CHECKING:
-    from billing.submitting import Stops
+    from billing.usage.submitting import Stops
 
 # Where the flush result's reasons are defined (kept importable from here).
 UnbillableReason = billability.UnbillableReason

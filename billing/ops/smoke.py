@@ -19,10 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from billing.claiming import UnbillableReason
+from billing.accounts import store_subscription
+from billing.checks.contract import run_contract_checks
+from billing.checks.report import Status, StatusReport
 from billing.config import mask_secret
-from billing.contract import run_contract_checks
-from billing.flush_result import FlushResult
 from billing.models import (
     BillableEvent,
     BillingAccount,
@@ -30,11 +30,11 @@ from billing.models import (
     UsageSubmission,
     utcnow,
 )
-from billing.periods import store_subscription
-from billing.reports import Status, StatusReport
 from billing.runtime import Runtime
-from billing.services import UnknownOrganizationError
 from billing.stripe_gateway import LiveKeyRefusedError, StripeGatewayError, subscription_period
+from billing.usage.claiming import UnbillableReason
+from billing.usage.result import FlushResult
+from billing.usage.service import UnknownOrganizationError
 
 ACTIVE_SUBSCRIPTION = ("active", "trialing")
 MINUTE = timedelta(minutes=1)
@@ -270,7 +270,7 @@ def _contract(run: _Run, requested: bool) -> SmokeStep:
 
 
 def _flush(run: _Run) -> SmokeStep:
-    from billing.services import flush_once
+    from billing.usage.service import flush_once
 
     # The smoke run's own contract step (scoped, and skippable) replaces the pre-flush gate.
     run.flush_started = utcnow()
