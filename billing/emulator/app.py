@@ -15,12 +15,11 @@ import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import stripe
 
 from billing.emulator import errors
-from billing.emulator.controls import Controls
 from billing.emulator.errors import StripeError
 from billing.emulator.httpserver import HandlerResult, Request, Response
 from billing.emulator.limits import Decision, Fault, Faults, RateLimiter
@@ -32,6 +31,10 @@ from billing.emulator.webhooks import WebhookConfig, WebhookSender
 
 log = logging.getLogger("billing.emulator")
 API_VERSION = stripe.api_version
+
+
+class ControlHandler(Protocol):
+    def handle(self, req: Request) -> HandlerResult: ...
 
 
 @dataclass
@@ -91,7 +94,9 @@ class Emulator:
         self._req_ids = itertools.count(1)
         self._req_prefix = "req_" + os.urandom(4).hex()
         self._last_sweep = 0.0
-        self.controls = Controls(self)
+        # `/_emulator/` (tests' controls): whoever serves this emulator wires them
+        # (`EmulatorServer`), so the controls module may import this one and not the reverse.
+        self.controls: ControlHandler | None = None
         self.reset()
 
     # configuration -----------------------------------------------------------------------------
@@ -169,7 +174,12 @@ class Emulator:
         key = f"{req.method} {req.path}"
         self.stats.count(key)
         api = not req.path.startswith("/_emulator")
-        result = self._api(req) if api else self.controls.handle(req)
+        if api:
+            result = self._api(req)
+        elif self.controls is not None:
+            result = self.controls.handle(req)
+        else:
+            result = self._error(errors.StripeError(404, "No test controls on this emulator"))
         if result is None or isinstance(result, Response):
             self._log(req, key, result, started)
             return result

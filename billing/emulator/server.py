@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from billing.emulator.app import Emulator, Options
+from billing.emulator.controls import Controls
 from billing.emulator.httpserver import HTTPProtocol, serve
 
 log = logging.getLogger("billing.emulator")
@@ -57,6 +58,7 @@ class EmulatorServer:
                 allow_remote_controls=allow_remote_controls,
             )
         )
+        self.emulator.controls = Controls(self.emulator)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
