@@ -6,7 +6,7 @@ by side in one run:
 
 - **insert**: a plain `INSERT … SELECT` of that backlog into `billable_events` (the baseline: the
   cheapest thing one can do with every row), and
-- **flush**: `flush_once` in a fresh child process (so its peak RSS is its own), against the Stripe
+- **flush**: `flush_pass` in a fresh child process (so its peak RSS is its own), against the Stripe
   emulator with `--limits` (default `live`: 1,000 meter events/s, as Stripe in live mode) and the
   client's rate limit at that ceiling, logging at INFO as in production (to a file).
 
@@ -387,7 +387,7 @@ def child(args: argparse.Namespace) -> None:
 def _timed_flush(args: argparse.Namespace, log_path: Path) -> tuple[Any, float, PhaseClock, dict]:
     from billing import logs
     from billing.runtime import Runtime
-    from billing.usage.service import flush_once
+    from billing.usage.service import flush_pass
     from billing.usage.submitting import Submitter
 
     with log_path.open("w") as log_file:
@@ -407,7 +407,7 @@ def _timed_flush(args: argparse.Namespace, log_path: Path) -> tuple[Any, float, 
 
         Submitter.submit = timed_submit
         started = time.monotonic()
-        result = flush_once(runtime, contract_check=False)
+        result = flush_pass(runtime, contract_check=False)
         wall = time.monotonic() - started - clock.sampling_seconds
         runtime.close()
     return result, wall, clock, submitting

@@ -1,10 +1,13 @@
-"""Period sync: copy each subscription's current billing period from Stripe to its billing account.
+"""Billing accounts: which organization is which Stripe customer, and the subscription's status
+and current period copied from Stripe.
 
-Stripe is the source of truth; the stored period is a cache that smoke checks and invoice-time
-adjustments read. The period is read from the subscription items, where the API version that
-stripe-python pins keeps it (`items.data[].current_period_start/end`, API 2025-03-31 and later).
-Subscription webhooks should call `sync_subscription` (it re-reads the subscription, since
-deliveries arrive out of order); `flask billing sync_periods` runs `sync_all_periods`.
+Stripe is the source of truth; the stored period is a cache that the claim (an hour split at the
+period boundary), smoke checks and invoice-time adjustments read. It is read from the
+subscription items, where the API version stripe-python pins keeps it
+(`items.data[].current_period_start/end`). Webhook deliveries arrive out of order, so a
+subscription is always re-read from Stripe while its account row is locked (`sync_subscription`):
+an old event arriving late writes today's state, and two events of one subscription cannot
+interleave a stale read with a fresh write. `flask billing sync_periods` runs `sync_all_periods`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,72 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from billing import logs
-from billing.models import BillingAccount
+from billing.errors import OperatorError
+from billing.models import BillableEvent, BillingAccount
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError, subscription_period
 
 log = logs.get_logger("billing.periods")
 
 
-class PeriodSyncError(LookupError):
+LIVE_SUBSCRIPTION_STATUSES = frozenset({"active", "trialing", "past_due"})
+
+
+class AccountConflictError(OperatorError):
+    """A Stripe customer is already linked to another organization: an operator decides."""
+
+
+def account_for_customer(
+    session: Session, customer_id: str | None, *, lock: bool = False
+) -> BillingAccount | None:
+    if not customer_id:
+        return None
+    query = sa.select(BillingAccount).where(BillingAccount.stripe_customer_id == customer_id)
+    return session.scalars(query.with_for_update() if lock else query).first()
+
+
+def organization_for_customer(runtime: Runtime, customer_id: str | None) -> int | None:
+    with runtime.session_factory() as session:
+        account = account_for_customer(session, customer_id)
+        organization_id = account.organization_id if account else None
+    if organization_id is None:
+        log.warning(logs.WEBHOOK_UNLINKED_CUSTOMER, extra={"stripe_customer_id": customer_id})
+    return organization_id
+
+
+def link_account(
+    runtime: Runtime, organization_id: int, customer_id: str, subscription_id: str | None
+) -> None:
+    """The organization's account names the customer (and subscription). A concurrent first link
+    of the same organization raises IntegrityError: retried, it finds the row."""
+    with runtime.session_factory.begin() as session:
+        owner = account_for_customer(session, customer_id, lock=True)
+        if owner is not None and owner.organization_id != organization_id:
+            raise AccountConflictError(
+                f"customer {customer_id} already belongs to organization "
+                f"{owner.organization_id}, not {organization_id}"
+            )
+        account = session.get(BillingAccount, organization_id, with_for_update=True)
+        if account is None:
+            account = BillingAccount(organization_id=organization_id)
+            session.add(account)
+        account.stripe_customer_id = customer_id
+        if subscription_id:
+            account.stripe_subscription_id = subscription_id
+    log.info(
+        logs.ACCOUNT_LINKED,
+        extra={
+            "organization_id": organization_id,
+            "stripe_customer_id": customer_id,
+            "stripe_subscription_id": subscription_id,
+        },
+    )
+
+
+class PeriodSyncError(LookupError, OperatorError):
     """The organization has no billing account or no subscription to sync from."""
 
 
@@ -64,45 +123,73 @@ def sync_period(runtime: Runtime, organization_id: int) -> PeriodSync:
     return store_subscription(runtime, organization_id, subscription)
 
 
-def sync_subscription(runtime: Runtime, subscription_id: str) -> PeriodSync | None:
-    """For subscription webhooks: re-read the subscription and store it on its account.
-
-    The account is found by subscription id, else by customer (a new subscription); None when
-    no account matches.
-    """
-    subscription = runtime.stripe.retrieve_subscription(subscription_id)
-    customer = subscription.customer
-    customer_id = customer if isinstance(customer, str) else customer.id
-    with runtime.session_factory() as session:
-        organization_id = session.scalar(
-            sa.select(BillingAccount.organization_id)
-            .where(
-                sa.or_(
-                    BillingAccount.stripe_subscription_id == subscription_id,
-                    BillingAccount.stripe_customer_id == customer_id,
-                )
+def sync_subscription(
+    runtime: Runtime, subscription_id: str, customer_id: str | None = None
+) -> int | None:
+    """Write Stripe's current status and period of the subscription to its customer's billing
+    account; the organization, or None when no account has that customer (logged)."""
+    if customer_id is None:
+        customer_id = _customer_of(runtime.stripe.retrieve_subscription(subscription_id))
+    with runtime.session_factory.begin() as session:
+        account = account_for_customer(session, customer_id, lock=True)
+        if account is None:
+            log.warning(
+                logs.WEBHOOK_UNLINKED_CUSTOMER,
+                extra={
+                    "stripe_customer_id": customer_id,
+                    "stripe_subscription_id": subscription_id,
+                },
             )
-            # The account already holding this subscription wins over a customer match.
-            .order_by((BillingAccount.stripe_subscription_id == subscription_id).desc())
-            .limit(1)
-        )
-    if organization_id is None:
-        return None
-    return store_subscription(runtime, organization_id, subscription)
+            return None
+        # Read Stripe while holding the account row, so this write is never older than one
+        # made concurrently for another event of the same subscription.
+        subscription = runtime.stripe.retrieve_subscription(subscription_id)
+        organization_id = account.organization_id
+        if not _tracks(account, subscription):
+            return organization_id
+        _write(account, subscription)
+    log.info(
+        logs.SUBSCRIPTION_SYNCED,
+        extra={
+            "organization_id": organization_id,
+            "stripe_subscription_id": subscription_id,
+            "status": subscription.status,
+        },
+    )
+    return organization_id
+
+
+def _customer_of(subscription: Any) -> str:
+    customer = subscription.customer
+    return customer if isinstance(customer, str) else customer.id
+
+
+def _tracks(account: BillingAccount, subscription: Any) -> bool:
+    """The account follows one subscription; a new live one replaces one that is over."""
+    if account.stripe_subscription_id in (None, subscription.id):
+        return True
+    return (
+        subscription.status in LIVE_SUBSCRIPTION_STATUSES
+        and account.subscription_status not in LIVE_SUBSCRIPTION_STATUSES
+    )
+
+
+def _write(account: BillingAccount, subscription: Any) -> None:
+    account.stripe_subscription_id = subscription.id
+    account.subscription_status = subscription.status
+    period = subscription_period(subscription)
+    if period is not None:  # keep the last known period rather than blank it
+        account.current_period_start, account.current_period_end = period
 
 
 def store_subscription(runtime: Runtime, organization_id: int, subscription: Any) -> PeriodSync:
-    """Write a subscription's id, status and current period onto the billing account."""
-    period = subscription_period(subscription)
+    """Write a subscription's id, status and current period onto the organization's account."""
     with runtime.session_factory.begin() as session:
         account = session.get(BillingAccount, organization_id, with_for_update=True)
         if account is None:
             raise PeriodSyncError(f"organization {organization_id} has no billing account")
         before = _state(account)
-        account.stripe_subscription_id = subscription.id
-        account.subscription_status = subscription.status
-        if period is not None:  # keep the last known period rather than blank it
-            account.current_period_start, account.current_period_end = period
+        _write(account, subscription)
         after = _state(account)
     synced = PeriodSync(
         organization_id, subscription.id, after[1], after[2], after[3], changed=before != after
@@ -150,3 +237,19 @@ def sync_all_periods(runtime: Runtime) -> dict[str, Any]:
         "changed": changed,
         "failed": failed,
     }
+
+
+class UnknownOrganizationError(LookupError, OperatorError):
+    """No billing account and no billable events: the id names no organization billing knows."""
+
+
+def require_known_organization(runtime: Runtime, organization_id: int) -> None:
+    """A typo in `--org-id` must say so, not report an empty flush as a success."""
+    with runtime.session_factory() as session:
+        known = session.get(BillingAccount, organization_id) is not None or session.scalar(
+            sa.select(sa.exists().where(BillableEvent.organization_id == organization_id))
+        )
+    if not known:
+        raise UnknownOrganizationError(
+            f"organization {organization_id} is unknown: no billing account and no billable events"
+        )

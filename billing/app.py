@@ -7,6 +7,7 @@ from flask import Blueprint, Flask
 from flask.cli import run_command
 
 from billing import logs
+from billing.cli import billing_cli, build_cli
 from billing.config import (
     ConfigError,
     Settings,
@@ -15,7 +16,10 @@ from billing.config import (
     metrics_path_from_env,
     webhook_path_from_env,
 )
+from billing.ops.http import metrics_blueprint
 from billing.runtime import EXTENSION_KEY, Runtime, current_runtime
+from billing.webhooks.endpoint import DirectRoute
+from billing.webhooks.views import make_blueprint
 
 __all__ = ["EXTENSION_KEY", "Billing", "create_app", "current_runtime"]
 
@@ -37,31 +41,9 @@ class Billing:
             self.init_app(app, settings)
 
     def init_app(self, app: Flask, settings: Settings | None = None) -> None:
-        from billing.cli import checks as cli_checks
-        from billing.cli import core as cli
-        from billing.cli import entitlements as entitlements_cli
-        from billing.cli import ops as cli_ops
-        from billing.cli import outbox as cli_submissions
-        from billing.cli import usage as cli_usage
-        from billing.cli import webhooks as webhooks_cli
-        from billing.webhooks.views import make_blueprint
-
         settings = settings or self._settings or settings_for_build()
         app.extensions[EXTENSION_KEY] = _LazyRuntime(settings, self._configure_logging)
-        # `flask billing …`: every command group and command module, one line each.
-        billing_cli = cli.billing_cli
-        billing_cli.add_command(cli_checks.validate_contract_command)
-        billing_cli.add_command(cli_checks.preflight_command)
-        billing_cli.add_command(cli_checks.smoke_org_command)
-        billing_cli.add_command(cli_checks.sync_periods_command)
-        billing_cli.add_command(cli_submissions.submissions_cli)
-        billing_cli.add_command(cli_usage.usage_cli)
-        billing_cli.add_command(entitlements_cli.entitlements_cli)
-        billing_cli.add_command(webhooks_cli.webhooks_cli)
-        billing_cli.add_command(webhooks_cli.adjustments_cli)
-        billing_cli.add_command(cli_ops.status_command)
-        billing_cli.add_command(cli_ops.lock_cli)
-        billing_cli.add_command(cli_ops.reconcile_command)
+        build_cli()
         app.cli.add_command(billing_cli)
         webhook_path, metrics_path = route_paths(settings)
         if webhook_path:
@@ -69,8 +51,6 @@ class Billing:
             app.register_blueprint(webhooks)
             _exempt_from_host_csrf(app, webhooks)
         if metrics_path:
-            from billing.ops.http import metrics_blueprint
-
             app.register_blueprint(metrics_blueprint(metrics_path))
 
 
@@ -138,11 +118,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The standalone app (`flask --app billing run`, `gunicorn 'billing:create_app()'`); it
     configures billing's JSON logging, which a host app using `Billing(app)` does itself.
 
-    Stripe's deliveries skip Flask's dispatch here (`DirectRoute`): side by side under gunicorn,
-    x1.22 the deliveries per second, and a quarter less of its workers' CPU a delivery (the
-    README's Throughput)."""
-    from billing.webhooks.endpoint import DirectRoute
-
+    Stripe's deliveries skip Flask's dispatch here (`DirectRoute`): the webhook endpoint is the
+    hot path, and Flask's request dispatch was a large share of its CPU (docs/performance.md)."""
     settings = settings or settings_for_build()
     app = Flask("billing")
     Billing(app, settings, configure_logging=True)

@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from celery import Celery
 from kombu.transport import redis as kombu_redis
 from kombu.utils.uuid import uuid
 
+from billing.config import Settings
+
 if TYPE_CHECKING:
-    from celery import Celery
     from kombu import Producer
 
 # Passed to Celery as `broker_transport` (kombu imports a transport named by its path).
@@ -293,3 +295,31 @@ class BackgroundPublisher:
                 self._pending.put(_STOP)
         if thread is not None:
             thread.join(timeout)
+
+
+def make_sender(settings: Settings) -> Celery:
+    """A Celery app that only sends, built from `settings` (its broker URL, its queue).
+
+    The web process enqueues with it; publishing retries once, briefly, so a broker outage costs
+    a request a fraction of a second, never a lost event (the row is already stored).
+    """
+    sender = Celery("billing-webhook-sender", set_as_current=False)
+    sender.conf.update(
+        # Celery lets a CELERY_BROKER_URL in the environment override `broker_url`; the write
+        # URL it does not, so the sender publishes where `settings` says.
+        broker_url=settings.celery_broker_url,
+        broker_write_url=settings.celery_broker_url,
+        broker_transport=publish_transport(settings.celery_broker_url),
+        broker_connection_timeout=2,
+        broker_connection_retry=False,
+        broker_transport_options={"socket_connect_timeout": 2, "socket_timeout": 5},
+        task_serializer="json",
+        accept_content=["json"],
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0.05,
+            "interval_step": 0.1,
+            "interval_max": 0.1,
+        },
+    )
+    return sender

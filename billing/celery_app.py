@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 from typing import Any
 
 import click
@@ -23,8 +22,8 @@ from celery import Celery, current_app, signals
 from celery.schedules import crontab
 
 from billing import logs
-from billing.broker import publish_transport
-from billing.config import ConfigError, Settings, scrub
+from billing.config import ConfigError, Settings
+from billing.masking import scrub
 from billing.runtime import get_runtime
 
 # Task names are a wire contract (beat entries, queued messages, Flower): never rename one.
@@ -64,7 +63,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "timezone": "UTC",
         "enable_utc": True,
-        "imports": ("billing.usage.tasks", "billing.webhooks.tasks"),
+        # The task modules and the worker's metrics endpoint (`billing.ops.worker`): named, not
+        # imported, so this module knows no feature; Celery imports them before `worker_init`.
+        "imports": (
+            "billing.usage.tasks",
+            "billing.checks.tasks",
+            "billing.webhooks.tasks",
+            "billing.ops.worker",
+        ),
         # Flower (any event monitor) sees tasks only when workers send events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -91,34 +97,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
         },
     }
-
-
-def make_sender(settings: Settings) -> Celery:
-    """A Celery app that only sends, built from `settings` (its broker URL, its queue).
-
-    The web process enqueues with it; publishing retries once, briefly, so a broker outage costs
-    a request a fraction of a second, never a lost event (the row is already stored).
-    """
-    sender = Celery("billing-webhook-sender", set_as_current=False)
-    sender.conf.update(
-        # Celery lets a CELERY_BROKER_URL in the environment override `broker_url`; the write
-        # URL it does not, so the sender publishes where `settings` says.
-        broker_url=settings.celery_broker_url,
-        broker_write_url=settings.celery_broker_url,
-        broker_transport=publish_transport(settings.celery_broker_url),
-        broker_connection_timeout=2,
-        broker_connection_retry=False,
-        broker_transport_options={"socket_connect_timeout": 2, "socket_timeout": 5},
-        task_serializer="json",
-        accept_content=["json"],
-        task_publish_retry_policy={
-            "max_retries": 1,
-            "interval_start": 0.05,
-            "interval_step": 0.1,
-            "interval_max": 0.1,
-        },
-    )
-    return sender
 
 
 def process_settings() -> Settings:
@@ -186,19 +164,3 @@ def _unbind_task_fields(task_id: str | None = None, **_: Any) -> None:
     token = _task_fields.pop(task_id or "", None)
     if token is not None:
         logs.unbind_fields(token)
-
-
-@signals.worker_init.connect
-def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
-    """The worker's main process, before the prefork pool starts: children inherit no thread."""
-    if getattr(sender, "app", None) is celery_app:
-        from billing.ops.http import start_worker_metrics_server
-
-        start_worker_metrics_server(process_settings())
-
-
-@signals.worker_process_shutdown.connect
-def _forget_child_gauges(pid: int | None = None, **_: Any) -> None:
-    from billing.metrics import mark_process_dead
-
-    mark_process_dead(pid or os.getpid())

@@ -1,5 +1,9 @@
-"""How an error reads in one line: on an operator's terminal (`Error: …`) and in the run records
-that `flask billing status` shows.
+"""Errors an operator can act on, and how any error reads in one line: on an operator's terminal
+(`Error: …`) and in the run records that `flask billing status` shows.
+
+Every feature's error that a person can fix (bad input, configuration, Stripe refusing a key, a
+lock backend down) subclasses `OperatorError`: a command prints it as one line and exits 1,
+without the command layer knowing the feature.
 
 SQLAlchemy's text of a database error carries the whole SQL statement, its parameters (customer
 data, amounts) and a link, over several lines; the driver's own message says what went wrong.
@@ -11,7 +15,11 @@ from __future__ import annotations
 
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 
-from billing.config import scrub
+from billing.masking import scrub
+
+
+class OperatorError(Exception):
+    """Something a person can act on: shown as one masked line and a non-zero exit."""
 
 
 def one_line(text: str) -> str:

@@ -16,10 +16,10 @@ Two kinds:
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,13 +33,16 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from billing.errors import error_line
 
-if TYPE_CHECKING:
-    from billing.runtime import Runtime
-    from billing.usage.result import FlushResult
+class FlushCounts(Protocol):
+    """What a flush run reports that the counters add up (`billing.usage.result.FlushResult`)."""
 
-log = logging.getLogger("billing.metrics")
+    duration_seconds: float
+    events_claimed: int
+    submissions_sent: int
+    submissions_failed: int
+    billed_value: dict[str, int]
+
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -93,7 +96,7 @@ WEBHOOKS_FAILED = Counter(
 )
 
 
-def observe_flush(result: FlushResult, outcome: str, meters: Mapping[str, str]) -> None:
+def observe_flush(result: FlushCounts, outcome: str, meters: Mapping[str, str]) -> None:
     """Count one hourly flush run (the service seam calls this once per run)."""
     FLUSH_RUNS.labels(result=outcome).inc()
     if outcome not in ("ok", "failed"):  # no work done (skipped, blocked) or none measured
@@ -113,50 +116,112 @@ def observe_contract_validation(failed_checks: Iterable[str]) -> None:
         CONTRACT_CHECK_FAILURES.labels(check=check).inc()
 
 
-# Scrape-time gauges ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateGauge:
+    """A gauge computed at scrape time (not kept in a process): its name and meaning, here with
+    every other metric's; `billing.ops.state` gives the values."""
+
+    name: str
+    documentation: str
+    label: str | None = None
+
+    def family(self, value: float | Mapping[str, float]) -> GaugeMetricFamily:
+        """The gauge with `value`, or with one sample per label value of a mapping."""
+        if self.label is None:
+            assert not isinstance(value, Mapping)
+            return GaugeMetricFamily(self.name, self.documentation, value=value)
+        assert isinstance(value, Mapping)
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        for key, sample in sorted(value.items()):
+            family.add_metric([key], sample)
+        return family
 
 
-class StateCollector(Collector):
-    """Gauges computed from the database and Redis on each scrape (`billing.ops_state`)."""
+# Scrape-time gauges: values read from the database and Redis by `billing.ops.state` --------
 
-    def __init__(self, runtime: Callable[[], Runtime]) -> None:
-        self._runtime = runtime
+FLUSH_LAST_RUN_TIMESTAMP_SECONDS = StateGauge(
+    "billing_flush_last_run_timestamp_seconds",
+    "When the last hourly flush run (any outcome) finished.",
+)
+FLUSH_LAST_SUCCESS_TIMESTAMP_SECONDS = StateGauge(
+    "billing_flush_last_success_timestamp_seconds",
+    "When the last hourly flush run (ok) finished.",
+)
+OLDEST_UNBILLED_EVENT_AGE_SECONDS = StateGauge(
+    "billing_oldest_unbilled_event_age_seconds",
+    "Age of the oldest usage not yet accepted by Stripe (unclaimed, pending, held or "
+    "failed); 0 when none.",
+)
+UNCLAIMED_EVENTS = StateGauge(
+    "billing_unclaimed_events",
+    "Pending billable_events rows: claimed by no flush, dismissed by no operator.",
+)
+WEBHOOK_DEAD_LETTERS = StateGauge(
+    "billing_webhook_dead_letters",
+    "Webhook events that failed their last retry (status failed).",
+)
+INVOICE_ADJUSTMENTS_MISSED = StateGauge(
+    "billing_invoice_adjustments_missed",
+    "Minimum-commitment top-ups missed because the invoice was finalized first, waiting "
+    "for an operator (carry-over or waive).",
+)
+FLUSH_LOCK_HELD_SECONDS = StateGauge(
+    "billing_flush_lock_held_seconds",
+    "How long the current holder has held the flush lock; 0 when free.",
+)
+FLUSH_CONSECUTIVE_LOCK_SKIPS = StateGauge(
+    "billing_flush_consecutive_lock_skips",
+    "Hourly runs in a row skipped because another run held the lock.",
+)
+FLUSH_CONSECUTIVE_LOCK_UNAVAILABLE = StateGauge(
+    "billing_flush_consecutive_lock_unavailable",
+    "Hourly runs in a row that refused to run because Redis (the flush lock) was "
+    "unreachable; 0 once a run reaches it.",
+)
+CONTRACT_LAST_VALIDATION_TIMESTAMP_SECONDS = StateGauge(
+    "billing_contract_last_validation_timestamp_seconds",
+    "When the last billable_events contract validation (scheduled or CLI) ran.",
+)
+CONTRACT_LAST_VALIDATION_FAILED_CHECKS = StateGauge(
+    "billing_contract_last_validation_failed_checks",
+    "Checks the last billable_events contract validation failed; 0 when it passed.",
+)
+UNBILLABLE_EVENTS = StateGauge(
+    "billing_unbillable_events",
+    "Pending billable_events rows the flush sets aside (never sends) until fixed or "
+    "dismissed, by reason.",
+    label="reason",
+)
+OUTBOX_ROWS = StateGauge(
+    "billing_outbox_rows",
+    "Outbox (usage_submissions) rows not yet sent, by status.",
+    label="status",
+)
+WEBHOOK_EVENTS = StateGauge(
+    "billing_webhook_events",
+    "Webhook events not yet processed or ignored, by status.",
+    label="status",
+)
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        from billing.ops.state import read_state
 
-        up = GaugeMetricFamily(
-            "billing_state_up", "1 when the database and Redis answered this scrape."
-        )
-        try:
-            state = read_state(self._runtime())
-        except Exception as error:  # a scrape must answer even when a backend is down
-            log.warning("billing state scrape failed", extra={"error": error_line(error)})
-            up.add_metric([], 0)
-            yield up
-            return
-        if state.lock_error:  # the database's gauges still come: the lock alerts read them
-            log.warning("billing state scrape failed", extra={"error": state.lock_error})
-        up.add_metric([], 0 if state.lock_error else 1)
-        yield up
-        yield from state.gauges()
+STATE_UP = StateGauge("billing_state_up", "1 when the database and Redis answered this scrape.")
 
 
-def registry_for_scrape(runtime: Callable[[], Runtime], *, with_state: bool) -> CollectorRegistry:
-    """Counters of every process (multiprocess mode) or of this one, plus the state gauges."""
+def registry_for_scrape(state: Collector | None = None) -> CollectorRegistry:
+    """Counters of every process (multiprocess mode) or of this one, plus `state`'s gauges."""
     if multiprocess_mode():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = CollectorRegistry()
         registry.register(_Forward(REGISTRY))
-    if with_state:
-        registry.register(StateCollector(runtime))
+    if state is not None:
+        registry.register(state)
     return registry
 
 
-def exposition(runtime: Callable[[], Runtime], *, with_state: bool = True) -> bytes:
-    return generate_latest(registry_for_scrape(runtime, with_state=with_state))
+def exposition(state: Collector | None = None) -> bytes:
+    return generate_latest(registry_for_scrape(state))
 
 
 def multiprocess_mode() -> bool:

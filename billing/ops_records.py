@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,9 +25,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.errors import error_line
 from billing.logs import get_logger
 from billing.models import OpsRecord, utcnow
-
-if TYPE_CHECKING:
-    from billing.checks.contract import ContractReport
 
 log = get_logger("billing.ops_records")
 
@@ -95,19 +92,3 @@ def read_records(session: Session, names: Iterable[str]) -> dict[str, Payload]:
         sa.select(OpsRecord.name, OpsRecord.payload).where(OpsRecord.name.in_(list(names)))
     )
     return {name: payload for name, payload in rows}
-
-
-def record_contract_validation(
-    session_factory: sessionmaker[Session], report: ContractReport, *, source: str
-) -> bool:
-    """The last full contract validation (`validate_contract` run by cron or a person, or beat's
-    scheduled task): when, from where, and which checks failed."""
-    failed = [failure["check"] for failure in report.failures()]
-    entry = {
-        "at": report.now.isoformat(),
-        "ok": not failed,
-        "failed_checks": failed,
-        "lookback_days": report.lookback_days,
-        "source": source,
-    }
-    return update_record(session_factory, CONTRACT_VALIDATION, lambda _previous: entry)

@@ -10,26 +10,30 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import db
+from billing.broker import TaskPublisher, make_sender
 from billing.config import Settings, load_settings
+from billing.stripe_gateway import StripeGateway
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
 
-    from billing.broker import BackgroundPublisher, TaskPublisher
-    from billing.stripe_gateway import StripeGateway
+T = TypeVar("T")
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._shared: dict[str, Any] = {}
+        self._shared_lock = threading.Lock()
         _all_runtimes.add(self)
 
     @cached_property
@@ -55,34 +59,31 @@ class Runtime:
 
     @cached_property
     def stripe(self) -> StripeGateway:
-        from billing.stripe_gateway import StripeGateway
-
         return StripeGateway.from_settings(self.settings)
 
     @cached_property
     def task_sender(self) -> Celery:
         """Publishes tasks to this runtime's broker (the web process's webhook enqueue)."""
-        from billing.celery_app import make_sender
-
         return make_sender(self.settings)
 
     @cached_property
     def task_publisher(self) -> TaskPublisher:
-        """Publishes the webhook processing task (`billing.broker.TaskPublisher`)."""
-        from billing.broker import TaskPublisher
-
+        """Publishes tasks to the billing queue (`billing.broker.TaskPublisher`)."""
         return TaskPublisher(self.task_sender, self.settings.billing_queue)
 
-    @cached_property
-    def webhook_publisher(self) -> BackgroundPublisher:
-        """Publishes the webhook view's processing tasks from a thread, in batches."""
-        from billing.webhooks.tasks import make_background_publisher
-
-        return make_background_publisher(self)
+    def shared(self, name: str, build: Callable[[], T]) -> T:
+        """A handle a feature keeps per runtime (the webhook publisher), built on first use and
+        closed with the runtime, first: it may still use the others. The runtime itself knows no
+        feature."""
+        with self._shared_lock:
+            if name not in self._shared:
+                self._shared[name] = build()
+            return cast(T, self._shared[name])
 
     def close(self) -> None:
-        if "webhook_publisher" in self.__dict__:
-            self.webhook_publisher.close()  # publishes what is pending first
+        for handle in reversed(list(self._shared.values())):
+            handle.close()  # a publisher publishes what is pending first
+        self._shared.clear()
         for engine in _engines(self):
             engine.dispose()
         if "redis" in self.__dict__:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from billing import db
 from billing.checks.contract import TABLE, unique_index_on, upstream_column_problems
+from billing.errors import OperatorError
 from billing.models import BillableEvent
 
 ASIDE = "billable_events_adopting"
@@ -46,7 +47,7 @@ FOREIGN_KEY_NAME = "fk_billable_events_usage_submission_id_usage_submissions"
 ADOPTED_COMMENT = "billing: adopted"  # what migration 0005 looks for
 
 
-class AdoptionError(RuntimeError):
+class AdoptionError(RuntimeError, OperatorError):
     """Adoption refused or failed; nothing was changed."""
 
 
@@ -59,6 +60,17 @@ class AdoptionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def upgrade_database(engine: Engine, revision: str = "head") -> None:
+    """`db upgrade`, refusing a database whose producer's billable_events predates billing's
+    migrations: migration 0001 would fail on it, and adoption keeps its rows."""
+    if db.current_revision(engine) is None and sa.inspect(engine).has_table(TABLE):
+        raise AdoptionError(
+            f"{TABLE} already exists and billing's migrations have never run here: "
+            "adopt it with `flask billing db adopt` (keeps its rows)"
+        )
+    db.upgrade(engine, revision)
 
 
 def adopt_billable_events(engine: Engine) -> AdoptionReport:

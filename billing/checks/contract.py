@@ -427,25 +427,22 @@ ROW_CHECKS: tuple[RowCheck, ...] = (
 )
 
 
-def contract_fails_closed(settings: Settings, requested: bool = False) -> bool:
-    """The fail-closed policy, decided here only: a failed check stops the flush (the pre-flush
-    gate) or exits 1 (`validate_contract`) when asked with `--fail-closed` or when
-    STRIPE_BILLING_CONTRACT_FAIL_CLOSED=1; otherwise it is reported and billing goes on."""
-    return requested or settings.contract_fail_closed
-
-
 def run_contract_checks(
     runtime: Runtime,
     *,
-    lookback_days: int,
+    lookback_days: int | None = None,
     require_zeitgeist: bool | None = None,
     organization_id: int | None = None,
     now: datetime | None = None,
 ) -> ContractReport:
-    """Check `billable_events` against the contract over the lookback window."""
+    """Check `billable_events` against the contract over the lookback window; what is not given
+    comes from the settings (STRIPE_BILLING_CONTRACT_LOOKBACK_DAYS, …_REQUIRE_ZEITGEIST), here
+    only."""
+    settings = runtime.settings
+    if lookback_days is None:
+        lookback_days = settings.contract_lookback_days
     if lookback_days < 1:
         raise ValueError(f"lookback_days must be >= 1, got {lookback_days}")
-    settings = runtime.settings
     if require_zeitgeist is None:
         require_zeitgeist = settings.contract_require_zeitgeist
     now = now or utcnow()

@@ -6,7 +6,7 @@ import click
 from flask.cli import AppGroup
 
 from billing.cli.core import emit, operator_errors, runtime
-from billing.entitlements import SAAS_FEATURE, service
+from billing.entitlements import SAAS_FEATURE, checkout, service
 
 ORG_ID = click.option("--org-id", type=click.IntRange(min=1), required=True)
 FEATURE = click.option(
@@ -79,7 +79,8 @@ def demo_price_command(amount_cents: int, currency: str) -> None:
     """
     rt = runtime()
     with operator_errors():
-        price_id = rt.stripe.ensure_feature_price(
-            SAAS_FEATURE, product_name="SaaS workspace", unit_amount=amount_cents, currency=currency
-        )
+        price_id = checkout.create_demo_price(rt, amount_cents=amount_cents, currency=currency)
     emit({"price_id": price_id, "feature": SAAS_FEATURE})
+
+
+COMMANDS = (entitlements_cli,)

@@ -1,4 +1,9 @@
-"""Operator commands: `flask billing status`, `flask billing lock show|release`."""
+"""Operator commands: `flask billing preflight|smoke_org|status|reconcile|config` and
+`flask billing lock show|release`.
+
+The checks print a table (or JSON with `--json`) on stdout and exit 1 when they fail closed;
+usage errors (a bad flag value, an unknown organization) exit 2.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,17 @@ import click
 import redis
 from flask.cli import AppGroup, with_appcontext
 
-from billing.cli.core import emit, operator_errors, runtime
-from billing.config import scrub
+from billing.accounts import UnknownOrganizationError
+from billing.cli.core import emit, finish, json_option, operator_errors, runtime, show
+from billing.masking import scrub
 from billing.models import utcnow
+from billing.ops.preflight import run_preflight
+from billing.ops.smoke import smoke_org
 from billing.ops.state import OpsState, read_state
+from billing.runtime import current_runtime
 from billing.usage import history
 from billing.usage.lock import ReleaseOutcome, inspect_lock, release_dead_holder
+from billing.usage.reconcile import default_window, reconcile
 
 
 @contextmanager
@@ -189,8 +199,6 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
 def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
     past Stripe's 24-hour identifier window. Exit 1 on drift or when Stripe could not answer."""
-    from billing.usage.reconcile import default_window, reconcile
-
     rt = runtime()
     with ops_errors():
         start, end = default_window(rt, utcnow())
@@ -248,3 +256,80 @@ def reconcile_text(payload: dict[str, Any]) -> str:
                 f"identifier {row['identifier']}"
             )
     return "\n".join(lines)
+
+
+@click.command("config")
+@with_appcontext
+def config_command() -> None:
+    """Print the effective settings, secrets masked."""
+    emit(runtime().settings.masked())
+
+
+@click.command("preflight")
+@with_appcontext
+@click.option("--require-enabled", is_flag=True, help="Fail unless STRIPE_BILLING_ENABLED=1.")
+@click.option("--fail-closed", is_flag=True, help="Exit 1 when any check fails.")
+@json_option
+def preflight_command(require_enabled: bool, fail_closed: bool, as_json: bool) -> None:
+    """Check configuration, database, Redis, the Celery broker and Stripe before billing."""
+    report = run_preflight(current_runtime, require_enabled=require_enabled)
+    show(report, as_json)
+    finish(report, fail_closed=fail_closed, what="preflight")
+
+
+@click.command("smoke_org")
+@with_appcontext
+@click.option("--org-id", type=int, required=True, help="The organization to check.")
+@click.option("--require-enabled", is_flag=True, help="Fail unless STRIPE_BILLING_ENABLED=1.")
+@click.option(
+    "--validate-contract", is_flag=True, help="Run the contract checks for this organization first."
+)
+@click.option("--fail-closed", is_flag=True, help="Exit 1 when any step fails (the default).")
+@click.option("--skip-contract", is_flag=True, help="Skip the contract checks (diagnosis).")
+@click.option(
+    "--no-fail-closed",
+    is_flag=True,
+    help="Always exit 0 with the report (overrides --fail-closed).",
+)
+@click.option(
+    "--refresh-period",
+    is_flag=True,
+    help="Sync the subscription's current period from Stripe first.",
+)
+@json_option
+def smoke_org_command(
+    org_id: int,
+    require_enabled: bool,
+    validate_contract: bool,
+    fail_closed: bool,
+    skip_contract: bool,
+    no_fail_closed: bool,
+    refresh_period: bool,
+    as_json: bool,
+) -> None:
+    """End-to-end check of one organization in Stripe test mode: flush it, confirm in Stripe."""
+    rt = runtime()
+    with operator_errors():
+        try:
+            report = smoke_org(
+                rt,
+                org_id,
+                require_enabled=require_enabled,
+                validate_contract=validate_contract and not skip_contract,
+                refresh_period=refresh_period,
+            )
+        except UnknownOrganizationError as error:  # a usage error (exit 2), not an operator's
+            raise click.BadParameter(str(error), param_hint="'--org-id'") from error
+    show(report, as_json)
+    # Failing closed is the default; --fail-closed only says so explicitly.
+    finish(report, fail_closed=not no_fail_closed, what=f"smoke check of organization {org_id}")
+
+
+COMMANDS = (
+    preflight_command,
+    smoke_org_command,
+    status_command,
+    lock_cli,
+    reconcile_command,
+    config_command,
+)

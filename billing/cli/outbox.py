@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 
 import click
 from flask.cli import AppGroup
 
 from billing.checks.report import render_table
-from billing.cli.core import emit, operator_errors, runtime
+from billing.cli.core import ACTOR, emit, operator_errors, runtime
 from billing.models import SubmissionStatus
 from billing.usage.outbox import (
     DEFAULT_LIMIT,
@@ -21,19 +20,6 @@ from billing.usage.outbox import (
 )
 
 STATUSES = [s.value for s in SubmissionStatus]
-ACTOR = click.option(
-    "--actor",
-    default=lambda: _default_actor(),
-    show_default="the current user",
-    help="Who acts; kept in the audit trail.",
-)
-
-
-def _default_actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name (containers)
-        return "unknown"
 
 
 @click.group("submissions", cls=AppGroup)
@@ -120,3 +106,6 @@ def write_off_command(ids: tuple[int, ...], reason: str, actor: str) -> None:
     with operator_errors():
         result = write_off_submissions(rt, list(ids), reason=reason, actor=actor)
     emit(result.to_dict(), f"{len(result.submission_ids)} row(s) written off")
+
+
+COMMANDS = (submissions_cli,)

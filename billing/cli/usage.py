@@ -10,8 +10,7 @@ from flask.cli import AppGroup
 
 from billing.checks.billability import REASONS
 from billing.checks.report import render_table
-from billing.cli.core import emit, operator_errors, runtime
-from billing.cli.outbox import ACTOR
+from billing.cli.core import ACTOR, emit, operator_errors, runtime
 from billing.usage.unbillable import (
     DEFAULT_LIMIT,
     DismissalError,
@@ -90,3 +89,6 @@ def dismiss_command(
             unbillable=unbillable,
         )
     emit(result.to_dict(), f"{result.event_count} row(s) dismissed")
+
+
+COMMANDS = (usage_cli,)

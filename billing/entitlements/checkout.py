@@ -76,3 +76,11 @@ def upgrade_price_problems(runtime: Runtime, price_id: str) -> list[str]:
             "checkout would never unlock the workspace"
         )
     return problems
+
+
+def create_demo_price(runtime: Runtime, *, amount_cents: int, currency: str = "usd") -> str:
+    """Test mode only: a monthly price whose product grants `saas`; its id, for
+    STRIPE_SAAS_PRICE_ID (`flask billing entitlements demo_price`, scripts/demo_saas.sh)."""
+    return runtime.stripe.ensure_feature_price(
+        SAAS_FEATURE, product_name="SaaS workspace", unit_amount=amount_cents, currency=currency
+    )

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing import logs
+from billing.errors import OperatorError
 from billing.models import BillingAccount, Entitlement, EntitlementSource, utcnow
 from billing.runtime import Runtime
 
@@ -29,7 +30,7 @@ MAX_NOTE_LENGTH = 500
 _ADVISORY_NAMESPACE = 0x62696C6C
 
 
-class EntitlementError(ValueError):
+class EntitlementError(ValueError, OperatorError):
     """Bad input for an entitlement operation (unknown feature, nothing to revoke)."""
 
 

@@ -10,14 +10,20 @@ the moment the pool forks a child, and that child then hangs on its first task.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Blueprint, Response
 from prometheus_client import start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from billing import metrics
 from billing.config import Settings
+from billing.errors import error_line
 from billing.logs import get_logger
+from billing.ops.state import read_state
+from billing.runtime import Runtime, current_runtime
 
 log = get_logger("billing.metrics")
 
@@ -27,9 +33,7 @@ def metrics_blueprint(path: str) -> Blueprint:
 
     @blueprint.get(path)
     def scrape() -> Response:
-        from billing.runtime import current_runtime
-
-        body = metrics.exposition(current_runtime)
+        body = metrics.exposition(StateCollector(current_runtime))
         return Response(body, mimetype=metrics.CONTENT_TYPE)
 
     return blueprint
@@ -46,7 +50,7 @@ def start_worker_metrics_server(settings: Settings) -> Any:
         return None
     with _server_lock:
         if _server is None:
-            registry = metrics.registry_for_scrape(_no_runtime, with_state=False)
+            registry = metrics.registry_for_scrape()
             _server = start_http_server(
                 settings.worker_metrics_port, settings.worker_metrics_address, registry=registry
             )
@@ -60,5 +64,20 @@ def start_worker_metrics_server(settings: Settings) -> Any:
     return _server
 
 
-def _no_runtime() -> Any:
-    raise RuntimeError("the worker's metrics endpoint reads no database")
+class StateCollector(Collector):
+    """Gauges computed from the database and Redis on each scrape (`billing.ops.state`)."""
+
+    def __init__(self, runtime: Callable[[], Runtime]) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            state = read_state(self._runtime())
+        except Exception as error:  # a scrape must answer even when a backend is down
+            log.warning("billing state scrape failed", extra={"error": error_line(error)})
+            yield metrics.STATE_UP.family(0)
+            return
+        if state.lock_error:  # the database's gauges still come: the lock alerts read them
+            log.warning("billing state scrape failed", extra={"error": state.lock_error})
+        yield metrics.STATE_UP.family(0 if state.lock_error else 1)
+        yield from state.gauges()

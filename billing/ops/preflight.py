@@ -26,6 +26,7 @@ from billing.config import (
     secret_key_problem,
     webhook_secret_problem,
 )
+from billing.entitlements.checkout import upgrade_price_problems
 from billing.runtime import Runtime
 from billing.usage.lock import FileFlushLock
 from billing.usage.outbox import awaiting_operator_counts
@@ -246,8 +247,6 @@ class _Preflight:
             )
         if "stripe_access" not in self.passed:
             return Status.SKIP, "skipped: Stripe is not reachable with the key"
-        from billing.entitlements.checkout import upgrade_price_problems
-
         problems = upgrade_price_problems(self.runtime, price_id)
         if problems:
             return Status.FAIL, "STRIPE_SAAS_PRICE_ID: " + "; ".join(problems)

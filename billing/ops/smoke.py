@@ -19,10 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from billing.accounts import store_subscription
+from billing.accounts import UnknownOrganizationError, store_subscription
 from billing.checks.contract import run_contract_checks
 from billing.checks.report import Status, StatusReport
-from billing.config import mask_secret
+from billing.masking import mask_secret
 from billing.models import (
     BillableEvent,
     BillingAccount,
@@ -34,7 +34,7 @@ from billing.runtime import Runtime
 from billing.stripe_gateway import LiveKeyRefusedError, StripeGatewayError, subscription_period
 from billing.usage.claiming import UnbillableReason
 from billing.usage.result import FlushResult
-from billing.usage.service import UnknownOrganizationError
+from billing.usage.service import flush_pass
 
 ACTIVE_SUBSCRIPTION = ("active", "trialing")
 MINUTE = timedelta(minutes=1)
@@ -270,11 +270,9 @@ def _contract(run: _Run, requested: bool) -> SmokeStep:
 
 
 def _flush(run: _Run) -> SmokeStep:
-    from billing.usage.service import flush_once
-
     # The smoke run's own contract step (scoped, and skippable) replaces the pre-flush gate.
     run.flush_started = utcnow()
-    result = run.flush = flush_once(
+    result = run.flush = flush_pass(
         run.runtime, organization_id=run.organization_id, contract_check=False
     )
     values = result.to_dict()

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily
 
-from billing import ops_records
+from billing import metrics, ops_records
 from billing.checks.billability import REASONS, BillableRules, count_unbillable
 from billing.errors import error_line
 from billing.models import (
@@ -36,11 +36,9 @@ from billing.models import (
     pending_event,
     utcnow,
 )
+from billing.runtime import Runtime
 from billing.usage.history import FlushHistory, timestamp_of
 from billing.usage.lock import LockState, inspect_lock
-
-if TYPE_CHECKING:
-    from billing.runtime import Runtime
 
 # Always reported (as 0 when empty), so an alert's series exists before the first bad row.
 OPEN_SUBMISSION_STATUSES = (
@@ -114,75 +112,48 @@ class OpsState:
         return self.lock.to_dict() if self.lock else {"held": False}
 
     def gauges(self) -> Iterator[GaugeMetricFamily]:
-        yield _gauge(
-            "billing_oldest_unbilled_event_age_seconds",
-            "Age of the oldest usage not yet accepted by Stripe (unclaimed, pending, held or "
-            "failed); 0 when none.",
+        yield metrics.OLDEST_UNBILLED_EVENT_AGE_SECONDS.family(
             self.oldest_unbilled_age_seconds,
         )
-        yield _gauge(
-            "billing_unclaimed_events",
-            "Pending billable_events rows: claimed by no flush, dismissed by no operator.",
+        yield metrics.UNCLAIMED_EVENTS.family(
             self.unclaimed_events,
         )
-        yield _labelled(
-            "billing_unbillable_events",
-            "Pending billable_events rows the flush sets aside (never sends) until fixed or "
-            "dismissed, by reason.",
-            "reason",
+        yield metrics.UNBILLABLE_EVENTS.family(
             self.unbillable,
         )
-        yield _labelled(
-            "billing_outbox_rows",
-            "Outbox (usage_submissions) rows not yet sent, by status.",
-            "status",
+        yield metrics.OUTBOX_ROWS.family(
             self.outbox_by_status,
         )
-        yield _labelled(
-            "billing_webhook_events",
-            "Webhook events not yet processed or ignored, by status.",
-            "status",
+        yield metrics.WEBHOOK_EVENTS.family(
             self.webhooks_by_status,
         )
-        yield _gauge(
-            "billing_webhook_dead_letters",
-            "Webhook events that failed their last retry (status failed).",
+        yield metrics.WEBHOOK_DEAD_LETTERS.family(
             self.dead_letters,
         )
-        yield _gauge(
-            "billing_invoice_adjustments_missed",
-            "Minimum-commitment top-ups missed because the invoice was finalized first, waiting "
-            "for an operator (carry-over or waive).",
+        yield metrics.INVOICE_ADJUSTMENTS_MISSED.family(
             self.missed_adjustments,
         )
         yield from self._history_gauges(self.history)
         yield from self._contract_gauges(self.contract_validation)
         if self.lock_backend == "redis" and not self.lock_error:
             held = self.lock.holder.held_seconds(self.now) if self.lock and self.lock.holder else 0
-            yield _gauge(
-                "billing_flush_lock_held_seconds",
-                "How long the current holder has held the flush lock; 0 when free.",
+            yield metrics.FLUSH_LOCK_HELD_SECONDS.family(
                 held if self.lock else 0,
             )
 
     @staticmethod
     def _history_gauges(history: FlushHistory) -> Iterator[GaugeMetricFamily]:
-        for name, entry, text in (
-            ("billing_flush_last_run_timestamp_seconds", history.last_run, "any outcome"),
-            ("billing_flush_last_success_timestamp_seconds", history.last_success, "ok"),
+        for gauge, entry in (
+            (metrics.FLUSH_LAST_RUN_TIMESTAMP_SECONDS, history.last_run),
+            (metrics.FLUSH_LAST_SUCCESS_TIMESTAMP_SECONDS, history.last_success),
         ):
             stamp = timestamp_of(entry)
             if stamp is not None:  # absent until the first such run
-                yield _gauge(name, f"When the last hourly flush run ({text}) finished.", stamp)
-        yield _gauge(
-            "billing_flush_consecutive_lock_skips",
-            "Hourly runs in a row skipped because another run held the lock.",
+                yield gauge.family(stamp)
+        yield metrics.FLUSH_CONSECUTIVE_LOCK_SKIPS.family(
             history.consecutive_lock_skips,
         )
-        yield _gauge(
-            "billing_flush_consecutive_lock_unavailable",
-            "Hourly runs in a row that refused to run because Redis (the flush lock) was "
-            "unreachable; 0 once a run reaches it.",
+        yield metrics.FLUSH_CONSECUTIVE_LOCK_UNAVAILABLE.family(
             history.consecutive_lock_unavailable,
         )
 
@@ -190,14 +161,10 @@ class OpsState:
     def _contract_gauges(validation: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
         if validation is None:  # absent until the first validation: unknown is not "passed"
             return
-        yield _gauge(
-            "billing_contract_last_validation_timestamp_seconds",
-            "When the last billable_events contract validation (scheduled or CLI) ran.",
+        yield metrics.CONTRACT_LAST_VALIDATION_TIMESTAMP_SECONDS.family(
             timestamp_of(validation) or 0,
         )
-        yield _gauge(
-            "billing_contract_last_validation_failed_checks",
-            "Checks the last billable_events contract validation failed; 0 when it passed.",
+        yield metrics.CONTRACT_LAST_VALIDATION_FAILED_CHECKS.family(
             len(validation.get("failed_checks", [])),
         )
 
@@ -288,19 +255,6 @@ def _count_by_status(
     )
     counts.update({status: int(n) for status, n in rows})
     return counts
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
-
-
-def _labelled(
-    name: str, documentation: str, label: str, values: dict[str, int]
-) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
-    return family
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,9 +41,7 @@ from billing.models import (
     UsageSubmission,
     pending_event,
 )
-
-if TYPE_CHECKING:
-    from billing.usage.submitting import Stops
+from billing.usage.submitting import Stops
 
 # Where the flush result's reasons are defined (kept importable from here).
 UnbillableReason = billability.UnbillableReason

@@ -13,17 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from billing import ops_records
 from billing.errors import error_line, one_line
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
-
-    from billing.usage.result import FlushResult
+from billing.usage.result import FlushResult
 
 # Outcomes of one hourly run (`billing_flush_runs_total{result=…}` uses the same words).
 OK = "ok"

@@ -39,6 +39,7 @@ import filelock
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
 
+from billing.errors import OperatorError
 from billing.logs import get_logger
 
 log = get_logger("billing.locks")
@@ -49,7 +50,7 @@ BEATS_PER_LEASE = 3
 MISSED_BEATS_FOR_STALE = 2
 
 
-class LockUnavailableError(RuntimeError):
+class LockUnavailableError(RuntimeError, OperatorError):
     """The lock backend cannot be reached: refuse to run unguarded (a transient error: retry)."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.errors import OperatorError
 from billing.models import (
     SubmissionAction,
     SubmissionStatus,
@@ -41,7 +42,7 @@ LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD)
 DEFAULT_LIMIT = 100
 
 
-class SubmissionActionError(ValueError):
+class SubmissionActionError(ValueError, OperatorError):
     """The action was refused as a whole: nothing was changed."""
 
 

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from billing.errors import OperatorError
 
-class TransientFlushError(RuntimeError):
+
+class TransientFlushError(RuntimeError, OperatorError):
     """The flush left submissions pending after transient Stripe errors: run it again."""
 
     def __init__(self, result: FlushResult) -> None:

@@ -1,17 +1,18 @@
-"""Entry points of the service layer, bound to a Runtime. Tasks and CLI commands call these."""
+"""The flush's entry points, bound to a Runtime: one pass (`flush_now`), the guarded hourly run
+(the task, beat), and the hourly run with in-process retries (`flush_hourly`). Tasks and CLI
+commands call these."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
-import sqlalchemy as sa
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from billing import logs, metrics, ops_records
-from billing.checks.report import GateVerdict
-from billing.models import BillableEvent, BillingAccount, utcnow
+from billing import logs, metrics
+from billing.accounts import require_known_organization
+from billing.checks.validation import contract_gate
+from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
 from billing.usage import history, retry_policy
@@ -23,22 +24,6 @@ log = logs.get_logger("billing.services")
 
 # Redis unreachable (no overlap guard) is retried like Stripe's transient errors: it usually heals.
 TRANSIENT_ERRORS = (TransientFlushError, TransientStripeError, LockUnavailableError)
-
-
-class UnknownOrganizationError(LookupError):
-    """No billing account and no billable events: the id names no organization billing knows."""
-
-
-def require_known_organization(runtime: Runtime, organization_id: int) -> None:
-    """A typo in `--org-id` must say so, not report an empty flush as a success."""
-    with runtime.session_factory() as session:
-        known = session.get(BillingAccount, organization_id) is not None or session.scalar(
-            sa.select(sa.exists().where(BillableEvent.organization_id == organization_id))
-        )
-    if not known:
-        raise UnknownOrganizationError(
-            f"organization {organization_id} is unknown: no billing account and no billable events"
-        )
 
 
 def make_flush_lock(runtime: Runtime) -> FlushLock:
@@ -54,28 +39,7 @@ def make_flush_lock(runtime: Runtime) -> FlushLock:
     )
 
 
-def contract_gate(
-    runtime: Runtime, organization_id: int | None = None
-) -> Callable[[], GateVerdict] | None:
-    """The pre-flush contract checks over the organization being flushed (or all), with the
-    fail-closed policy applied; None when STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH=0."""
-    if not runtime.settings.validate_contract_before_flush:
-        return None
-
-    def verdict() -> GateVerdict:
-        from billing.checks.contract import contract_fails_closed, run_contract_checks
-
-        report = run_contract_checks(
-            runtime,
-            lookback_days=runtime.settings.contract_lookback_days,
-            organization_id=organization_id,
-        )
-        return GateVerdict(report.failures(), blocks=contract_fails_closed(runtime.settings))
-
-    return verdict
-
-
-def flush_once(
+def flush_pass(
     runtime: Runtime,
     *,
     organization_id: int | None = None,
@@ -139,7 +103,7 @@ def _flush_under_lock(
     call_attempts: int,
 ) -> FlushResult:
     if not runtime.settings.billing_enabled:
-        return flush_once(runtime, clock=clock)
+        return flush_pass(runtime, clock=clock)
     lock = make_flush_lock(runtime)
     with held(lock) as acquired:
         if not acquired:
@@ -147,7 +111,7 @@ def _flush_under_lock(
                 logs.FLUSH_SKIPPED_LOCKED, extra={"lock_key": runtime.settings.flush_lock_key}
             )
             return FlushResult(skipped=True)
-        return flush_once(
+        return flush_pass(
             runtime,
             clock=clock,
             lost_lock=lambda: lock.lost,
@@ -194,23 +158,3 @@ def flush_with_retries(
             done.append(result)
             result = FlushResult.of_run(done).raise_if_transient()
     return result
-
-
-def validate_contract_scheduled(runtime: Runtime) -> dict[str, Any]:
-    """The scheduled contract check (beat, minute 3): logged, counted and recorded (the alert
-    reads the record), so it fires before a fail-closed flush at minute 13 is blocked. Returns
-    the failed checks' names."""
-    from billing.checks.contract import contract_fails_closed, run_contract_checks
-
-    settings = runtime.settings
-    report = run_contract_checks(runtime, lookback_days=settings.contract_lookback_days)
-    failed = [failure["check"] for failure in report.failures()]
-    ops_records.record_contract_validation(runtime.session_factory, report, source="schedule")
-    metrics.observe_contract_validation(failed)
-    blocks = bool(failed) and contract_fails_closed(settings)
-    fields = {"failed_checks": failed, "blocks_flush": blocks}
-    if failed:
-        log.error(logs.CONTRACT_CHECK_FAILED, extra=fields)
-    else:
-        log.info(logs.CONTRACT_CHECK_PASSED, extra=fields)
-    return {"ok": not failed, **fields}

@@ -1,4 +1,5 @@
-"""Celery tasks: thin adapters over billing.services. Task names are a wire contract: keep them.
+"""The flush's Celery task and its enqueueing: thin adapters over `billing.usage.service`. Task
+names are a wire contract: keep them.
 
 The retry policy is read when a task runs, from the settings of the worker's runtime (the
 environment at worker start, or what a test or host app installed): nothing is fixed at import.
@@ -11,23 +12,16 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from billing.celery_app import FLUSH_HOURLY_TASK, VALIDATE_CONTRACT_TASK, celery_app
-from billing.config import Settings, scrub
+from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.config import Settings
+from billing.errors import OperatorError
+from billing.masking import scrub
 from billing.runtime import get_runtime
 from billing.usage import retry_policy
-from billing.usage.retry_policy import retry_countdown
-from billing.usage.service import TRANSIENT_ERRORS, flush_guarded, validate_contract_scheduled
-
-__all__ = [
-    "FLUSH_HOURLY_TASK",
-    "VALIDATE_CONTRACT_TASK",
-    "BrokerUnavailableError",
-    "enqueue_hourly_flush",
-    "retry_countdown",
-]
+from billing.usage.service import TRANSIENT_ERRORS, flush_guarded
 
 
-class BrokerUnavailableError(RuntimeError):
+class BrokerUnavailableError(RuntimeError, OperatorError):
     """The Celery broker refused or dropped the connection: nothing was queued."""
 
 
@@ -49,15 +43,9 @@ def flush_hourly_usage(self: Task) -> dict[str, Any]:
             raise
         raise self.retry(
             exc=error,
-            countdown=retry_countdown(settings, pass_index),
+            countdown=retry_policy.retry_countdown(settings, pass_index),
             max_retries=settings.task_max_retries,
         ) from error
-
-
-@celery_app.task(name=VALIDATE_CONTRACT_TASK, bind=True, acks_late=True, ignore_result=True)
-def validate_contract(self: Task) -> dict[str, Any]:
-    """The billable_events contract checks on a schedule; failures are logged and counted."""
-    return validate_contract_scheduled(get_runtime())
 
 
 def enqueue_hourly_flush(settings: Settings) -> str:

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from billing.checks.billability import REASONS, BillableRules, unbillable_events
+from billing.errors import OperatorError
 from billing.models import BillableEvent, UsageDismissal, pending_event, utcnow
 from billing.runtime import Runtime
 
@@ -29,7 +30,7 @@ PROBLEMS_SHOWN = 10
 SERIALIZATION_FAILURE = "40001"
 
 
-class DismissalError(ValueError):
+class DismissalError(ValueError, OperatorError):
     """The dismissal was refused as a whole: nothing was changed."""
 
 

@@ -17,7 +17,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream
 from billing import logs, metrics
 from billing.runtime import Runtime
 from billing.webhooks import service
-from billing.webhooks.tasks import hand_off
+from billing.webhooks.publish import hand_off
 
 log = logs.get_logger("billing.webhooks")
 
@@ -44,7 +44,7 @@ def receive(
     hand_off: service.HandOff,
 ) -> Answer:
     """Answer one delivery: `stream` is the request body, `signature` its Stripe-Signature;
-    `hand_off` queues an accepted event's processing (`tasks.hand_off`)."""
+    `hand_off` queues an accepted event's processing (`publish.hand_off`)."""
     settings = runtime.settings
     try:
         body = _read_body(stream, content_length, settings.webhook_max_body_bytes)

@@ -21,12 +21,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
-from stripe import SignatureVerificationError, WebhookSignature
 
 from billing import logs, metrics
 from billing.config import Settings
+from billing.errors import OperatorError
 from billing.models import WebhookEvent, WebhookStatus, utcnow
 from billing.runtime import Runtime
+from billing.stripe_gateway import signature_timestamp, signed_with
 from billing.webhooks import prepared_insert
 
 log = logs.get_logger("billing.webhooks")
@@ -94,8 +95,8 @@ def verify_delivery(
         raise WebhookRejected("missing Stripe-Signature header", kind="signature")
     try:
         payload = body.decode("utf-8")
-        timestamp, _ = WebhookSignature._get_timestamp_and_signatures(signature, "v1")
-    except (UnicodeDecodeError, ValueError, IndexError):
+        timestamp = signature_timestamp(signature)
+    except (UnicodeDecodeError, ValueError):
         raise WebhookRejected(
             "malformed Stripe-Signature header or body encoding", kind="signature"
         ) from None
@@ -104,17 +105,9 @@ def verify_delivery(
         raise WebhookRejected(
             f"signature timestamp outside the tolerance ({round(skew)} s)", kind="timestamp"
         )
-    if not any(_signed_with(payload, signature, secret) for secret in secrets):
+    if not any(signed_with(payload, signature, secret) for secret in secrets):
         raise WebhookRejected("no valid signature for any configured secret", kind="signature")
     return Delivery(parse_event(payload), payload)
-
-
-def _signed_with(payload: str, signature: str, secret: str) -> bool:
-    try:
-        WebhookSignature.verify_header(payload, signature, secret)
-    except SignatureVerificationError:
-        return False
-    return True
 
 
 def parse_event(payload: str) -> dict[str, Any]:
@@ -444,7 +437,7 @@ def sweep_stuck(
     return SweepResult(queued, not_queued)
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(OperatorError):
     """The event cannot be replayed as asked (unknown, or processed without --force)."""
 
 

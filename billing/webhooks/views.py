@@ -7,7 +7,7 @@ from flask import Blueprint, Response, request
 
 from billing.runtime import current_runtime
 from billing.webhooks import endpoint
-from billing.webhooks.tasks import hand_off
+from billing.webhooks.publish import hand_off
 
 
 def make_blueprint(path: str) -> Blueprint:

@@ -18,7 +18,7 @@ from billing.checks.contract import (
 from billing.checks.report import Status
 from billing.models import utcnow
 from billing.runtime import Runtime
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.contract import add_account, add_events, add_submission, altered, execute
 
 CLEAN_ORG = 1
@@ -315,7 +315,7 @@ class TestPreFlushGate:
         )
         add_account(db_engine, CLEAN_ORG, "cus_clean")
         add_events(db_engine, {"event_type": "api_calls"})
-        result = flush_once(rt)  # blocked before any Stripe call: no api base is configured
+        result = flush_pass(rt)  # blocked before any Stripe call: no api base is configured
         assert result.blocked
         assert [f["check"] for f in result.contract_failures] == ["event_type_has_meter"]
         assert result.contract_failures[0]["offending_rows"] == 1

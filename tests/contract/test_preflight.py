@@ -7,7 +7,8 @@ import json
 import pytest
 
 from billing.checks.report import Status
-from billing.config import ConfigError, Settings, scrub
+from billing.config import ConfigError, Settings
+from billing.masking import scrub
 from billing.ops.preflight import run_preflight
 
 LIVE_KEY = "sk_live_" + "preflightsecret9876"

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from billing import create_app, db
 from billing.models import utcnow
 from billing.runtime import Runtime
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts
 
@@ -128,7 +128,7 @@ def test_an_existing_table_is_adopted_in_place_and_billed(producer_db, emulator)
     assert _produce(runtime, 2, start=40)[:40] == ids
 
     customers = add_accounts(runtime, [1])
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.ok and result.events_claimed == 42
     assert emulator.billed() == {customers[1]: {"api_call": sum(range(1, 43))}}
 
@@ -224,6 +224,6 @@ def test_a_minimal_table_meeting_the_contract_is_adopted_and_billed(producer_db,
     assert indexes["uq_billable_events_idempotency_key"]["unique"]
 
     customers = add_accounts(runtime, [1])
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.ok and result.events_claimed == 3
     assert emulator.billed() == {customers[1]: {"api_call": 1 + 2 + 3}}

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from freezegun import freeze_time
 
 import celeryconfig
-from billing.celery_app import celery_app
+from billing.celery_app import VALIDATE_CONTRACT_TASK, celery_app
+from billing.checks.tasks import validate_contract
 from billing.ops.state import read_run_records
-from billing.usage.tasks import VALIDATE_CONTRACT_TASK, validate_contract
 from tests.ops.conftest import (
     CONTRACT_BREAKING_CHECKS,
     celery_worker_args,

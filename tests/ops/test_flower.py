@@ -13,8 +13,9 @@ from datetime import timedelta
 
 import pytest
 
+from billing.celery_app import FLUSH_HOURLY_TASK
 from billing.models import utcnow
-from billing.usage.tasks import FLUSH_HOURLY_TASK, flush_hourly_usage
+from billing.usage.tasks import flush_hourly_usage
 from tests.ops.conftest import free_port, settings_env, unit_command, venv_root, wait_for_http
 from tests.usage.factories import add_accounts, add_events
 

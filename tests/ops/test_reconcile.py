@@ -13,7 +13,7 @@ from billing import create_app
 from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
 from billing.stripe_gateway import MeterEvent
 from billing.usage.reconcile import floor_hour
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.usage.factories import add_accounts, add_events
 
 
@@ -47,7 +47,7 @@ def flushed_usage(runtime):
             for org, q, h in ((1, 5, 5), (1, 7, 5), (1, 3, 4), (2, 11, 4))
         ],
     )
-    assert flush_once(runtime).submissions_sent == 3
+    assert flush_pass(runtime).submissions_sent == 3
     return customers
 
 
@@ -158,7 +158,7 @@ def test_held_row_absent_from_stripe_is_reissued_and_billed_once(billing_runtime
     assert json.loads(result.stdout)["settled"] == {"delivered": 0, "reissued": 1}
     status, identifier, actions = row_state(billing_runtime, row_id)
     assert (status, actions) == ("pending", ["reissue"]) and identifier != old_identifier
-    assert flush_once(billing_runtime).submissions_sent == 1
+    assert flush_pass(billing_runtime).submissions_sent == 1
     assert emulator.billed() == {customers[1]: {"api_call": 9}}
     again = json.loads(run(billing_runtime.settings, *window()).stdout)
     assert again["groups"]["match"] == 1 and again["problems"] == []

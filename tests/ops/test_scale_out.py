@@ -18,7 +18,8 @@ import requests
 import sqlalchemy as sa
 
 from billing import logs
-from billing.celery_app import FLUSH_HOURLY_TASK, make_sender
+from billing.broker import make_sender
+from billing.celery_app import FLUSH_HOURLY_TASK
 from billing.models import WebhookEvent
 from tests.conftest import TEST_BROKER_URL
 from tests.ops.conftest import (

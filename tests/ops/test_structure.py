@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from billing import create_app
+from billing.checks.validation import contract_gate
 from billing.models import utcnow
-from billing.usage.service import contract_gate, flush_once
+from billing.usage.service import flush_pass
 from tests.process import ROOT
 from tests.usage.factories import add_accounts, add_events
 
@@ -114,7 +115,7 @@ def test_one_fail_closed_policy_for_the_gate_and_the_command(failing_contract, f
     verdict = contract_gate(runtime)()
     assert "event_type_has_meter" in {f["check"] for f in verdict.failures}
     assert verdict.blocks is fail_closed
-    assert flush_once(runtime).blocked is fail_closed
+    assert flush_pass(runtime).blocked is fail_closed
     cli = create_app(runtime.settings).test_cli_runner()
     assert cli.invoke(args=["billing", "validate_contract"]).exit_code == (1 if fail_closed else 0)
     # The flag asks for the same policy when the setting does not.
@@ -127,7 +128,7 @@ def test_no_gate_when_checks_before_flush_are_off(failing_contract):
         validate_contract_before_flush=False, contract_fail_closed=True
     )
     assert contract_gate(runtime) is None
-    assert not flush_once(runtime).blocked
+    assert not flush_pass(runtime).blocked
 
 
 def test_cron_wrapper_with_no_environment_warns_that_billing_is_disabled():

@@ -3,7 +3,8 @@ import logging
 import pytest
 
 from billing import logs
-from billing.config import ConfigError, Settings, mask_secret, scrub
+from billing.config import ConfigError, Settings
+from billing.masking import mask_secret, scrub
 
 GUIDE_DEFAULTS = {
     "billing_enabled": False,

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from billing import create_app
 from billing.models import BillingAccount, UsageSubmission, utcnow
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.usage.factories import (
     add_accounts,
     add_events,
@@ -61,7 +61,7 @@ def test_refused_key_stops_the_run_fails_no_row_and_bills_after_the_fix(
     billing_runtime.settings = good.replace(stripe_secret_key=key)
     billing_runtime.__dict__.pop("stripe", None)  # the gateway is built from the settings
 
-    refused = flush_once(billing_runtime)
+    refused = flush_pass(billing_runtime)
 
     assert refused.stop_error and "AuthenticationError" in refused.stop_error
     assert refused.submissions_failed == 0 and refused.submissions_sent == 0
@@ -72,11 +72,11 @@ def test_refused_key_stops_the_run_fails_no_row_and_bills_after_the_fix(
 
     billing_runtime.settings = good
     billing_runtime.__dict__.pop("stripe", None)
-    fixed = flush_once(billing_runtime)
+    fixed = flush_pass(billing_runtime)
     assert fixed.ok and fixed.stop_error is None
     assert emulator.billed() == expected_totals(rows, customers)
     assert unclaimed_count(billing_runtime) == 0
-    again = flush_once(billing_runtime)
+    again = flush_pass(billing_runtime)
     assert again.ok and again.submissions_sent == 0
     assert emulator.billed() == expected_totals(rows, customers)
 
@@ -84,21 +84,21 @@ def test_refused_key_stops_the_run_fails_no_row_and_bills_after_the_fix(
 def test_rows_already_pending_stay_pending_under_a_refused_key(billing_runtime, emulator, seeded):
     customers, rows = seeded
     emulator.faults({"path": "/v1/billing/meter_events", "status": 500})
-    assert flush_once(billing_runtime).submissions_pending > 0  # an earlier run left them
+    assert flush_pass(billing_runtime).submissions_pending > 0  # an earlier run left them
     emulator.faults({"clear": True})
     good = billing_runtime.settings
     billing_runtime.settings = good.replace(stripe_secret_key=REFUSED_KEYS["typo"])
     billing_runtime.__dict__.pop("stripe", None)
     calls_before = _calls(emulator)
 
-    refused = flush_once(billing_runtime)
+    refused = flush_pass(billing_runtime)
     assert refused.stop_error and refused.submissions_failed == 0
     assert set(submission_statuses(billing_runtime)) == {"pending"}
     assert _calls(emulator) == calls_before  # not re-sent under the refused key
 
     billing_runtime.settings = good
     billing_runtime.__dict__.pop("stripe", None)
-    assert flush_once(billing_runtime).ok
+    assert flush_pass(billing_runtime).ok
     assert emulator.billed() == expected_totals(rows, customers)
 
 
@@ -125,7 +125,7 @@ def test_unknown_meter_stops_that_meter_while_the_rest_is_billed(billing_runtime
     billing_runtime.settings = good.replace(
         stripe_meters={"api_call": "typo", "storage_gb_hour": "storage_gb_hour"}
     )
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
 
     assert not result.ok and result.submissions_failed == 0
     assert set(result.stopped_meters) == {"typo"}
@@ -138,7 +138,7 @@ def test_unknown_meter_stops_that_meter_while_the_rest_is_billed(billing_runtime
     assert emulator.stats()["meter_events"]["rejected"] == 0
 
     billing_runtime.settings = good  # the mapping is fixed
-    fixed = flush_once(billing_runtime)
+    fixed = flush_pass(billing_runtime)
     assert fixed.ok, fixed.to_dict()
     assert emulator.billed() == expected_totals(rows, customers)
     assert set(submission_statuses(billing_runtime)) == {"sent"}
@@ -174,7 +174,7 @@ def test_missing_customer_stops_that_customer_while_the_rest_is_billed(
     ]
     add_events(billing_runtime, late)
 
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert not result.ok and result.submissions_failed == 0
     assert set(result.stopped_customers) == {"cus_doesnotexist"}
     assert emulator.billed() == expected_totals(rows, customers)
@@ -188,16 +188,16 @@ def test_missing_customer_stops_that_customer_while_the_rest_is_billed(
     customers[14] = billing_runtime.stripe.create_customer("Org 14", 14).id
     with billing_runtime.session_factory.begin() as session:
         session.get(BillingAccount, 14).stripe_customer_id = customers[14]
-    fixed = flush_once(billing_runtime)
+    fixed = flush_pass(billing_runtime)
     assert fixed.ok, fixed.to_dict()
     assert emulator.billed() == expected_totals(rows + late, customers)
-    assert flush_once(billing_runtime).submissions_sent == 0
+    assert flush_pass(billing_runtime).submissions_sent == 0
 
 
 def test_deleted_customer_is_a_customer_stop_not_a_failed_row(billing_runtime, emulator, seeded):
     customers, rows = seeded
     billing_runtime.stripe.client.v1.customers.delete(customers[13])
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert set(result.stopped_customers) == {customers[13]} and result.submissions_failed == 0
     others = [r for r in rows if r["organization_id"] != 13]
     assert emulator.billed() == expected_totals(others, customers)
@@ -206,11 +206,11 @@ def test_deleted_customer_is_a_customer_stop_not_a_failed_row(billing_runtime, e
 
 def test_failed_rows_of_an_earlier_run_keep_every_flush_not_ok(billing_runtime, emulator, seeded):
     emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
-    first = flush_once(billing_runtime)
+    first = flush_pass(billing_runtime)
     assert first.submissions_failed == 1
 
     # Nothing new to send, nothing this run touched: still not ok while the failed row waits.
-    later = flush_once(billing_runtime)
+    later = flush_pass(billing_runtime)
     assert later.submissions_failed == 0 and later.events_claimed == 0
     assert later.awaiting_operator == {"failed": 1, "held": 0} and not later.ok
     result = (

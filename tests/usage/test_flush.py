@@ -13,7 +13,7 @@ from billing.checks.report import GateVerdict
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission, utcnow
 from billing.usage.claiming import Claimer
 from billing.usage.run import FlushResult, TransientFlushError, UsageFlush, flush_usage
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from billing.usage.submitting import Submitter
 from tests.usage.factories import (
     add_accounts,
@@ -38,7 +38,7 @@ def seeded(billing_runtime):
 
 def test_billed_totals_equal_the_database_sums(billing_runtime, emulator, seeded):
     customers, rows = seeded
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
 
     assert result.ok and result.events_claimed == len(rows)
     assert emulator.billed() == expected_totals(rows, customers)
@@ -57,8 +57,8 @@ def test_many_small_batches_and_a_second_run_bill_nothing_twice(
     runtime = billing_runtime
     monkeypatch.setattr(Claimer, "GROWTH_LIMIT", 1)  # every batch 37 rows
     runtime.settings = runtime.settings.replace(flush_batch_size=37)
-    first = flush_once(runtime)
-    second = flush_once(runtime)
+    first = flush_pass(runtime)
+    second = flush_pass(runtime)
 
     assert first.batches == -(-len(rows) // 37) and first.events_claimed == len(rows)
     # Claimed in group order: only a batch's edges split a group into two meter events.
@@ -98,7 +98,7 @@ def test_one_outbox_row_per_organization_type_and_hour(billing_runtime, emulator
             }
         ],
     )
-    flush_once(billing_runtime)
+    flush_pass(billing_runtime)
     with billing_runtime.session_factory() as session:
         rows = session.execute(
             sa.select(
@@ -137,10 +137,10 @@ def test_crash_then_rerun_keeps_totals_exact(
     customers, rows = seeded
     _crash_once(monkeypatch, *crash_point)
     with pytest.raises(Crash):
-        flush_once(billing_runtime)
+        flush_pass(billing_runtime)
     assert submission_statuses(billing_runtime)["pending"] > 0
 
-    rerun = flush_once(billing_runtime)
+    rerun = flush_pass(billing_runtime)
     assert rerun.ok and unclaimed_count(billing_runtime) == 0
     assert emulator.billed() == expected_totals(rows, customers)
     if crash_point[1] == "record":
@@ -162,10 +162,10 @@ def test_crash_mid_batch_loses_and_doubles_nothing(billing_runtime, emulator, se
 
     monkeypatch.setattr(gateway, "send_meter_event", dies_after_five)
     with pytest.raises(Crash):
-        flush_once(billing_runtime)
+        flush_pass(billing_runtime)
     monkeypatch.setattr(gateway, "send_meter_event", original)
 
-    assert flush_once(billing_runtime).ok
+    assert flush_pass(billing_runtime).ok
     assert emulator.billed() == expected_totals(rows, customers)
 
 
@@ -194,7 +194,7 @@ def test_unbillable_rows_are_reported_and_billed_once_fixed(billing_runtime, emu
             {"organization_id": 1, "event_type": "api_call", "quantity": 0, "occurred_at": recent},
         ],
     )
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert result.events_claimed == 1
     assert result.unbillable == {
         "no_customer": 1,
@@ -207,7 +207,7 @@ def test_unbillable_rows_are_reported_and_billed_once_fixed(billing_runtime, emu
 
     # The customer mapping arrives: the next flush bills organization 2's usage.
     customers.update(add_accounts(billing_runtime, [2]))
-    later = flush_once(billing_runtime)
+    later = flush_pass(billing_runtime)
     assert later.events_claimed == 1 and "no_customer" not in later.unbillable
     assert emulator.billed() == {customers[1]: {"api_call": 3}, customers[2]: {"api_call": 4}}
 
@@ -224,7 +224,7 @@ def test_permanent_stripe_error_marks_the_row_failed_and_goes_on(billing_runtime
     )
     # A refusal that names nothing beyond the request (a 400 without a param): this row only.
     emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert (result.submissions_sent, result.submissions_failed, result.submissions_pending) == (
         1,
         1,
@@ -244,7 +244,7 @@ def test_permanent_stripe_error_marks_the_row_failed_and_goes_on(billing_runtime
 def test_rate_limited_calls_are_retried_with_backoff(billing_runtime, emulator, seeded):
     customers, rows = seeded
     emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 3})
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert result.ok
     assert emulator.billed() == expected_totals(rows, customers)
 
@@ -254,23 +254,23 @@ def test_server_errors_beyond_retries_leave_rows_pending_for_the_next_run(
 ):
     customers, rows = seeded
     emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": 1000})
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert result.submissions_pending > 0 and result.submissions_sent == 0
     with pytest.raises(TransientFlushError):
         result.raise_if_transient()
 
     emulator.faults({"clear": True})
-    assert flush_once(billing_runtime).ok
+    assert flush_pass(billing_runtime).ok
     assert emulator.billed() == expected_totals(rows, customers)
 
 
 def test_rows_unsent_past_the_identifier_window_are_held(billing_runtime, emulator, seeded):
     _customers, _rows = seeded
     emulator.faults({"path": "/v1/billing/meter_events", "status": 500, "count": 10_000})
-    flush_once(billing_runtime)
+    flush_pass(billing_runtime)
     emulator.faults({"clear": True})
     a_day_later = utcnow() + timedelta(hours=24)
-    result = flush_once(billing_runtime, clock=lambda: a_day_later)
+    result = flush_pass(billing_runtime, clock=lambda: a_day_later)
 
     assert result.submissions_held > 0 and result.submissions_sent == 0
     assert set(submission_statuses(billing_runtime)) == {"held"}
@@ -279,7 +279,7 @@ def test_rows_unsent_past_the_identifier_window_are_held(billing_runtime, emulat
 
 def test_disabled_billing_touches_nothing(billing_runtime, emulator, seeded):
     billing_runtime.settings = billing_runtime.settings.replace(billing_enabled=False)
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert (result.enabled, result.events_claimed) == (False, 0)
     assert unclaimed_count(billing_runtime) == 400 and emulator.billed() == {}
 
@@ -337,8 +337,8 @@ def test_log_lines_carry_organization_and_idempotency_key(billing_runtime, emula
         ],
     )
     with caplog.at_level(logging.INFO, logger="billing"):
-        flush_once(billing_runtime)
-        flush_once(billing_runtime)
+        flush_pass(billing_runtime)
+        flush_pass(billing_runtime)
     messages = [r.getMessage() for r in caplog.records]
     for message in (
         logs.FLUSH_STARTED,
@@ -360,14 +360,14 @@ def test_embedded_sqlite_flush_bills_exact_totals(sqlite_runtime, emulator):
     rows = random_events([1, 2], TYPES, 150)
     add_events(runtime, rows)
     runtime.settings = runtime.settings.replace(flush_batch_size=40)
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.ok and result.events_claimed == 150
     assert emulator.billed() == expected_totals(rows, customers)
     assert unclaimed_count(runtime) == 0
 
 
 def test_outbox_rows_say_sent_with_one_attempt(billing_runtime, emulator, seeded):
-    flush_once(billing_runtime)
+    flush_pass(billing_runtime)
     with billing_runtime.session_factory() as session:
         attempts = set(session.scalars(sa.select(UsageSubmission.attempts)))
         sent_at = session.scalars(sa.select(UsageSubmission.sent_at)).all()
@@ -395,7 +395,7 @@ def test_an_hour_holding_the_period_boundary_is_split_at_it(billing_runtime, emu
             for q, m in ((2, 5), (3, 22), (7, 23), (11, 59), (13, 75))
         ],
     )
-    assert flush_once(billing_runtime).ok
+    assert flush_pass(billing_runtime).ok
     with billing_runtime.session_factory() as session:
         windows = session.execute(
             sa.select(
@@ -426,7 +426,7 @@ def test_batches_split_inside_equal_timestamps_claim_every_row(
     add_events(runtime, rows)
     runtime.settings = runtime.settings.replace(flush_batch_size=4)
     monkeypatch.setattr(Claimer, "GROWTH_LIMIT", 1)  # every batch 4 rows: 6 cuts in one second
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.events_claimed == 25 and result.batches == 7
     assert emulator.billed() == {customers[1]: {"api_call": sum(range(1, 26))}}
 
@@ -459,7 +459,7 @@ def test_each_batch_doubles_up_to_the_growth_limit(
     runtime.settings = runtime.settings.replace(flush_batch_size=4)
     if growth_limit:
         monkeypatch.setattr(Claimer, "GROWTH_LIMIT", growth_limit)
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.events_claimed == 100 and result.batches == batches
     assert result.submissions_sent == batches
     assert emulator.billed() == {customers[1]: {"api_call": sum(r["quantity"] for r in rows)}}

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from billing.config import parse_meter_map
 from billing.models import UsageSubmission, utcnow
 from billing.usage.claiming import identifier_type_part, usage_identifier
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.usage.factories import add_accounts, add_events
 
 
@@ -33,7 +33,7 @@ def test_event_types_that_sanitize_alike_get_their_own_identifiers(request, emul
         ],
     )
 
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
 
     assert result.ok and result.events_claimed == 2 and result.submissions_sent == 2
     assert emulator.billed() == {customers[1]: {"api_call": 7}}

@@ -11,7 +11,7 @@ import time
 
 from billing.usage.claiming import ClaimConflict, Claimer
 from billing.usage.run import UsageFlush
-from billing.usage.service import flush_guarded, flush_once
+from billing.usage.service import flush_guarded, flush_pass
 from tests.usage.factories import (
     add_accounts,
     add_events,
@@ -91,7 +91,7 @@ def test_killed_flush_process_is_repaired_by_the_next_run(billing_runtime, emula
     assert submission_statuses(billing_runtime)["pending"] > 0, "killed after it had finished"
 
     emulator.faults({"clear": True})
-    result = flush_once(billing_runtime)
+    result = flush_pass(billing_runtime)
     assert result.ok and unclaimed_count(billing_runtime) == 0
     assert emulator.billed() == expected_totals(rows, customers)
     assert emulator.stats()["meter_events"]["accepted"] < len(rows)  # aggregated, not per event
@@ -127,7 +127,7 @@ def test_two_unguarded_passes_claiming_the_same_rows_bill_each_once(
     monkeypatch.setattr(Claimer, "_claim_set_based", claim_together)
     results = []
     threads = [
-        threading.Thread(target=lambda: results.append(flush_once(billing_runtime)))
+        threading.Thread(target=lambda: results.append(flush_pass(billing_runtime)))
         for _ in range(2)
     ]
     for thread in threads:

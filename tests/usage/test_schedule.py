@@ -3,8 +3,7 @@ from datetime import UTC, datetime
 import pytest
 from freezegun import freeze_time
 
-from billing.celery_app import celery_app
-from billing.usage.tasks import FLUSH_HOURLY_TASK
+from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
 
 ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 

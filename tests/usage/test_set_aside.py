@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from billing import create_app
 from billing.models import BillableEvent, UsageSubmission, utcnow
 from billing.usage.claiming import Claimer
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.usage.factories import add_accounts, add_events, expected_totals
 
 BIGINT_MAX = 9223372036854775807
@@ -113,7 +113,7 @@ def test_a_group_over_the_ceiling_is_set_aside_whole_even_across_batches(
     normal = _normal_rows()
     add_events(runtime, normal + over + under)
 
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
 
     assert result.ok and result.events_claimed == len(normal) + len(under)
     assert result.unbillable == {"group_over_ceiling": 3}
@@ -152,7 +152,7 @@ def test_fractional_quantities_are_kept_as_written_and_set_aside(request, emulat
         )
     assert stored == {"half": "1.5", "small": "0.4"}
 
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
 
     assert result.ok and result.events_claimed == len(normal)
     assert result.unbillable == {"invalid_quantity": 2}

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from billing import create_app
 from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
 from billing.ops.preflight import run_preflight
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.usage.factories import add_accounts, add_events, expected_totals, submission_statuses
 
 METER_EVENTS = "/v1/billing/meter_events"
@@ -55,7 +55,7 @@ def _trail(runtime, submission_id: int) -> list[UsageSubmissionAction]:
 
 def _fail_two(runtime, emulator) -> list[UsageSubmission]:
     emulator.faults({"path": METER_EVENTS, "status": 400, "count": 2})
-    assert flush_once(runtime).submissions_failed == 2
+    assert flush_pass(runtime).submissions_failed == 2
     return _with_status(runtime, "failed")
 
 
@@ -82,7 +82,7 @@ def test_retry_puts_failed_rows_back_and_the_next_flush_bills_them_once(
 ):
     customers, rows = usage
     failed = _fail_two(billing_runtime, emulator)
-    assert not flush_once(billing_runtime).ok  # they wait for an operator
+    assert not flush_pass(billing_runtime).ok  # they wait for an operator
 
     result = invoke(billing_runtime, "submissions", "retry", "--all-failed", "--actor", "ops-ann")
     assert result.exit_code == 0, result.output
@@ -93,7 +93,7 @@ def test_retry_puts_failed_rows_back_and_the_next_flush_bills_them_once(
     ]
     assert trail[0].previous_error == failed[0].last_error
 
-    after = flush_once(billing_runtime)
+    after = flush_pass(billing_runtime)
     assert after.ok and after.submissions_sent == 2
     assert emulator.billed() == expected_totals(rows, customers)
     assert set(submission_statuses(billing_runtime)) == {"sent"}
@@ -117,7 +117,7 @@ def test_write_off_is_recorded_never_billed_and_no_longer_counts(billing_runtime
         "written_off",
     )
     invoke(billing_runtime, "submissions", "retry", str(failed[1].id))
-    after = flush_once(billing_runtime)
+    after = flush_pass(billing_runtime)
     assert after.ok and after.awaiting_operator == {"failed": 0, "held": 0}
     billed_rows = [r for r in rows if r["organization_id"] != target.organization_id]
     assert emulator.billed() == expected_totals(billed_rows, customers)
@@ -125,7 +125,7 @@ def test_write_off_is_recorded_never_billed_and_no_longer_counts(billing_runtime
 
 def test_actions_are_all_or_nothing(billing_runtime, emulator, usage):
     failed = _fail_two(billing_runtime, emulator)
-    flush_once(billing_runtime)
+    flush_pass(billing_runtime)
     (sent,) = _with_status(billing_runtime, "sent")
     mixed = [str(failed[0].id), str(sent.id), "999999"]
 
@@ -146,10 +146,10 @@ def test_a_held_row_is_refused_unless_reissued_after_reconciliation(
 ):
     customers, rows = usage
     emulator.faults({"path": METER_EVENTS, "status": 500})
-    flush_once(billing_runtime)
+    flush_pass(billing_runtime)
     emulator.faults({"clear": True})
     a_day_later = utcnow() + timedelta(hours=24)
-    held_run = flush_once(billing_runtime, clock=lambda: a_day_later)
+    held_run = flush_pass(billing_runtime, clock=lambda: a_day_later)
     assert held_run.submissions_held == 3 and not held_run.ok
     held = _with_status(billing_runtime, "held")
 
@@ -165,7 +165,7 @@ def test_a_held_row_is_refused_unless_reissued_after_reconciliation(
     pending = {r.id: r for r in _with_status(billing_runtime, "pending")}
     assert all(pending[r.id].identifier != r.identifier for r in held)
 
-    after = flush_once(billing_runtime)
+    after = flush_pass(billing_runtime)
     assert after.ok and after.submissions_sent == 3
     assert emulator.billed() == expected_totals(rows, customers)
 

@@ -6,16 +6,16 @@ from datetime import timedelta
 
 import pytest
 
-from billing.celery_app import celery_app
+from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
 from billing.models import utcnow
 from billing.runtime import set_runtime
-from billing.usage.retry_policy import CALLS_PER_ROW_PER_RUN, calls_in_pass, passes_allowed
-from billing.usage.tasks import (
-    FLUSH_HOURLY_TASK,
-    enqueue_hourly_flush,
-    flush_hourly_usage,
+from billing.usage.retry_policy import (
+    CALLS_PER_ROW_PER_RUN,
+    calls_in_pass,
+    passes_allowed,
     retry_countdown,
 )
+from billing.usage.tasks import enqueue_hourly_flush, flush_hourly_usage
 from tests.conftest import TEST_QUEUE
 from tests.usage.factories import (
     add_accounts,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from billing import create_app
 from billing.checks.billability import REASONS
 from billing.models import BillableEvent, UsageDismissal, utcnow
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.ops.test_metrics import scrape
 from tests.usage.factories import add_accounts, add_events, expected_totals
 
@@ -54,7 +54,7 @@ def set_aside(billing_runtime, emulator):
         "too_old": _add(runtime, 1, 7, age=timedelta(days=40)),
         "normal": normal,
     }
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.ok and result.events_claimed == len(NORMAL)
     assert result.unbillable == {
         "quantity_over_ceiling": 3,
@@ -173,7 +173,7 @@ def test_dismissing_sets_usage_aside_for_good_and_clears_counts_gauges_and_age(s
     )
 
     # Dismissed usage is never billed, whatever later flushes find.
-    assert flush_once(runtime).unbillable == {
+    assert flush_pass(runtime).unbillable == {
         "quantity_over_ceiling": 1,
         "invalid_quantity": 1,
         "no_customer": 1,
@@ -234,14 +234,14 @@ def test_a_fixed_row_or_a_raised_ceiling_is_billed_exactly_once(set_aside):
             sa.text("UPDATE billable_events SET quantity = 2 WHERE id = :id"),
             {"id": ids["fraction"]},
         )
-    fixed = flush_once(runtime)
+    fixed = flush_pass(runtime)
     assert fixed.events_claimed == 1 and fixed.billed_value == {"api_call": 2}
 
     runtime.settings = runtime.settings.replace(max_event_quantity=10**13)
-    raised = flush_once(runtime)
+    raised = flush_pass(runtime)
     assert raised.events_claimed == 1 and raised.billed_value == {"api_call": 2 * 10**12}
     assert raised.unbillable == {"quantity_over_ceiling": 2, "no_customer": 1, "too_old": 1}
-    assert flush_once(runtime).events_claimed == 0
+    assert flush_pass(runtime).events_claimed == 0
 
     billed = [
         {"organization_id": o, "event_type": "api_call", "quantity": q}
@@ -272,5 +272,5 @@ def test_listing_and_dismissing_on_sqlite(sqlite_runtime, emulator):
         "no_meter",
     ]
     assert _dismissed_ids(runtime) == {fraction, unmapped}
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.events_claimed == 1 and result.unbillable == {}

@@ -14,7 +14,7 @@ from billing import create_app, db
 from billing.checks.contract import run_contract_checks
 from billing.models import utcnow
 from billing.runtime import Runtime
-from billing.usage.service import flush_once
+from billing.usage.service import flush_pass
 from tests.conftest import TEST_DATABASE_URL
 from tests.usage.factories import add_accounts, expected_totals, unclaimed_count
 
@@ -97,7 +97,7 @@ def test_a_producers_plain_insert_of_the_contract_columns_is_billed(request, emu
             )
         created = connection.exec_driver_sql("SELECT created_at FROM billable_events").all()
     assert len(created) == 2 and all(row[0] is not None for row in created)
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.ok and result.events_claimed == 2
     assert emulator.billed() == {customers[1]: {"api_call": 9}}
 
@@ -109,7 +109,7 @@ def test_fractional_quantities_are_never_rounded_into_a_meter_event(numeric_runt
     _produce(runtime, 1, ["0.4", "1.5", "2.7"], occurred_at)
     _produce(runtime, 1, ["3", "2.0"], occurred_at)
 
-    result = flush_once(runtime)
+    result = flush_pass(runtime)
     assert result.events_claimed == 2
     assert result.unbillable == {"invalid_quantity": 3}
     assert emulator.billed() == {customers[1]: {"api_call": 5}}

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
+from billing.adjustments import invoice
 from billing.adjustments import service as adjustments
 from billing.models import BillingAdjustment, InvoiceAdjustment, utcnow
 from tests.usage.factories import add_accounts, add_events
@@ -40,7 +41,7 @@ def our_items(stripe, invoice_id: str) -> list[tuple[str, int]]:
     return [
         (line.metadata["billing_adjustment_kind"], line.amount)
         for line in stripe.invoice_lines(invoice_id)
-        if adjustments.KEY_METADATA in (line.metadata or {})
+        if invoice.KEY_METADATA in (line.metadata or {})
     ]
 
 
@@ -182,21 +183,21 @@ def test_usage_above_the_minimum_records_a_zero_top_up_and_adds_no_item(
     webhook_runtime, org_account
 ):
     adjustments.add_adjustment(webhook_runtime, ORG, "minimum_commitment", 5000, "usd")
-    invoice = SimpleNamespace(id="in_test", currency="usd")
-    pending = adjustments.plan_adjustments(webhook_runtime, ORG, invoice, usage_cents=6100)
+    draft = SimpleNamespace(id="in_test", currency="usd")
+    pending = invoice.plan_adjustments(webhook_runtime, ORG, draft, usage_cents=6100)
     assert pending == []
     assert applied_rows(webhook_runtime) == [("in_test", "minimum_commitment", 0, "applied")]
     # Planned once: a second run for the same invoice plans nothing new, whatever usage says now.
-    adjustments.plan_adjustments(webhook_runtime, ORG, invoice, usage_cents=10)
+    invoice.plan_adjustments(webhook_runtime, ORG, draft, usage_cents=10)
     assert applied_rows(webhook_runtime) == [("in_test", "minimum_commitment", 0, "applied")]
 
 
 def test_a_credit_goes_on_one_invoice_only(webhook_runtime, org_account):
     adjustments.add_adjustment(webhook_runtime, ORG, "credit", 700, "usd")
-    first = adjustments.plan_adjustments(
+    first = invoice.plan_adjustments(
         webhook_runtime, ORG, SimpleNamespace(id="in_a", currency="usd"), usage_cents=0
     )
-    second = adjustments.plan_adjustments(
+    second = invoice.plan_adjustments(
         webhook_runtime, ORG, SimpleNamespace(id="in_b", currency="usd"), usage_cents=0
     )
     assert [(r.stripe_invoice_id, r.amount_cents) for r in first] == [("in_a", -700)]
@@ -267,7 +268,7 @@ class TestAdjustmentsCommands:
 
     def test_a_spent_credit_cannot_be_removed(self, cli, webhook_runtime):
         credit = adjustments.add_adjustment(webhook_runtime, 3, "credit", 500, "usd")
-        adjustments.plan_adjustments(
+        invoice.plan_adjustments(
             webhook_runtime, 3, SimpleNamespace(id="in_x", currency="usd"), usage_cents=0
         )
         refused = cli("adjustments", "remove", "--id", str(credit["id"]))
@@ -322,9 +323,9 @@ def test_usage_for_the_minimum_counts_what_the_outbox_sent_when_stripe_lags(webh
         "period": {"start": int(start.timestamp()), "end": int(end.timestamp())},
     }
     # 2,000 units sent inside the period (not the next period's, not the failed one) x 1.5 cents.
-    assert adjustments.metered_usage_cents(webhook_runtime, ORG, [lagging_line]) == 3000
+    assert invoice.metered_usage_cents(webhook_runtime, ORG, [lagging_line]) == 3000
     caught_up = {**lagging_line, "amount": 3100}  # Stripe may know more (usage sent elsewhere)
-    assert adjustments.metered_usage_cents(webhook_runtime, ORG, [caught_up]) == 3100
+    assert invoice.metered_usage_cents(webhook_runtime, ORG, [caught_up]) == 3100
 
 
 def missed_top_ups(runtime) -> list[InvoiceAdjustment]:

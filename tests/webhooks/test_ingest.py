@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
+from billing.webhooks.publish import background_publisher
 from tests.webhooks.conftest import (
     OLD_SECRET,
     AppServer,
@@ -78,7 +79,7 @@ def test_accepted_event_is_stored_once_and_a_duplicate_is_only_acknowledged(
     first, second = post(app_server.url, body), post(app_server.url, body)
     assert (first.status_code, second.status_code) == (200, 200)
     assert (first.json()["outcome"], second.json()["outcome"]) == ("accepted", "duplicate")
-    assert webhook_runtime.webhook_publisher.flush()
+    assert background_publisher(webhook_runtime).flush()
     (row,) = rows(webhook_runtime)
     assert (row.stripe_event_id, row.type, row.status) == (
         "evt_once",
@@ -169,7 +170,7 @@ def test_broker_down_still_answers_200_and_keeps_the_row(make_runtime, webhook_s
         started = time.perf_counter()
         response = post(server.url, make_event(event_id="evt_nobroker"))
         elapsed = time.perf_counter() - started
-        assert runtime.webhook_publisher.flush()
+        assert background_publisher(runtime).flush()
     finally:
         server.close()
     # The answer does not wait for the broker; the failed publish is logged when it fails.
@@ -184,7 +185,7 @@ def test_broker_down_still_answers_200_and_keeps_the_row(make_runtime, webhook_s
 def test_a_full_publisher_backlog_leaves_the_event_to_the_sweep(
     app_server, webhook_runtime, captured, monkeypatch
 ):
-    monkeypatch.setattr(webhook_runtime.webhook_publisher, "max_pending", 0)
+    monkeypatch.setattr(background_publisher(webhook_runtime), "max_pending", 0)
     response = post(app_server.url, make_event(event_id="evt_backlog"))
     assert response.status_code == 200 and response.json()["outcome"] == "stored_not_queued"
     assert [(r.stripe_event_id, r.status) for r in rows(webhook_runtime)] == [

@@ -11,9 +11,12 @@ import pytest
 import requests
 
 from billing import logs
+from billing.celery_app import WEBHOOK_PROCESS_TASK as PROCESS_TASK
+from billing.celery_app import WEBHOOK_SWEEP_TASK as SWEEP_TASK
 from billing.models import utcnow
 from billing.webhooks import handlers, service
-from billing.webhooks.tasks import PROCESS_TASK, SWEEP_TASK, process_webhook, sweep_webhooks
+from billing.webhooks.publish import enqueuer
+from billing.webhooks.tasks import process_webhook, sweep_webhooks
 from tests.webhooks.conftest import (
     make_event,
     post,
@@ -195,8 +198,6 @@ def test_broker_down_at_ingest_then_the_sweep_gets_it_processed(
     time.sleep(0.3)
     assert statuses(webhook_runtime) == {"evt_later": "received"} and calls.count == 0
 
-    from billing.webhooks.tasks import enqueuer
-
     # Too early: the row is younger than the requeue delay, a task may still be on its way.
     assert service.sweep_stuck(webhook_runtime, enqueuer(webhook_runtime)).queued == []
     later = utcnow() + timedelta(seconds=webhook_settings.webhook_requeue_after_seconds + 1)
@@ -207,8 +208,6 @@ def test_broker_down_at_ingest_then_the_sweep_gets_it_processed(
 
 
 def test_sweep_takes_back_an_event_whose_worker_died(worker, webhook_runtime, calls):
-    from billing.webhooks.tasks import enqueuer
-
     service.store_once(
         webhook_runtime.ingest_engine,
         {"id": "evt_orphan", "type": "test.counted", "object": "event"},
@@ -274,8 +273,6 @@ def test_every_guide_webhook_message_carries_event_id_and_type(
 
 
 def test_beat_sweep_task_and_cli_queue_a_stranded_event(worker, webhook_runtime, calls):
-    from billing.webhooks.tasks import sweep_webhooks
-
     for event_id in ("evt_stranded_1", "evt_stranded_2"):
         service.store_once(
             webhook_runtime.ingest_engine,

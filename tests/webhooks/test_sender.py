@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from billing import broker, logs
-from billing.celery_app import make_sender
-from billing.webhooks.tasks import PROCESS_TASK, enqueuer
+from billing.broker import make_sender
+from billing.celery_app import WEBHOOK_PROCESS_TASK as PROCESS_TASK
+from billing.webhooks.publish import background_publisher, enqueuer
 from tests.webhooks.conftest import (
     AppServer,
     make_event,
@@ -179,14 +180,15 @@ def test_a_process_that_exits_publishes_what_it_had_pending(webhook_settings, br
     script = f"""
 from billing.config import Settings
 from billing.runtime import Runtime
+from billing.webhooks.publish import background_publisher
 runtime = Runtime(Settings.from_env({{
     "DATABASE_URL": {webhook_settings.database_url!r},
     "CELERY_BROKER_URL": {webhook_settings.celery_broker_url!r},
     "STRIPE_BILLING_QUEUE": {webhook_settings.billing_queue!r},
 }}))
-runtime.webhook_publisher.linger = 0.5
+background_publisher(runtime).linger = 0.5
 for n in range(5):
-    assert runtime.webhook_publisher.submit([f"evt_exit_{{n}}"], {{"event_id": "evt_exit"}})
+    assert background_publisher(runtime).submit([f"evt_exit_{{n}}"], {{"event_id": "evt_exit"}})
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
@@ -269,7 +271,7 @@ def test_broker_lost_between_deliveries_answers_200_then_publishes_again_once_ba
         webhook_settings.replace(celery_broker_url=f"redis://127.0.0.1:{relay.port}/{db}")
     )
     server = AppServer(runtime)
-    publisher = runtime.webhook_publisher
+    publisher = background_publisher(runtime)
     try:
         before = post(server.url, make_event(event_id="evt_relay_before"))
         assert publisher.flush()
