@@ -66,7 +66,7 @@ cat <<EOF_INFO
    Grant by hand:  DATABASE_URL=$DATABASE_URL .venv/bin/flask --app billing billing entitlements grant --org-id 1
    Logs:     $workdir/{emulator,worker}.log    Ctrl-C stops everything.
 EOF_INFO
-.venv/bin/flask --app 'billing.entitlements.demo_app:create_demo_app()' run \
+.venv/bin/flask --app 'billing.demo.host_app:create_demo_app()' run \
     --host 127.0.0.1 --port "$app_port" &
 pids+=($!)
 wait "${pids[-1]}"

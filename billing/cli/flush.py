@@ -17,10 +17,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from billing.accounts import UnknownOrganizationError
 from billing.cli.core import emit, operator_errors, runtime
+from billing.demo.seed import seed_demo
 from billing.errors import OperatorError, error_line, one_line
 from billing.ops.state import count_unclaimed
 from billing.runtime import Runtime
-from billing.usage.demo import seed_demo
 from billing.usage.result import FlushResult, TransientFlushError
 from billing.usage.service import flush_pass, flush_with_retries
 from billing.usage.tasks import enqueue_hourly_flush

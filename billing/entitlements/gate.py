@@ -1,5 +1,6 @@
 """The `saas` workspace gate for a host Flask app, and the self-service upgrade behind it.
 
+    Billing(app)  # first: the gate reads billing's runtime
     gate = SaasGate(app, current_organization=lambda: current_user.organization_id)
 
     @app.get("/workspace")
@@ -40,7 +41,6 @@ from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from wtforms import ValidationError
 
 from billing import logs
-from billing.app import Billing
 from billing.entitlements import SAAS_FEATURE
 from billing.entitlements.checkout import start_upgrade_checkout
 from billing.entitlements.service import has_entitlement
@@ -82,7 +82,11 @@ class SaasGate:
         if self.current_organization is None:
             raise TypeError("SaasGate needs current_organization: a callable giving the org id")
         if EXTENSION_KEY not in app.extensions:
-            Billing(app)
+            # The gate reads billing's runtime; the host adopts billing itself (entitlements sit
+            # below the Flask extension that wires every feature).
+            raise RuntimeError(
+                "SaasGate needs billing on the app first: Billing(app), then the gate"
+            )
         app.extensions[GATE_KEY] = self
         app.register_blueprint(blueprint, url_prefix=self.url_prefix)
 

@@ -13,7 +13,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from billing.app import EXTENSION_KEY
-from billing.entitlements.demo_app import create_demo_app
+from billing.demo.host_app import create_demo_app
 from billing.runtime import set_runtime
 from tests.entitlements import conftest as entitlement_fixtures
 

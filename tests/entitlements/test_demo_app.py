@@ -28,7 +28,7 @@ def test_each_request_is_logged_once(tmp_path):
         [
             str(BIN / "flask"),
             "--app",
-            "billing.entitlements.demo_app:create_demo_app()",
+            "billing.demo.host_app:create_demo_app()",
             "run",
             "--host",
             "127.0.0.1",

@@ -14,11 +14,12 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask
 
 from billing import Billing
+from billing.demo.host_app import create_demo_app
 from billing.entitlements import SAAS_FEATURE
-from billing.entitlements.demo_app import create_demo_app
 from billing.entitlements.gate import SaasGate, require_saas
 from billing.entitlements.service import grant_manual, refresh_from_stripe, revoke_manual
 from billing.models import BillingAccount
+from billing.runtime import EXTENSION_KEY
 
 BOOKING_URL = "https://booking.example.test/demo"
 
@@ -178,6 +179,9 @@ class TestBookingMode:
 
     def test_not_signed_in_is_401_for_the_host_to_handle(self, booking_app):
         app = Flask("bare")
+        with pytest.raises(RuntimeError, match=r"Billing\(app\), then the gate"):
+            SaasGate(app, current_organization=lambda: None)
+        Billing(app, booking_app.extensions[EXTENSION_KEY].get().settings)
         SaasGate(app, current_organization=lambda: None)
 
         @app.get("/workspace")

@@ -4,7 +4,7 @@ Sign in as one of three organizations (the "host app's" identity: the session ho
 open `/workspace`, and follow the gate: the booking page, or the upgrade page and Stripe Checkout
 (the emulator's payment page) and back. `scripts/demo_saas.sh` runs it against the emulator.
 
-    flask --app 'billing.entitlements.demo_app:create_demo_app()' run
+    flask --app 'billing.demo.host_app:create_demo_app()' run
 """
 
 from __future__ import annotations
