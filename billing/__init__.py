@@ -2,6 +2,23 @@
 
 `create_app()` builds the Flask app (`flask --app billing billing --help`), `Billing(app)` adopts an
 existing one, and `billing.celery_app` is the Celery app, configured from the same settings.
+
+Layers, lowest first. A module imports modules of its own layer or of lower ones only, inside
+functions too (tests/test_structure.py reads this table and checks every import):
+
+    foundation:  errors masking config logs models db metrics migrations
+    infra:       ops_records stripe_gateway broker runtime celery_app accounts
+    checks:      checks
+    usage:       usage
+    billing:     adjustments entitlements
+    webhooks:    webhooks
+    ops:         ops demo.seed
+    cli:         cli
+    app:         app gunicorn_conf
+    demo:        demo
+
+`billing.emulator` stands apart: it imports nothing of billing outside itself, and nothing of
+billing imports it. The package itself (this file) only re-exports the top.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ kombu's Redis channel builds a new `redis.Redis` client for every message it pub
 callbacks, about half of Celery's CPU cost of a publish. A `redis.Redis` client is thread-safe
 and stateless beyond its connection pool (which the channel already keeps), so the web process's
 sender reuses one per channel. Messages, queues and routing are kombu's own: only the client
-object is kept. The worker and beat use kombu's transport unchanged.
+object is kept. The worker and beat use kombu's transport unchanged. tests/test_broker.py fails
+when kombu changes what the override relies on.
 """
 
 from __future__ import annotations

@@ -28,38 +28,75 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_time_imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """billing modules imported when `path` is imported (not inside functions or TYPE_CHECKING).
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every billing module that `path` imports, at import time or inside a function (only the
+    `if TYPE_CHECKING:` blocks are left out: they never run).
 
     `from pkg import sub` counts as importing the submodule; a package's own ancestors are
     imported before it anyway, so an edge to one is no cycle."""
     found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    pending: list[ast.AST] = [ast.parse(path.read_text())]
+    while pending:
+        node = pending.pop()
+        if _is_type_checking(node):
+            pending.extend(node.orelse)  # type: ignore[attr-defined]
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            subs = {f"{node.module}.{alias.name}" for alias in node.names} & known
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & MODULES.keys()
             names = subs or {node.module}
             if len(subs) < len(node.names):
                 names.add(node.module)
+            found |= names
         elif isinstance(node, ast.Import):
-            names = {alias.name for alias in node.names}
-        else:
-            continue
-        found |= {name for name in names if name in known and not module.startswith(name + ".")}
-    return found
-
-
-def test_the_package_has_no_import_cycle():
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "migrations" not in p.parts}
-    graph = {
-        name: _import_time_imports(path, name, set(files)) - {name} for name, path in files.items()
+            found |= {alias.name for alias in node.names}
+        pending.extend(ast.iter_child_nodes(node))
+    return {
+        name
+        for name in found
+        if name in MODULES and name != module and not module.startswith(name + ".")
     }
 
+
+GRAPH = {name: _imports(path, name) for name, path in MODULES.items()}
+
+
+def _layers() -> dict[str, int]:
+    """The layers table of billing/__init__.py's docstring: module prefix -> rank (0 lowest)."""
+    import billing
+
+    table = billing.__doc__.split("Layers, lowest first.", 1)[1].split("\n\n", 2)[1]
+    ranks: dict[str, int] = {}
+    for rank, line in enumerate(table.strip().splitlines()):
+        for prefix in line.split(":", 1)[1].split():
+            ranks[f"billing.{prefix}"] = rank
+    return ranks
+
+
+def _layer_of(module: str, ranks: dict[str, int]) -> int | None:
+    matches = [p for p in ranks if module == p or module.startswith(p + ".")]
+    return ranks[max(matches, key=len)] if matches else None
+
+
+def test_the_import_graph_counts_function_level_imports():
+    # The one lazy import of the package root, seen: a test of the counting itself.
+    assert "billing.app" in GRAPH["billing"]
+    assert "billing.config" in GRAPH["billing.gunicorn_conf"]
+
+
+def test_the_package_and_the_emulator_have_no_import_cycle():
     def cycle_from(start: str) -> list[str] | None:
         stack = [(start, [start])]
         seen: set[str] = set()
         while stack:
             node, path = stack.pop()
-            for nxt in graph[node]:
+            for nxt in GRAPH[node]:
                 if nxt == start:
                     return [*path, start]
                 if nxt not in seen:
@@ -67,8 +104,36 @@ def test_the_package_has_no_import_cycle():
                     stack.append((nxt, [*path, nxt]))
         return None
 
-    cycles = [cycle for name in sorted(graph) if (cycle := cycle_from(name))]
+    cycles = [cycle for name in sorted(GRAPH) if (cycle := cycle_from(name))]
     assert not cycles, " -> ".join(cycles[0])
+
+
+def test_every_module_has_a_layer_and_imports_no_higher_layer():
+    ranks = _layers()
+    emulator = "billing.emulator"
+    unplaced, upward, emulator_edges = [], [], []
+    for module, imported in GRAPH.items():
+        if module == "billing":
+            continue  # the package root re-exports the top, lazily
+        for target in imported:
+            if (module == emulator or module.startswith(emulator + ".")) != (
+                target == emulator or target.startswith(emulator + ".")
+            ):
+                emulator_edges.append(f"{module} -> {target}")
+        if module.startswith(emulator):
+            continue
+        rank = _layer_of(module, ranks)
+        if rank is None:
+            unplaced.append(module)
+            continue
+        upward += [
+            f"{module} -> {target}"
+            for target in imported
+            if not target.startswith(emulator) and (_layer_of(target, ranks) or 0) > rank
+        ]
+    assert not unplaced, f"modules missing from billing/__init__.py's layers table: {unplaced}"
+    assert not upward, f"imports that point up a layer: {sorted(upward)}"
+    assert not emulator_edges, f"the emulator must stand apart: {sorted(emulator_edges)}"
 
 
 def test_init_app_registers_every_command_group(settings):
@@ -77,7 +142,8 @@ def test_init_app_registers_every_command_group(settings):
     for command in (
         "flush_now", "flush_hourly", "enqueue_hourly", "config", "db",
         "validate_contract", "preflight", "smoke_org", "sync_periods",
-        "submissions", "entitlements", "webhooks", "adjustments", "status", "lock", "reconcile",
+        "submissions", "usage", "entitlements", "webhooks", "adjustments", "status", "lock",
+        "reconcile", "seed_demo",
     ):  # fmt: skip
         assert f"  {command} " in result.output or f"  {command}\n" in result.output, command
 
