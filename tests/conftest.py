@@ -48,6 +48,9 @@ from billing import db  # noqa: E402
 from billing.config import Settings  # noqa: E402
 from billing.runtime import Runtime  # noqa: E402
 
+# Fixtures more than one folder of tests uses: pytest loads them for every test.
+pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.saas", "tests.fixtures.webhooks"]
+
 TABLES = (
     "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements, "
     "invoice_adjustments, billing_adjustments, usage_dismissals, ops_records"
@@ -247,3 +250,12 @@ def billing_settings(settings: Settings, emulator: EmulatorHandle) -> Settings:
 @pytest.fixture
 def billing_runtime(make_runtime, billing_settings: Settings) -> Runtime:
     return make_runtime(billing_settings)
+
+
+@pytest.fixture
+def sqlite_runtime(billing_settings, tmp_path):
+    """The embedded default's database: a migrated SQLite file, same emulator."""
+    runtime = Runtime(billing_settings.replace(database_url=f"sqlite:///{tmp_path / 'b.db'}"))
+    db.upgrade(runtime.engine)
+    yield runtime
+    runtime.close()

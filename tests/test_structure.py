@@ -17,8 +17,8 @@ from billing import create_app
 from billing.checks.validation import contract_gate
 from billing.models import utcnow
 from billing.usage.service import flush_pass
+from tests.factories import add_accounts, add_events
 from tests.process import ROOT
-from tests.usage.factories import add_accounts, add_events
 
 PACKAGE = ROOT / "billing"
 

@@ -15,9 +15,6 @@ from werkzeug.serving import make_server
 from billing.app import EXTENSION_KEY
 from billing.demo.host_app import create_demo_app
 from billing.runtime import set_runtime
-from tests.entitlements import conftest as entitlement_fixtures
-
-saas_catalog = entitlement_fixtures.saas_catalog  # the `saas` price, for these tests too
 
 CHROMIUM = os.environ.get("BILLING_TEST_CHROMIUM", "/usr/bin/chromium")
 # Root in a container: no sandbox; and nothing that phones home or updates itself.

@@ -14,7 +14,7 @@ from billing.entitlements import SAAS_FEATURE
 from billing.entitlements.service import grant_manual, has_entitlement
 from billing.models import Entitlement
 from billing.stripe_gateway import SubscriptionCheckout
-from tests.webhooks.conftest import wait_until
+from tests.fixtures.webhooks import wait_until
 
 
 def buy_saas(runtime, emulator, price_id: str, organization_id: int) -> str:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from billing import create_app
 from billing.models import BillingAccount, UsageSubmission, utcnow
 from billing.usage.service import flush_pass
-from tests.usage.factories import (
+from tests.factories import (
     add_accounts,
     add_events,
     expected_totals,

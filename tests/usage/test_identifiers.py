@@ -11,7 +11,7 @@ from billing.config import parse_meter_map
 from billing.models import UsageSubmission, utcnow
 from billing.usage.claiming import identifier_type_part, usage_identifier
 from billing.usage.service import flush_pass
-from tests.usage.factories import add_accounts, add_events
+from tests.factories import add_accounts, add_events
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])

@@ -13,7 +13,7 @@ from billing import create_app
 from billing.models import BillableEvent, UsageSubmission, utcnow
 from billing.usage.claiming import Claimer
 from billing.usage.service import flush_pass
-from tests.usage.factories import add_accounts, add_events, expected_totals
+from tests.factories import add_accounts, add_events, expected_totals
 
 BIGINT_MAX = 9223372036854775807
 

@@ -17,7 +17,7 @@ from billing.usage.retry_policy import (
 )
 from billing.usage.tasks import enqueue_hourly_flush, flush_hourly_usage
 from tests.conftest import TEST_QUEUE
-from tests.usage.factories import (
+from tests.factories import (
     add_accounts,
     add_events,
     expected_totals,

@@ -16,7 +16,7 @@ from billing.models import utcnow
 from billing.runtime import Runtime
 from billing.usage.service import flush_pass
 from tests.conftest import TEST_DATABASE_URL
-from tests.usage.factories import add_accounts, expected_totals, unclaimed_count
+from tests.factories import add_accounts, expected_totals, unclaimed_count
 
 PRODUCER_INSERT = sa.text(
     "INSERT INTO billable_events "

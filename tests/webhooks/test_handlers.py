@@ -11,7 +11,7 @@ from billing import logs
 from billing.entitlements import SAAS_FEATURE
 from billing.models import BillingAccount, Entitlement
 from billing.stripe_gateway import SubscriptionCheckout
-from tests.webhooks.conftest import post
+from tests.fixtures.webhooks import post
 
 
 def account(runtime, organization_id: int) -> BillingAccount | None:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from billing import logs
 from billing.webhooks.publish import background_publisher
-from tests.webhooks.conftest import (
+from tests.fixtures.webhooks import (
     OLD_SECRET,
     AppServer,
     host_app,

@@ -8,8 +8,8 @@ import time
 from prometheus_client import REGISTRY
 
 from billing.webhooks import service
-from tests.ops.test_metrics import scrape
-from tests.webhooks.conftest import make_event, post, sign
+from tests.fixtures.webhooks import make_event, post, sign
+from tests.test_metrics import scrape
 
 
 def value(name: str, **labels: str) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from billing.webhooks import service
-from tests.webhooks.conftest import rows
+from tests.fixtures.webhooks import rows
 
 
 def _event(n: int) -> dict[str, Any]:

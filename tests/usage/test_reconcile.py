@@ -1,0 +1,194 @@
+"""`flask billing reconcile`: outbox vs Stripe's hourly meter event summaries, drift with the rows
+behind it, and held rows settled only on a clear answer from Stripe."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from billing import create_app
+from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
+from billing.stripe_gateway import MeterEvent
+from billing.usage.reconcile import floor_hour
+from billing.usage.service import flush_pass
+from tests.factories import add_accounts, add_events
+
+
+def run(settings, *args):
+    runner = create_app(settings).test_cli_runner()
+    return runner.invoke(args=["billing", "reconcile", "--json", *args])
+
+
+def window(hours_back: int = 30):
+    now = utcnow()
+    return [
+        "--since",
+        (now - timedelta(hours=hours_back)).strftime("%Y-%m-%dT%H:00:00"),
+        "--until",
+        floor_hour(now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+    ]
+
+
+def flushed_usage(runtime):
+    customers = add_accounts(runtime, [1, 2])
+    now = utcnow()
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": org,
+                "event_type": "api_call",
+                "quantity": q,
+                "occurred_at": now - timedelta(hours=h),
+            }
+            for org, q, h in ((1, 5, 5), (1, 7, 5), (1, 3, 4), (2, 11, 4))
+        ],
+    )
+    assert flush_pass(runtime).submissions_sent == 3
+    return customers
+
+
+def stripe_event(runtime, customer, hour, value):
+    """A meter event that reached Stripe outside our outbox (or an attempt we did not record)."""
+    runtime.stripe.send_meter_event(
+        MeterEvent(
+            event_name="api_call",
+            stripe_customer_id=customer,
+            value=value,
+            timestamp=hour,
+            identifier=f"x-{uuid.uuid4().hex}",
+            idempotency_key=f"x-{uuid.uuid4().hex}",
+        )
+    )
+
+
+def held_row(runtime, customer, hour, value, org=1):
+    with runtime.session_factory.begin() as session:
+        row = UsageSubmission(
+            organization_id=org,
+            stripe_customer_id=customer,
+            event_type="api_call",
+            event_name="api_call",
+            value=value,
+            event_count=1,
+            window_start=hour,
+            window_end=hour + timedelta(hours=1),
+            identifier=f"held-{uuid.uuid4().hex[:8]}",
+            status="held",
+            attempts=1,
+            created_at=utcnow() - timedelta(hours=30),
+            last_error="unsent for over 23h",
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def row_state(runtime, row_id):
+    with runtime.session_factory() as session:
+        row = session.get(UsageSubmission, row_id)
+        actions = list(
+            session.scalars(
+                sa.select(UsageSubmissionAction.action).where(
+                    UsageSubmissionAction.submission_id == row_id
+                )
+            )
+        )
+        return row.status, row.identifier, actions
+
+
+def test_everything_sent_matches_and_exits_zero(billing_runtime, emulator):
+    flushed_usage(billing_runtime)
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["groups"]["match"] == 3 and report["ok"] and report["problems"] == []
+
+
+def test_drift_lists_the_rows_behind_it_and_exits_one(billing_runtime, emulator):
+    customers = flushed_usage(billing_runtime)
+    hour = floor_hour(utcnow() - timedelta(hours=4))
+    stripe_event(billing_runtime, customers[2], hour, 4)
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    (drift,) = report["problems"]
+    assert drift["status"] == "drift" and drift["stripe_customer_id"] == customers[2]
+    assert (drift["stripe_total"], drift["sent_total"]) == (15, 11)
+    assert [(r["status"], r["value"]) for r in drift["rows"]] == [("sent", 11)]
+    text = (
+        create_app(billing_runtime.settings)
+        .test_cli_runner()
+        .invoke(args=["billing", "reconcile", *window()])
+    )
+    assert text.exit_code == 1 and "Stripe 15 outbox sent 11" in text.output
+
+
+def test_usage_in_stripe_the_outbox_never_sent_is_drift(billing_runtime, emulator):
+    customers = flushed_usage(billing_runtime)
+    stripe_event(billing_runtime, customers[1], floor_hour(utcnow() - timedelta(hours=9)), 2)
+    report = json.loads(run(billing_runtime.settings, *window()).stdout)
+    (drift,) = report["problems"]
+    assert (drift["stripe_total"], drift["sent_total"], drift["rows"]) == (2, 0, [])
+
+
+def test_held_row_found_in_stripe_is_marked_sent(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1])
+    hour = floor_hour(utcnow() - timedelta(hours=26))
+    row_id = held_row(billing_runtime, customers[1], hour, 9)
+    stripe_event(billing_runtime, customers[1], hour, 9)  # an attempt that did reach Stripe
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settled"] == {"delivered": 1, "reissued": 0}
+    status, _, actions = row_state(billing_runtime, row_id)
+    assert status == "sent" and actions == ["reconciled"]
+    assert json.loads(run(billing_runtime.settings, *window()).stdout)["problems"] == []
+
+
+def test_held_row_absent_from_stripe_is_reissued_and_billed_once(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1])
+    hour = floor_hour(utcnow() - timedelta(hours=26))
+    row_id = held_row(billing_runtime, customers[1], hour, 9)
+    _, old_identifier, _ = row_state(billing_runtime, row_id)
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settled"] == {"delivered": 0, "reissued": 1}
+    status, identifier, actions = row_state(billing_runtime, row_id)
+    assert (status, actions) == ("pending", ["reissue"]) and identifier != old_identifier
+    assert flush_pass(billing_runtime).submissions_sent == 1
+    assert emulator.billed() == {customers[1]: {"api_call": 9}}
+    again = json.loads(run(billing_runtime.settings, *window()).stdout)
+    assert again["groups"]["match"] == 1 and again["problems"] == []
+
+
+def test_an_ambiguous_total_settles_nothing(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1])
+    hour = floor_hour(utcnow() - timedelta(hours=26))
+    row_id = held_row(billing_runtime, customers[1], hour, 9)
+    stripe_event(billing_runtime, customers[1], hour, 4)  # neither 0 nor 9: do not guess
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 1
+    (group,) = json.loads(result.stdout)["problems"]
+    assert group["status"] == "drift" and group["settled"] is None
+    assert row_state(billing_runtime, row_id)[:1] == ("held",)
+
+
+def test_a_meter_stripe_does_not_know_is_unknown_not_guessed(billing_runtime, emulator):
+    customers = add_accounts(billing_runtime, [1])
+    hour = floor_hour(utcnow() - timedelta(hours=26))
+    row_id = held_row(billing_runtime, customers[1], hour, 9)
+    with billing_runtime.session_factory.begin() as session:
+        session.execute(sa.update(UsageSubmission).values(event_name="no_such_meter"))
+    result = run(billing_runtime.settings, *window())
+    assert result.exit_code == 1
+    (group,) = json.loads(result.stdout)["problems"]
+    assert group["status"] == "unknown" and "no meter" in group["detail"]
+    assert row_state(billing_runtime, row_id)[:1] == ("held",)
+
+
+def test_bad_window_is_a_usage_error(billing_runtime):
+    result = run(billing_runtime.settings, "--since", "2026-01-02", "--until", "2026-01-01")
+    assert result.exit_code == 2 and "--since must be before --until" in result.output
