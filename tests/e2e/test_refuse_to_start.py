@@ -2,7 +2,7 @@
 
 A server (a WSGI server building `create_app()`, `flask run`) reads every setting when it builds
 the app and refuses to start; a `flask billing` command reads them when it runs and exits 1 with
-the one configuration line. The README's web command is in tests/webhooks/test_web_command.py.
+the one configuration line. The README's web command is in tests/e2e/test_web_command.py.
 """
 
 from __future__ import annotations
