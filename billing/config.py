@@ -23,6 +23,10 @@ DEFAULT_BOOKING_URL = "https://cal.com/andreas-duess-fd/fishdog-demo"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_FLUSH_LOCK_KEY = "billing:stripe-usage-flush:lock"
+# The lock: at most TTL seconds a run (STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS), on a key that lives
+# a lease (STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS) and that the holder's heartbeat re-arms.
+DEFAULT_FLUSH_LOCK_TTL_SECONDS = 3300
+DEFAULT_FLUSH_LOCK_LEASE_SECONDS = 60
 DEFAULT_METRICS_PATH = "/metrics"
 DEFAULT_WEBHOOK_PATH = "/stripe/webhook"
 
@@ -287,8 +291,8 @@ class Settings:
 
     billing_queue: str = "default"
     flush_lock_key: str = DEFAULT_FLUSH_LOCK_KEY
-    flush_lock_ttl_seconds: int = 3300
-    flush_lock_lease_seconds: int = 60
+    flush_lock_ttl_seconds: int = DEFAULT_FLUSH_LOCK_TTL_SECONDS
+    flush_lock_lease_seconds: int = DEFAULT_FLUSH_LOCK_LEASE_SECONDS
     flush_lock_backend: str = "redis"
     flush_batch_size: int = 5000
     submit_concurrency: int = 8
@@ -333,7 +337,9 @@ class Settings:
         secret_key = _secret_key(env.str("STRIPE_SECRET_KEY"))
         redis_url = env.url("REDIS_URL", DEFAULT_REDIS_URL, REDIS_SCHEMES) or DEFAULT_REDIS_URL
         lock_ttl = env.int(
-            "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS", 3300, maximum=MAX_FLUSH_LOCK_TTL_SECONDS
+            "STRIPE_USAGE_FLUSH_LOCK_TTL_SECONDS",
+            DEFAULT_FLUSH_LOCK_TTL_SECONDS,
+            maximum=MAX_FLUSH_LOCK_TTL_SECONDS,
         )
         settings = cls(
             billing_enabled=env.bool("STRIPE_BILLING_ENABLED", False),
@@ -375,7 +381,10 @@ class Settings:
             flush_lock_ttl_seconds=lock_ttl,
             # The key's TTL, re-armed by the holder's heartbeat: how long a killed holder blocks.
             flush_lock_lease_seconds=env.int(
-                "STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS", 60, minimum=3, maximum=3600
+                "STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS",
+                DEFAULT_FLUSH_LOCK_LEASE_SECONDS,
+                minimum=3,
+                maximum=3600,
             ),
             flush_lock_backend=env.choice(
                 "STRIPE_USAGE_FLUSH_LOCK_BACKEND", "redis", ("redis", "file")

@@ -39,12 +39,12 @@ import filelock
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
 
+from billing.config import DEFAULT_FLUSH_LOCK_LEASE_SECONDS
 from billing.errors import OperatorError
 from billing.logs import get_logger
 
 log = get_logger("billing.locks")
 
-DEFAULT_LEASE_SECONDS = 60
 # A live holder re-arms its lease every third of it; two missed beats mean the heartbeat stopped.
 BEATS_PER_LEASE = 3
 MISSED_BEATS_FOR_STALE = 2
@@ -116,8 +116,8 @@ class RedisFlushLock:
         task_id: str | None = None,
     ) -> None:
         self.key = key
-        self.max_hold_seconds = ttl_seconds
-        self.lease_seconds = min(lease_seconds or DEFAULT_LEASE_SECONDS, ttl_seconds)
+        self.ttl_seconds = ttl_seconds  # the most one run may hold it, heartbeat or not
+        self.lease_seconds = min(lease_seconds or DEFAULT_FLUSH_LOCK_LEASE_SECONDS, ttl_seconds)
         self.task_id = task_id
         self._lock = client.lock(
             key, timeout=self.lease_seconds, blocking=False, thread_local=False
@@ -157,7 +157,7 @@ class RedisFlushLock:
         try:
             while not self._stop.wait(interval):
                 held_for = time.monotonic() - acquired_at
-                if held_for + self.lease_seconds > self.max_hold_seconds:
+                if held_for + self.lease_seconds > self.ttl_seconds:
                     # Stop re-arming: the lease runs out at the TTL, and a hung run frees the lock.
                     log.warning(
                         "Stripe usage flush lock TTL reached; no longer re-armed",
