@@ -5,7 +5,7 @@
 Flags on the command line override these (gunicorn's precedence), e.g. `--bind 0.0.0.0:8000`.
 
 4 gthread workers x 4 threads. In full bench runs with the direct route (endpoint.DirectRoute;
-bench/webhooks-results.md), the three ingest goals (>= 1,500 deliveries/s, p99 < 30 ms, >= 5x
+bench/results/webhooks.md), the three ingest goals (>= 1,500 deliveries/s, p99 < 30 ms, >= 5x
 the synchronous handler) were all met in 14 of 14 gthread runs and 35 of 38 gevent runs. gevent
 workers served x1.10 the deliveries per second (median of 14 alternating pairs, x0.87-x1.63),
 but their p99 was the higher in 11 of the 14 pairs, and 41-64 ms in three runs: a gevent worker

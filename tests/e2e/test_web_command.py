@@ -158,7 +158,7 @@ def test_an_idle_keep_alive_connection_does_not_hold_a_graceful_stop(
     """gunicorn's own workers wait at most `keepalive` (2 s) for a connection's next request, so
     a restart does not wait out `graceful_timeout` (30 s) for a client that keeps its
     connection open and idle. gunicorn's `gevent_pywsgi` worker waits with no limit (measured:
-    30.1 s against 2.7 s; bench/webhooks-results.md)."""
+    30.1 s against 2.7 s; bench/results/webhooks.md)."""
     # The server stops first (contexts exit in reverse), with the client's connection still open.
     with (
         requests.Session() as client,
