@@ -581,7 +581,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--sync-requests", type=int, default=4_000)
     # 8 connections keep the two cores busy: 12 and 16 gave the same deliveries/s side by side,
-    # the extra ones only waiting in the server (p99 18, 26 and 32 ms); see the README.
+    # the extra ones only waiting in the server (p99 18, 26 and 32 ms); see docs/performance.md.
     parser.add_argument("--concurrency", type=int, default=8)
     # Unset: billing.gunicorn_conf's (the README's web command).
     parser.add_argument("--workers", type=int)

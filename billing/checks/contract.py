@@ -2,7 +2,7 @@
 
 `CONTRACT_COLUMNS` and `CONTRACT_RULES` are the contract. `run_contract_checks` enforces them (as
 `flask billing validate_contract` and as the pre-flush gate) and `contract_markdown()` renders them
-for the README, so the documentation and the checks cannot drift apart.
+for docs/flush.md, so the documentation and the checks cannot drift apart.
 
 Every check is one set-based query (a count, then up to five sample ids only when it fails). The
 per-row rules look at pending rows only (neither claimed nor dismissed, `models.pending_event`): a
@@ -50,7 +50,7 @@ SAMPLE_LIMIT = 5
 class ContractColumn:
     name: str
     types: tuple[type[TypeEngine[Any]], ...]  # reflected types that are compatible
-    sql: str  # the compatible SQL types, as the README names them
+    sql: str  # the compatible SQL types, as docs/flush.md names them
     nullable: bool  # whether NULL is an allowed value
     owner: str  # "upstream" writes it; "billing" owns it (set when the flush claims the row)
     meaning: str
@@ -218,7 +218,7 @@ CHECK_NAMES: tuple[str, ...] = tuple(rule.check for rule in CONTRACT_RULES)
 
 
 def contract_markdown() -> str:
-    """The contract as Markdown tables, for the README."""
+    """The contract as Markdown tables, for docs/flush.md."""
     columns = [
         (f"`{c.name}`", c.sql, "yes" if c.nullable else "no", c.owner, c.meaning)
         for c in CONTRACT_COLUMNS

@@ -359,8 +359,8 @@ def test_checks_run_on_sqlite(tmp_path, settings):
         rt.close()
 
 
-def test_readme_shows_the_contract_as_the_code_defines_it():
+def test_the_flush_page_shows_the_contract_as_the_code_defines_it():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert contract_markdown() in readme
+    page = (Path(__file__).resolve().parents[2] / "docs" / "flush.md").read_text()
+    assert contract_markdown() in page
