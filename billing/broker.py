@@ -4,7 +4,7 @@ tasks in batches for callers that must not wait for the broker.
 
 kombu's Redis channel builds a new `redis.Redis` client for every message it publishes (`_put` →
 `conn_or_acquire()` → `_create_client()`); building one fills its table of ~170 response
-callbacks, about half of Celery's CPU cost of a publish. A `redis.Redis` client is thread-safe
+callbacks, a large share of Celery's CPU cost of a publish. A `redis.Redis` client is thread-safe
 and stateless beyond its connection pool (which the channel already keeps), so the web process's
 sender reuses one per channel. Messages, queues and routing are kombu's own: only the client
 object is kept. The worker and beat use kombu's transport unchanged. tests/test_broker.py fails
@@ -63,12 +63,11 @@ def publish_transport(broker_url: str) -> str | None:
 
 class TaskPublisher:
     """Sends tasks to one queue as `Celery.send_task(name, args, queue=...)` would, at a fraction
-    of its CPU (measured, CPU µs a task: send_task 262, `send` about 130, `send_many` 79 in
-    batches of 4 and 51 in batches of 16).
+    of its CPU, less still a task in batches (`send_many`; figures in docs/performance.md).
 
     The message is Celery's own (`amqp.as_task_v2`, protocol 2) and kombu publishes it. What is
     left out is per-call work that a fixed queue does not need: send_task's routing and signals,
-    Celery's producer pool (a kombu resource pool: about 55 µs a checkout; here a list under a
+    Celery's producer pool (a kombu resource pool, costly per checkout; here a list under a
     lock keeps the idle producers, each with its connection), and checking the queue's
     declaration on every publish: the queue (durable, as Celery declares it) is declared once
     per producer, when it is built. A producer whose publish failed is dropped with its
@@ -179,12 +178,10 @@ class BackgroundPublisher:
     The thread waits `linger` seconds after the first task of a batch so that the tasks
     submitted meanwhile share its round trip (`TaskPublisher.send_many`): publishing was the
     largest cost of a webhook delivery, and concurrent requests rarely publish at the same
-    instant (measured under load: 7 to 9 in 10 publishes alone when each request published its
-    own). The default 50 ms, measured against 5 ms (interleaved rounds under load, gunicorn
-    4 x 4): 1.18x the deliveries per second at a third less CPU a delivery; 25 and 100 ms were
-    no better. A task's processing starts that much later, which nothing waits for. Each
-    batch ends in `on_published(contexts)` or `on_failed(contexts, error)`; the caller's
-    `context` travels with its task. At most `max_pending` tasks wait: past that, `submit`
+    instant. The default 50 ms beat a shorter wait side by side, and longer ones were no better
+    (figures in docs/performance.md). A task's processing starts that much later, which nothing
+    waits for. Each batch ends in `on_published(contexts)` or `on_failed(contexts, error)`; the
+    caller's `context` travels with its task. At most `max_pending` tasks wait: past that, `submit`
     refuses (returns False) instead of growing without bound while the broker is away.
 
     The thread starts on the first `submit` in a process (a forked child starts its own; what

@@ -42,8 +42,8 @@ def make_engine(database_url: str, **kwargs: object) -> Engine:
 def make_autocommit_engine(engine: Engine) -> Engine:
     """An engine for single-statement writes on a hot path (the webhook insert), on `engine`'s
     database: autocommit from the connection's first use, so a checkout neither switches
-    isolation levels nor rolls back on return, and no pre-ping (a round trip per checkout, a third
-    of an ingest's time): a dropped connection is invalidated by the failed statement and the
+    isolation levels nor rolls back on return, and no pre-ping (a round trip per checkout, a large
+    share of an ingest's time): a dropped connection is invalidated by the failed statement and the
     caller retries on a new one. SQLite (one file, maybe in memory) shares `engine`'s pool."""
     if engine.dialect.name == "sqlite":
         return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -4,14 +4,10 @@
 
 Flags on the command line override these (gunicorn's precedence), e.g. `--bind 0.0.0.0:8000`.
 
-4 gthread workers x 4 threads. In full bench runs with the direct route (endpoint.DirectRoute;
-bench/results/webhooks.md), the three ingest goals (>= 1,500 deliveries/s, p99 < 30 ms, >= 5x
-the synchronous handler) were all met in 14 of 14 gthread runs and 35 of 38 gevent runs. gevent
-workers served x1.10 the deliveries per second (median of 14 alternating pairs, x0.87-x1.63),
-but their p99 was the higher in 11 of the 14 pairs, and 41-64 ms in three runs: a gevent worker
-accepts keep-alive connections greedily, so one can end up serving most of them, and a stall
-there holds all their requests. Before the direct route it was the same: p99 higher in all 21
-pairs on two earlier machines, for x1.02-x1.04 the throughput in full runs.
+4 gthread workers x 4 threads: side by side, gevent workers served slightly more deliveries per
+second but with the higher p99, because a gevent worker accepts keep-alive connections greedily,
+so one can end up serving most of them, and a stall there holds all their requests (figures in
+docs/performance.md).
 
 `--worker-class gevent` still works: psycopg2's sockets are not Python's, so gevent cannot patch
 them, and each gevent worker sets psycopg2's wait callback (psycogreen), or one insert waiting on
@@ -98,10 +94,9 @@ def post_fork(server: Any, worker: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """Put what the loaded app holds (modules, the Flask app, settings) out of the garbage
-    collector's reach. A full collection otherwise walks all of it with the worker stopped:
-    measured at 70 to 310 ms, two or three times per worker in 12,000 webhook deliveries,
-    which made the endpoint's p99 (1 to 2 ms once frozen). What is made later is collected as
-    usual; the collection first frees the start-up garbage, which freezing would keep for
-    good."""
+    collector's reach. A full collection otherwise walks all of it with the worker stopped,
+    long enough to make the endpoint's p99 (figures in docs/performance.md). What is made later
+    is collected as usual; the collection first frees the start-up garbage, which freezing would
+    keep for good."""
     gc.collect()
     gc.freeze()

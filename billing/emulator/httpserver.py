@@ -1,9 +1,10 @@
 """A small HTTP/1.1 server on asyncio: keep-alive, Content-Length bodies, one write per response.
 
-Why not `http.server`: a thread per connection tops out near 800 requests/s on two cores, and its
-separate header/body writes stall keep-alive clients on delayed ACKs. Here each connection is an
-`asyncio.Protocol`; a handler returns a `Response` (fast path, no task) or an awaitable (when it
-must wait, e.g. injected latency), or `None` to drop the connection without answering.
+Why not `http.server`: a thread per connection tops out well below the emulator's target rate on
+two cores (figures in docs/performance.md), and its separate header/body writes stall keep-alive
+clients on delayed ACKs. Here each connection is an `asyncio.Protocol`; a handler returns a
+`Response` (fast path, no task) or an awaitable (when it must wait, e.g. injected latency), or
+`None` to drop the connection without answering.
 """
 
 from __future__ import annotations

@@ -174,8 +174,8 @@ class Claimer:
         # Read in group order; no row lock: the link below writes each row once, in id order.
         # Locking (FOR UPDATE) or linking in group order visits pages at random, and a backlog
         # larger than PostgreSQL's buffers had each page read and written again and again
-        # (measured: 23M page writes by backends for a 5M-event flush). A concurrent claimer of
-        # the same rows is caught by the link's re-check instead (`ClaimConflict`).
+        # (figures in docs/performance.md). A concurrent claimer of the same rows is caught by the
+        # link's re-check instead (`ClaimConflict`).
         picked = (
             sa.select(*GROUP_ORDER, event.quantity)
             .where(*self._event_filter(rules))

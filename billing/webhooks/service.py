@@ -142,10 +142,10 @@ def _storable_name(value: Any) -> bool:
 
 def ingest(runtime: Runtime, delivery: Delivery, hand_off: HandOff) -> IngestOutcome:
     """Store a verified event once (by Stripe's id), then hand its processing task to the
-    process's publisher (`billing.broker.BackgroundPublisher`), which publishes it within about
-    50 ms and logs `accepted and queued` then (`report_queued`), or, if the broker
-    refuses, leaves the row `received` for the sweep (`report_not_queued`). The answer does not
-    wait for the broker: the row is what makes the delivery safe."""
+    process's publisher (`billing.broker.BackgroundPublisher`), which publishes it within its
+    linger (50 ms by default) and logs `accepted and queued` then (`report_queued`), or, if the
+    broker refuses, leaves the row `received` for the sweep (`report_not_queued`). The answer
+    does not wait for the broker: the row is what makes the delivery safe."""
     event = delivery.event
     fields = {"event_id": event["id"], "event_type": event["type"]}
     metrics.WEBHOOKS_RECEIVED.inc()
@@ -172,16 +172,16 @@ def report_not_queued(refused: list[dict[str, Any]], error: BaseException) -> No
 def store_once(engine: Engine, event: dict[str, Any], text: str | None = None) -> bool:
     """Insert the event unless its id is known; True if this call stored it. On PostgreSQL,
     `text` (the delivered JSON, if given) is stored as is: serializing the event again was a
-    fifth of the insert's CPU (measured: 134 → 107 µs).
+    noticeable share of the insert's CPU (figures in docs/performance.md).
 
     The unique constraint decides between concurrent duplicates: the loser's insert does nothing
     (ON CONFLICT DO NOTHING) instead of failing, so both answer 200 and only one is queued.
     It runs for every delivery, on an autocommit engine without pre-ping
     (`Runtime.ingest_engine`). On PostgreSQL the statement, compiled once, goes straight to the
     pooled psycopg2 connection, prepared in its session (`prepared_insert`): SQLAlchemy's
-    per-execution work was 40% of an ingest's CPU (measured: 760 → 590 µs a delivery). A pooled
-    connection the server dropped fails without writing anything; the insert is tried once more
-    on a new one.
+    per-execution work was a large share of an ingest's CPU (figures in docs/performance.md). A
+    pooled connection the server dropped fails without writing anything; the insert is tried
+    once more on a new one.
     """
     now = utcnow()
     row = {
