@@ -162,6 +162,22 @@ def test_documented_command_exists_and_its_flags_are_the_clis(page, command, set
     )
 
 
+# A repository path in inline code (`billing/usage/claiming.py`, `ops/systemd/`), not a pattern.
+REPO_PATH = re.compile(r"(?:billing|tests|ops|scripts|bench|docs)/[\w./-]*")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_the_files_a_page_names_exist(page):
+    spans = INLINE.findall(FENCED.sub("", page.read_text()))
+    named = {span for span in spans if REPO_PATH.fullmatch(span)}
+    # What the benchmarks write there is this machine's and not committed (.gitignore).
+    named = {
+        path for path in named if not path.startswith("bench/results/") or path.endswith(".md")
+    }
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
