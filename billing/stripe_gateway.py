@@ -212,7 +212,7 @@ class StripeGateway:
     # Meter events -------------------------------------------------------------------------
 
     def send_meter_event(self, event: MeterEvent) -> MeterEventOutcome:
-        """One call, never repeated here: the flush's retry policy (`billing.retry_policy`)
+        """One call, never repeated here: the flush's retry policy (`usage.retry_policy`)
         decides every repeat, so stripe-python's own network retries are off for meter events."""
         params = {
             "event_name": event.event_name,

@@ -1,4 +1,4 @@
-"""`flask billing submissions list|retry|write-off`: thin commands over `billing.submissions`."""
+"""`flask billing submissions list|retry|write-off`: thin commands over `billing.usage.outbox`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The hourly usage flush: claim → aggregate → outbox → submit, batch after batch.
 
-Exactly once, whatever crashes: claiming (`billing.claiming`) is one transaction per batch that
-turns events into outbox rows with fixed Stripe identifiers; submitting (`billing.submitting`)
+Exactly once, whatever crashes: claiming (`usage.claiming`) is one transaction per batch that
+turns events into outbox rows with fixed Stripe identifiers; submitting (`usage.submitting`)
 sends pending outbox rows and repairs a crash by re-sending them (Stripe answers "already exists").
 
 The two overlap: batch N+1 is claimed while batch N is sent, so database work and Stripe calls run
@@ -215,14 +215,14 @@ def flush_usage(
 ) -> FlushResult:
     """One flush pass (no lock): the service function every entry point ends in.
 
-    `call_attempts` is this pass's share of the run's calls per row (`billing.retry_policy`)."""
+    `call_attempts` is this pass's share of the run's calls per row (`usage.retry_policy`)."""
     if not settings.billing_enabled:
         log.warning(logs.FLUSH_DISABLED)
         return FlushResult(enabled=False)
     fields = scope_fields(organization_id)
     # Before the gate: its warning or block belongs to this run, and reads so in the logs.
     log.info(logs.FLUSH_STARTED, extra=fields)
-    # The gate (billing.services) decides whether checks run and whether a failure blocks.
+    # The gate (billing.checks.validation) decides whether checks run and whether a failure blocks.
     verdict = contract_gate() if contract_gate else GateVerdict([], blocks=False)
     failures = verdict.failures
     if failures:

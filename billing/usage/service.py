@@ -134,7 +134,7 @@ def flush_with_retries(
     runtime: Runtime, *, on_progress: Callable[[FlushResult], None] | None = None
 ) -> FlushResult:
     """`flask billing flush_hourly`: the guarded flush, retried in-process on transient errors;
-    the passes share one call budget per row (`billing.retry_policy`). The result (also the one a
+    the passes share one call budget per row (`usage.retry_policy`). The result (also the one a
     final TransientFlushError carries) covers the whole run: `FlushResult.of_run`."""
     passes = retry_policy.HOURLY_PASSES
     retrying = Retrying(

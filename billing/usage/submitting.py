@@ -293,7 +293,7 @@ class Submitter:
 
     def _call_retrying(self, send: Callable[[], MeterEventOutcome]) -> MeterEventOutcome:
         """Transient errors (429, 409, 5xx, connection) are retried here, within the row's share
-        of the run's call budget (`billing.retry_policy`); a run-level stop ends the retries."""
+        of the run's call budget (`usage.retry_policy`); a run-level stop ends the retries."""
         retrying = Retrying(
             stop=stop_after_attempt(self.call_attempts) | stop_when_event_set(self.stops.run),
             wait=retry_policy.call_wait(self.settings),

@@ -30,7 +30,7 @@ def flush_hourly_usage(self: Task) -> dict[str, Any]:
     """The hourly flush under the overlap lock; transient failures retry with backoff.
 
     Celery's retries are the run's passes: they share the run's call budget per row
-    (`billing.retry_policy`), and the last pass raises instead of retrying."""
+    (`usage.retry_policy`), and the last pass raises instead of retrying."""
     runtime = get_runtime()
     settings = runtime.settings
     passes = 1 + settings.task_max_retries
