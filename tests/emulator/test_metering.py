@@ -1,6 +1,6 @@
 """Meter events validated asynchronously (the default, as on live Stripe): a 200 now, the failed
-ones never aggregated, a signed thin error report later, its details from GET /v2/core/events.
-Driven through stripe-python over HTTP."""
+ones never aggregated, a signed thin error report later, its details from GET /v2/core/events;
+summaries that lag. Driven through stripe-python over HTTP."""
 
 from __future__ import annotations
 
@@ -366,6 +366,30 @@ class TestSync:
             send(stripe_client, identifier="s-1", stripe_customer_id="cus_no", value="2")
         send(stripe_client, identifier="s-1", stripe_customer_id=metered.customer.id, value="2")
         assert sync_meter_validation.stats()["billed"] == {metered.customer.id: {"api_calls": 2}}
+
+
+class TestSummaryLag:
+    def test_summaries_catch_up_after_the_lag(self, stripe_client, metered, emulator):
+        emulator.post("settings", {"summary_lag_seconds": 30})
+        cus = metered.customer.id
+        send(stripe_client, stripe_customer_id=cus, value="5")
+        assert total(stripe_client, metered.meter, cus, emulator) == 0.0
+        assert emulator.stats()["billed"] == {cus: {"api_calls": 5}}  # received all the same
+        emulator.advance(31)
+        assert total(stripe_client, metered.meter, cus, emulator) == 5.0
+
+    def test_draft_invoice_lines_lag_too(self, stripe_client, metered, emulator):
+        client, cus = stripe_client, metered.customer.id
+        item = metered.subscription["items"].data[0]
+        end = item.current_period_end
+        emulator.advance(end - emulator.now() + 10)  # the renewal draft exists now
+        emulator.post("settings", {"summary_lag_seconds": 30})
+        (draft,) = client.v1.invoices.list({"customer": cus, "status": "draft"}).data
+        send(client, stripe_customer_id=cus, value="300", timestamp=end - 60)  # late usage
+        assert client.v1.invoices.retrieve(draft.id).lines.data[0].quantity == 0
+        emulator.advance(31)
+        refreshed = client.v1.invoices.retrieve(draft.id)
+        assert refreshed.lines.data[0].quantity == 300 and refreshed.amount_due == 150
 
 
 class TestSettings:

@@ -435,11 +435,13 @@ def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, An
 
 
 def aggregate(st: State, meter: dict[str, Any], customer: str, start: int, end: int) -> float:
-    """The meter's formula over events with start <= timestamp < end."""
+    """The meter's formula over events with start <= timestamp < end, received at least
+    `summary_lag_seconds` ago (Stripe aggregates asynchronously)."""
+    seen_by = st.now() - st.settings.summary_lag_seconds
     records = [
         r
         for r in st.meter_events.get((meter["id"], customer), ())
-        if not r.canceled and start <= r.timestamp < end
+        if not r.canceled and start <= r.timestamp < end and r.received_at <= seen_by
     ]
     window = WINDOWS.get(meter.get("event_time_window") or "")
     if window:  # the meter keeps only the newest event per window
