@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 from billing.emulator.app import Emulator, apply_settings
 from billing.emulator.errors import StripeError, invalid
 from billing.emulator.httpserver import HandlerResult, Request, Response
-from billing.emulator.limits import parse_fault
+from billing.emulator.limits import FAULT_FIELDS, parse_fault
 from billing.emulator.resources import checkout
 
 _CHECKOUT = re.compile(r"^/_emulator/checkout(?:_sessions)?/([^/]+)(/complete)?$")
@@ -116,23 +116,7 @@ class Controls:
     def faults(self, req: Request, body: dict[str, Any]) -> Response:
         rules = self.em.faults.rules
         if req.method == "POST":
-            _only(
-                body,
-                {
-                    "clear",
-                    "faults",
-                    "path",
-                    "method",
-                    "status",
-                    "code",
-                    "should_retry",
-                    "latency_ms",
-                    "drop",
-                    "count",
-                    "probability",
-                    "seed",
-                },
-            )
+            _only(body, {"clear", "faults", *FAULT_FIELDS})
             specs = body.get("faults") or (
                 []
                 if "path" not in body
