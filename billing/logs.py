@@ -78,7 +78,7 @@ METER_EVENT_REJECTED = "Stripe meter event rejected asynchronously; outbox row m
 METER_ERROR_SAMPLE_UNMATCHED = "Stripe meter error sample matches no outbox row"
 METER_ERROR_SAMPLE_REQUEUED = "Stripe meter error sample names a row already re-queued"
 METER_ERROR_REPORT_DUPLICATE = "Stripe meter error report already recorded; rows left as they are"
-SUBMISSIONS_REQUEUED_REJECTED = "Rejected usage submissions re-queued with new identifiers"
+SUBMISSIONS_REQUEUED_REJECTED = "Rejected usage submission re-queued with a new identifier"
 
 P = ParamSpec("P")
 R = TypeVar("R")

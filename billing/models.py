@@ -81,8 +81,8 @@ class SubmissionStatus(enum.StrEnum):
 
 class SubmissionAction(enum.StrEnum):
     RETRY = "retry"  # failed -> pending, same identifier
-    REISSUE = "reissue"  # held -> pending with a new identifier, after reconciliation
-    WRITE_OFF = "write_off"  # failed or held -> written_off
+    REISSUE = "reissue"  # held (after reconciliation) or rejected -> pending, new identifier
+    WRITE_OFF = "write_off"  # failed, held or rejected -> written_off
     RECONCILED = "reconciled"  # held -> sent: Stripe's summaries show it was delivered
     REJECT = "reject"  # sent (or pending, held) -> rejected: Stripe reported the event invalid
 
