@@ -345,6 +345,29 @@ def test_no_meter_found_rejects_the_rows_of_an_event_name_without_a_meter(
     assert customers and emulator.billed() == {}
 
 
+def test_a_rejection_recorded_while_the_batch_is_in_flight_stands(webhook_runtime, emulator):
+    """The report can beat the flush's own record of the send (a long batch): the row stays
+    rejected, not `sent` by the run that sent it."""
+    runtime = webhook_runtime
+    add_accounts(runtime, [81])
+    add_events(runtime, random_events([81], ["api_call"], 2, hours=1))
+    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 1500, "count": 1})
+
+    def report_arrives() -> None:
+        (row,) = rows_of(runtime)
+        assert row.status == "pending"
+        assert rejections.mark_rejected(runtime, {row.id: (CUSTOMER_NOT_FOUND, "gone")}, "t")
+
+    arrives = threading.Timer(0.7, report_arrives)
+    arrives.start()
+    result = flush_pass(runtime)
+    arrives.join()
+    assert result.submissions_sent == 1
+    (row,) = rows_of(runtime)
+    assert (row.status, row.last_error) == ("rejected", f"{CUSTOMER_NOT_FOUND}: gone")
+    assert flush_pass(runtime).awaiting_operator["rejected"] == 1
+
+
 def test_mark_rejected_changes_sent_rows_once_and_leaves_the_others(webhook_runtime, emulator):
     runtime = webhook_runtime
     add_accounts(runtime, [61])
