@@ -345,6 +345,38 @@ def test_no_meter_found_rejects_the_rows_of_an_event_name_without_a_meter(
     assert customers and emulator.billed() == {}
 
 
+def test_samples_are_samples_the_rows_a_report_did_not_name_are_left_to_reconciliation(
+    async_stripe, webhook_runtime, emulator
+):
+    runtime = webhook_runtime
+    # One report for all 30 (the window outlasts the sends even on a busy machine).
+    emulator.settings(error_report_samples=5, error_report_delay_seconds=3)
+    customers = add_accounts(runtime, [91])
+    hour = utcnow().replace(minute=0, second=0, microsecond=0)
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": 91,
+                "event_type": "api_call",
+                "quantity": 3,
+                "occurred_at": hour - timedelta(hours=n),
+            }
+            for n in range(1, 31)
+        ],
+    )
+    runtime.stripe.client.v1.customers.delete(customers[91])
+    assert flush_pass(runtime).submissions_sent == 30
+    wait_until(lambda: reports(runtime), what="the report")
+    async_stripe.settle()
+    (report,) = reports(runtime)
+    assert (report.error_count, report.sampled, report.matched) == (30, 5, 5)
+    assert report.reconciled_at is None  # 25 errors unnamed: the reconciliation's to find
+    assert report.validation_start <= report.validation_end
+    statuses = Counter(r.status for r in rows_of(runtime))
+    assert statuses == {"rejected": 5, "sent": 25}
+
+
 def test_a_rejection_recorded_while_the_batch_is_in_flight_stands(webhook_runtime, emulator):
     """The report can beat the flush's own record of the send (a long batch): the row stays
     rejected, not `sent` by the run that sent it."""
