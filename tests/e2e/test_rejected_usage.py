@@ -90,7 +90,15 @@ def test_rejected_usage_reaches_the_operator_and_is_billed_once_after_the_fix(
             preflight = json.loads(run_flask(env, "preflight", "--json").stdout)
             (outbox,) = [c for c in preflight["checks"] if c["check"] == "usage_outbox"]
             assert outbox["status"] == "fail" and f"{len(deleted)} rejected" in outbox["detail"]
-            web = _scrape(served.metrics_url)
+            # A scrape that could not read the database says so (billing_state_up 0, no gauges):
+            # on a loaded machine take the next one.
+            web = wait_until(
+                lambda: (
+                    (found := _scrape(served.metrics_url))[("billing_state_up", ())] == 1 and found
+                ),
+                30,
+                "a scrape that reads the database",
+            )
             assert web[("billing_outbox_rows", (("status", "rejected"),))] == len(deleted)
             worker = _scrape(worker_metrics)
             assert worker[("billing_meter_events_rejected_total", (("code", CODE),))] == len(
