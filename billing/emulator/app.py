@@ -24,7 +24,7 @@ from billing.emulator.errors import StripeError
 from billing.emulator.httpserver import HandlerResult, Request, Response
 from billing.emulator.limits import Decision, Fault, Faults, RateLimiter
 from billing.emulator.params import parse_form
-from billing.emulator.resources import metering, subscriptions
+from billing.emulator.resources import meter_stream, metering, subscriptions
 from billing.emulator.router import Route, router
 from billing.emulator.state import (
     ID_WINDOW,
@@ -65,6 +65,7 @@ class Options:
     summary_lag_seconds: int = 0
     thin_webhook_url: str | None = None  # the thin-event destination; default: webhook_url
     thin_webhook_secret: str | None = None  # its signing secret; default: webhook_secret
+    meter_event_session_seconds: int = 900
 
 
 # The settings a test may change at run time (`POST /_emulator/settings`); Options carries each.
@@ -76,6 +77,7 @@ SETTING_NAMES = (
     "error_report_samples",
     "error_report_identifier",
     "summary_lag_seconds",
+    "meter_event_session_seconds",
 )
 
 
@@ -91,7 +93,7 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> None:
             checked[key] = _choice(key, value, SAMPLE_IDENTIFIERS)
         elif key in ("finalize_delay", "error_report_delay_seconds", "summary_lag_seconds"):
             checked[key] = _whole(key, value, 0)
-        elif key == "error_report_samples":
+        elif key in ("error_report_samples", "meter_event_session_seconds"):
             checked[key] = _whole(key, value, 1)
         else:
             raise errors.invalid(f"Received unknown parameter: {key}", param=key)
@@ -262,7 +264,10 @@ class Emulator:
     def _api(self, req: Request) -> HandlerResult:
         lock: tuple[str, ...] | None = None
         try:
-            api_key = self._authenticate(req)
+            if req.path == meter_stream.STREAM_PATH:
+                api_key = meter_stream.authenticate(self.state, req)
+            else:
+                api_key = self._authenticate(req)
             match = router.match(req.method, req.path)
             if match is None:
                 raise StripeError(
@@ -361,6 +366,8 @@ class Emulator:
         return cred
 
     def _params(self, req: Request, route: Route) -> dict[str, Any]:
+        if req.method == "POST" and req.path.startswith("/v2/"):
+            return meter_stream.json_body(req)  # v2 takes JSON; its handlers check the shape
         if req.method == "POST":
             ctype = req.headers.get("content-type", "")
             if req.body and "json" in ctype:
@@ -488,6 +495,7 @@ class Emulator:
                 "responses": {k: dict(v) for k, v in self.stats.responses.items()},
                 "billed": {c: dict(v) for c, v in st.billed.items()},
                 "meter_events": dict(st.meter_stats),
+                "meter_event_stream": dict(st.meter_stream_stats),
                 "webhooks": {
                     "pending": self.webhooks.pending(),
                     "delivered": sum(1 for d in self.webhooks.deliveries if d["ok"]),

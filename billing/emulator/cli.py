@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         default="test",
         help="rate-ceiling preset: test = 25 req/s shared (Stripe test mode, the "
-        "default), live = 100 req/s shared + 1,000/s meter events, off = none",
+        "default), live = 100 req/s shared + 1,000/s meter events + 10,000/s v2 stream "
+        "requests, off = none",
     )
     p.add_argument(
         "--global-rps", type=float, metavar="N", help="override the shared ceiling (0 = none)"
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="meter events reach summaries and draft invoices this long after receipt "
         "(default 0; Stripe publishes no figure, e.g. 60 to rehearse)",
     )
+    p.add_argument(
+        "--meter-event-session-seconds",
+        type=_positive,
+        default=900,
+        metavar="SECONDS",
+        help="lifetime of a v2 meter event session's token (default 900, Stripe's 15 minutes)",
+    )
     p.add_argument("--thin-webhook-url", help="thin events' destination (default --webhook-url)")
     p.add_argument("--thin-webhook-secret", help="its whsec_... secret (default --webhook-secret)")
     p.add_argument(
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_lag_seconds=args.summary_lag_seconds,
         thin_webhook_url=args.thin_webhook_url,
         thin_webhook_secret=args.thin_webhook_secret,
+        meter_event_session_seconds=args.meter_event_session_seconds,
     )
 
     def announce() -> None:

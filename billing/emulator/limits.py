@@ -15,7 +15,13 @@ from billing.emulator.errors import invalid
 # production: 100/s shared, plus a separate 1,000/s bucket for meter events.
 PRESETS: dict[str, dict[str, Any]] = {
     "test": {"global": 25.0, "paths": {}},
-    "live": {"global": 100.0, "paths": {"/v1/billing/meter_events": 1000.0}},
+    "live": {
+        "global": 100.0,
+        "paths": {
+            "/v1/billing/meter_events": 1000.0,
+            "/v2/billing/meter_event_stream": 10000.0,
+        },
+    },
     "off": {"global": None, "paths": {}},
 }
 FAULT_STATUSES = (400, 402, 404, 409, 429, 500, 502, 503, 504)

@@ -48,6 +48,7 @@ class EmulatorServer:
         summary_lag_seconds: int = 0,
         thin_webhook_url: str | None = None,
         thin_webhook_secret: str | None = None,
+        meter_event_session_seconds: int = 900,
     ) -> None:
         self.host = host
         self.port = port
@@ -70,6 +71,7 @@ class EmulatorServer:
                 summary_lag_seconds=summary_lag_seconds,
                 thin_webhook_url=thin_webhook_url,
                 thin_webhook_secret=thin_webhook_secret,
+                meter_event_session_seconds=meter_event_session_seconds,
             )
         )
         self.emulator.controls = Controls(self.emulator)

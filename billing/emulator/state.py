@@ -58,6 +58,7 @@ class Settings:
     # reference says "The request idempotency key") or the meter event's identifier.
     error_report_identifier: str = "idempotency_key"
     summary_lag_seconds: int = 0  # events younger than this are not yet in summaries/drafts
+    meter_event_session_seconds: int = 900  # a v2 meter event session's lifetime (Stripe: 15 min)
 
 
 @dataclass
@@ -130,6 +131,8 @@ class State:
         self.active_entitlements: dict[str, dict[str, dict[str, Any]]] = {}  # cus → feat → ent
         self.schedule: list[tuple[int, int, str, str]] = []
         self.billed: dict[str, dict[str, int]] = {}
+        self.meter_event_sessions: dict[str, int] = {}  # v2 stream token → expires_at
+        self.meter_stream_stats = {"requests": 0, "events": 0, "sessions": 0, "expired": 0}
         self.meter_stats = {
             "accepted": 0,
             "duplicates": 0,

@@ -76,6 +76,8 @@ def test_cli_meter_validation_flags_reach_the_settings():
         "identifier",
         "--summary-lag-seconds",
         "60",
+        "--meter-event-session-seconds",
+        "3",
     ]
     with emulator_process(*flags) as (proc, first):
         m = re.search(r"listening on (http://\S+) .*meter validation sync", first)
@@ -89,6 +91,7 @@ def test_cli_meter_validation_flags_reach_the_settings():
             "error_report_samples": 3,
             "error_report_identifier": "identifier",
             "summary_lag_seconds": 60,
+            "meter_event_session_seconds": 3,
         }
         assert stop(proc) == 0
 

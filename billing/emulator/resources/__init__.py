@@ -5,6 +5,7 @@ from billing.emulator.resources import (  # noqa: F401
     core,
     entitlements,
     invoices,
+    meter_stream,
     metering,
     subscriptions,
 )

@@ -240,7 +240,7 @@ def _check(st: State, p: dict[str, Any], now: int) -> tuple[dict[str, Any], str,
     return meter, customer_id, value, timestamp
 
 
-def _refuse_duplicate(st: State, identifier: str, now: int) -> None:
+def refuse_duplicate(st: State, identifier: str, now: int) -> None:
     seen = st.identifiers.get(identifier)
     if seen is not None and seen.received_at > now - ID_WINDOW:
         st.meter_stats["duplicates"] += 1
@@ -269,7 +269,6 @@ def _remember(st: State, rec: MeterEventRecord) -> None:
 )
 def meter_events_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     now = st.now()
-    event_name = p["event_name"]
     identifier = p.get("identifier") or st.new_id("", 24)
     if st.settings.meter_validation == "sync":
         try:
@@ -277,23 +276,44 @@ def meter_events_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
         except _Failed as failed:
             st.meter_stats["rejected"] += 1
             raise failed.sync from None
-        _refuse_duplicate(st, identifier, now)
+        refuse_duplicate(st, identifier, now)
     else:
         # Accepted for processing: only the form (schema) and a re-sent identifier are refused
         # now; whether the identifier of a later-rejected event is kept for dedupe is [?] (kept).
-        _refuse_duplicate(st, identifier, now)
-        try:
-            meter, customer_id, value, timestamp = _check(st, p, now)
-        except _Failed as failed:
-            _reject_later(st, p, identifier, now, failed)
-            return _accepted(p, identifier, p.get("timestamp") or now, now)
+        refuse_duplicate(st, identifier, now)
+        timestamp = accept_checked(st, p, identifier, now)
+        return _accepted(p, identifier, timestamp, now)
+    _store(st, p, identifier, now, (meter, customer_id, value, timestamp))
+    return _accepted(p, identifier, timestamp, now)
+
+
+def accept_checked(st: State, p: dict[str, Any], identifier: str, now: int) -> int:
+    """Async mode after the identifier check (v1 meter events and the v2 stream): a valid event
+    is recorded, a failed one kept for its error report. Returns the event's timestamp."""
+    try:
+        checked = _check(st, p, now)
+    except _Failed as failed:
+        _reject_later(st, p, identifier, now, failed)
+        return p.get("timestamp") or now
+    _store(st, p, identifier, now, checked)
+    return checked[3]
+
+
+def _store(
+    st: State,
+    p: dict[str, Any],
+    identifier: str,
+    now: int,
+    checked: tuple[dict[str, Any], str, int, int],
+) -> None:
+    meter, customer_id, value, timestamp = checked
+    event_name = p["event_name"]
     rec = MeterEventRecord(timestamp, value, identifier, now, customer_id, meter["id"], event_name)
     _remember(st, rec)
     st.meter_events.setdefault((meter["id"], customer_id), []).append(rec)
     billed = st.billed.setdefault(customer_id, {})
     billed[event_name] = billed.get(event_name, 0) + value
     st.meter_stats["accepted"] += 1
-    return _accepted(p, identifier, timestamp, now)
 
 
 def _accepted(p: dict[str, Any], identifier: str, timestamp: int, now: int) -> dict[str, Any]:
