@@ -331,6 +331,10 @@ class Settings:
     worker_metrics_address: str = "127.0.0.1"
     prometheus_multiproc_dir: str | None = None
 
+    # v1: one POST /v1/billing/meter_events per outbox row; v2: the meter event stream (a session
+    # token, up to 100 events per request).
+    stripe_meter_event_api: str = "v1"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
@@ -356,6 +360,7 @@ class Settings:
                 minimum=0.1,
                 maximum=MAX_METER_EVENT_RATE_PER_SECOND,
             ),
+            stripe_meter_event_api=env.choice("STRIPE_METER_EVENT_API", "v1", ("v1", "v2")),
             stripe_meters=parse_meter_map(
                 "STRIPE_BILLING_METERS", env.str("STRIPE_BILLING_METERS")
             ),

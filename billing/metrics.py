@@ -103,6 +103,20 @@ METER_EVENTS_REJECTED = Counter(
     ["code"],
 )
 
+# Meter event APIs (v1 calls, the v2 stream) ----------------------------------------------------
+METER_EVENT_CALLS = Counter(
+    "billing_meter_event_calls_total",
+    "Meter event requests sent to Stripe, by API (v1: one event each; v2: a stream request).",
+    ["api"],
+)
+METER_EVENT_EVENTS = Counter(
+    "billing_meter_event_events_total", "Meter events carried by those requests, by API.", ["api"]
+)
+METER_EVENT_SESSION_RENEWALS = Counter(
+    "billing_meter_event_session_renewals_total",
+    "v2 meter event sessions created (the first and every renewal before or after expiry).",
+)
+
 
 def observe_flush(result: FlushCounts, outcome: str, meters: Mapping[str, str]) -> None:
     """Count one hourly flush run (the service seam calls this once per run)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,10 +19,13 @@ from typing import Any
 
 import stripe
 
+from billing import metrics
 from billing.config import Settings
 from billing.errors import OperatorError
 
 DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
+MAX_STREAM_EVENTS = 100  # Stripe's ceiling per v2 meter event stream request
+LIVE_STREAM_RATE_PER_SECOND = 9000.0  # under Stripe's 10,000 stream requests/s in live mode
 
 
 class ErrorScope(StrEnum):
@@ -211,6 +214,11 @@ class StripeGateway:
         self.client = client
         self.live_mode = live_mode
         self.rate_limiter = rate_limiter
+        self.meter_event_session = MeterEventSessionHolder(self._create_meter_event_session)
+        # v2 stream requests have their own live ceiling; test mode shares the 25/s of every call.
+        self.stream_rate_limiter = (
+            RateLimiter(LIVE_STREAM_RATE_PER_SECOND) if live_mode else rate_limiter
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StripeGateway:
@@ -240,9 +248,10 @@ class StripeGateway:
         so the iteration runs inside `_call` too: their errors are translated like the first's."""
         return self._call(lambda: list(list_method(*args).auto_paging_iter()))
 
-    def _call(self, fn: Any, *args: Any) -> Any:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
+    def _call(self, fn: Any, *args: Any, limiter: RateLimiter | None = None) -> Any:
+        limiter = limiter or self.rate_limiter
+        if limiter is not None:
+            limiter.acquire()
         try:
             return fn(*args)
         except stripe.StripeError as error:
@@ -259,6 +268,8 @@ class StripeGateway:
             "timestamp": int(event.timestamp.timestamp()),
             "payload": {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)},
         }
+        metrics.METER_EVENT_CALLS.labels(api="v1").inc()
+        metrics.METER_EVENT_EVENTS.labels(api="v1").inc()
         try:
             created = self._call(
                 self.client.v1.billing.meter_events.create,
@@ -275,6 +286,52 @@ class StripeGateway:
         if response is not None and response.headers.get("idempotent-replayed") == "true":
             return MeterEventOutcome.DUPLICATE
         return MeterEventOutcome.ACCEPTED
+
+    def send_meter_event_batch(self, events: Sequence[MeterEvent]) -> None:
+        """One v2 meter event stream request of at most 100 events, never repeated here for a
+        transient error (the caller re-sends the whole request: the identifiers make that
+        harmless). Stripe answers `{}` and validates later: refusals arrive as meter error
+        reports (`usage.rejections`), so a return means "accepted for processing".
+
+        An expired session (401 `billing_meter_event_session_expired`) is renewed once and the
+        request re-sent; a second expiry is transient, never a run-stopping 401."""
+        if not 0 < len(events) <= MAX_STREAM_EVENTS:
+            raise ValueError(f"a stream request carries 1..{MAX_STREAM_EVENTS} events")
+        params = {"events": [_stream_event(event) for event in events]}
+        token = self.meter_event_session.token()
+        for renewed in (False, True):
+            metrics.METER_EVENT_CALLS.labels(api="v2").inc()
+            metrics.METER_EVENT_EVENTS.labels(api="v2").inc(len(events))
+            try:
+                self._call(
+                    self.client.v2.billing.meter_event_stream.create,
+                    params,
+                    {"api_key": token, "max_network_retries": 0},
+                    limiter=self.stream_rate_limiter,
+                )
+                return
+            except StripeGatewayError as error:
+                if not isinstance(error.__cause__, stripe.TemporarySessionExpiredError):
+                    raise
+                if renewed:
+                    raise TransientStripeError(
+                        str(error), status=error.status, code=error.code
+                    ) from error
+                token = self.meter_event_session.renew(token)
+
+    def _create_meter_event_session(self) -> tuple[str, datetime, datetime]:
+        """A new v2 meter event session: (token, created, expires_at)."""
+        created = self._call(self.client.v2.billing.meter_event_session.create)
+        metrics.METER_EVENT_SESSION_RENEWALS.inc()
+        return (
+            str(created.authentication_token),
+            _iso_datetime(created.created) or datetime.now(UTC),
+            _iso_datetime(created.expires_at) or datetime.now(UTC),
+        )
+
+    def check_meter_event_session(self) -> None:
+        """Preflight: the key can open a v2 meter event session (kept for the next stream)."""
+        self.meter_event_session.renew(None)
 
     # Meters and summaries (reconciliation, smoke checks, preflight) ------------------------
 
@@ -532,6 +589,51 @@ class StripeGateway:
         return str(product.default_price)
 
 
+class MeterEventSessionHolder:
+    """The v2 meter event session's token, shared by the stream's lane threads.
+
+    Renewed when it comes within a margin of its expiry (60 s, or a fifth of the lifetime for
+    the emulator's short sessions), and on demand after a 401 `billing_meter_event_session_expired`
+    (`renew(stale)`): one renewal however many lanes saw the same stale token."""
+
+    MARGIN_SECONDS = 60.0
+
+    def __init__(
+        self,
+        create: Callable[[], tuple[str, datetime, datetime]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._create = create
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._renew_at = 0.0
+        self.renewals = 0
+
+    def token(self) -> str:
+        with self._lock:
+            if self._token is None or self._clock() >= self._renew_at:
+                self._renew()
+            assert self._token is not None
+            return self._token
+
+    def renew(self, stale: str | None) -> str:
+        """A fresh token, unless another thread already replaced `stale`."""
+        with self._lock:
+            if self._token is None or self._token == stale or stale is None:
+                self._renew()
+            assert self._token is not None
+            return self._token
+
+    def _renew(self) -> None:
+        token, created, expires_at = self._create()
+        lifetime = (expires_at - created).total_seconds()
+        margin = min(self.MARGIN_SECONDS, lifetime / 5)
+        self._token = token
+        self._renew_at = expires_at.timestamp() - margin
+        self.renewals += 1
+
+
 def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:
     """The current period, from the items (API 2025-03-31 and later keep it there)."""
     items = subscription.items.data if getattr(subscription, "items", None) else []
@@ -548,6 +650,18 @@ def _iso_datetime(value: Any) -> datetime | None:
         return None
     parsed = datetime.fromisoformat(str(value))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _stream_event(event: MeterEvent) -> dict[str, Any]:
+    """A v2 stream event. The timestamp is sent as an RFC 3339 string: stripe-python would turn a
+    datetime into Unix seconds in a v2 body, which v2 does not take."""
+    moment = event.timestamp if event.timestamp.tzinfo else event.timestamp.replace(tzinfo=UTC)
+    return {
+        "event_name": event.event_name,
+        "identifier": event.identifier,
+        "timestamp": moment.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "payload": {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)},
+    }
 
 
 def _summary_params(

@@ -54,6 +54,7 @@ GUIDE_DEFAULTS = {
     "worker_metrics_port": 0,
     "worker_metrics_address": "127.0.0.1",
     "prometheus_multiproc_dir": None,
+    "stripe_meter_event_api": "v1",
 }
 
 
@@ -62,6 +63,11 @@ def test_an_event_ceiling_above_the_group_ceiling_is_refused():
         Settings.from_env(
             {"STRIPE_USAGE_MAX_EVENT_QUANTITY": "500", "STRIPE_USAGE_MAX_GROUP_QUANTITY": "100"}
         )
+
+
+def test_the_meter_event_api_is_v1_or_v2():
+    assert Settings.from_env({"STRIPE_METER_EVENT_API": "V2"}).stripe_meter_event_api == "v2"
+    assert Settings.from_env({"STRIPE_METER_EVENT_API": "v1"}).stripe_meter_event_api == "v1"
 
 
 def test_the_defaults_cover_every_setting():
@@ -194,6 +200,7 @@ BAD_VALUES = [
     ("CELERY_BROKER_URL", "localhost"),
     ("CELERY_RESULT_BACKEND", "redis"),
     ("STRIPE_API_BASE", "127.0.0.1:12111"),
+    ("STRIPE_METER_EVENT_API", "v3"),
 ]
 
 

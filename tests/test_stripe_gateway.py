@@ -73,3 +73,38 @@ def test_permanent_errors_get_the_scope_they_are_about(error, scope):
 def test_transient_errors_are_retried_not_scoped(error):
     translated = translate_error(error)
     assert translated.transient and translated.scope is ErrorScope.ROW
+
+
+class TestMeterEventSessionHolder:
+    """The v2 session's token: renewed within the margin of its expiry, once per stale token."""
+
+    def holder(self, lifetime: float):
+        from datetime import UTC, datetime, timedelta
+
+        from billing.stripe_gateway import MeterEventSessionHolder
+
+        clock = [1_000.0]
+        made: list[str] = []
+
+        def create():
+            made.append(f"tok{len(made)}")
+            start = datetime.fromtimestamp(clock[0], UTC)
+            return made[-1], start, start + timedelta(seconds=lifetime)
+
+        return MeterEventSessionHolder(create, clock=lambda: clock[0]), clock, made
+
+    @pytest.mark.parametrize(("lifetime", "margin"), [(900, 60), (3, 0.6)])
+    def test_renewed_at_the_margin_before_expiry(self, lifetime, margin):
+        holder, clock, _ = self.holder(lifetime)
+        assert holder.token() == "tok0"
+        clock[0] += lifetime - margin - 0.01
+        assert holder.token() == "tok0"
+        clock[0] += 0.02
+        assert holder.token() == "tok1" and holder.renewals == 2
+
+    def test_a_stale_token_is_renewed_once_for_every_thread(self):
+        holder, _, made = self.holder(900)
+        stale = holder.token()
+        assert holder.renew(stale) == "tok1"
+        assert holder.renew(stale) == "tok1"  # a second lane with the same 401
+        assert made == ["tok0", "tok1"]

@@ -39,7 +39,7 @@ from billing.stripe_gateway import (
     StripeGatewayError,
     TransientStripeError,
 )
-from billing.usage import retry_policy
+from billing.usage import retry_policy, streaming
 from billing.usage.result import FlushResult
 
 log = logs.get_logger("billing.usage")
@@ -209,6 +209,19 @@ class Submitter:
                 )
             )
             self._repoint(session, rows)
+        if self.settings.stripe_meter_event_api == "v2":  # the meter event stream
+            streaming.StreamSender(
+                self.gateway,
+                self.sessions,
+                self.stops,
+                self.result,
+                clock=self.clock,
+                lanes=self._lanes,
+                lane_count=self.settings.submit_concurrency,
+                retrying=self._call_retrying,
+                call_attempts=self.call_attempts,
+            ).submit(rows)
+            return
         lanes: dict[tuple[str, str], list[UsageSubmission]] = defaultdict(list)
         for row in rows:
             lanes[(row.stripe_customer_id, row.event_name)].append(row)

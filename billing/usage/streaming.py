@@ -1,0 +1,203 @@
+"""The v2 sender (`STRIPE_METER_EVENT_API=v2`): pending outbox rows go out on Stripe's meter
+event stream, up to 100 per request.
+
+Rows are dealt to the submit lanes by (customer, meter), so one pair's rows are sent by one lane
+in order (one request in flight per pair, in case v1's rule applies to the stream too [?]); each
+lane sends its rows in requests of 100. Stripe answers `{}` and validates later, so an answered
+request makes its rows `sent` (one set-based UPDATE per request, only rows still `pending`: a
+meter error report's `rejected` stands); refusals arrive as error reports (`usage.rejections`).
+
+A transient failure (429, 5xx, connection) re-sends the whole request within the call budget:
+the rows' identifiers make the re-send harmless, as after a crash. Logging is per request
+(`api: "v2"`, `events: n`); a request that fails for good logs one failure line per event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import logs
+from billing.models import SubmissionStatus, UsageSubmission
+from billing.stripe_gateway import (
+    MAX_STREAM_EVENTS,
+    ErrorScope,
+    MeterEvent,
+    PermanentStripeError,
+    StripeGateway,
+    StripeGatewayError,
+    TransientStripeError,
+)
+from billing.usage.result import FlushResult
+
+log = logs.get_logger("billing.usage")
+API = "v2"
+
+
+class StreamSender:
+    """Sends one pass's rows on the v2 stream with the submitter's lanes, stops and retries."""
+
+    def __init__(
+        self,
+        gateway: StripeGateway,
+        sessions: sessionmaker[Session],
+        stops: Any,  # usage.submitting.Stops (not imported: submitting imports this module)
+        result: FlushResult,
+        *,
+        clock: Callable[[], datetime],
+        lanes: ThreadPoolExecutor,
+        lane_count: int,
+        retrying: Callable[[Callable[[], Any]], Any],
+        call_attempts: int,
+    ) -> None:
+        self.gateway = gateway
+        self.sessions = sessions
+        self.stops = stops
+        self.result = result
+        self.clock = clock
+        self.lanes = lanes
+        self.lane_count = max(1, lane_count)
+        self.retrying = retrying
+        self.call_attempts = call_attempts
+
+    def submit(self, rows: Sequence[UsageSubmission]) -> None:
+        pairs: dict[tuple[str, str], int] = {}
+        lanes: list[list[UsageSubmission]] = [[] for _ in range(self.lane_count)]
+        for row in sorted(rows, key=lambda r: r.id):
+            key = (row.stripe_customer_id, row.event_name)
+            lanes[pairs.setdefault(key, len(pairs) % self.lane_count)].append(row)
+        send_lane = logs.carry_context(self._send_lane)
+        list(self.lanes.map(send_lane, [lane for lane in lanes if lane]))
+
+    def _send_lane(self, rows: list[UsageSubmission]) -> None:
+        for start in range(0, len(rows), MAX_STREAM_EVENTS):
+            chunk = [r for r in rows[start : start + MAX_STREAM_EVENTS] if self._sendable(r)]
+            if chunk:
+                self._send_request(chunk)
+
+    def _sendable(self, row: UsageSubmission) -> bool:
+        if self.call_attempts >= 1 and self.stops.covering(row) is None:
+            return True
+        self.result.submissions_stopped += 1  # left pending, untouched, for the next run
+        return False
+
+    def _send_request(self, rows: list[UsageSubmission]) -> None:
+        events = [
+            MeterEvent(
+                event_name=r.event_name,
+                stripe_customer_id=r.stripe_customer_id,
+                value=r.value,
+                timestamp=r.window_start,
+                identifier=r.identifier,
+                idempotency_key=r.idempotency_key,
+            )
+            for r in rows
+        ]
+        attempt = 0
+
+        def send() -> None:
+            nonlocal attempt
+            attempt += 1
+            log.info(
+                logs.METER_SUBMIT_ATTEMPT,
+                extra={"api": API, "events": len(events), "attempt": attempt},
+            )
+            self.gateway.send_meter_event_batch(events)
+
+        try:
+            self.retrying(send)
+        except StripeGatewayError as error:
+            self._failed(rows, error)
+            return
+        log.info(logs.METER_SUBMIT_SUCCEEDED, extra={"api": API, "events": len(events)})
+        self._record_sent(rows)
+
+    def _record_sent(self, rows: list[UsageSubmission]) -> None:
+        now = self.clock()
+        with self.sessions.begin() as session:
+            sent = session.execute(
+                sa.update(UsageSubmission)
+                .where(
+                    UsageSubmission.id.in_([r.id for r in rows]),
+                    UsageSubmission.status == SubmissionStatus.PENDING.value,
+                )
+                .values(
+                    status=SubmissionStatus.SENT.value,
+                    attempts=UsageSubmission.attempts + 1,
+                    last_error=None,
+                    last_error_scope=None,
+                    sent_at=now,
+                    updated_at=now,
+                )
+                .returning(UsageSubmission.id)
+            ).scalars()
+            recorded = set(sent)
+            # Rows re-pointed at a fixed meter or customer (`Submitter._repoint`) keep the names
+            # they were sent under.
+            repointed = [
+                {"id": r.id, "event_name": r.event_name, "stripe_customer_id": r.stripe_customer_id}
+                for r in rows
+                if r.id in recorded
+                and r.last_error_scope in (ErrorScope.METER, ErrorScope.CUSTOMER)
+            ]
+            if repointed:
+                session.execute(sa.update(UsageSubmission), repointed)
+        self._count_sent([r for r in rows if r.id in recorded])
+
+    def _count_sent(self, rows: list[UsageSubmission]) -> None:
+        self.result.submissions_sent += len(rows)
+        billed = self.result.billed_value
+        for row in rows:
+            billed[row.event_type] = billed.get(row.event_type, 0) + row.value
+
+    def _failed(self, rows: list[UsageSubmission], error: StripeGatewayError) -> None:
+        transient = isinstance(error, TransientStripeError)
+        for row in rows:
+            log.log(
+                logging.WARNING if transient else logging.ERROR,
+                logs.METER_SUBMIT_FAILED,
+                extra={
+                    "api": API,
+                    "organization_id": row.organization_id,
+                    "idempotency_key": row.idempotency_key,
+                    "event_name": row.event_name,
+                    "value": row.value,
+                    "identifier": row.identifier,
+                    "error": str(error),
+                    "transient": transient,
+                    "scope": error.scope,
+                },
+            )
+        if isinstance(error, PermanentStripeError) and error.scope != ErrorScope.ROW:
+            self.stops.stop(error, rows[0])  # the key or the account: rows stay pending
+            self.result.submissions_stopped += len(rows)
+            return
+        status = SubmissionStatus.PENDING if transient else SubmissionStatus.FAILED
+        now = self.clock()
+        with self.sessions.begin() as session:
+            session.execute(
+                sa.update(UsageSubmission)
+                .where(
+                    UsageSubmission.id.in_([r.id for r in rows]),
+                    UsageSubmission.status == SubmissionStatus.PENDING.value,
+                )
+                .values(
+                    status=status.value,
+                    attempts=UsageSubmission.attempts + 1,
+                    last_error=str(error),
+                    last_error_scope=None if transient else ErrorScope.ROW.value,
+                    updated_at=now,
+                    key_generation=UsageSubmission.key_generation + (0 if transient else 1),
+                )
+            )
+        if transient:
+            self.result.submissions_pending += len(rows)
+        else:
+            self.result.submissions_failed += len(rows)
+        self.result.last_error = str(error)

@@ -1,0 +1,188 @@
+"""The v2 sender (`STRIPE_METER_EVENT_API=v2`) against real PostgreSQL and the emulator over HTTP:
+totals exact, requests of 100, the session renewed before expiry and after a 401, a failed
+request re-sent whole, a flush killed mid-stream repaired by the next run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from billing import logs, metrics
+from billing.models import UsageSubmission, utcnow
+from billing.usage.service import flush_pass
+from tests.factories import (
+    add_accounts,
+    add_events,
+    expected_totals,
+    submission_statuses,
+    unclaimed_count,
+)
+from tests.fixtures.processes import settings_env
+
+TYPES = ["api_call", "storage_gb_hour"]
+STREAM = "POST /v2/billing/meter_event_stream"
+
+
+def grid(orgs: list[int], hours: range, now) -> list[dict]:
+    """One event per organization, type and hour: as many outbox rows (groups) as events."""
+    top = now.replace(minute=0, second=0, microsecond=0)
+    return [
+        {
+            "organization_id": org,
+            "event_type": event_type,
+            "quantity": 1 + (org * 7 + h * 3 + i) % 40,
+            "occurred_at": top - timedelta(hours=h) + timedelta(minutes=10),
+        }
+        for org in orgs
+        for i, event_type in enumerate(TYPES)
+        for h in hours
+    ]
+
+
+@pytest.fixture
+def v2_runtime(make_runtime, billing_settings):
+    return make_runtime(billing_settings.replace(stripe_meter_event_api="v2", submit_concurrency=1))
+
+
+@pytest.fixture
+def seeded(v2_runtime):
+    orgs = list(range(1, 51))
+    customers = add_accounts(v2_runtime, orgs)
+    rows = grid(orgs, range(1, 4), utcnow())  # 50 orgs, 2 types, 3 hours: 300 groups
+    add_events(v2_runtime, rows)
+    return customers, rows, orgs
+
+
+def stream_stats(emulator) -> dict:
+    return emulator.stats()["meter_event_stream"]
+
+
+def renewals() -> float:
+    return metrics.METER_EVENT_SESSION_RENEWALS._value.get()
+
+
+def test_totals_exact_in_requests_of_exactly_100(v2_runtime, emulator, seeded, caplog):
+    customers, rows, _ = seeded
+    caplog.set_level(logging.INFO, logger="billing.usage")
+    result = flush_pass(v2_runtime)
+
+    assert result.ok and result.submissions_sent == len(rows) == 300
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert submission_statuses(v2_runtime) == {"sent": 300}
+    assert unclaimed_count(v2_runtime) == 0
+    stats = stream_stats(emulator)
+    assert (stats["requests"], stats["events"], stats["sessions"]) == (3, 300, 1)
+    assert emulator.stats()["requests"].get("POST /v1/billing/meter_events") is None
+    lines = [r for r in caplog.records if getattr(r, "api", None) == "v2"]
+    attempts = [r for r in lines if r.getMessage() == logs.METER_SUBMIT_ATTEMPT]
+    succeeded = [r for r in lines if r.getMessage() == logs.METER_SUBMIT_SUCCEEDED]
+    assert [r.events for r in attempts] == [100, 100, 100]
+    assert [r.events for r in succeeded] == [100, 100, 100]
+
+
+def test_lanes_keep_totals_exact(make_runtime, billing_settings, emulator, seeded):
+    customers, rows, _ = seeded
+    runtime = make_runtime(
+        billing_settings.replace(stripe_meter_event_api="v2", submit_concurrency=8)
+    )
+    result = flush_pass(runtime)
+    assert result.ok and result.submissions_sent == len(rows)
+    assert emulator.billed() == expected_totals(rows, customers)
+    stats = stream_stats(emulator)
+    assert stats["events"] == 300 and stats["requests"] == 8  # 38 or 37 rows a lane
+
+
+def test_session_renewed_before_it_expires(v2_runtime, emulator, seeded):
+    customers, rows, orgs = seeded
+    emulator.settings(meter_event_session_seconds=3)
+    before = renewals()
+    assert flush_pass(v2_runtime).ok
+    time.sleep(3.2)  # past the renewal margin (3 s / 5) and the expiry itself
+    more = grid(orgs, range(4, 5), utcnow())
+    add_events(v2_runtime, more)
+    result = flush_pass(v2_runtime)
+
+    assert result.ok and result.submissions_sent == len(more)
+    stats = stream_stats(emulator)
+    assert stats["expired"] == 0 and stats["sessions"] == 2
+    assert renewals() - before == 2  # the first session and one renewal
+    assert emulator.billed() == expected_totals(rows + more, customers)
+
+
+def test_session_renewed_after_a_401_without_stopping_the_run(v2_runtime, emulator, seeded):
+    customers, rows, orgs = seeded
+    assert flush_pass(v2_runtime).ok
+    emulator.advance(901)  # Stripe's clock past the token's expiry; ours still trusts it
+    more = grid(orgs, range(4, 5), utcnow())
+    add_events(v2_runtime, more)
+    result = flush_pass(v2_runtime)
+
+    assert result.ok and result.stop_error is None and result.submissions_stopped == 0
+    assert result.submissions_sent == len(more) and result.submissions_failed == 0
+    stats = stream_stats(emulator)
+    assert stats["expired"] == 1 and stats["sessions"] == 2
+    assert emulator.stats()["responses"][STREAM].get("401") == 1
+    assert submission_statuses(v2_runtime) == {"sent": len(rows) + len(more)}
+    assert emulator.billed() == expected_totals(rows + more, customers)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_failed_request_is_re_sent_whole(v2_runtime, emulator, seeded, status):
+    customers, rows, _ = seeded
+    emulator.faults({"path": "/v2/billing/meter_event_stream", "status": status, "count": 2})
+    result = flush_pass(v2_runtime)
+
+    assert result.ok and result.submissions_sent == len(rows)
+    assert emulator.stats()["responses"][STREAM] == {str(status): 2, "200": 3}
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert submission_statuses(v2_runtime) == {"sent": 300}
+
+
+def test_a_stream_request_already_accepted_then_re_sent_bills_once(v2_runtime, emulator, seeded):
+    """A crash after Stripe took a request but before the rows were recorded: the re-send's
+    identifiers are duplicates, dropped by Stripe."""
+    customers, rows, _ = seeded
+    assert flush_pass(v2_runtime).ok
+    with v2_runtime.session_factory.begin() as session:
+        session.execute(sa.update(UsageSubmission).values(status="pending"))
+    result = flush_pass(v2_runtime)
+    assert result.submissions_sent == len(rows)
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert emulator.stats()["meter_events"]["duplicates"] == len(rows)
+
+
+def test_killed_v2_flush_then_a_clean_run_is_exact(v2_runtime, emulator, seeded):
+    customers, rows, _ = seeded
+    emulator.faults({"path": "/v2/billing/meter_event_stream", "latency_ms": 400, "count": 10_000})
+    env = settings_env(
+        v2_runtime.settings.replace(stripe_api_base=emulator.url),
+        STRIPE_METER_EVENT_API="v2",
+        STRIPE_USAGE_SUBMIT_CONCURRENCY="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "billing", "billing", "flush_now"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while stream_stats(emulator)["requests"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert stream_stats(emulator)["requests"] >= 1, "the flush never got going"
+    assert submission_statuses(v2_runtime)["pending"] > 0, "killed after it had finished"
+
+    emulator.faults({"clear": True})
+    result = flush_pass(v2_runtime)
+    assert result.ok and unclaimed_count(v2_runtime) == 0
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert submission_statuses(v2_runtime) == {"sent": 300}
