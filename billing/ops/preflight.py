@@ -219,7 +219,11 @@ class _Preflight:
             return Status.SKIP, "skipped: STRIPE_SECRET_KEY is unusable"
         self.runtime.stripe.check_access()
         where = self.settings.stripe_api_base or "api.stripe.com"
-        return Status.PASS, f"authenticated read at {where} succeeded"
+        found = f"authenticated read at {where} succeeded"
+        if self.settings.stripe_meter_event_api == "v2":  # the stream needs a session too
+            self.runtime.stripe.check_meter_event_session()
+            found += "; v2 meter event session created"
+        return Status.PASS, found
 
     def stripe_meters(self) -> Outcome:
         if "stripe_access" not in self.passed:

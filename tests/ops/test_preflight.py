@@ -204,3 +204,25 @@ def test_report_forms(billing_runtime):
     lines = report.table().splitlines()
     assert lines[0].split() == ["check", "status", "detail"]
     assert len(lines) == len(report.checks) + 1
+
+
+class TestMeterEventApiV2:
+    def test_a_session_is_created(self, make_runtime, billing_settings, emulator):
+        report = run_preflight(
+            make_runtime(billing_settings.replace(stripe_meter_event_api="v2")),
+            require_enabled=True,
+        )
+        assert report.ok, report.table()
+        assert detail(report, "stripe_access").endswith("; v2 meter event session created")
+        assert emulator.stats()["meter_event_stream"]["sessions"] == 1
+
+    def test_a_refused_session_fails_stripe_access(self, make_runtime, billing_settings, emulator):
+        emulator.faults({"path": "/v2/billing/meter_event_session", "status": 400})
+        rt = make_runtime(billing_settings.replace(stripe_meter_event_api="v2"))
+        report = run_preflight(rt, require_enabled=True)
+        assert failed(report) == {"stripe_access"}
+        assert statuses(report)["stripe_meters"] is Status.SKIP
+
+    def test_v1_creates_no_session(self, billing_runtime, emulator):
+        assert run_preflight(billing_runtime, require_enabled=True).ok
+        assert emulator.stats()["meter_event_stream"]["sessions"] == 0
