@@ -194,6 +194,10 @@ BAD_VALUES = [
     ("CELERY_BROKER_URL", "localhost"),
     ("CELERY_RESULT_BACKEND", "redis"),
     ("STRIPE_API_BASE", "127.0.0.1:12111"),
+    # 0 trusts a summary at once (tests, an emulator without lag); never negative, at most a day.
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "-1"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "86401"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "1h"),
 ]
 
 
