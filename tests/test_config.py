@@ -54,6 +54,7 @@ GUIDE_DEFAULTS = {
     "worker_metrics_port": 0,
     "worker_metrics_address": "127.0.0.1",
     "prometheus_multiproc_dir": None,
+    "reconcile_settle_seconds": 3600,
 }
 
 
