@@ -73,6 +73,12 @@ METER_ERROR_REPORTED = "Stripe meter error report received"
 INVOICE_ADJUSTMENTS_SKIPPED = "Stripe invoice.created billing adjustments skipped"
 INVOICE_ADJUSTMENT_MISSED = "Stripe invoice adjustment missed: invoice no longer a draft"
 INVOICE_ADJUSTMENT_RESOLVED = "Stripe missed invoice adjustment resolved by an operator"
+# Reconciliation (scheduled and by hand) and the smoke check's wait for Stripe's summaries.
+RECONCILE_STARTED = "Stripe usage reconciliation started"
+RECONCILE_COMPLETED = "Stripe usage reconciliation completed"
+RECONCILE_DRIFT = "Stripe usage reconciliation found drift"
+RECONCILE_HELD_SETTLED = "Stripe usage held rows settled by reconciliation"
+SMOKE_SUMMARIES_WAITED = "Stripe smoke check waited for meter event summaries to settle"
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -67,3 +67,26 @@ def test_the_repos_celeryconfig_delegates_to_the_package():
         if name != "beat_schedule":  # crontab objects compare by identity of their app
             assert getattr(celeryconfig, name) == value, name
     assert celeryconfig.beat_schedule.keys() == celery_app.conf.beat_schedule.keys()
+
+
+RECONCILE_ENTRY = celery_app.conf.beat_schedule["billing-usage-reconcile"]
+
+
+@pytest.mark.parametrize(
+    ("now", "due"),
+    [("2026-11-25T14:13:00", False), ("2026-11-25T14:42:59", False), ("2026-11-25T14:43:00", True)],
+)
+def test_reconciliation_is_due_at_minute_43_not_at_the_flushs_13(now, due):
+    schedule = RECONCILE_ENTRY["schedule"]
+    schedule.app = celery_app
+    with freeze_time(now):
+        last = datetime.fromisoformat("2026-11-25T13:43:00").replace(tzinfo=UTC)
+        assert schedule.is_due(last).is_due is due
+
+
+def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
+    from billing.celery_app import RECONCILE_TASK
+
+    assert RECONCILE_ENTRY["task"] == RECONCILE_TASK == "billing.usage.reconcile"
+    assert RECONCILE_ENTRY["options"]["queue"] == celery_app.conf.task_default_queue
+    assert RECONCILE_TASK in celery_app.tasks

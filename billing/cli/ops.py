@@ -28,7 +28,7 @@ from billing.ops.state import OpsState, read_state
 from billing.runtime import current_runtime
 from billing.usage import history
 from billing.usage.lock import ReleaseOutcome, inspect_lock, release_dead_holder
-from billing.usage.reconcile import default_window, reconcile
+from billing.usage.reconcile import default_window, reconcile, reconcile_scheduled
 
 
 @contextmanager
@@ -86,6 +86,7 @@ def status_text(state: OpsState) -> str:
             f"runs refused with Redis unreachable in a row: {flush['consecutive_lock_unavailable']}"
         )
     lines.append("last contract validation: " + _validation(data["contract_validation"]))
+    lines.append("last reconciliation: " + _reconciliation(data["reconcile"]))
     lines.append("flush lock: " + _lock(data["lock"]))
     return "\n".join(lines)
 
@@ -119,6 +120,13 @@ def _validation(entry: dict[str, Any] | None) -> str:
         return "never"
     verdict = "passed" if entry["ok"] else "FAILED " + ", ".join(entry["failed_checks"])
     return f"{entry['at']} {verdict} ({entry['source']}, {entry['lookback_days']} days)"
+
+
+def _reconciliation(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "never"
+    verdict = "ok" if entry["ok"] else "NEEDS A LOOK"
+    return f"{entry['at']} {verdict} ({_counts(entry['groups'])}; {entry['source']})"
 
 
 def _lock(lock: dict[str, Any]) -> str:
@@ -193,19 +201,26 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
     "--until",
     type=click.DateTime(ISO_FORMATS),
     default=None,
-    help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour.",
+    help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour that ended "
+    "STRIPE_BILLING_RECONCILE_SETTLE_SECONDS ago.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
-    past Stripe's 24-hour identifier window. Exit 1 on drift or when Stripe could not answer."""
+    past Stripe's 24-hour identifier window. Hours younger than the settle lag are not settled,
+    never drift. Without --since/--until this is the scheduled run (recorded: `status` and the
+    alerts see it). Exit 1 on drift or when Stripe could not answer."""
     rt = runtime()
+    progress = _progress_bar("reconciling")
     with ops_errors():
-        start, end = default_window(rt, utcnow())
-        start, end = _utc(since) or start, _utc(until) or end
-        if start >= end:
-            raise click.BadParameter("--since must be before --until")
-        report = reconcile(rt, start, end, progress=_progress_bar("reconciling"))
+        if since is None and until is None:
+            report = reconcile_scheduled(rt, source="cli", progress=progress)
+        else:
+            start, end = default_window(rt, utcnow())
+            start, end = _utc(since) or start, _utc(until) or end
+            if start >= end:
+                raise click.BadParameter("--since must be before --until")
+            report = reconcile(rt, start, end, progress=progress)
     payload = report.to_dict()
     if as_json:
         click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))

@@ -9,8 +9,11 @@ stamped at its `window_start`, so it lands in that hour). A group is:
 - `in_flight`: pending or held rows make the difference expected until they settle;
 - `unknown`: Stripe could not answer (an error, a meter it does not know): nothing is concluded
   from it (exit 1: not proven);
-- `not_final`: the hour ended less than an hour ago; Stripe aggregates asynchronously, so it is
-  not judged yet (the default window stops before such hours).
+- `not_settled`: Stripe aggregates asynchronously and its summaries lag by an amount it does not
+  publish, so a group is judged only `STRIPE_BILLING_RECONCILE_SETTLE_SECONDS` after its hour
+  ended *and* after its last row was sent (a late row for an old hour makes that hour young
+  again); before, whatever the totals say, it is not settled, never drift (the default window
+  stops before the hours that cannot be settled yet).
 A group with rows held for longer than the identifier window (24 h) is settled only on a clear
 answer, with no row of it pending: Stripe = sent + held → the held rows were delivered, marked
 `sent`; Stripe = sent → provably absent, re-issued with a new identifier (pending; the next flush
@@ -19,6 +22,7 @@ sends it). Any other total is left for a person. Both are recorded in the outbox
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from billing import logs, ops_records
 from billing.logs import get_logger
 from billing.models import SubmissionStatus, UsageSubmission, utcnow
 from billing.runtime import Runtime
@@ -37,10 +42,9 @@ log = get_logger("billing.reconcile")
 HOUR = timedelta(hours=1)
 # Stripe keeps a meter event identifier for at least 24 hours; past it a re-send is not deduped.
 IDENTIFIER_WINDOW = timedelta(hours=24)
-# Stripe aggregates meter events asynchronously: an hour is judged once it is this long over.
-SUMMARY_SETTLE_DELAY = timedelta(hours=1)
 DEFAULT_LOOKBACK = timedelta(hours=48)
 ACTOR = "reconcile"
+STATUSES = ("match", "drift", "in_flight", "unknown", "not_settled")
 
 SENT = SubmissionStatus.SENT.value
 PENDING = SubmissionStatus.PENDING.value
@@ -65,6 +69,28 @@ class Group:
 
     def has(self, status: str) -> bool:
         return any(r["status"] == status for r in self.rows)
+
+    def log_fields(self) -> dict[str, Any]:
+        organizations = sorted({r["organization_id"] for r in self.rows})
+        return {
+            "organization_id": organizations[0] if len(organizations) == 1 else None,
+            "stripe_customer_id": self.customer,
+            "meter": self.meter,
+            "hour": self.hour.isoformat(),
+            "stripe_total": self.stripe,
+            "sent_total": self.total(SENT),
+            "detail": self.detail,
+        }
+
+    def settles_at(self, settle: timedelta) -> datetime:
+        """When Stripe's summary of this group can be trusted: `settle` after the later of the
+        hour's end and the last time one of its rows reached Stripe."""
+        reached = [
+            datetime.fromisoformat(r["reached_stripe_at"])
+            for r in self.rows
+            if r["reached_stripe_at"]
+        ]
+        return max([self.hour + HOUR, *reached]) + settle
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,12 +119,14 @@ class ReconcileReport:
     def ok(self) -> bool:
         return not (self.count("drift") or self.count("unknown"))
 
+    def counts(self) -> dict[str, int]:
+        return {status: self.count(status) for status in STATUSES}
+
     def to_dict(self) -> dict[str, Any]:
-        statuses = ("match", "drift", "in_flight", "unknown", "not_final")
         return {
             "since": self.since.isoformat(),
             "until": self.until.isoformat(),
-            "groups": {status: self.count(status) for status in statuses},
+            "groups": self.counts(),
             "settled": {
                 kind: sum(1 for g in self.groups if g.settled == kind)
                 for kind in ("delivered", "reissued")
@@ -109,9 +137,14 @@ class ReconcileReport:
         }
 
 
+def settle_delay(runtime: Runtime) -> timedelta:
+    return timedelta(seconds=runtime.settings.reconcile_settle_seconds)
+
+
 def default_window(runtime: Runtime, now: datetime) -> tuple[datetime, datetime]:
-    """The last 48 final hours, reaching back to the oldest held row so none is left out."""
-    until = floor_hour(now - SUMMARY_SETTLE_DELAY)
+    """The last 48 hours that ended a settle lag ago, reaching back to the oldest held row so
+    none is left out."""
+    until = floor_hour(now - settle_delay(runtime))
     with runtime.session_factory() as session:
         oldest_held = session.scalar(
             sa.select(sa.func.min(UsageSubmission.window_start)).where(
@@ -133,16 +166,48 @@ def reconcile(
     progress: Callable[[Iterable[tuple[str, str]]], Iterable[tuple[str, str]]] = lambda x: x,
 ) -> ReconcileReport:
     now = now or utcnow()
+    settle = settle_delay(runtime)
     since, until = floor_hour(since), floor_hour(until)
     groups = _outbox_groups(runtime, since, until)
     pairs = sorted({(g.customer, g.meter) for g in groups.values()})
     meters = runtime.stripe.meter_by_event_name()
     for customer, meter in progress(pairs):
-        _compare(runtime, meters.get(meter), customer, meter, since, until, now, groups)
+        _compare(runtime, meters.get(meter), customer, meter, since, until, now, settle, groups)
     report = ReconcileReport(since, until, sorted(groups.values(), key=_order))
     for group in report.groups:
         if group.status == "in_flight":
             _settle_held(runtime, group, now)
+        if group.status == "drift":
+            log.warning(logs.RECONCILE_DRIFT, extra=group.log_fields())
+    return report
+
+
+def reconcile_scheduled(
+    runtime: Runtime,
+    *,
+    source: str,
+    now: datetime | None = None,
+    progress: Callable[[Iterable[tuple[str, str]]], Iterable[tuple[str, str]]] = lambda x: x,
+) -> ReconcileReport:
+    """The default window, logged and recorded (`ops_records.RECONCILE`, which `status` and the
+    gauges read): what beat's hourly task runs, and the CLI without a window (cron)."""
+    now = now or utcnow()
+    since, until = default_window(runtime, now)
+    log.info(
+        logs.RECONCILE_STARTED,
+        extra={"since": since.isoformat(), "until": until.isoformat(), "source": source},
+    )
+    report = reconcile(runtime, since, until, now=now, progress=progress)
+    fields = {
+        "source": source,
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "ok": report.ok,
+    }
+    entry = {"at": utcnow().isoformat(), **fields, "groups": report.counts()}
+    ops_records.update_record(runtime.session_factory, ops_records.RECONCILE, lambda _: entry)
+    level = logging.INFO if report.ok else logging.WARNING
+    log.log(level, logs.RECONCILE_COMPLETED, extra={**fields, **report.counts()})
     return report
 
 
@@ -157,6 +222,8 @@ def _outbox_groups(runtime: Runtime, since: datetime, until: datetime) -> dict[K
         UsageSubmission.identifier,
         UsageSubmission.window_start,
         UsageSubmission.created_at,
+        UsageSubmission.updated_at,
+        UsageSubmission.sent_at,
     )
     query = (
         sa.select(*columns)
@@ -177,6 +244,16 @@ def _outbox_groups(runtime: Runtime, since: datetime, until: datetime) -> dict[K
                     "identifier": row.identifier,
                     "window_start": row.window_start.isoformat(),
                     "identifier_since": row.created_at.isoformat(),
+                    "sent_at": _iso(row.sent_at),
+                    # When Stripe last heard of the row: a held row's attempts ended before it
+                    # was held (its last update); other statuses are not in Stripe's total.
+                    "reached_stripe_at": _iso(
+                        row.sent_at
+                        if row.status == SENT
+                        else row.updated_at
+                        if row.status == HELD
+                        else None
+                    ),
                 }
             )
     return groups
@@ -190,6 +267,7 @@ def _compare(
     since: datetime,
     until: datetime,
     now: datetime,
+    settle: timedelta,
     groups: dict[Key, Group],
 ) -> None:
     mine = {k: g for k, g in groups.items() if k[0] == customer and k[1] == meter_name}
@@ -205,11 +283,16 @@ def _compare(
         key = (customer, meter_name, hour)
         if key not in groups:
             groups[key] = mine[key] = Group(*key)
-    for (_, _, hour), group in mine.items():
-        if hour + HOUR + SUMMARY_SETTLE_DELAY > now:
-            group.status, group.detail = "not_final", "Stripe's summary of this hour may still grow"
+    for group in mine.values():
+        settles_at = group.settles_at(settle)
+        if settles_at > now:
+            group.status = "not_settled"
+            group.detail = (
+                f"Stripe's summary may still be catching up until {settles_at.isoformat()} "
+                f"(settle lag {settle.total_seconds():.0f} s)"
+            )
             continue
-        group.stripe = totals.get(hour, 0)
+        group.stripe = totals.get(group.hour, 0)
         if group.has(PENDING) or group.has(HELD):
             group.status = "in_flight"
         elif group.stripe == group.total(SENT):
@@ -257,7 +340,7 @@ def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
     for row in expired:
         row["status"] = SENT if group.settled == "delivered" else PENDING
     log.warning(
-        "Stripe usage held rows settled by reconciliation",
+        logs.RECONCILE_HELD_SETTLED,
         extra={
             "submission_ids": ids,
             "settled": group.settled,
@@ -275,6 +358,10 @@ def _mark_unknown(groups: Iterable[Group], detail: str) -> None:
 
 def _order(group: Group) -> tuple[str, str, datetime]:
     return (group.customer, group.meter, group.hour)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 def floor_hour(value: datetime) -> datetime:

@@ -4,17 +4,26 @@ behind it, and held rows settled only on a clear answer from Stripe."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from billing import create_app
 from billing.models import UsageSubmission, UsageSubmissionAction, utcnow
 from billing.stripe_gateway import MeterEvent
-from billing.usage.reconcile import floor_hour
+from billing.usage.reconcile import floor_hour, reconcile, reconcile_scheduled
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events
+
+
+@pytest.fixture
+def billing_runtime(make_runtime, billing_settings):
+    """The emulator's summaries are final at once (no lag): trusted at once."""
+    return make_runtime(billing_settings.replace(reconcile_settle_seconds=0))
 
 
 def run(settings, *args):
@@ -192,3 +201,97 @@ def test_a_meter_stripe_does_not_know_is_unknown_not_guessed(billing_runtime, em
 def test_bad_window_is_a_usage_error(billing_runtime):
     result = run(billing_runtime.settings, "--since", "2026-01-02", "--until", "2026-01-01")
     assert result.exit_code == 2 and "--since must be before --until" in result.output
+
+
+def test_rows_sent_within_the_settle_lag_are_not_settled_never_drift(
+    make_runtime, billing_settings, emulator
+):
+    """Old hours whose rows were sent just now: Stripe may still be aggregating them."""
+    runtime = make_runtime(billing_settings.replace(reconcile_settle_seconds=600))
+    customers = flushed_usage(runtime)
+    hour = floor_hour(utcnow() - timedelta(hours=4))
+    stripe_event(runtime, customers[2], hour, 4)  # the totals differ, but nothing is settled
+    result = run(runtime.settings, *window())
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["groups"]["not_settled"] == 3 and report["groups"]["drift"] == 0
+    assert {g["status"] for g in report["problems"]} == {"not_settled"}
+
+    since, until = hour - timedelta(hours=2), floor_hour(utcnow())
+    later = reconcile(runtime, since, until, now=utcnow() + timedelta(seconds=601))
+    assert (later.count("match"), later.count("drift"), later.count("not_settled")) == (2, 1, 0)
+
+
+def test_the_current_hour_is_not_settled(billing_runtime, emulator):
+    """Even with no settle lag, an hour that has not ended can still grow."""
+    add_accounts(billing_runtime, [1])
+    add_events(
+        billing_runtime,
+        [{"organization_id": 1, "event_type": "api_call", "quantity": 5, "occurred_at": utcnow()}],
+    )
+    assert flush_pass(billing_runtime).submissions_sent == 1
+    hour = floor_hour(utcnow())
+    report = reconcile(billing_runtime, hour, hour + timedelta(hours=1))
+    assert report.counts()["not_settled"] == 1 and report.ok
+
+
+def test_a_run_without_a_window_is_the_scheduled_one_recorded_for_status_and_alerts(
+    billing_runtime, emulator
+):
+    customers = flushed_usage(billing_runtime)
+    stripe_event(billing_runtime, customers[2], floor_hour(utcnow() - timedelta(hours=4)), 4)
+    started = time.time()
+    app = create_app(billing_runtime.settings)
+    result = app.test_cli_runner().invoke(args=["billing", "reconcile", "--json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["groups"]["drift"] == 1
+
+    status = app.test_cli_runner().invoke(args=["billing", "status", "--json"])
+    recorded = json.loads(status.stdout)["reconcile"]
+    assert recorded["source"] == "cli" and recorded["ok"] is False
+    assert recorded["groups"] == {
+        "match": 2,
+        "drift": 1,
+        "in_flight": 0,
+        "unknown": 0,
+        "not_settled": 0,
+    }
+    text = app.test_cli_runner().invoke(args=["billing", "status"]).stdout
+    assert "last reconciliation: " in text and "NEEDS A LOOK (drift 1, " in text
+
+    scraped = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'billing_reconcile_groups{status="drift"} 1.0' in scraped
+    assert 'billing_reconcile_groups{status="match"} 2.0' in scraped
+    stamp = next(
+        line
+        for line in scraped.splitlines()
+        if line.startswith("billing_reconcile_last_run_timestamp_seconds ")
+    )
+    assert float(stamp.split()[1]) >= int(started)
+
+
+def test_a_run_over_a_window_is_an_investigation_not_recorded(billing_runtime, emulator):
+    flushed_usage(billing_runtime)
+    assert run(billing_runtime.settings, *window()).exit_code == 0
+    status = (
+        create_app(billing_runtime.settings)
+        .test_cli_runner()
+        .invoke(args=["billing", "status", "--json"])
+    )
+    assert json.loads(status.stdout)["reconcile"] is None
+
+
+def test_the_scheduled_run_logs_its_start_each_drift_and_its_end(billing_runtime, emulator, caplog):
+    customers = flushed_usage(billing_runtime)
+    hour = floor_hour(utcnow() - timedelta(hours=4))
+    stripe_event(billing_runtime, customers[2], hour, 4)
+    with caplog.at_level(logging.INFO, logger="billing"):
+        report = reconcile_scheduled(billing_runtime, source="schedule")
+    assert not report.ok
+    lines = {r.message: r for r in caplog.records if r.name == "billing.reconcile"}
+    assert lines["Stripe usage reconciliation started"].source == "schedule"
+    drift = lines["Stripe usage reconciliation found drift"]
+    assert (drift.organization_id, drift.meter, drift.hour) == (2, "api_call", hour.isoformat())
+    assert (drift.stripe_total, drift.sent_total) == (15, 11)
+    done = lines["Stripe usage reconciliation completed"]
+    assert (done.match, done.drift, done.ok) == (2, 1, False)
