@@ -23,7 +23,7 @@ from billing.cli.core import emit, finish, json_option, operator_errors, runtime
 from billing.masking import scrub
 from billing.models import utcnow
 from billing.ops.preflight import run_preflight
-from billing.ops.smoke import smoke_org
+from billing.ops.smoke import DEFAULT_SETTLE_SECONDS, smoke_org
 from billing.ops.state import OpsState, read_state
 from billing.runtime import current_runtime
 from billing.usage import history
@@ -186,6 +186,9 @@ def lock_release_command(if_holder_dead: bool) -> None:
         sys.exit(1)
 
 
+# A person waits on smoke_org: an hour is the most a terminal session should.
+MAX_SMOKE_SETTLE_SECONDS = 3600.0
+
 ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"]
 
 
@@ -311,6 +314,14 @@ def preflight_command(require_enabled: bool, fail_closed: bool, as_json: bool) -
     is_flag=True,
     help="Sync the subscription's current period from Stripe first.",
 )
+@click.option(
+    "--settle-seconds",
+    type=click.FloatRange(0, MAX_SMOKE_SETTLE_SECONDS),
+    default=DEFAULT_SETTLE_SECONDS,
+    show_default=True,
+    help="Longest wait for Stripe's meter event summaries to catch up with what was sent "
+    "(progress on stderr); still short after it: `not settled after N s`.",
+)
 @json_option
 def smoke_org_command(
     org_id: int,
@@ -320,6 +331,7 @@ def smoke_org_command(
     skip_contract: bool,
     no_fail_closed: bool,
     refresh_period: bool,
+    settle_seconds: float,
     as_json: bool,
 ) -> None:
     """End-to-end check of one organization in Stripe test mode: flush it, confirm in Stripe."""
@@ -332,6 +344,8 @@ def smoke_org_command(
                 require_enabled=require_enabled,
                 validate_contract=validate_contract and not skip_contract,
                 refresh_period=refresh_period,
+                settle_seconds=settle_seconds,
+                progress=lambda message: click.echo(message, err=True),
             )
         except UnknownOrganizationError as error:  # a usage error (exit 2), not an operator's
             raise click.BadParameter(str(error), param_hint="'--org-id'") from error
