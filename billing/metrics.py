@@ -95,6 +95,14 @@ WEBHOOKS_FAILED = Counter(
     ["type"],
 )
 
+# Meter error reports ---------------------------------------------------------------------------
+METER_EVENTS_REJECTED = Counter(
+    "billing_meter_events_rejected_total",
+    "Outbox rows marked rejected: Stripe accepted the meter event, then refused it "
+    "asynchronously (a meter error report), by Stripe's error code.",
+    ["code"],
+)
+
 
 def observe_flush(result: FlushCounts, outcome: str, meters: Mapping[str, str]) -> None:
     """Count one hourly flush run (the service seam calls this once per run)."""

@@ -46,6 +46,7 @@ OPEN_SUBMISSION_STATUSES = (
     SubmissionStatus.PENDING.value,
     SubmissionStatus.HELD.value,
     SubmissionStatus.FAILED.value,
+    SubmissionStatus.REJECTED.value,
 )
 OPEN_WEBHOOK_STATUSES = (
     WebhookStatus.RECEIVED.value,

@@ -137,7 +137,9 @@ def test_bad_request_marks_row_failed_and_the_flush_completes(worker, task_runti
     emulator.faults({"path": "/v1/billing/meter_events", "status": 400, "count": 1})
     result = _run(task_runtime.settings)
     assert (result["submissions_sent"], result["submissions_failed"]) == (1, 1)
-    assert result["awaiting_operator"] == {"failed": 1, "held": 0} and not result["ok"]
+    assert (
+        result["awaiting_operator"] == {"failed": 1, "held": 0, "rejected": 0} and not result["ok"]
+    )
     assert submission_statuses(task_runtime) == {"sent": 1, "failed": 1}
     assert sum(sum(v.values()) for v in emulator.billed().values()) in {r["quantity"] for r in rows}
     assert set(emulator.billed()) < set(customers.values())

@@ -166,10 +166,7 @@ def test_out_of_order_subscription_updates_end_in_the_newest_state(
     assert account(webhook_runtime, 7).subscription_status == "canceled"
 
 
-def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
-    delivering, webhook_runtime, captured
-):
-    url = delivering.url
+def test_a_failed_payment_is_recorded_with_a_warning(delivering, webhook_runtime, captured):
     failed = {
         "id": "evt_payfail",
         "object": "event",
@@ -185,32 +182,12 @@ def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
             }
         },
     }
-    meter = {
-        "id": "evt_metererr",
-        "object": "v2.core.event",
-        "type": "v1.billing.meter.error_report_triggered",
-        "related_object": {"id": "mtr_1", "type": "billing.meter"},
-        "data": {
-            "reason": {
-                "error_count": 3,
-                "error_types": [{"code": "meter_event_customer_not_found", "error_count": 3}],
-            }
-        },
-    }
-    for event in (failed, meter):
-        assert post(url, json.dumps(event).encode()).status_code == 200
-    assert delivering.settle() == {"evt_payfail": "processed", "evt_metererr": "processed"}
+    assert post(delivering.url, json.dumps(failed).encode()).status_code == 200
+    assert delivering.settle() == {"evt_payfail": "processed"}
     (payment,) = captured.messages(logs.INVOICE_PAYMENT_FAILED)
     assert payment.levelname == "WARNING"
     assert (payment.event_id, payment.invoice_id, payment.amount_due) == (
         "evt_payfail",
         "in_1",
         4900,
-    )
-    (report,) = captured.messages(logs.METER_ERROR_REPORTED)
-    assert report.levelname == "WARNING"
-    assert (report.event_id, report.event_type, report.meter_id) == (
-        "evt_metererr",
-        "v1.billing.meter.error_report_triggered",
-        "mtr_1",
     )
