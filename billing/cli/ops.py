@@ -259,7 +259,8 @@ def reconcile_text(payload: dict[str, Any]) -> str:
         f"{payload['since']} .. {payload['until']}: "
         + ", ".join(f"{status} {n}" for status, n in counts.items())
         + f"; settled: delivered {payload['settled']['delivered']}, "
-        f"reissued {payload['settled']['reissued']}"
+        f"reissued {payload['settled']['reissued']}; rows marked rejected "
+        f"{payload['rejected_rows']}"
     ]
     for group in payload["problems"]:
         lines.append(
@@ -267,6 +268,7 @@ def reconcile_text(payload: dict[str, Any]) -> str:
             f" Stripe {group['stripe_total']} outbox sent {group['sent_total']}"
             + (f" ({group['detail']})" if group["detail"] else "")
             + (f" [settled: {group['settled']}]" if group["settled"] else "")
+            + (f" [rejected: {group['rejected']}]" if group["rejected"] else "")
         )
         for row in group["rows"]:
             lines.append(

@@ -5,7 +5,12 @@ For each (customer, meter) in the window one summaries call (`value_grouping_win
 page) gives Stripe's hourly totals; the outbox's `sent` rows give ours (a row's meter event is
 stamped at its `window_start`, so it lands in that hour). A group is:
 - `match`: the totals agree and no row of the group is still pending or held;
-- `drift`: they differ and nothing is in flight: the rows behind it are listed (exit 1);
+- `drift`: they differ and nothing is in flight: the rows behind it are listed (exit 1). When
+  Stripe holds less and exactly one set of the group's sent rows makes up the gap (Stripe holds
+  none of the hour: all of them), those rows are marked `rejected` (`usage.rejections`, code
+  `reconcile_missing`): Stripe never counted them, and an operator re-queues them with a new
+  identifier once the cause is fixed. Any other drift is reported only, never marked: a re-send
+  of a row Stripe did count would bill it twice;
 - `in_flight`: pending or held rows make the difference expected until they settle;
 - `unknown`: Stripe could not answer (an error, a meter it does not know): nothing is concluded
   from it (exit 1: not proven);
@@ -23,10 +28,11 @@ sends it). Any other total is left for a person. Both are recorded in the outbox
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from itertools import combinations
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -35,7 +41,7 @@ from billing.logs import get_logger
 from billing.models import SubmissionStatus, UsageSubmission, utcnow
 from billing.runtime import Runtime
 from billing.stripe_gateway import StripeGatewayError
-from billing.usage import outbox
+from billing.usage import outbox, rejections
 
 log = get_logger("billing.reconcile")
 
@@ -44,12 +50,17 @@ HOUR = timedelta(hours=1)
 IDENTIFIER_WINDOW = timedelta(hours=24)
 DEFAULT_LOOKBACK = timedelta(hours=48)
 ACTOR = "reconcile"
+# The code a row gets when reconciliation finds it missing from Stripe (no error report named it).
+MISSING_CODE = "reconcile_missing"
+# Exactly one set of rows making up a gap is proven by trying every set: 2**12 = 4,096 at most.
+MAX_ATTRIBUTED_ROWS = 12
 STATUSES = ("match", "drift", "in_flight", "unknown", "not_settled")
 
 SENT = SubmissionStatus.SENT.value
 PENDING = SubmissionStatus.PENDING.value
 HELD = SubmissionStatus.HELD.value
 
+T = TypeVar("T")
 Key = tuple[str, str, datetime]  # (customer, meter event name, hour)
 
 
@@ -63,6 +74,7 @@ class Group:
     status: str = "unknown"
     detail: str | None = None
     settled: str | None = None  # "delivered" or "reissued"
+    rejected: list[int] = field(default_factory=list)  # rows this run marked rejected
 
     def total(self, *statuses: str) -> int:
         return sum(r["value"] for r in self.rows if r["status"] in statuses)
@@ -80,6 +92,7 @@ class Group:
             "stripe_total": self.stripe,
             "sent_total": self.total(SENT),
             "detail": self.detail,
+            "rejected": self.rejected,
         }
 
     def settles_at(self, settle: timedelta) -> datetime:
@@ -102,6 +115,7 @@ class Group:
             "status": self.status,
             "detail": self.detail,
             "settled": self.settled,
+            "rejected": self.rejected,
             "rows": self.rows,
         }
 
@@ -132,6 +146,7 @@ class ReconcileReport:
                 for kind in ("delivered", "reissued")
             },
             "ok": self.ok,
+            "rejected_rows": sum(len(g.rejected) for g in self.groups),
             # Matching groups are counted, not listed: the report is about what needs a look.
             "problems": [g.to_dict() for g in self.groups if g.status != "match" or g.settled],
         }
@@ -175,10 +190,14 @@ def reconcile(
         _compare(runtime, meters.get(meter), customer, meter, since, until, now, settle, groups)
     report = ReconcileReport(since, until, sorted(groups.values(), key=_order))
     for group in report.groups:
+        drift = group.status == "drift"  # before held rows are settled
         if group.status == "in_flight":
             _settle_held(runtime, group, now)
         if group.status == "drift":
+            # The totals as found; the rows it marks then log one line each.
             log.warning(logs.RECONCILE_DRIFT, extra=group.log_fields())
+        if drift:
+            _reject_missing(runtime, group)
     return report
 
 
@@ -300,6 +319,55 @@ def _compare(
         else:
             group.status = "drift"
             group.detail = f"Stripe {group.stripe} vs outbox sent {group.total(SENT)}"
+
+
+def _reject_missing(runtime: Runtime, group: Group) -> None:
+    """Mark rejected the sent rows Stripe provably does not hold; leave any other drift alone."""
+    assert group.stripe is not None
+    sent = [r for r in group.rows if r["status"] == SENT]
+    gap = group.total(SENT) - group.stripe
+    if gap <= 0:
+        group.detail = f"{group.detail}; Stripe holds more than was sent: nothing to mark"
+        return
+    missing = missing_rows(sent, gap, lambda r: r["value"])
+    if missing is None:
+        group.detail = (
+            f"{group.detail}; no single set of rows makes up the gap of {gap}: nothing marked "
+            "(re-sending a row Stripe did count would bill it twice)"
+        )
+        return
+    message = (
+        f"not in Stripe's settled summary of {group.hour:%Y-%m-%d %H:00} UTC (Stripe "
+        f"{group.stripe}, outbox sent {group.total(SENT)}): found by reconciliation"
+    )
+    group.rejected = rejections.mark_rejected(
+        runtime, {r["id"]: (MISSING_CODE, message) for r in missing}, ACTOR
+    )
+    for row in missing:
+        if row["id"] in group.rejected:
+            row["status"] = rejections.REJECTED
+    group.detail = f"{group.detail}; rows {group.rejected} are missing from Stripe: marked rejected"
+
+
+def missing_rows(rows: Sequence[T], gap: int, value: Callable[[T], int]) -> list[T] | None:
+    """The rows whose values add up to `gap`, when exactly one set of them does; else None.
+
+    All positive and all of them missing (Stripe holds none of the hour) is proven at once; any
+    other answer only by trying every set, so at most `MAX_ATTRIBUTED_ROWS` rows."""
+    if gap <= 0:  # Stripe holds as much or more: no row is missing
+        return None
+    if gap == sum(value(r) for r in rows) and all(value(r) > 0 for r in rows):
+        return list(rows)
+    if len(rows) > MAX_ATTRIBUTED_ROWS:
+        return None
+    found: list[T] | None = None
+    for size in range(1, len(rows) + 1):
+        for subset in combinations(rows, size):
+            if sum(value(r) for r in subset) == gap:
+                if found is not None:
+                    return None
+                found = list(subset)
+    return found
 
 
 def _settle_held(runtime: Runtime, group: Group, now: datetime) -> None:
