@@ -85,6 +85,8 @@ RECONCILE_COMPLETED = "Stripe usage reconciliation completed"
 RECONCILE_DRIFT = "Stripe usage reconciliation found drift"
 RECONCILE_HELD_SETTLED = "Stripe usage held rows settled by reconciliation"
 SMOKE_SUMMARIES_WAITED = "Stripe smoke check waited for meter event summaries to settle"
+METER_ERROR_REPORT_RECONCILED = "Stripe meter error report reconciled"
+METER_ERROR_REPORT_POSTPONED = "Stripe meter error report reconciliation postponed"
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -90,3 +90,12 @@ def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
     assert RECONCILE_ENTRY["task"] == RECONCILE_TASK == "billing.usage.reconcile"
     assert RECONCILE_ENTRY["options"]["queue"] == celery_app.conf.task_default_queue
     assert RECONCILE_TASK in celery_app.tasks
+
+
+def test_meter_error_reports_are_looked_at_every_five_minutes_by_their_named_task():
+    from billing.celery_app import RECONCILE_ERROR_REPORTS_TASK
+
+    entry = celery_app.conf.beat_schedule["billing-meter-error-reports-reconcile"]
+    assert entry["task"] == RECONCILE_ERROR_REPORTS_TASK
+    assert RECONCILE_ERROR_REPORTS_TASK == "billing.usage.reconcile_error_reports"
+    assert entry["schedule"] == 300 and RECONCILE_ERROR_REPORTS_TASK in celery_app.tasks

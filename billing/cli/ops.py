@@ -27,6 +27,7 @@ from billing.ops.smoke import DEFAULT_SETTLE_SECONDS, smoke_org
 from billing.ops.state import OpsState, read_state
 from billing.runtime import current_runtime
 from billing.usage import history
+from billing.usage.error_reports import reconcile_error_reports
 from billing.usage.lock import ReleaseOutcome, inspect_lock, release_dead_holder
 from billing.usage.reconcile import default_window, reconcile, reconcile_scheduled
 
@@ -207,13 +208,27 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
     help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour that ended "
     "STRIPE_BILLING_RECONCILE_SETTLE_SECONDS ago.",
 )
+@click.option(
+    "--error-reports",
+    is_flag=True,
+    help="Instead of hours: the meter error reports whose summaries settled, each over its "
+    "window (what beat runs every 5 minutes).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
+def reconcile_command(
+    since: datetime | None, until: datetime | None, error_reports: bool, as_json: bool
+) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
     past Stripe's 24-hour identifier window. Hours younger than the settle lag are not settled,
     never drift. Without --since/--until this is the scheduled run (recorded: `status` and the
-    alerts see it). Exit 1 on drift or when Stripe could not answer."""
+    alerts see it). Exit 1 on drift or when Stripe could not answer (with --error-reports: when
+    a report's missing rows could not be told exactly)."""
     rt = runtime()
+    if error_reports:
+        if since or until:
+            raise click.BadParameter("--error-reports takes no --since/--until")
+        _reconcile_error_reports(rt, as_json)
+        return
     progress = _progress_bar("reconciling")
     with ops_errors():
         if since is None and until is None:
@@ -230,6 +245,27 @@ def reconcile_command(since: datetime | None, until: datetime | None, as_json: b
     else:
         click.echo(reconcile_text(payload))
     if not report.ok:
+        sys.exit(1)
+
+
+def _reconcile_error_reports(rt: Any, as_json: bool) -> None:
+    with ops_errors():
+        results = [result.to_dict() for result in reconcile_error_reports(rt)]
+    if as_json:
+        click.echo(json.dumps({"reports": results}, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(f"meter error reports due: {len(results)}")
+        for r in results:
+            click.echo(
+                f"{r['status']:<10} {r['event_id']} {r['meter']}: {r['detail']}"
+                + (f" [rejected: {r['rejected']}]" if r["rejected"] else "")
+                + (
+                    f" [ambiguous: {'; '.join(r['ambiguous_hours'])}]"
+                    if r["ambiguous_hours"]
+                    else ""
+                )
+            )
+    if any(r["status"] == "ambiguous" for r in results):
         sys.exit(1)
 
 

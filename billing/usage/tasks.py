@@ -12,12 +12,18 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from billing.celery_app import FLUSH_HOURLY_TASK, RECONCILE_TASK, celery_app
+from billing.celery_app import (
+    FLUSH_HOURLY_TASK,
+    RECONCILE_ERROR_REPORTS_TASK,
+    RECONCILE_TASK,
+    celery_app,
+)
 from billing.config import Settings
 from billing.errors import OperatorError
 from billing.masking import scrub
 from billing.runtime import get_runtime
 from billing.usage import retry_policy
+from billing.usage.error_reports import reconcile_error_reports
 from billing.usage.reconcile import reconcile_scheduled
 from billing.usage.service import TRANSIENT_ERRORS, flush_guarded
 
@@ -71,3 +77,10 @@ def reconcile_usage(self: Task) -> dict[str, Any]:
     reads it again."""
     report = reconcile_scheduled(get_runtime(), source="schedule")
     return {"ok": report.ok, "groups": report.counts()}
+
+
+@celery_app.task(name=RECONCILE_ERROR_REPORTS_TASK, bind=True, acks_late=True, ignore_result=True)
+def reconcile_meter_error_reports(self: Task) -> list[dict[str, Any]]:
+    """The meter error reports whose summaries settled: their unsampled errors are looked for
+    (beat, every 5 minutes). A report that cannot be judged yet waits for the next run."""
+    return [result.to_dict() for result in reconcile_error_reports(get_runtime())]

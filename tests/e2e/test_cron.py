@@ -37,6 +37,7 @@ def entries() -> dict[str, tuple[list[str], str]]:
                     "run_billing_hourly.sh",
                     "validate_contract",
                     "webhooks sweep",
+                    "reconcile --error-reports",
                     "billing reconcile",
                 )
                 if name in command
@@ -91,6 +92,10 @@ def test_every_job_beat_schedules_has_a_cron_line():
     assert found["validate_contract"][0] == ["3", "*", "*", "*", "*"]
     assert found["webhooks sweep"][0] == ["*", "*", "*", "*", "*"]
     assert found["billing reconcile"][0] == ["43", "*", "*", "*", "*"]
+    assert found["reconcile --error-reports"][0] == ["*/5", "*", "*", "*", "*"]
+    # Its cron interval is beat's.
+    entry = celeryconfig.beat_schedule["billing-meter-error-reports-reconcile"]
+    assert entry["schedule"] == 300
     # The sweep's cron interval is beat's default one.
     assert celeryconfig.beat_schedule["billing-webhook-sweep"]["schedule"] == 60
 
@@ -116,6 +121,7 @@ def test_the_cron_lines_run_and_record_their_runs(billing_runtime, emulator, run
     # The usage is 20 minutes old: its hour joins the default window once the settle lag passed.
     reconciled = run_line("billing reconcile")
     assert reconciled["ok"] and not any(reconciled["groups"].values())
+    assert run_line("reconcile --error-reports") == {"reports": []}
 
     history, validation = read_run_records(billing_runtime)
     assert history.last_success["events_claimed"] == 2 and history.last_success["result"] == "ok"
