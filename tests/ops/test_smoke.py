@@ -286,6 +286,24 @@ class TestFailures:
         assert detail.startswith("not settled after 0 s: api_call: Stripe 23 vs outbox 123")
         assert "mismatch" not in detail
 
+    def test_with_summaries_lagging_it_waits_and_passes_once_they_caught_up(
+        self, billing_runtime, emulator, customer
+    ):
+        emulator.settings(summary_lag_seconds=30)
+        heard: list[str] = []
+
+        def progress(message: str) -> None:
+            if not heard:
+                emulator.advance(30)  # Stripe catches up while the check waits
+            heard.append(message)
+
+        report = run(billing_runtime, settle_seconds=60, progress=progress)
+        assert report.ok, report.table()
+        summaries = step(report, "meter_summaries")
+        assert heard and "of 23 after 0 s" in heard[0]
+        assert summaries.values["waited_seconds"] >= 1
+        assert summaries.values["meters"]["api_call"]["stripe_total"] == 23
+
     def test_the_wait_is_bounded_and_reports_its_progress(self, billing_runtime, customer):
         account = account_row(billing_runtime, ORG)
         hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)

@@ -427,3 +427,45 @@ def test_missing_rows_is_the_one_set_that_adds_up():
     assert missing_rows(many, 1, value) is None  # too many to prove the rest
     assert missing_rows([4, 3], 0, value) is None  # Stripe holds it all
     assert missing_rows([10, -4], 6, value) == [10, -4]  # a correction row (issue 26) with it
+
+
+# Stripe's summaries lagging (the emulator's summary lag, moved by its clock) --------------------
+
+LAG = 30
+
+
+def test_with_summaries_lagging_the_last_hour_is_not_settled_then_matches(
+    make_runtime, billing_settings, emulator
+):
+    runtime = make_runtime(billing_settings.replace(reconcile_settle_seconds=LAG))
+    emulator.settings(summary_lag_seconds=LAG)
+    customers = add_accounts(runtime, [1])
+    last_hour = floor_hour(utcnow() - timedelta(hours=1))
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": 1,
+                "event_type": "api_call",
+                "quantity": 6,
+                "occurred_at": last_hour + timedelta(minutes=20),
+            }
+        ],
+    )
+    assert flush_pass(runtime).submissions_sent == 1
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    hour_after = last_hour + timedelta(hours=1)
+    # Stripe does not show it yet: judged now, this would be drift.
+    assert runtime.stripe.meter_hourly_totals(meter.id, customers[1], last_hour, hour_after) == {}
+
+    since, until = last_hour.strftime("%Y-%m-%dT%H:%M:%S"), hour_after.strftime("%Y-%m-%dT%H:%M:%S")
+    result = run(runtime.settings, "--since", since, "--until", until)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["groups"]["not_settled"] == 1 and report["groups"]["drift"] == 0
+    (group,) = report["problems"]
+    assert group["status"] == "not_settled" and group["rejected"] == []
+
+    emulator.advance(LAG + 1)  # Stripe catches up ...
+    later = reconcile(runtime, last_hour, hour_after, now=utcnow() + timedelta(seconds=LAG + 1))
+    assert later.counts()["match"] == 1 and later.ok  # ... and the hour is judged: it matches

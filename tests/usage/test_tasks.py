@@ -197,7 +197,10 @@ def test_reconcile_task_name_and_options_are_the_wire_contract():
 def test_the_worker_reconciles_settled_hours_finds_no_drift_and_records_it(
     worker, task_runtime, emulator, make_runtime
 ):
-    settle = 2
+    """Summaries lag 30 s (the emulator's clock moves them on); the worker judges the hours once
+    they settled and finds no drift."""
+    lag, settle = 30, 2
+    emulator.settings(summary_lag_seconds=lag)
     runtime = make_runtime(task_runtime.settings.replace(reconcile_settle_seconds=settle))
     set_runtime(runtime)
     customers = add_accounts(runtime, [1, 2])
@@ -216,6 +219,11 @@ def test_the_worker_reconciles_settled_hours_finds_no_drift_and_records_it(
         ],
     )
     assert flush_pass(runtime).submissions_sent == 6
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    start, end = utcnow() - timedelta(hours=8), utcnow()
+    shown = runtime.stripe.meter_event_total
+    assert shown(meter.id, customers[1], start.replace(second=0), end.replace(second=0)) == 0
+    emulator.advance(lag)  # Stripe's summaries catch up
     time.sleep(settle)  # the rows were sent just now: their hours settle `settle` s later
     reconcile_usage.apply_async(queue=runtime.settings.billing_queue)
     deadline = time.monotonic() + 60
