@@ -21,7 +21,6 @@ whose summaries Stripe could not read, is tried again on the next run.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -259,45 +258,41 @@ def _code_for(row: _Row, codes: _Codes) -> str:
 def _sent_in_window(runtime: Runtime, report: MeterErrorReport) -> list[_Row]:
     assert report.validation_start is not None
     end = report.validation_end or report.validation_start
-    query = sa.select(
-        UsageSubmission.id,
-        UsageSubmission.stripe_customer_id,
-        UsageSubmission.window_start,
-        UsageSubmission.value,
-        UsageSubmission.sent_at,
-    ).where(
-        UsageSubmission.status == SENT,
+    return _sent_rows(
+        runtime,
         UsageSubmission.event_name == report.event_name,
         UsageSubmission.sent_at >= report.validation_start - WINDOW_MARGIN,
         UsageSubmission.sent_at <= end + WINDOW_MARGIN,
     )
-    return _rows(runtime, query.order_by(UsageSubmission.id))
 
 
 def _sent_by_hour(
-    runtime: Runtime, event_name: str, customer: str, hours: Iterable[datetime]
+    runtime: Runtime, event_name: str, customer: str, hours: list[datetime]
 ) -> dict[datetime, list[_Row]]:
-    hours = list(hours)
-    query = sa.select(
-        UsageSubmission.id,
-        UsageSubmission.stripe_customer_id,
-        UsageSubmission.window_start,
-        UsageSubmission.value,
-        UsageSubmission.sent_at,
-    ).where(
-        UsageSubmission.status == SENT,
+    found: dict[datetime, list[_Row]] = defaultdict(list)
+    for row in _sent_rows(
+        runtime,
         UsageSubmission.event_name == event_name,
         UsageSubmission.stripe_customer_id == customer,
         UsageSubmission.window_start >= hours[0],
         UsageSubmission.window_start < hours[-1] + HOUR,
-    )
-    found: dict[datetime, list[_Row]] = defaultdict(list)
-    for row in _rows(runtime, query):
+    ):
         found[row.hour].append(row)
     return found
 
 
-def _rows(runtime: Runtime, query: Any) -> list[_Row]:
+def _sent_rows(runtime: Runtime, *where: Any) -> list[_Row]:
+    query = (
+        sa.select(
+            UsageSubmission.id,
+            UsageSubmission.stripe_customer_id,
+            UsageSubmission.window_start,
+            UsageSubmission.value,
+            UsageSubmission.sent_at,
+        )
+        .where(UsageSubmission.status == SENT, *where)
+        .order_by(UsageSubmission.id)
+    )
     with runtime.session_factory() as session:
         return [
             _Row(
