@@ -194,46 +194,27 @@ class RecordedReport:
 
 
 def record_report(runtime: Runtime, report: MeterErrorReportEvent) -> RecordedReport:
-    """Store the report once and mark the rows its samples name, in one transaction: a report
-    stored before (a redelivery under a new id aside, Stripe's id is the report's) changes
-    nothing, and a crash leaves neither the report nor its marks.
+    """Store the report once (by Stripe's event id) and mark the rows its samples name, in one
+    transaction: a report stored before (a redelivery, a replay) changes nothing, and a crash
+    leaves neither the report nor its marks.
 
     A sample naming an identifier a re-queue replaced is not marked again: the row was re-sent
-    under a new identifier since. A sample naming no row is logged; when every error is matched
-    (`error_count == matched`) the report is reconciled at once, else the reconciliation looks
-    for the rows it did not sample."""
-    actor = f"stripe:{report.event_id}"
+    under a new identifier since. A sample naming no row is logged. When every error is matched
+    the report is reconciled at once; else the reconciliation looks for the rows it did not
+    sample (`error_count` counts every error, the samples are a few per code)."""
     now = utcnow()
     with runtime.session_factory.begin() as session:
-        report_id = _insert_report(session, report, now)
-        if report_id is None:
-            duplicate = True
-        else:
-            duplicate = False
-            mapped = _map_samples(session, report)
-            marked = _mark(session, mapped.rejections, actor, now)
-            matched = sum(1 for s in mapped.samples if s["submission_id"] is not None)
-            event_names = {s["event_name"] for s in mapped.samples if s["event_name"]}
-            session.execute(
-                sa.update(MeterErrorReport)
-                .where(MeterErrorReport.id == report_id)
-                .values(
-                    matched=matched,
-                    samples=[_stored(s) for s in mapped.samples],
-                    event_name=report.event_name
-                    or (event_names.pop() if len(event_names) == 1 else None),
-                    reconciled_at=now if matched >= report.error_count else None,
-                )
-            )
+        recorded = _record(session, report, now)
     fields = {
         "event_id": report.event_id,
         "event_type": report.type,
         "meter_id": report.meter_id,
         "meter": report.event_name,
     }
-    if duplicate:
+    if recorded is None:
         log.info(logs.METER_ERROR_REPORT_DUPLICATE, extra=fields)
         return RecordedReport(report.event_id, duplicate=True)
+    mapped, marked = recorded
     _report_marked(marked)
     for sample in mapped.samples:
         _log_sample(sample, fields)
@@ -242,7 +223,7 @@ def record_report(runtime: Runtime, report: MeterErrorReportEvent) -> RecordedRe
         duplicate=False,
         error_count=report.error_count,
         sampled=len(report.samples),
-        matched=matched,
+        matched=mapped.matched,
         rejected=sorted(m.submission_id for m in marked),
         unmatched=[s["request_identifier"] or "" for s in mapped.samples if not s["submission_id"]],
     )
@@ -257,6 +238,30 @@ def record_report(runtime: Runtime, report: MeterErrorReportEvent) -> RecordedRe
         },
     )
     return result
+
+
+def _record(
+    session: Session, report: MeterErrorReportEvent, now: datetime
+) -> tuple[_Mapped, list[Marked]] | None:
+    """The samples as mapped and the rows marked; None when the report is stored already."""
+    report_id = _insert_report(session, report, now)
+    if report_id is None:
+        return None
+    mapped = _map_samples(session, report)
+    marked = _mark(session, mapped.rejections, f"stripe:{report.event_id}", now)
+    event_names = {s["event_name"] for s in mapped.samples if s["event_name"]}
+    session.execute(
+        sa.update(MeterErrorReport)
+        .where(MeterErrorReport.id == report_id)
+        .values(
+            matched=mapped.matched,
+            samples=[_stored(s) for s in mapped.samples],
+            # no_meter_found names no meter: the event name its rows were sent under, if one
+            event_name=report.event_name or (event_names.pop() if len(event_names) == 1 else None),
+            reconciled_at=now if mapped.matched >= report.error_count else None,
+        )
+    )
+    return mapped, marked
 
 
 def _insert_report(session: Session, report: MeterErrorReportEvent, now: datetime) -> int | None:
@@ -288,6 +293,11 @@ def _insert_report(session: Session, report: MeterErrorReportEvent, now: datetim
 class _Mapped:
     samples: list[dict[str, Any]]
     rejections: dict[int, tuple[str, str]]
+
+    @property
+    def matched(self) -> int:
+        """Samples naming an outbox row (by its identifier now or one it had)."""
+        return sum(1 for s in self.samples if s["submission_id"] is not None)
 
 
 def _map_samples(session: Session, report: MeterErrorReportEvent) -> _Mapped:

@@ -27,6 +27,7 @@ from billing.models import (
 )
 from billing.ops.preflight import run_preflight
 from billing.ops.state import read_state
+from billing.stripe_gateway import MeterErrorReportEvent, MeterErrorSample
 from billing.usage import rejections
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events, expected_totals, random_events
@@ -345,6 +346,38 @@ def test_no_meter_found_rejects_the_rows_of_an_event_name_without_a_meter(
     assert customers and emulator.billed() == {}
 
 
+def test_samples_are_samples_the_rows_a_report_did_not_name_are_left_to_reconciliation(
+    async_stripe, webhook_runtime, emulator
+):
+    runtime = webhook_runtime
+    # One report for all 30 (the window outlasts the sends even on a busy machine).
+    emulator.settings(error_report_samples=5, error_report_delay_seconds=3)
+    customers = add_accounts(runtime, [91])
+    hour = utcnow().replace(minute=0, second=0, microsecond=0)
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": 91,
+                "event_type": "api_call",
+                "quantity": 3,
+                "occurred_at": hour - timedelta(hours=n),
+            }
+            for n in range(1, 31)
+        ],
+    )
+    runtime.stripe.client.v1.customers.delete(customers[91])
+    assert flush_pass(runtime).submissions_sent == 30
+    wait_until(lambda: reports(runtime), what="the report")
+    async_stripe.settle()
+    (report,) = reports(runtime)
+    assert (report.error_count, report.sampled, report.matched) == (30, 5, 5)
+    assert report.reconciled_at is None  # 25 errors unnamed: the reconciliation's to find
+    assert report.validation_start <= report.validation_end
+    statuses = Counter(r.status for r in rows_of(runtime))
+    assert statuses == {"rejected": 5, "sent": 25}
+
+
 def test_a_rejection_recorded_while_the_batch_is_in_flight_stands(webhook_runtime, emulator):
     """The report can beat the flush's own record of the send (a long batch): the row stays
     rejected, not `sent` by the run that sent it."""
@@ -401,3 +434,56 @@ IDENTIFIER = "7-api_call-202612011300-0a1b2c3d4e5f"
 )
 def test_a_sample_names_an_idempotency_key_with_or_without_rN_or_an_identifier(sent, found):
     assert rejections.identifier_candidates(sent) == found
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_report_is_stored_and_mapped_once_on_either_database(request, emulator, database):
+    """The storage and mapping alone (the embedded default runs SQLite): a report as the gateway
+    returns it, naming one row by its idempotency key, one by its identifier, one of no row."""
+    runtime = request.getfixturevalue(
+        "billing_runtime" if database == "postgresql" else "sqlite_runtime"
+    )
+    add_accounts(runtime, [95])
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    add_events(
+        runtime,
+        [
+            {"organization_id": 95, "event_type": kind, "quantity": 2, "occurred_at": hour}
+            for kind in TYPES
+        ],
+    )
+    flush_pass(runtime)
+    first, second = rows_of(runtime)
+    now = utcnow()
+    report = MeterErrorReportEvent(
+        event_id="evt_test_sqlite0000000000000000000000000000000000",
+        type="v1.billing.meter.error_report_triggered",
+        meter_id="mtr_test_x",
+        event_name=first.event_name,
+        error_count=3,
+        validation_start=now - timedelta(seconds=10),
+        validation_end=now,
+        summary="There are 3 invalid events",
+        samples=(
+            MeterErrorSample(CUSTOMER_NOT_FOUND, "gone", first.idempotency_key),
+            MeterErrorSample(CUSTOMER_NOT_FOUND, "gone", second.identifier),
+            MeterErrorSample(CUSTOMER_NOT_FOUND, "gone", "someone-elses-key"),
+        ),
+    )
+    recorded = rejections.record_report(runtime, report)
+    assert (recorded.matched, recorded.rejected, recorded.unmatched) == (
+        2,
+        sorted([first.id, second.id]),
+        ["someone-elses-key"],
+    )
+    assert rejections.record_report(runtime, report).duplicate
+    (stored,) = reports(runtime)
+    assert (stored.error_count, stored.sampled, stored.matched, stored.reconciled_at) == (
+        3,
+        3,
+        2,
+        None,
+    )
+    assert [s["outcome"] for s in stored.samples] == ["rejected", "rejected", "unmatched"]
+    assert stored.validation_end == now
+    assert Counter(r.status for r in rows_of(runtime))["rejected"] == 2
