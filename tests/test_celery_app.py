@@ -1,18 +1,28 @@
+import copy
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from freezegun import freeze_time
 
 from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
 
 ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 
 
-def _is_due(now: str, last_run: str) -> bool:
-    schedule = ENTRY["schedule"]
+def is_due(entry: dict[str, Any], now: str, last_run: str) -> bool:
+    """Whether beat would run `entry` at `now` (UTC) after it last ran at `last_run`.
+
+    The schedule's own clock is set, not the process's: freezing time (freezegun) in a test
+    session froze the asyncio timers of the session's emulator too, which then ran no due work
+    (meter error reports, renewals) for the rest of the session."""
+    schedule = copy.copy(entry["schedule"])
     schedule.app = celery_app
-    with freeze_time(now):
-        return schedule.is_due(datetime.fromisoformat(last_run).replace(tzinfo=UTC)).is_due
+    schedule.nowfun = lambda: datetime.fromisoformat(now).replace(tzinfo=UTC)
+    return schedule.is_due(datetime.fromisoformat(last_run).replace(tzinfo=UTC)).is_due
+
+
+def _is_due(now: str, last_run: str) -> bool:
+    return is_due(ENTRY, now, last_run)
 
 
 @pytest.mark.parametrize(
@@ -77,11 +87,7 @@ RECONCILE_ENTRY = celery_app.conf.beat_schedule["billing-usage-reconcile"]
     [("2026-11-25T14:13:00", False), ("2026-11-25T14:42:59", False), ("2026-11-25T14:43:00", True)],
 )
 def test_reconciliation_is_due_at_minute_43_not_at_the_flushs_13(now, due):
-    schedule = RECONCILE_ENTRY["schedule"]
-    schedule.app = celery_app
-    with freeze_time(now):
-        last = datetime.fromisoformat("2026-11-25T13:43:00").replace(tzinfo=UTC)
-        assert schedule.is_due(last).is_due is due
+    assert is_due(RECONCILE_ENTRY, now, "2026-11-25T13:43:00") is due
 
 
 def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
