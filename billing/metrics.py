@@ -211,6 +211,19 @@ WEBHOOK_EVENTS = StateGauge(
     label="status",
 )
 
+# Reconciliation: from its run record (`ops_records.RECONCILE`), so cron's runs count too.
+RECONCILE_LAST_RUN_TIMESTAMP_SECONDS = StateGauge(
+    "billing_reconcile_last_run_timestamp_seconds",
+    "When the last scheduled reconciliation (beat's hourly task, or `flask billing reconcile` "
+    "without --since/--until) finished.",
+)
+RECONCILE_GROUPS = StateGauge(
+    "billing_reconcile_groups",
+    "Groups (customer, meter, hour) of the last scheduled reconciliation, by status: match, "
+    "drift, in_flight, unknown, not_settled.",
+    label="status",
+)
+
 
 STATE_UP = StateGauge("billing_state_up", "1 when the database and Redis answered this scrape.")
 
