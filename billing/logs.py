@@ -73,6 +73,13 @@ METER_ERROR_REPORTED = "Stripe meter error report received"
 INVOICE_ADJUSTMENTS_SKIPPED = "Stripe invoice.created billing adjustments skipped"
 INVOICE_ADJUSTMENT_MISSED = "Stripe invoice adjustment missed: invoice no longer a draft"
 INVOICE_ADJUSTMENT_RESOLVED = "Stripe missed invoice adjustment resolved by an operator"
+# Usage corrections (`billing.usage.correcting`): applied carries organization_id, event_type,
+# hour, delta and method (the guide's fields), with correction_id and idempotency_key.
+USAGE_CORRECTION_APPLIED = "Stripe usage correction applied"
+USAGE_CORRECTION_REJECTED = "Stripe usage correction row rejected"
+USAGE_CORRECTION_FAILED = "Stripe usage correction could not be applied"
+USAGE_CORRECTION_CANCEL_REFUSED = "Stripe usage correction cancel refused; correcting by event"
+USAGE_CORRECTION_HELD = "Stripe usage correction held: a cancel's outcome is unknown"
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -38,7 +38,12 @@ from billing.usage.claiming import usage_identifier
 
 FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
 AWAITING_OPERATOR = (FAILED, HELD)
-LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD)
+LISTED_BY_DEFAULT = (
+    SubmissionStatus.PENDING.value,
+    FAILED,
+    HELD,
+    SubmissionStatus.CANCELLING.value,
+)
 DEFAULT_LIMIT = 100
 
 
