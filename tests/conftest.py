@@ -217,6 +217,11 @@ class EmulatorHandle:
     def advance(self, seconds: int) -> dict:
         return self.control("POST", "clock", {"advance": seconds})
 
+    def settings(self, **changes) -> dict:
+        """`meter_validation`, `error_report_delay_seconds`, `summary_lag_seconds`, ... (see
+        billing/emulator/README.md); a reset restores the server's own."""
+        return self.control("POST", "settings", changes)
+
 
 @pytest.fixture(scope="session")
 def emulator_server() -> Iterator[EmulatorHandle]:
@@ -234,6 +239,16 @@ def emulator(emulator_server: EmulatorHandle) -> EmulatorHandle:
     emulator_server.reset()
     emulator_server.control("POST", "limits", {"preset": "off"})
     return emulator_server
+
+
+@pytest.fixture
+def sync_meter_validation(emulator: EmulatorHandle) -> EmulatorHandle:
+    """The emulator answering each failed meter-event check with a 400 at once (its `sync`
+    mode), for the tests of the flush's synchronous per-row / per-customer / per-meter stops.
+    Like live Stripe the session's emulator otherwise validates asynchronously: a 200, and a
+    thin error report later."""
+    emulator.settings(meter_validation="sync")
+    return emulator
 
 
 @pytest.fixture

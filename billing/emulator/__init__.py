@@ -14,9 +14,11 @@ Point any stripe-python code at it::
 or run it: ``python -m billing.emulator --port 12111 --webhook-url URL --webhook-secret whsec_...``.
 
 API: customers, products, prices (metered with a meter), billing meters (+ deactivate/reactivate,
-event summaries), meter events (+ adjustments), subscriptions (period on items, API 2026-10-28),
-subscription items, invoices (+ lines, finalize, pay, void), invoice items, checkout sessions
-(mode subscription), entitlement features, product features, active entitlements, events.
+event summaries), meter events (+ adjustments; validated asynchronously by default, failures
+reported by thin events), subscriptions (period on items, API 2026-10-28), subscription items,
+invoices (+ one-off drafts, delete, lines, finalize, pay, void), invoice items, checkout sessions
+(mode subscription), entitlement features, product features, active entitlements, events (v1
+snapshot; v2 thin at ``GET /v2/core/events/{id}``).
 Auth ``Bearer sk_test_...`` (live keys refused), unknown parameters refused, ``Idempotency-Key``
 replayed for 24 h, Stripe's error bodies and status codes.
 
@@ -35,14 +37,18 @@ Test controls (JSON; no API key; loopback peers only unless ``--allow-remote-con
   (several) or ``{"clear": true}``. ``path`` is exact, a prefix, or ``*``.
 - ``GET|POST /_emulator/limits`` ``{"preset": "test"|"live"|"off", "global": rps|null,
   "paths": {"/v1/billing/meter_events": rps|null}}``.
-- ``GET|POST /_emulator/settings`` ``{"finalize_delay": seconds, "invoice_auto_pay": bool}``.
+- ``GET|POST /_emulator/settings`` ``{"finalize_delay": seconds, "invoice_auto_pay": bool,
+  "meter_validation": "async"|"sync", "error_report_delay_seconds": s, "error_report_samples": n,
+  "error_report_identifier": "idempotency_key"|"identifier", "summary_lag_seconds": s}``.
 - ``GET /_emulator/stats`` → ``{"requests": {"METHOD path": n}, "responses": {"METHOD path":
   {"status": n}}, "billed": {customer: {event_name: sum}}, "meter_events": {"accepted",
-  "duplicates", "rejected", "canceled", "lock_timeouts"}, "webhooks": {...}, "events": n, "now"}``;
+  "duplicates", "rejected", "rejected_async", "error_reports", "canceled", "lock_timeouts"},
+  "webhooks": {...}, "events": n, "thin_events": n, "now"}``;
   ``POST /_emulator/stats/reset`` clears the request counters.
 - ``GET|POST /_emulator/webhooks`` ``{"url", "secret", "duplicate": bool, "order": "in_order"|
   "reverse"|"shuffle", "hold_ms", "backoff_ms", "max_backoff_ms", "max_attempts", "timeout_s",
-  "timestamp_offset", "enabled_events": [...], "seed", "clear_deliveries": bool}`` →
+  "timestamp_offset", "enabled_events": [...], "seed", "thin_url", "thin_secret",
+  "clear_deliveries": bool}`` →
   ``{"config", "pending", "deliveries": [{"event_id", "type", "attempt", "status", "error", "ok",
   "duplicate", "at"}]}``; ``POST /_emulator/webhooks/flush`` ``{"timeout": s}`` waits until
   every queued delivery is done.

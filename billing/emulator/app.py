@@ -24,9 +24,16 @@ from billing.emulator.errors import StripeError
 from billing.emulator.httpserver import HandlerResult, Request, Response
 from billing.emulator.limits import Decision, Fault, Faults, RateLimiter
 from billing.emulator.params import parse_form
-from billing.emulator.resources import subscriptions
+from billing.emulator.resources import metering, subscriptions
 from billing.emulator.router import Route, router
-from billing.emulator.state import ID_WINDOW, Settings, State, expand
+from billing.emulator.state import (
+    ID_WINDOW,
+    SAMPLE_IDENTIFIERS,
+    VALIDATION_MODES,
+    Settings,
+    State,
+    expand,
+)
 from billing.emulator.webhooks import WebhookConfig, WebhookSender
 
 log = logging.getLogger("billing.emulator")
@@ -51,6 +58,45 @@ class Options:
     webhook_backoff_ms: float = 1000.0
     webhook_max_attempts: int = 10
     allow_remote_controls: bool = False
+    meter_validation: str = "async"
+    error_report_delay_seconds: int = 5
+    error_report_samples: int = 5
+    error_report_identifier: str = "idempotency_key"
+    summary_lag_seconds: int = 0
+    thin_webhook_url: str | None = None  # the thin-event destination; default: webhook_url
+    thin_webhook_secret: str | None = None  # its signing secret; default: webhook_secret
+
+
+def apply_settings(settings: Settings, changes: dict[str, Any]) -> None:
+    """Validated setting changes (options at reset, `POST /_emulator/settings`): all or none."""
+    checked: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key == "invoice_auto_pay":
+            checked[key] = bool(value)
+        elif key == "meter_validation":
+            checked[key] = _choice(key, value, VALIDATION_MODES)
+        elif key == "error_report_identifier":
+            checked[key] = _choice(key, value, SAMPLE_IDENTIFIERS)
+        elif key in ("finalize_delay", "error_report_delay_seconds", "summary_lag_seconds"):
+            checked[key] = _whole(key, value, 0)
+        elif key == "error_report_samples":
+            checked[key] = _whole(key, value, 1)
+        else:
+            raise errors.invalid(f"Received unknown parameter: {key}", param=key)
+    for key, value in checked.items():
+        setattr(settings, key, value)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise errors.invalid(f"{key} must be one of {', '.join(allowed)}", param=key)
+    return str(value)
+
+
+def _whole(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise errors.invalid(f"{key} must be a whole number >= {minimum}", param=key)
+    return int(value)
 
 
 @dataclass
@@ -106,8 +152,18 @@ class Emulator:
         with self.state.lock:
             self.state.clear()
             self.state.clock.offset = 0.0
-            self.state.settings.finalize_delay = o.finalize_delay
-            self.state.settings.invoice_auto_pay = o.invoice_auto_pay
+            apply_settings(
+                self.state.settings,
+                {
+                    "finalize_delay": o.finalize_delay,
+                    "invoice_auto_pay": o.invoice_auto_pay,
+                    "meter_validation": o.meter_validation,
+                    "error_report_delay_seconds": o.error_report_delay_seconds,
+                    "error_report_samples": o.error_report_samples,
+                    "error_report_identifier": o.error_report_identifier,
+                    "summary_lag_seconds": o.summary_lag_seconds,
+                },
+            )
             self.faults.rules.clear()
             limits: dict[str, Any] = {"preset": o.rate_limits}
             if o.global_rps is not None:
@@ -120,6 +176,8 @@ class Emulator:
                 secret=o.webhook_secret,
                 backoff_ms=o.webhook_backoff_ms,
                 max_attempts=o.webhook_max_attempts,
+                thin_url=o.thin_webhook_url,
+                thin_secret=o.thin_webhook_secret,
             )
             self.webhooks.clear()
             self.stats = Stats()
@@ -155,14 +213,14 @@ class Emulator:
     def _run_due(self) -> None:
         st = self.state
         if st.due_soon(st.now()):
-            st.run_due(st.now(), subscriptions.run_due_work)
+            st.run_due(st.now(), _run_due_work)
 
     def advance_to(self, target: int) -> None:
         """Move emulator time to `target`, running what falls due on the way, in order."""
         st = self.state
         with st.lock:
             if target > st.now():
-                st.run_due(target, subscriptions.run_due_work)
+                st.run_due(target, _run_due_work)
             st.clock.offset += target - st.now()
             self.sweep()
             st.flush_events()
@@ -435,7 +493,16 @@ class Emulator:
                     "failed_attempts": sum(1 for d in self.webhooks.deliveries if not d["ok"]),
                 },
                 "events": len(st.events),
+                "thin_events": len(st.v2_events),
             }
+
+
+def _run_due_work(st: State, kind: str, ident: str, due: int) -> None:
+    """The scheduler's dispatcher (see State.run_due)."""
+    if kind == metering.ERROR_REPORT:
+        metering.run_error_report(st, ident)
+    else:
+        subscriptions.run_due_work(st, kind, ident, due)
 
 
 _KEY_PREFIX = re.compile(r"[a-z]{2,5}_(?:(?:test|live)_)?")

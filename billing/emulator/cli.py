@@ -18,6 +18,20 @@ def _path_rps(text: str) -> tuple[str, float | None]:
     return path, None if rate in ("", "0", "off") else float(rate)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="billing-stripe-emulator",
@@ -66,6 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--webhook-max-attempts", type=int, default=10)
     p.add_argument(
+        "--meter-validation",
+        choices=("async", "sync"),
+        default="async",
+        help="async (default, as live Stripe): well-formed meter events are answered 200 and "
+        "checked later, failures arrive as a thin error-report event; sync: a 400 at once",
+    )
+    p.add_argument(
+        "--error-report-delay-seconds",
+        type=_non_negative,
+        default=5,
+        metavar="SECONDS",
+        help="first rejected meter event → its thin error report (default 5)",
+    )
+    p.add_argument(
+        "--error-report-samples",
+        type=_positive,
+        default=5,
+        metavar="N",
+        help="sample errors per error code in one report; error_count counts all (default 5)",
+    )
+    p.add_argument(
+        "--error-report-identifier",
+        choices=("idempotency_key", "identifier"),
+        default="idempotency_key",
+        help="what a sample's request.identifier carries: the request's Idempotency-Key "
+        "(default, as Stripe's reference says) or the meter event's identifier",
+    )
+    p.add_argument(
+        "--summary-lag-seconds",
+        type=_non_negative,
+        default=0,
+        metavar="SECONDS",
+        help="meter events reach summaries and draft invoices this long after receipt "
+        "(default 0; Stripe publishes no figure, e.g. 60 to rehearse)",
+    )
+    p.add_argument("--thin-webhook-url", help="thin events' destination (default --webhook-url)")
+    p.add_argument("--thin-webhook-secret", help="its whsec_... secret (default --webhook-secret)")
+    p.add_argument(
         "--allow-remote-controls",
         action="store_true",
         help="answer /_emulator/ controls from non-loopback peers too",
@@ -99,14 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         webhook_backoff_ms=args.webhook_backoff_ms,
         webhook_max_attempts=args.webhook_max_attempts,
         allow_remote_controls=args.allow_remote_controls,
+        meter_validation=args.meter_validation,
+        error_report_delay_seconds=args.error_report_delay_seconds,
+        error_report_samples=args.error_report_samples,
+        error_report_identifier=args.error_report_identifier,
+        summary_lag_seconds=args.summary_lag_seconds,
+        thin_webhook_url=args.thin_webhook_url,
+        thin_webhook_secret=args.thin_webhook_secret,
     )
 
     def announce() -> None:
         log.warning(
-            "Stripe emulator listening on %s (api version %s, rate limits %s)",
+            "Stripe emulator listening on %s (api version %s, rate limits %s, meter validation %s)",
             server.url,
             server.emulator.state.settings.api_version,
             server.emulator.limiter.describe(),
+            args.meter_validation,
         )
         if args.webhook_url:
             log.warning("webhooks → %s signed with %s", args.webhook_url, secret)

@@ -9,16 +9,14 @@ import json
 import re
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
+from billing.emulator.app import Emulator, apply_settings
 from billing.emulator.errors import StripeError, invalid
 from billing.emulator.httpserver import HandlerResult, Request, Response
 from billing.emulator.limits import parse_fault
 from billing.emulator.resources import checkout
-
-if TYPE_CHECKING:
-    from billing.emulator.app import Emulator
 
 _CHECKOUT = re.compile(r"^/_emulator/checkout(?:_sessions)?/([^/]+)(/complete)?$")
 _INVOICE = re.compile(r"^/_emulator/invoices/([^/]+)$")
@@ -154,15 +152,17 @@ class Controls:
     def settings(self, req: Request, body: dict[str, Any]) -> Response:
         s = self.em.state.settings
         if req.method == "POST":
-            _only(body, {"finalize_delay", "invoice_auto_pay"})
-            if "finalize_delay" in body:
-                s.finalize_delay = int(body["finalize_delay"])
-            if "invoice_auto_pay" in body:
-                s.invoice_auto_pay = bool(body["invoice_auto_pay"])
+            with self.em.state.lock:
+                apply_settings(s, body)
         return _json(
             {
                 "finalize_delay": s.finalize_delay,
                 "invoice_auto_pay": s.invoice_auto_pay,
+                "meter_validation": s.meter_validation,
+                "error_report_delay_seconds": s.error_report_delay_seconds,
+                "error_report_samples": s.error_report_samples,
+                "error_report_identifier": s.error_report_identifier,
+                "summary_lag_seconds": s.summary_lag_seconds,
                 "api_version": s.api_version,
             }
         )

@@ -41,6 +41,13 @@ class EmulatorServer:
         webhook_backoff_ms: float = 1000.0,
         webhook_max_attempts: int = 10,
         allow_remote_controls: bool = False,
+        meter_validation: str = "async",
+        error_report_delay_seconds: int = 5,
+        error_report_samples: int = 5,
+        error_report_identifier: str = "idempotency_key",
+        summary_lag_seconds: int = 0,
+        thin_webhook_url: str | None = None,
+        thin_webhook_secret: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -56,6 +63,13 @@ class EmulatorServer:
                 webhook_backoff_ms=webhook_backoff_ms,
                 webhook_max_attempts=webhook_max_attempts,
                 allow_remote_controls=allow_remote_controls,
+                meter_validation=meter_validation,
+                error_report_delay_seconds=error_report_delay_seconds,
+                error_report_samples=error_report_samples,
+                error_report_identifier=error_report_identifier,
+                summary_lag_seconds=summary_lag_seconds,
+                thin_webhook_url=thin_webhook_url,
+                thin_webhook_secret=thin_webhook_secret,
             )
         )
         self.emulator.controls = Controls(self.emulator)

@@ -14,7 +14,7 @@ import string
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from billing.emulator.errors import invalid, missing
@@ -34,6 +34,11 @@ class MeterEventRecord:
     meter: str
     event_name: str
     canceled: bool = False
+    rejected: bool = False  # answered 200, failed the asynchronous checks: never aggregated
+
+
+VALIDATION_MODES = ("async", "sync")
+SAMPLE_IDENTIFIERS = ("idempotency_key", "identifier")
 
 
 @dataclass
@@ -43,6 +48,27 @@ class Settings:
     finalize_delay: int = 3600  # draft → open, as Stripe's 1 h grace period
     invoice_auto_pay: bool = False  # open invoices with an amount due stay open unless paid
     api_version: str = ""
+    # Live Stripe answers a well-formed meter event 200 and checks it later ("async"); "sync"
+    # answers each failed check with a 400 at once, as this emulator did before.
+    meter_validation: str = "async"
+    error_report_delay_seconds: int = 5  # first rejected event → its thin error report
+    error_report_samples: int = 5  # sample errors kept per error code in one report
+    # What a sample's request.identifier carries: the request's Idempotency-Key (Stripe's
+    # reference says "The request idempotency key") or the meter event's identifier.
+    error_report_identifier: str = "idempotency_key"
+    summary_lag_seconds: int = 0  # events younger than this are not yet in summaries/drafts
+
+
+@dataclass
+class ErrorBucket:
+    """Asynchronously rejected meter events waiting for their error report (one thin event)."""
+
+    type: str  # v1.billing.meter.error_report_triggered | v1.billing.meter.no_meter_found
+    meter: str | None  # the related meter; None for no_meter_found
+    opened: int  # received_at of the first error: the report's validation_start
+    due: int  # when the report goes out: its validation_end
+    counts: dict[str, int] = field(default_factory=dict)  # code → every error of that code
+    samples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # (message, request)
 
 
 @dataclass
@@ -97,6 +123,8 @@ class State:
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
         self.checkout_lines: dict[str, list[dict[str, Any]]] = {}
         self.events: dict[str, dict[str, Any]] = {}
+        self.v2_events: dict[str, dict[str, Any]] = {}  # full thin events, GET /v2/core/events
+        self.error_buckets: dict[str, ErrorBucket] = {}  # schedule ident → open report
         self.active_entitlements: dict[str, dict[str, dict[str, Any]]] = {}  # cus → feat → ent
         self.schedule: list[tuple[int, int, str, str]] = []
         self.billed: dict[str, dict[str, int]] = {}
@@ -104,6 +132,8 @@ class State:
             "accepted": 0,
             "duplicates": 0,
             "rejected": 0,
+            "rejected_async": 0,
+            "error_reports": 0,
             "canceled": 0,
             "lock_timeouts": 0,
         }
@@ -188,6 +218,25 @@ class State:
         self.events[event["id"]] = event
         self._pending_events.append(event)
 
+    def emit_thin(
+        self, type: str, related_object: dict[str, Any] | None, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A v2 thin event: the destination gets the payload without `data`, which only
+        `GET /v2/core/events/{id}` returns."""
+        thin = {
+            "id": self.new_id("evt_test_", 46),
+            "object": "v2.core.event",
+            "context": None,
+            "created": iso_ms(self.now()),
+            "livemode": False,
+            "reason": None,
+            "related_object": related_object,
+            "type": type,
+        }
+        self.v2_events[thin["id"]] = {**thin, "changes": None, "data": data}
+        self._pending_events.append(thin)
+        return thin
+
     def flush_events(self) -> None:
         """Hand this request's events to the webhook sender as one batch (see webhooks.py)."""
         if self._pending_events:
@@ -217,6 +266,11 @@ class State:
         stale = [k for k, rec in self.identifiers.items() if rec.received_at <= cutoff]
         for key in stale:
             del self.identifiers[key]
+
+
+def iso_ms(ts: int) -> str:
+    """v2's timestamp format: `2024-09-26T17:46:22.000Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(ts))
 
 
 # lists and expansion ----------------------------------------------------------------------------

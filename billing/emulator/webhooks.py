@@ -45,6 +45,11 @@ class WebhookConfig:
     timestamp_offset: int = 0  # shift `t=` (negative forges a stale signature)
     enabled_events: list[str] = field(default_factory=lambda: ["*"])
     seed: int = 0
+    # The event destination of thin (v2.core.event) payloads. On Stripe a destination carries
+    # either snapshot or thin payloads, each with its own secret; unset, thin events go to
+    # `url` signed with `secret`.
+    thin_url: str | None = None
+    thin_secret: str | None = None
 
     def update(self, spec: dict[str, Any]) -> None:
         for key, value in spec.items():
@@ -53,8 +58,16 @@ class WebhookConfig:
             setattr(self, key, value)
         if self.order not in ORDERS:
             raise invalid(f"order must be one of {ORDERS}", param="order")
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise invalid("url must be http(s)://...", param="url")
+        for name in ("url", "thin_url"):
+            url = getattr(self, name)
+            if url and not url.startswith(("http://", "https://")):
+                raise invalid(f"{name} must be http(s)://...", param=name)
+
+    def destination(self, thin: bool) -> tuple[str | None, str | None]:
+        """(url, secret) that a snapshot or a thin event is delivered to."""
+        if thin:
+            return self.thin_url or self.url, self.thin_secret or self.secret
+        return self.url, self.secret
 
     def wants(self, event_type: str) -> bool:
         for pattern in self.enabled_events:
@@ -66,8 +79,9 @@ class WebhookConfig:
 
     def describe(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if self.secret:
-            out["secret"] = self.secret[:10] + "…"
+        for name in ("secret", "thin_secret"):
+            if out[name]:
+                out[name] = out[name][:10] + "…"
         return out
 
 
@@ -82,6 +96,7 @@ class _Job:
     attempt: int = field(compare=False, default=0)
     duplicate: bool = field(compare=False, default=False)
     generation: int = field(compare=False, default=0)
+    thin: bool = field(compare=False, default=False)  # a v2.core.event payload
 
 
 class WebhookSender:
@@ -102,15 +117,19 @@ class WebhookSender:
 
     def enqueue(self, events: list[dict[str, Any]]) -> None:
         cfg = self.config
-        if not cfg.url or not cfg.secret:
-            return
-        batch = [e for e in events if cfg.wants(e["type"])]
+        batch = [
+            e
+            for e in events
+            if all(cfg.destination(e["object"] == "v2.core.event")) and cfg.wants(e["type"])
+        ]
         if not batch:
             return
         due = time.monotonic() + cfg.hold_ms / 1000.0
         with self._cv:
             for event in batch:
-                event["pending_webhooks"] = 1
+                thin = event["object"] == "v2.core.event"
+                if not thin:  # a thin payload has no pending_webhooks
+                    event["pending_webhooks"] = 1
                 body = json.dumps(event, indent=2).encode()
                 for dup in (False, True) if cfg.duplicate else (False,):
                     self._seq += 1
@@ -124,6 +143,7 @@ class WebhookSender:
                             arrival=self._seq,
                             duplicate=dup,
                             generation=self._generation,
+                            thin=thin,
                         )
                     )
             if cfg.order != "in_order":  # what was held may be reordered with what came before
@@ -196,7 +216,7 @@ class WebhookSender:
 
     def _deliver(self, job: _Job) -> None:
         cfg = self.config
-        url, secret = cfg.url, cfg.secret
+        url, secret = cfg.destination(job.thin)
         if not url or not secret:
             return
         job.attempt += 1

@@ -73,6 +73,14 @@ def emulator(stripe_emulator: EmulatorServer) -> Controls:
     return Controls(stripe_emulator.url)
 
 
+@pytest.fixture
+def sync_meter_validation(emulator: Controls) -> Controls:
+    """Meter events checked at once (a 400 per failed check), not asynchronously as live
+    Stripe does and this emulator does by default."""
+    emulator.post("settings", {"meter_validation": "sync"})
+    return emulator
+
+
 def make_client(url: str, key: str = "sk_test_emulator", retries: int = 0) -> stripe.StripeClient:
     return stripe.StripeClient(
         key,

@@ -48,6 +48,7 @@ class TestObjects:
         assert sub.latest_invoice.billing_reason == "subscription_create"
         assert sub.latest_invoice.parent.subscription_details.subscription == sub.id
 
+    @pytest.mark.usefixtures("sync_meter_validation")
     def test_meter_deactivate_refuses_events(self, stripe_client, metered):
         stripe_client.v1.billing.meters.deactivate(metered.meter.id)
         with pytest.raises(stripe.InvalidRequestError, match="inactive"):
@@ -123,6 +124,7 @@ class TestMeterEvents:
         self.send(stripe_client, cus, "4", identifier="req-1")
         assert emulator.stats()["billed"][cus]["api_calls"] == 8
 
+    @pytest.mark.usefixtures("sync_meter_validation")
     def test_timestamp_window(self, stripe_client, metered, emulator):
         now = emulator.now()
         cus = metered.customer.id
@@ -136,10 +138,13 @@ class TestMeterEvents:
             "accepted": 2,
             "duplicates": 0,
             "rejected": 2,
+            "rejected_async": 0,
+            "error_reports": 0,
             "canceled": 0,
             "lock_timeouts": 0,
         }
 
+    @pytest.mark.usefixtures("sync_meter_validation")
     @pytest.mark.parametrize(
         ("payload", "match"),
         [
@@ -155,6 +160,7 @@ class TestMeterEvents:
                 {"event_name": "api_calls", "payload": payload}
             )
 
+    @pytest.mark.usefixtures("sync_meter_validation")
     def test_unknown_event_name(self, stripe_client, metered):
         with pytest.raises(stripe.InvalidRequestError, match="No active meter"):
             stripe_client.v1.billing.meter_events.create(

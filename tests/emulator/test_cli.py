@@ -1,4 +1,5 @@
-"""`python -m billing.emulator`: listens, logs a line per request, stops cleanly on SIGTERM."""
+"""`python -m billing.emulator`: listens, logs a line per request, stops cleanly on SIGTERM; its
+meter-validation flags reach the settings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
+
+from billing.emulator.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,3 +50,73 @@ def test_cli_serves_logs_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _settings(url: str) -> dict:
+    with urllib.request.urlopen(url + "/_emulator/settings", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_cli_meter_validation_flags_reach_the_settings():
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "billing.emulator",
+            "--port",
+            "0",
+            "--quiet",
+            "--meter-validation",
+            "sync",
+            "--error-report-delay-seconds",
+            "2",
+            "--error-report-samples",
+            "3",
+            "--error-report-identifier",
+            "identifier",
+            "--summary-lag-seconds",
+            "60",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"listening on (http://\S+) .*meter validation sync", line)
+        assert m, line
+        got = _settings(m.group(1))
+        assert (
+            got["meter_validation"],
+            got["error_report_delay_seconds"],
+            got["error_report_samples"],
+            got["error_report_identifier"],
+            got["summary_lag_seconds"],
+        ) == ("sync", 2, 3, "identifier", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_defaults_are_async_like_live_stripe_and_bad_values_are_refused(capsys):
+    args = build_parser().parse_args([])
+    assert (
+        args.meter_validation,
+        args.error_report_delay_seconds,
+        args.error_report_samples,
+        args.summary_lag_seconds,
+    ) == ("async", 5, 5, 0)
+    for bad in (
+        ["--meter-validation", "later"],
+        ["--error-report-samples", "0"],
+        ["--summary-lag-seconds", "-1"],
+        ["--error-report-delay-seconds", "soon"],
+    ):
+        with pytest.raises(SystemExit) as refused:
+            build_parser().parse_args(bad)
+        assert refused.value.code == 2
+    assert "--error-report-samples" in capsys.readouterr().err

@@ -156,6 +156,7 @@ def test_an_unknown_meter_is_named_on_stderr_and_exits_one(billing_runtime, emul
     assert payload["submissions_failed"] == 0 and payload["submissions_sent"] > 0
 
 
+@pytest.mark.usefixtures("sync_meter_validation")  # the customer stop needs Stripe's 400 at once
 def test_missing_customer_stops_that_customer_while_the_rest_is_billed(
     billing_runtime, emulator, seeded
 ):
@@ -194,6 +195,7 @@ def test_missing_customer_stops_that_customer_while_the_rest_is_billed(
     assert flush_pass(billing_runtime).submissions_sent == 0
 
 
+@pytest.mark.usefixtures("sync_meter_validation")
 def test_deleted_customer_is_a_customer_stop_not_a_failed_row(billing_runtime, emulator, seeded):
     customers, rows = seeded
     billing_runtime.stripe.client.v1.customers.delete(customers[13])

@@ -220,10 +220,10 @@ def attach_pending_items(st: State, inv: dict[str, Any], subscription: str | Non
 
 
 def open_draft(st: State, inv: dict[str, Any]) -> None:
-    """Announce a new draft and schedule its automatic finalization."""
+    """Announce a new draft and schedule its automatic finalization (if it auto-advances)."""
     refresh(st, inv)
     due = inv["created"] + st.settings.finalize_delay
-    inv["automatically_finalizes_at"] = due
+    inv["automatically_finalizes_at"] = due if inv["auto_advance"] else None
     st.schedule_at(due, "finalize", inv["id"])
     st.emit("invoice.created", inv)
 
@@ -278,6 +278,74 @@ def run_finalize(st: State, ident: str) -> None:
 
 
 # invoice API ------------------------------------------------------------------------------------
+
+
+@router.route(
+    "POST",
+    "/v1/invoices",
+    endpoint(
+        {
+            "auto_advance": Bool(),
+            "collection_method": Str(choices=("charge_automatically", "send_invoice")),
+            "currency": Str(3),
+            "customer": Str(),
+            "days_until_due": Int(0),
+            "description": Str(),
+            "metadata": METADATA,
+            "pending_invoice_items_behavior": Str(choices=("exclude", "include")),
+        },
+        ("customer",),
+    ),
+)
+def invoices_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
+    """A one-off draft (`billing_reason` manual). As on Stripe since API 2018-11-08 it does not
+    auto-advance unless asked; pending invoice items stay pending unless `include`."""
+    cus = st.customer(p["customer"])
+    now = st.now()
+    currency = (p.get("currency") or cus.get("currency") or "usd").lower()
+    inv = new_invoice(
+        st,
+        cus["id"],
+        subscription=None,
+        billing_reason="manual",
+        period=(now, now),
+        currency=currency,
+    )
+    inv["auto_advance"] = bool(p.get("auto_advance"))
+    inv["collection_method"] = p.get("collection_method") or "charge_automatically"
+    inv["description"] = p.get("description")
+    merge_metadata(inv, p.get("metadata"))
+    if inv["collection_method"] == "send_invoice":
+        inv["due_date"] = now + 86_400 * (p.get("days_until_due") or 30)
+    if p.get("pending_invoice_items_behavior") == "include":
+        attach_pending_items(st, inv, None)
+    open_draft(st, inv)
+    return inv
+
+
+@router.route("DELETE", "/v1/invoices/{id}", endpoint({}))
+def invoices_delete(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
+    """Only a one-off draft can be deleted; finalized or subscription invoices must be voided.
+    Its invoice items go with it [?]; a later retrieve is a 404 `No such invoice`."""
+    inv = st.get(st.invoices, "invoice", ident)
+    if inv["status"] != "draft":
+        raise invalid(
+            f"You can only delete draft invoices; this invoice is {inv['status']}. "
+            "Void it instead.",
+            code="invoice_not_editable",
+        )
+    if inv["parent"] is not None:
+        raise invalid(
+            "Invoices created by a subscription cannot be deleted. Void the invoice instead.",
+            code="invoice_not_editable",
+        )
+    del st.invoices[ident]
+    for line in inv["lines"]["data"]:
+        st.metered_lines.pop(line["id"], None)
+        item = (line["parent"].get("invoice_item_details") or {}).get("invoice_item")
+        st.invoice_items.pop(item or "", None)
+    st.emit("invoice.deleted", inv)
+    return {"id": ident, "object": "invoice", "deleted": True}
 
 
 @router.route("GET", "/v1/invoices/{id}", endpoint({}))
@@ -336,6 +404,11 @@ def invoices_update(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
                     "auto_advance can only be changed on a draft invoice.", param="auto_advance"
                 )
             inv[key] = p[key]
+    if p.get("auto_advance") is not None:  # switched on: finalized an hour after creation
+        due = max(inv["created"] + st.settings.finalize_delay, st.now())
+        inv["automatically_finalizes_at"] = due if inv["auto_advance"] else None
+        if inv["auto_advance"]:
+            st.schedule_at(due, "finalize", inv["id"])
     st.emit("invoice.updated", refresh(st, inv), previous)
     return inv
 

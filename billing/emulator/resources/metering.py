@@ -7,7 +7,15 @@ from typing import Any
 from billing.emulator.errors import StripeError, invalid
 from billing.emulator.params import Int, Map, Obj, Str, endpoint, list_endpoint
 from billing.emulator.router import router
-from billing.emulator.state import ID_WINDOW, MeterEventRecord, State, newest_first, paginate
+from billing.emulator.state import (
+    ID_WINDOW,
+    ErrorBucket,
+    MeterEventRecord,
+    State,
+    iso_ms,
+    newest_first,
+    paginate,
+)
 
 MAX_PAST = 35 * 86_400  # Stripe refuses meter event timestamps older than 35 days
 MAX_FUTURE = 5 * 60  # ... or more than 5 minutes ahead
@@ -123,26 +131,131 @@ def meter_event_lock_key(st: State, p: dict[str, Any]) -> tuple[str, ...] | None
     return None if customer is None else (meter["id"], customer)
 
 
-def _active_meter(st: State, event_name: str) -> dict[str, Any]:
+class _Failed(Exception):
+    """A meter event failing a check: `sync` is the 400 of sync mode; `code`/`message` the
+    sample error of async mode (codes from Stripe's OpenAPI enum; messages [?] but one)."""
+
+    def __init__(self, sync: StripeError, code: str, message: str) -> None:
+        super().__init__(message)
+        self.sync, self.code, self.message = sync, code, message
+
+
+def _check(st: State, p: dict[str, Any], now: int) -> tuple[dict[str, Any], str, int, int]:
+    """(meter, customer, value, timestamp) of a valid event, or `_Failed`."""
+    event_name = p["event_name"]
     meter_id = st.meter_by_event.get(event_name)
     meter = st.meters.get(meter_id) if meter_id else None
     if meter is None:
-        raise invalid(
-            f"No active meter was found for event_name `{event_name}`.",
-            param="event_name",
-            code="resource_missing",
+        raise _Failed(
+            invalid(
+                f"No active meter was found for event_name `{event_name}`.",
+                param="event_name",
+                code="resource_missing",
+            ),
+            "no_meter",
+            f"No meter found for event name `{event_name}`.",
         )
     if meter["status"] != "active":
-        raise invalid(
-            f"The meter for event_name `{event_name}` is inactive. Reactivate it to accept events.",
-            param="event_name",
+        raise _Failed(
+            invalid(
+                f"The meter for event_name `{event_name}` is inactive. Reactivate it to accept "
+                "events.",
+                param="event_name",
+            ),
+            "archived_meter",
+            f"Meter {meter['id']} is archived; events for `{event_name}` are not accepted.",
         )
-    return meter
+    payload = p["payload"]
+    cus_key = meter["customer_mapping"]["event_payload_key"]
+    value_key = meter["value_settings"]["event_payload_key"]
+    customer_id = payload.get(cus_key)
+    if not customer_id:
+        raise _Failed(
+            invalid(
+                f"Missing required param: payload[{cus_key}].",
+                param=f"payload[{cus_key}]",
+                code="parameter_missing",
+            ),
+            "meter_event_no_customer_defined",
+            f"Customer mapping key {cus_key} not found in payload.",  # Stripe's fixture text
+        )
+    cus = st.customers.get(customer_id)
+    if cus is None or cus.get("deleted"):
+        raise _Failed(
+            invalid(
+                f"No such customer: '{customer_id}'",
+                param=f"payload[{cus_key}]",
+                code="resource_missing",
+            ),
+            "meter_event_customer_not_found",
+            f"Customer {customer_id} not found.",
+        )
+    raw = payload.get(value_key)
+    if raw is None:
+        if meter["default_aggregation"]["formula"] != "count":
+            raise _Failed(
+                invalid(
+                    f"Missing required param: payload[{value_key}].",
+                    param=f"payload[{value_key}]",
+                    code="parameter_missing",
+                ),
+                "meter_event_invalid_value",
+                f"Value key {value_key} not found in payload.",
+            )
+        value = 1
+    elif raw.isdigit():
+        value = int(raw)
+    else:
+        raise _Failed(
+            invalid(
+                f"Invalid payload[{value_key}]: the value must be a whole number, got `{raw}`.",
+                param=f"payload[{value_key}]",
+            ),
+            "meter_event_invalid_value",
+            f"Value `{raw}` for key {value_key} is not a whole number.",
+        )
+    timestamp = p.get("timestamp")
+    if timestamp is None:
+        timestamp = now
+    elif timestamp < now - MAX_PAST:
+        raise _Failed(
+            invalid(
+                "Timestamp must be within the past 35 days.",
+                param="timestamp",
+                code="timestamp_too_far_in_past",
+            ),
+            "timestamp_too_far_in_past",
+            "Timestamp is more than 35 days in the past.",
+        )
+    elif timestamp > now + MAX_FUTURE:
+        raise _Failed(
+            invalid(
+                "Timestamp must not be more than 5 minutes in the future.",
+                param="timestamp",
+                code="timestamp_in_future",
+            ),
+            "timestamp_in_future",
+            "Timestamp is more than 5 minutes in the future.",
+        )
+    return meter, customer_id, value, timestamp
 
 
-def _reject(st: State, err: StripeError) -> StripeError:
-    st.meter_stats["rejected"] += 1
-    return err
+def _refuse_duplicate(st: State, identifier: str, now: int) -> None:
+    seen = st.identifiers.get(identifier)
+    if seen is not None and seen.received_at > now - ID_WINDOW:
+        st.meter_stats["duplicates"] += 1
+        # Stripe's answer to a re-sent identifier; the library must not retry it.
+        raise StripeError(
+            400,
+            f"An event already exists with identifier {identifier}.",
+            param="identifier",
+            headers=[("Stripe-Should-Retry", "false")],
+        )
+
+
+def _remember(st: State, rec: MeterEventRecord) -> None:
+    st.identifiers.pop(rec.identifier, None)  # re-insert keeps receipt order for expiry
+    st.identifiers[rec.identifier] = rec
 
 
 @router.route(
@@ -157,103 +270,123 @@ def _reject(st: State, err: StripeError) -> StripeError:
 def meter_events_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     now = st.now()
     event_name = p["event_name"]
-    try:
-        meter = _active_meter(st, event_name)
-    except StripeError as err:
-        raise _reject(st, err) from None
-    payload = p["payload"]
-    cus_key = meter["customer_mapping"]["event_payload_key"]
-    value_key = meter["value_settings"]["event_payload_key"]
-    customer_id = payload.get(cus_key)
-    if not customer_id:
-        raise _reject(
-            st,
-            invalid(
-                f"Missing required param: payload[{cus_key}].",
-                param=f"payload[{cus_key}]",
-                code="parameter_missing",
-            ),
-        )
-    cus = st.customers.get(customer_id)
-    if cus is None or cus.get("deleted"):
-        raise _reject(
-            st,
-            invalid(
-                f"No such customer: '{customer_id}'",
-                param=f"payload[{cus_key}]",
-                code="resource_missing",
-            ),
-        )
-    raw = payload.get(value_key)
-    if raw is None:
-        if meter["default_aggregation"]["formula"] != "count":
-            raise _reject(
-                st,
-                invalid(
-                    f"Missing required param: payload[{value_key}].",
-                    param=f"payload[{value_key}]",
-                    code="parameter_missing",
-                ),
-            )
-        value = 1
-    elif raw.isdigit():
-        value = int(raw)
-    else:
-        raise _reject(
-            st,
-            invalid(
-                f"Invalid payload[{value_key}]: the value must be a whole number, got `{raw}`.",
-                param=f"payload[{value_key}]",
-            ),
-        )
-    timestamp = p.get("timestamp")
-    if timestamp is None:
-        timestamp = now
-    elif timestamp < now - MAX_PAST:
-        raise _reject(
-            st,
-            invalid(
-                "Timestamp must be within the past 35 days.",
-                param="timestamp",
-                code="timestamp_too_far_in_past",
-            ),
-        )
-    elif timestamp > now + MAX_FUTURE:
-        raise _reject(
-            st,
-            invalid(
-                "Timestamp must not be more than 5 minutes in the future.",
-                param="timestamp",
-                code="timestamp_in_future",
-            ),
-        )
     identifier = p.get("identifier") or st.new_id("", 24)
-    seen = st.identifiers.get(identifier)
-    if seen is not None and seen.received_at > now - ID_WINDOW:
-        st.meter_stats["duplicates"] += 1
-        # Stripe's answer to a re-sent identifier; the library must not retry it.
-        raise StripeError(
-            400,
-            f"An event already exists with identifier {identifier}.",
-            param="identifier",
-            headers=[("Stripe-Should-Retry", "false")],
-        )
+    if st.settings.meter_validation == "sync":
+        try:
+            meter, customer_id, value, timestamp = _check(st, p, now)
+        except _Failed as failed:
+            st.meter_stats["rejected"] += 1
+            raise failed.sync from None
+        _refuse_duplicate(st, identifier, now)
+    else:
+        # Accepted for processing: only the form (schema) and a re-sent identifier are refused
+        # now; whether the identifier of a later-rejected event is kept for dedupe is [?] (kept).
+        _refuse_duplicate(st, identifier, now)
+        try:
+            meter, customer_id, value, timestamp = _check(st, p, now)
+        except _Failed as failed:
+            _reject_later(st, p, identifier, now, failed)
+            return _accepted(p, identifier, p.get("timestamp") or now, now)
     rec = MeterEventRecord(timestamp, value, identifier, now, customer_id, meter["id"], event_name)
-    st.identifiers.pop(identifier, None)  # re-insert keeps the dict in receipt order for expiry
-    st.identifiers[identifier] = rec
+    _remember(st, rec)
     st.meter_events.setdefault((meter["id"], customer_id), []).append(rec)
     billed = st.billed.setdefault(customer_id, {})
     billed[event_name] = billed.get(event_name, 0) + value
     st.meter_stats["accepted"] += 1
+    return _accepted(p, identifier, timestamp, now)
+
+
+def _accepted(p: dict[str, Any], identifier: str, timestamp: int, now: int) -> dict[str, Any]:
     return {
         "object": "billing.meter_event",
         "created": now,
-        "event_name": event_name,
+        "event_name": p["event_name"],
         "identifier": identifier,
         "livemode": False,
-        "payload": payload,
+        "payload": p["payload"],
         "timestamp": timestamp,
     }
+
+
+# asynchronous rejections ------------------------------------------------------------------------
+
+ERROR_REPORT = "meter_error_report"  # the scheduler's kind for a due report
+ERROR_REPORT_TRIGGERED = "v1.billing.meter.error_report_triggered"
+NO_METER_FOUND = "v1.billing.meter.no_meter_found"
+
+
+def _reject_later(st: State, p: dict[str, Any], identifier: str, now: int, failed: _Failed) -> None:
+    """Record the failure in its meter's open report; the first one schedules the report."""
+    event_name = p["event_name"]
+    meter_id = st.meter_by_event.get(event_name)
+    payload = p["payload"]
+    meter = st.meters.get(meter_id or "")
+    customer = payload.get(meter["customer_mapping"]["event_payload_key"], "") if meter else ""
+    rec = MeterEventRecord(
+        p.get("timestamp") or now, 0, identifier, now, customer, meter_id or "", event_name
+    )
+    rec.rejected = True
+    _remember(st, rec)
+    st.meter_stats["rejected_async"] += 1
+    if failed.code == "no_meter":
+        kind, related, key = NO_METER_FOUND, None, f"{NO_METER_FOUND}|{event_name}"
+    else:
+        kind, related, key = (
+            ERROR_REPORT_TRIGGERED,
+            meter_id,
+            f"{ERROR_REPORT_TRIGGERED}|{meter_id}",
+        )
+    bucket = st.error_buckets.get(key)
+    if bucket is None:
+        due = now + st.settings.error_report_delay_seconds
+        bucket = st.error_buckets[key] = ErrorBucket(kind, related, now, due)
+        st.schedule_at(due, ERROR_REPORT, key)
+    bucket.counts[failed.code] = bucket.counts.get(failed.code, 0) + 1
+    samples = bucket.samples.setdefault(failed.code, [])
+    if len(samples) < st.settings.error_report_samples:
+        request = identifier
+        if st.settings.error_report_identifier == "idempotency_key":
+            request = st.request.idempotency_key or identifier  # [?] without a key
+        samples.append((failed.message, request))
+
+
+def run_error_report(st: State, key: str) -> None:
+    """Send the due report: a thin event, its full form kept for `GET /v2/core/events/{id}`."""
+    bucket = st.error_buckets.pop(key, None)
+    if bucket is None:
+        return
+    total = sum(bucket.counts.values())
+    summary = "There is 1 invalid event" if total == 1 else f"There are {total} invalid events"
+    data = {
+        "developer_message_summary": summary,
+        "reason": {
+            "error_count": total,
+            "error_types": [
+                {
+                    "code": code,
+                    "error_count": count,
+                    "sample_errors": [
+                        {"error_message": message, "request": {"identifier": request}}
+                        for message, request in bucket.samples[code]
+                    ],
+                }
+                for code, count in bucket.counts.items()
+            ],
+        },
+        "validation_end": iso_ms(bucket.due),
+        "validation_start": iso_ms(bucket.opened),
+    }
+    related = None
+    if bucket.meter is not None:
+        url = f"/v1/billing/meters/{bucket.meter}"
+        related = {"id": bucket.meter, "type": "billing.meter", "url": url}
+    st.emit_thin(bucket.type, related, data)
+    st.meter_stats["error_reports"] += 1
+
+
+@router.route("GET", "/v2/core/events/{id}", endpoint({}))
+def v2_events_retrieve(st: State, p: dict[str, Any], ident: str) -> dict[str, Any]:
+    return st.get(st.v2_events, "v2.core.event", ident)  # v2's own not-found body is [?]
 
 
 @router.route(
@@ -283,7 +416,8 @@ def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, An
         )
     if not rec.canceled:
         rec.canceled = True
-        st.billed[rec.customer][rec.event_name] -= rec.value
+        if not rec.rejected:  # a rejected event was never counted
+            st.billed[rec.customer][rec.event_name] -= rec.value
         st.meter_stats["canceled"] += 1
     adj = {
         "object": "billing.meter_event_adjustment",
@@ -301,11 +435,13 @@ def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, An
 
 
 def aggregate(st: State, meter: dict[str, Any], customer: str, start: int, end: int) -> float:
-    """The meter's formula over events with start <= timestamp < end."""
+    """The meter's formula over events with start <= timestamp < end, received at least
+    `summary_lag_seconds` ago (Stripe aggregates asynchronously)."""
+    seen_by = st.now() - st.settings.summary_lag_seconds
     records = [
         r
         for r in st.meter_events.get((meter["id"], customer), ())
-        if not r.canceled and start <= r.timestamp < end
+        if not r.canceled and start <= r.timestamp < end and r.received_at <= seen_by
     ]
     window = WINDOWS.get(meter.get("event_time_window") or "")
     if window:  # the meter keeps only the newest event per window
