@@ -1,0 +1,166 @@
+"""Usage corrections applied by the flush, against the emulator over HTTP and real PostgreSQL:
+each age's method, exactly once, whatever crashes; Stripe's totals after a correction equal the
+billable events' sums plus the corrections."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+
+from billing import logs
+from billing.models import (
+    UsageCorrection,
+    UsageSubmission,
+    utcnow,
+)
+from billing.usage.corrections import CorrectionRequest, record_correction
+from billing.usage.service import flush_pass
+from tests.factories import add_accounts, add_events
+
+ORG = 7
+HOUR = timedelta(hours=1)
+
+
+def this_hour(back: int = 0) -> datetime:
+    return utcnow().replace(minute=0, second=0, microsecond=0) - back * HOUR
+
+
+def usage(runtime, hour: datetime, *quantities: int, org: int = ORG, event_type="api_call"):
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": org,
+                "event_type": event_type,
+                "quantity": q,
+                "occurred_at": hour + timedelta(minutes=5 + i),
+            }
+            for i, q in enumerate(quantities)
+        ],
+    )
+
+
+def correct(runtime, hour: datetime, delta: int, *, org: int = ORG, key: str | None = None, **kw):
+    request = CorrectionRequest(
+        organization_id=org,
+        event_type=kw.pop("event_type", "api_call"),
+        hour=hour,
+        delta=delta,
+        reason=kw.pop("reason", "double-counted by a retried job"),
+        actor="test",
+        idempotency_key=key,
+    )
+    return record_correction(runtime, request, **kw)
+
+
+def hourly(runtime, customer: str, start: datetime, end: datetime) -> dict[datetime, int]:
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    return runtime.stripe.meter_hourly_totals(meter.id, customer, start, end)
+
+
+def rows(runtime) -> list[UsageSubmission]:
+    with runtime.session_factory() as session:
+        return list(session.scalars(sa.select(UsageSubmission).order_by(UsageSubmission.id)))
+
+
+def corrections(runtime) -> list[UsageCorrection]:
+    with runtime.session_factory() as session:
+        return list(session.scalars(sa.select(UsageCorrection).order_by(UsageCorrection.id)))
+
+
+def applied_count(method: str) -> float:
+    value = REGISTRY.get_sample_value("billing_usage_corrections_applied_total", {"method": method})
+    return value or 0.0
+
+
+def test_recent_hour_is_cancelled_and_restated_under_a_new_identifier(
+    billing_runtime, emulator, captured
+):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(billing_runtime, hour, 5, 7)
+    assert flush_pass(billing_runtime).ok
+    assert emulator.billed()[customer]["api_call"] == 12
+    (original,) = rows(billing_runtime)
+    before = applied_count("cancel_restate")
+
+    shown = correct(billing_runtime, hour, -5)
+    assert (shown["status"], shown["billed_before"], shown["already_recorded"]) == (
+        "requested",
+        12,
+        False,
+    )
+    assert shown["method_as_of_now"] == "cancel_restate"
+    result = flush_pass(billing_runtime)
+
+    assert result.ok and result.corrections_applied == 1 and result.corrections_waiting == 0
+    assert emulator.billed()[customer]["api_call"] == 7
+    assert emulator.stats()["meter_events"]["canceled"] == 1
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 7}
+    cancelled, restated = rows(billing_runtime)
+    assert (cancelled.id, cancelled.status) == (original.id, "cancelled")
+    assert (restated.status, restated.value, restated.window_start) == ("sent", 7, hour)
+    assert restated.identifier != original.identifier
+    (done,) = corrections(billing_runtime)
+    assert (done.status, done.method, done.submission_id) == (
+        "applied",
+        "cancel_restate",
+        restated.id,
+    )
+    (line,) = captured.messages(logs.USAGE_CORRECTION_APPLIED)
+    assert (line.organization_id, line.event_type, line.hour, line.delta, line.method) == (
+        ORG,
+        "api_call",
+        hour.isoformat(),
+        -5,
+        "cancel_restate",
+    )
+    assert applied_count("cancel_restate") == before + 1
+    # Applied once: more flushes send and cancel nothing.
+    assert flush_pass(billing_runtime).corrections_applied == 0
+    assert emulator.stats()["meter_events"]["canceled"] == 1
+    assert emulator.billed()[customer]["api_call"] == 7
+
+
+def test_same_key_twice_records_and_applies_once(billing_runtime, emulator):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(1)
+    usage(billing_runtime, hour, 10)
+    flush_pass(billing_runtime)
+
+    first = correct(billing_runtime, hour, -4, key="ticket-4711")
+    again = correct(billing_runtime, hour, -4, key="ticket-4711")
+    assert again["already_recorded"] and again["id"] == first["id"]
+    # Without a key the values are the key: typing the same command twice is one correction.
+    assert correct(billing_runtime, hour, -1)["id"] == correct(billing_runtime, hour, -1)["id"]
+    flush_pass(billing_runtime)
+    assert correct(billing_runtime, hour, -4, key="ticket-4711")["status"] == "applied"
+    flush_pass(billing_runtime)
+
+    assert [c.method for c in corrections(billing_runtime)] == [
+        "cancel_restate",
+        "correcting_event",
+    ]
+    assert emulator.billed()[customer]["api_call"] == 10 - 4 - 1
+    # One cancel: the first correction took the recent meter event, the second (planned in the
+    # same pass) had none left to cancel and sent -1.
+    assert emulator.stats()["meter_events"]["canceled"] == 1
+
+
+def test_a_correction_after_another_restates_the_restated_total(billing_runtime, emulator):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(3)
+    usage(billing_runtime, hour, 20)
+    flush_pass(billing_runtime)
+    correct(billing_runtime, hour, -5)
+    flush_pass(billing_runtime)
+    usage(billing_runtime, hour, 4)  # late usage of the same hour: its own outbox row
+    correct(billing_runtime, hour, 3, reason="under-counted")
+    assert flush_pass(billing_runtime).ok
+
+    assert emulator.billed()[customer]["api_call"] == 20 - 5 + 4 + 3
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 22}
+    statuses = sorted((r.status, r.value) for r in rows(billing_runtime))
+    assert statuses == [("cancelled", 4), ("cancelled", 15), ("cancelled", 20), ("sent", 22)]
