@@ -6,15 +6,20 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from billing import logs
 from billing.models import (
+    BillableEventCorrection,
     UsageCorrection,
+    UsageCorrectionCancel,
     UsageSubmission,
     utcnow,
 )
+from billing.stripe_gateway import StripeGateway
+from billing.usage import correcting
 from billing.usage.corrections import CorrectionRequest, record_correction
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events
@@ -164,3 +169,165 @@ def test_a_correction_after_another_restates_the_restated_total(billing_runtime,
     assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 22}
     statuses = sorted((r.status, r.value) for r in rows(billing_runtime))
     assert statuses == [("cancelled", 4), ("cancelled", 15), ("cancelled", 20), ("sent", 22)]
+
+
+class Crash(BaseException):
+    """A process dying at this point (BaseException: nothing on the way catches it)."""
+
+
+def crash_once(monkeypatch, owner, name: str, *, before: bool = False) -> None:
+    """Make `owner.name` die once: after doing its work (Stripe or the database has it, the
+    caller never learns), or `before` it."""
+    original = getattr(owner, name)
+    fired = []
+
+    def dying(*args, **kwargs):
+        if fired:
+            return original(*args, **kwargs)
+        fired.append(True)
+        if before:
+            raise Crash(name)
+        original(*args, **kwargs)
+        raise Crash(name)
+
+    monkeypatch.setattr(owner, name, dying)
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        # Stripe took the cancel; the answer is never recorded.
+        (StripeGateway, "cancel_meter_event"),
+        # The restated row is written; the pass dies before sending it.
+        (correcting.Corrector, "release"),
+        # Stripe took the restated meter event; its outcome is never recorded.
+        (StripeGateway, "send_meter_event"),
+    ],
+    ids=["after-cancel", "after-release", "after-restate-sent"],
+)
+def test_a_crash_at_any_step_resumes_exactly_once(
+    billing_runtime, emulator, monkeypatch, owner, name
+):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(billing_runtime, hour, 30)
+    flush_pass(billing_runtime)
+    correct(billing_runtime, hour, 6, reason="under-counted")
+    crash_once(monkeypatch, owner, name)
+    with pytest.raises(Crash):
+        flush_pass(billing_runtime)
+    monkeypatch.undo()
+
+    assert flush_pass(billing_runtime).ok
+    assert emulator.billed()[customer]["api_call"] == 36
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 36}
+    assert emulator.stats()["meter_events"]["canceled"] == 1
+    assert [c.status for c in corrections(billing_runtime)] == ["applied"]
+    assert sorted((r.status, r.value) for r in rows(billing_runtime)) == [
+        ("cancelled", 30),
+        ("sent", 36),
+    ]
+
+
+def test_a_refused_cancel_corrects_by_event_exactly(billing_runtime, emulator, captured):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(billing_runtime, hour, 8)
+    flush_pass(billing_runtime)
+    correct(billing_runtime, hour, 2, reason="under-counted")
+    emulator.faults({"path": "/v1/billing/meter_event_adjustments", "status": 400, "count": 1})
+
+    assert flush_pass(billing_runtime).ok
+    assert emulator.billed()[customer]["api_call"] == 10
+    assert emulator.stats()["meter_events"]["canceled"] == 0
+    assert sorted((r.status, r.value) for r in rows(billing_runtime)) == [("sent", 2), ("sent", 8)]
+    with billing_runtime.session_factory() as session:
+        (cancel,) = session.scalars(sa.select(UsageCorrectionCancel))
+    assert (cancel.status, cancel.attempts) == ("refused", 1)
+    assert captured.messages(logs.USAGE_CORRECTION_CANCEL_REFUSED)
+
+
+def test_a_cancel_refused_after_a_lost_answer_is_held_then_settled(
+    billing_runtime, emulator, monkeypatch, captured
+):
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(billing_runtime, hour, 12)
+    flush_pass(billing_runtime)
+    correct(billing_runtime, hour, 3, reason="under-counted")
+    crash_once(monkeypatch, StripeGateway, "cancel_meter_event")  # cancelled; answer lost
+    with pytest.raises(Crash):
+        flush_pass(billing_runtime)
+    monkeypatch.undo()
+    assert emulator.billed()[customer]["api_call"] == 0
+
+    # The flush is down for a day: Stripe forgot the idempotency key, the event is too old to
+    # cancel, and the refusal could hide the first attempt's success.
+    later = utcnow() + timedelta(hours=25)
+    emulator.advance(25 * 3600)
+    result = flush_pass(billing_runtime, clock=lambda: later)
+    assert result.corrections_held == 1 and result.corrections_applied == 0
+    (held,) = corrections(billing_runtime)
+    assert held.status == "held" and captured.messages(logs.USAGE_CORRECTION_HELD)
+    assert [r.status for r in rows(billing_runtime)] == ["cancelling"]
+
+    # Stripe's summary of the hour is 0: the first attempt did cancel.
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {}
+    settled = correcting.settle_held_correction(
+        billing_runtime, held.id, cancelled=True, actor="ops", reason="summary 0"
+    )
+    assert settled["settled"] == [rows(billing_runtime)[0].id]
+    assert flush_pass(billing_runtime, clock=lambda: later).corrections_applied == 1
+    assert emulator.billed()[customer]["api_call"] == 15
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 15}
+
+
+def test_correction_rows_written_by_plain_sql_are_taken_in_or_rejected(billing_runtime, emulator):
+    from billing.ops.state import read_state
+
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(billing_runtime, hour, 9)
+    flush_pass(billing_runtime)
+    insert = sa.text(
+        "INSERT INTO billable_event_corrections "
+        "(organization_id, event_type, hour, delta, reason, idempotency_key, source) "
+        "VALUES (:org, 'api_call', :hour, :delta, 'producer fix', :key, 'zeitgeist')"
+    )
+    with billing_runtime.engine.begin() as connection:
+        for delta, key in ((2, "fix-1"), (-50, "fix-2"), (1.5, "fix-3")):
+            connection.execute(insert, {"org": ORG, "hour": hour, "delta": delta, "key": key})
+
+    assert flush_pass(billing_runtime).corrections_applied == 1
+    assert emulator.billed()[customer]["api_call"] == 11
+    with billing_runtime.session_factory() as session:
+        upstream = {
+            r.idempotency_key: r for r in session.scalars(sa.select(BillableEventCorrection))
+        }
+    assert upstream["fix-1"].usage_correction_id and upstream["fix-1"].rejected_reason is None
+    assert "retraction of 50 exceeds the 11 billed" in upstream["fix-2"].rejected_reason
+    assert "is not a whole number" in upstream["fix-3"].rejected_reason
+    (taken,) = corrections(billing_runtime)
+    assert (taken.source, taken.actor, taken.idempotency_key) == (
+        "upstream",
+        "upstream:zeitgeist",
+        f"upstream:{upstream['fix-1'].id}",
+    )
+    assert read_state(billing_runtime).usage_corrections["rejected"] == 2
+    # Taken once: the next flush finds nothing new.
+    assert flush_pass(billing_runtime).corrections_applied == 0
+    assert len(corrections(billing_runtime)) == 1
+
+
+def test_embedded_sqlite_cancels_and_restates(sqlite_runtime, emulator):
+    customer = add_accounts(sqlite_runtime, [ORG])[ORG]
+    hour = this_hour(2)
+    usage(sqlite_runtime, hour, 5, 6)
+    flush_pass(sqlite_runtime)
+    correct(sqlite_runtime, hour, 4, reason="under-counted")
+    assert flush_pass(sqlite_runtime).corrections_applied == 1
+    assert emulator.billed()[customer]["api_call"] == 15
+    assert sorted((r.status, r.value) for r in rows(sqlite_runtime)) == [
+        ("cancelled", 11),
+        ("sent", 15),
+    ]
