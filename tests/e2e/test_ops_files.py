@@ -122,7 +122,7 @@ def test_alert_rules_check():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_intended():
