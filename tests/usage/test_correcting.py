@@ -4,6 +4,12 @@ billable events' sums plus the corrections."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
@@ -331,3 +337,55 @@ def test_embedded_sqlite_cancels_and_restates(sqlite_runtime, emulator):
         ("cancelled", 11),
         ("sent", 15),
     ]
+
+
+def test_a_flush_killed_between_cancels_and_resends_is_exact_after_a_clean_run(
+    billing_runtime, emulator
+):
+    """`flask billing flush_now` in a child process, SIGKILLed while it cancels 20 hours' meter
+    events (Stripe slowed down); a clean pass then cancels the rest, re-sends every hour once."""
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hours = {this_hour(back): 10 + back for back in range(1, 21)}
+    for hour, quantity in hours.items():
+        usage(billing_runtime, hour, quantity)
+    assert flush_pass(billing_runtime).ok
+    for hour in hours:
+        correct(billing_runtime, hour, -3)
+    for path in ("/v1/billing/meter_event_adjustments", "/v1/billing/meter_events"):
+        emulator.faults({"path": path, "latency_ms": 120, "count": 10_000})
+    settings = billing_runtime.settings
+    env = {
+        **os.environ,
+        "STRIPE_BILLING_ENABLED": "1",
+        "STRIPE_SECRET_KEY": settings.stripe_secret_key,
+        "STRIPE_API_BASE": emulator.url,
+        "STRIPE_BILLING_METERS": "api_call,storage_gb_hour",
+        "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": "0",
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "billing", "billing", "flush_now"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while emulator.stats()["meter_events"]["canceled"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert emulator.stats()["meter_events"]["canceled"] >= 3, "the flush never got going"
+    left = Counter(c.status for c in corrections(billing_runtime))
+    assert left["cancelling"] > 0, f"killed after the cancels: {left}"
+
+    emulator.faults({"clear": True})
+    result = flush_pass(billing_runtime)
+    assert result.ok and result.corrections_applied + left["applied"] == 20
+    assert emulator.stats()["meter_events"]["canceled"] == 20
+    assert emulator.billed()[customer]["api_call"] == sum(hours.values()) - 3 * 20
+    first, last = min(hours), max(hours) + HOUR
+    assert hourly(billing_runtime, customer, first, last) == {h: q - 3 for h, q in hours.items()}
+    assert {c.status for c in corrections(billing_runtime)} == {"applied"}
+    statuses = Counter(r.status for r in rows(billing_runtime))
+    assert statuses == {"cancelled": 20, "sent": 20}
