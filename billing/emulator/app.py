@@ -67,6 +67,18 @@ class Options:
     thin_webhook_secret: str | None = None  # its signing secret; default: webhook_secret
 
 
+# The settings a test may change at run time (`POST /_emulator/settings`); Options carries each.
+SETTING_NAMES = (
+    "finalize_delay",
+    "invoice_auto_pay",
+    "meter_validation",
+    "error_report_delay_seconds",
+    "error_report_samples",
+    "error_report_identifier",
+    "summary_lag_seconds",
+)
+
+
 def apply_settings(settings: Settings, changes: dict[str, Any]) -> None:
     """Validated setting changes (options at reset, `POST /_emulator/settings`): all or none."""
     checked: dict[str, Any] = {}
@@ -152,18 +164,7 @@ class Emulator:
         with self.state.lock:
             self.state.clear()
             self.state.clock.offset = 0.0
-            apply_settings(
-                self.state.settings,
-                {
-                    "finalize_delay": o.finalize_delay,
-                    "invoice_auto_pay": o.invoice_auto_pay,
-                    "meter_validation": o.meter_validation,
-                    "error_report_delay_seconds": o.error_report_delay_seconds,
-                    "error_report_samples": o.error_report_samples,
-                    "error_report_identifier": o.error_report_identifier,
-                    "summary_lag_seconds": o.summary_lag_seconds,
-                },
-            )
+            apply_settings(self.state.settings, {k: getattr(o, k) for k in SETTING_NAMES})
             self.faults.rules.clear()
             limits: dict[str, Any] = {"preset": o.rate_limits}
             if o.global_rps is not None:

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from billing.emulator.app import Emulator, apply_settings
+from billing.emulator.app import SETTING_NAMES, Emulator, apply_settings
 from billing.emulator.errors import StripeError, invalid
 from billing.emulator.httpserver import HandlerResult, Request, Response
-from billing.emulator.limits import parse_fault
+from billing.emulator.limits import FAULT_FIELDS, parse_fault
 from billing.emulator.resources import checkout
 
 _CHECKOUT = re.compile(r"^/_emulator/checkout(?:_sessions)?/([^/]+)(/complete)?$")
@@ -116,23 +116,7 @@ class Controls:
     def faults(self, req: Request, body: dict[str, Any]) -> Response:
         rules = self.em.faults.rules
         if req.method == "POST":
-            _only(
-                body,
-                {
-                    "clear",
-                    "faults",
-                    "path",
-                    "method",
-                    "status",
-                    "code",
-                    "should_retry",
-                    "latency_ms",
-                    "drop",
-                    "count",
-                    "probability",
-                    "seed",
-                },
-            )
+            _only(body, {"clear", "faults", *FAULT_FIELDS})
             specs = body.get("faults") or (
                 []
                 if "path" not in body
@@ -154,18 +138,7 @@ class Controls:
         if req.method == "POST":
             with self.em.state.lock:
                 apply_settings(s, body)
-        return _json(
-            {
-                "finalize_delay": s.finalize_delay,
-                "invoice_auto_pay": s.invoice_auto_pay,
-                "meter_validation": s.meter_validation,
-                "error_report_delay_seconds": s.error_report_delay_seconds,
-                "error_report_samples": s.error_report_samples,
-                "error_report_identifier": s.error_report_identifier,
-                "summary_lag_seconds": s.summary_lag_seconds,
-                "api_version": s.api_version,
-            }
-        )
+        return _json({k: getattr(s, k) for k in (*SETTING_NAMES, "api_version")})
 
     def stats(self, req: Request, body: dict[str, Any]) -> Response:
         return _json(self.em.snapshot())

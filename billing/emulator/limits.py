@@ -67,8 +67,8 @@ class Fault:
         }
 
 
-def parse_fault(spec: dict[str, Any]) -> Fault:
-    known = {
+FAULT_FIELDS = frozenset(
+    {
         "path",
         "method",
         "status",
@@ -80,7 +80,11 @@ def parse_fault(spec: dict[str, Any]) -> Fault:
         "probability",
         "seed",
     }
-    unknown = set(spec) - known
+)
+
+
+def parse_fault(spec: dict[str, Any]) -> Fault:
+    unknown = set(spec) - FAULT_FIELDS
     if unknown:
         raise invalid(f"Unknown fault field(s): {', '.join(sorted(unknown))}")
     if not isinstance(spec.get("path"), str) or not spec["path"]:

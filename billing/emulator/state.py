@@ -21,6 +21,7 @@ from billing.emulator.errors import invalid, missing
 
 DAY = 86_400
 ID_WINDOW = DAY  # identifiers and idempotency keys are kept 24 h, as Stripe guarantees
+TOMBSTONE_WINDOW = 35 * DAY  # an expired identifier is remembered as long as events may be dated
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -109,6 +110,7 @@ class State:
         self.meter_by_event: dict[str, str] = {}
         self.meter_events: dict[tuple[str, str], list[MeterEventRecord]] = {}
         self.identifiers: dict[str, MeterEventRecord] = {}
+        self.expired_identifiers: dict[str, tuple[str, int]] = {}  # → (event_name, received_at)
         self.adjustments: list[dict[str, Any]] = []
         self.features: dict[str, dict[str, Any]] = {}
         self.feature_by_lookup: dict[str, str] = {}
@@ -262,10 +264,27 @@ class State:
         return bool(self.schedule) and self.schedule[0][0] <= until
 
     def expire_identifiers(self) -> None:
-        cutoff = self.now() - ID_WINDOW
-        stale = [k for k, rec in self.identifiers.items() if rec.received_at <= cutoff]
+        """Identifiers older than the dedupe window become tombstones (a cancel then says "too
+        late", not "never received"), kept as long as an event may be backdated."""
+        now = self.now()
+        cutoff = now - ID_WINDOW
+        stale = []
+        for key, rec in self.identifiers.items():  # in receipt order: stop at the first fresh one
+            if rec.received_at > cutoff:
+                break
+            stale.append(key)
         for key in stale:
-            del self.identifiers[key]
+            rec = self.identifiers.pop(key)
+            self.expired_identifiers.pop(key, None)  # re-insert keeps receipt order here too
+            self.expired_identifiers[key] = (rec.event_name, rec.received_at)
+        forget = now - TOMBSTONE_WINDOW
+        old = []
+        for key, (_, received_at) in self.expired_identifiers.items():
+            if received_at > forget:
+                break
+            old.append(key)
+        for key in old:
+            del self.expired_identifiers[key]
 
 
 def iso_ms(ts: int) -> str:

@@ -171,12 +171,107 @@ class TestMeterEvents:
             )
 
     def test_cancel_adjustment(self, stripe_client, metered, emulator):
-        self.send(stripe_client, metered.customer.id, "9", identifier="oops")
-        adj = stripe_client.v1.billing.meter_event_adjustments.create(
-            {"event_name": "api_calls", "type": "cancel", "cancel": {"identifier": "oops"}}
+        cus = metered.customer.id
+        self.send(stripe_client, cus, "9", identifier="oops")
+        self.send(stripe_client, cus, "4", identifier="fine")
+        cancel = {"event_name": "api_calls", "type": "cancel", "cancel": {"identifier": "oops"}}
+        adj = stripe_client.v1.billing.meter_event_adjustments.create(cancel)
+        # Stripe's v1 shape: no id, no created; `pending` (the emulator applies it at once).
+        assert adj.to_dict() == {
+            "object": "billing.meter_event_adjustment",
+            "cancel": {"identifier": "oops"},
+            "event_name": "api_calls",
+            "livemode": False,
+            "status": "pending",
+            "type": "cancel",
+        }
+        again = stripe_client.v1.billing.meter_event_adjustments.create(cancel)
+        assert again.to_dict() == adj.to_dict()  # a re-cancel answers the same ...
+        stats = emulator.stats()
+        assert stats["billed"][cus]["api_calls"] == 4  # ... and subtracts once
+        assert stats["meter_events"]["canceled"] == 1
+        now = emulator.now()
+        end = now - now % 60 + 60
+        summary = stripe_client.v1.billing.meters.event_summaries.list(
+            metered.meter.id, {"customer": cus, "start_time": end - 3600, "end_time": end}
         )
-        assert adj.object == "billing.meter_event_adjustment"
-        assert emulator.stats()["billed"][metered.customer.id]["api_calls"] == 0
+        assert summary.data[0].aggregated_value == 4.0
+
+    def test_cancel_of_unknown_mismatched_or_expired_identifiers(
+        self, stripe_client, metered, emulator
+    ):
+        def cancel(identifier, event_name="api_calls"):
+            with pytest.raises(stripe.InvalidRequestError) as refused:
+                stripe_client.v1.billing.meter_event_adjustments.create(
+                    {
+                        "event_name": event_name,
+                        "type": "cancel",
+                        "cancel": {"identifier": identifier},
+                    }
+                )
+            assert refused.value.http_status == 400
+            assert refused.value.param == "cancel[identifier]"
+            return refused.value
+
+        other = stripe_client.v1.billing.meters.create(
+            {"display_name": "O", "event_name": "other", "default_aggregation": {"formula": "sum"}}
+        )
+        assert other.event_name == "other"
+        self.send(stripe_client, metered.customer.id, "5", identifier="old")
+        never = cancel("never-sent")
+        assert never.code == "resource_missing" and "never-sent" in never.user_message
+        assert cancel("old", "other").code == "resource_missing"  # another meter's event name
+        emulator.advance(86_400 + 1)
+        expired = cancel("old")
+        assert expired.code is None
+        assert "within 24 hours" in expired.user_message
+        assert cancel("old", "other").code == "resource_missing"
+        assert emulator.stats()["billed"][metered.customer.id]["api_calls"] == 5
+
+    @pytest.mark.parametrize("mode", ["async", "sync"])
+    def test_negative_values_correct_earlier_usage(self, stripe_client, metered, emulator, mode):
+        emulator.post("settings", {"meter_validation": mode})
+        cus = metered.customer.id
+        hour = (emulator.now() // 3600 - 2) * 3600
+        self.send(stripe_client, cus, "10", timestamp=hour + 10)
+        self.send(stripe_client, cus, "-3", timestamp=hour + 20)
+        self.send(stripe_client, cus, "-5", timestamp=hour + 3600 + 5)
+        assert emulator.stats()["billed"] == {cus: {"api_calls": 2}}
+        grouped = stripe_client.v1.billing.meters.event_summaries.list(
+            metered.meter.id,
+            {
+                "customer": cus,
+                "start_time": hour,
+                "end_time": hour + 7200,
+                "value_grouping_window": "hour",
+            },
+        )
+        # A window whose total is negative is listed too.
+        assert [(s.start_time - hour, s.aggregated_value) for s in grouped.data] == [
+            (3600, -5.0),
+            (0, 7.0),
+        ]
+        for bad in ("-", "--1", "+1", "1e3", "\u0661"):  # the last: a non-ASCII digit
+            if mode == "sync":
+                with pytest.raises(stripe.InvalidRequestError, match="whole number"):
+                    self.send(stripe_client, cus, bad)
+            else:
+                self.send(stripe_client, cus, bad)
+        stats = emulator.stats()
+        assert stats["billed"] == {cus: {"api_calls": 2}}
+        refused = stats["meter_events"]["rejected" if mode == "sync" else "rejected_async"]
+        assert refused == 5
+
+    def test_a_negative_period_total_invoices_quantity_zero(self, stripe_client, metered, emulator):
+        item = metered.subscription["items"].data[0]
+        self.send(stripe_client, metered.customer.id, "40", timestamp=emulator.now())
+        self.send(stripe_client, metered.customer.id, "-90", timestamp=emulator.now())
+        emulator.advance(item.current_period_end - emulator.now() + 10)
+        (draft,) = stripe_client.v1.invoices.list(
+            {"subscription": metered.subscription.id, "status": "draft"}
+        ).data
+        line = draft.lines.data[0]
+        assert (line.quantity, line.amount, draft.amount_due) == (0, 0, 0)
 
 
 class TestStrictness:

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,22 +21,36 @@ from billing.emulator.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_cli_serves_logs_and_stops_on_sigterm():
+@contextmanager
+def emulator_process(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m billing.emulator --port 0 FLAGS`, its URL from the first log line; stopped
+    with SIGTERM by the test (it must exit 0), killed if the test fails first."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", "0", "--rate-limits", "off"],
+        [sys.executable, "-m", "billing.emulator", "--port", "0", *flags],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        url = None
-        for line in proc.stderr:  # the first line announces the address
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, "no 'listening on' line"
+        first = proc.stderr.readline()
+        m = re.search(r"listening on (http://\S+)", first)
+        assert m, f"no 'listening on' line: {first!r}"
+        yield proc, first
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=10)
+
+
+def test_cli_serves_logs_and_stops_on_sigterm():
+    with emulator_process("--rate-limits", "off") as (proc, first):
+        url = re.search(r"listening on (http://\S+)", first).group(1)
         req = urllib.request.Request(
             url + "/v1/customers",
             data=b"email=a%40example.com",
@@ -44,62 +60,37 @@ def test_cli_serves_logs_and_stops_on_sigterm():
             assert json.loads(resp.read())["email"] == "a@example.com"
         line = proc.stderr.readline()
         assert '"POST /v1/customers" 200' in line
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _settings(url: str) -> dict:
-    with urllib.request.urlopen(url + "/_emulator/settings", timeout=5) as resp:
-        return json.loads(resp.read())
+        assert stop(proc) == 0
 
 
 def test_cli_meter_validation_flags_reach_the_settings():
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "billing.emulator",
-            "--port",
-            "0",
-            "--quiet",
-            "--meter-validation",
-            "sync",
-            "--error-report-delay-seconds",
-            "2",
-            "--error-report-samples",
-            "3",
-            "--error-report-identifier",
-            "identifier",
-            "--summary-lag-seconds",
-            "60",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stderr.readline()
-        m = re.search(r"listening on (http://\S+) .*meter validation sync", line)
-        assert m, line
-        got = _settings(m.group(1))
-        assert (
-            got["meter_validation"],
-            got["error_report_delay_seconds"],
-            got["error_report_samples"],
-            got["error_report_identifier"],
-            got["summary_lag_seconds"],
-        ) == ("sync", 2, 3, "identifier", 60)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    flags = [
+        "--quiet",
+        "--meter-validation",
+        "sync",
+        "--error-report-delay-seconds",
+        "2",
+        "--error-report-samples",
+        "3",
+        "--error-report-identifier",
+        "identifier",
+        "--summary-lag-seconds",
+        "60",
+    ]
+    with emulator_process(*flags) as (proc, first):
+        m = re.search(r"listening on (http://\S+) .*meter validation sync", first)
+        assert m, first
+        with urllib.request.urlopen(m.group(1) + "/_emulator/settings", timeout=5) as resp:
+            got = json.loads(resp.read())
+        assert {k: v for k, v in got.items() if k not in ("finalize_delay", "api_version")} == {
+            "invoice_auto_pay": True,
+            "meter_validation": "sync",
+            "error_report_delay_seconds": 2,
+            "error_report_samples": 3,
+            "error_report_identifier": "identifier",
+            "summary_lag_seconds": 60,
+        }
+        assert stop(proc) == 0
 
 
 def test_cli_defaults_are_async_like_live_stripe_and_bad_values_are_refused(capsys):

@@ -185,7 +185,11 @@ def _refresh_metered(st: State, line: dict[str, Any]) -> None:
     meter = st.meters.get(meter_id)
     qty = 0
     if meter is not None:
-        qty = int(aggregate(st, meter, customer, line["period"]["start"], line["period"]["end"]))
+        # "If the overall cycle usage is negative, Stripe reports the invoice line item usage
+        # quantity as 0."
+        qty = max(
+            0, int(aggregate(st, meter, customer, line["period"]["start"], line["period"]["end"]))
+        )
     line["quantity"] = qty
     line["amount"] = line["subtotal"] = _amount(qty, line["pricing"]["unit_amount_decimal"])
     name = line["description"].split(" x ", 1)[-1]

@@ -203,8 +203,8 @@ def _check(st: State, p: dict[str, Any], now: int) -> tuple[dict[str, Any], str,
                 f"Value key {value_key} not found in payload.",
             )
         value = 1
-    elif raw.isdigit():
-        value = int(raw)
+    elif (raw[1:] if raw[:1] == "-" else raw).isdecimal() and raw.isascii():
+        value = int(raw)  # negative values correct earlier usage (Stripe's "Fix incorrect usage")
     else:
         raise _Failed(
             invalid(
@@ -404,13 +404,20 @@ def v2_events_retrieve(st: State, p: dict[str, Any], ident: str) -> dict[str, An
 def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, Any]:
     if not p.get("cancel"):
         raise invalid("Missing required param: cancel.", param="cancel", code="parameter_missing")
-    identifier = p["cancel"]["identifier"]
+    identifier, event_name = p["cancel"]["identifier"], p["event_name"]
     now = st.now()
     rec = st.identifiers.get(identifier)
-    if rec is None or rec.event_name != p["event_name"] or rec.received_at <= now - ID_WINDOW:
+    if rec is None or rec.event_name != event_name or rec.received_at <= now - ID_WINDOW:
+        seen = st.expired_identifiers.get(identifier) if rec is None else None
+        if rec is not None and rec.received_at <= now - ID_WINDOW:  # not swept yet
+            seen = (rec.event_name, rec.received_at)
+        if seen is not None and seen[0] == event_name:  # both messages [?]
+            raise invalid(
+                "Meter events can only be canceled within 24 hours of Stripe receiving them.",
+                param="cancel[identifier]",
+            )
         raise invalid(
-            f"No meter event with identifier {identifier} was received for event_name "
-            f"`{p['event_name']}` in the last 24 hours.",
+            f"No meter event with identifier {identifier} was found for event_name `{event_name}`.",
             param="cancel[identifier]",
             code="resource_missing",
         )
@@ -424,7 +431,7 @@ def meter_event_adjustments_create(st: State, p: dict[str, Any]) -> dict[str, An
         "cancel": {"identifier": identifier},
         "event_name": p["event_name"],
         "livemode": False,
-        "status": "complete",
+        "status": "pending",  # Stripe's v1 answer; the emulator applies the cancel at once
         "type": "cancel",
     }
     st.adjustments.append(adj)
