@@ -151,6 +151,7 @@ class Corrector:
         self.organization_id = submitter.organization_id
         self.clock = submitter.clock
         self._meters: dict[str, Any] | None = None
+        self._to_send: list[int] = []  # outbox rows this pass wrote: correcting and restated
 
     def run(self) -> None:
         steps: list[Callable[[], None]] = [self.take_upstream, self.plan_requested, self.cancel]
@@ -159,7 +160,8 @@ class Corrector:
                 break
             step()
         if not self.stops.run.is_set():
-            self.submitter.submit(self.release())
+            self._to_send += self.release()
+            self.submitter.submit(self._to_send)
         self.finish()
         self.count()
 
@@ -356,6 +358,7 @@ class Corrector:
                 stamp = hour if hour > now - MAX_EVENT_AGE + HOUR else floor_hour(now)
                 row = self._add_row(session, correction, account, correction.delta, stamp, now)
                 correction.submission_id, correction.status = row.id, SENDING
+                self._to_send.append(row.id)
         if applied is not None:
             self._applied(applied)
 

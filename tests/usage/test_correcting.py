@@ -26,7 +26,7 @@ from billing.models import (
 )
 from billing.stripe_gateway import StripeGateway
 from billing.usage import correcting
-from billing.usage.corrections import CorrectionRequest, record_correction
+from billing.usage.corrections import CorrectionError, CorrectionRequest, record_correction
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events
 
@@ -389,3 +389,128 @@ def test_a_flush_killed_between_cancels_and_resends_is_exact_after_a_clean_run(
     assert {c.status for c in corrections(billing_runtime)} == {"applied"}
     statuses = Counter(r.status for r in rows(billing_runtime))
     assert statuses == {"cancelled": 20, "sent": 20}
+
+
+def metered(runtime, emulator, hour: datetime, cents_per_unit: str) -> tuple[str, object]:
+    """Org 7 subscribed to a metered api_call price from just before `hour`; the account knows
+    the subscription and its period. (customer, subscription)"""
+    from billing.accounts import store_subscription
+
+    emulator.control("POST", "clock", {"set": int(hour.timestamp()) - 60})
+    customer = add_accounts(runtime, [ORG])[ORG]
+    client = runtime.stripe.client
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    product = client.v1.products.create({"name": "API"})
+    price = client.v1.prices.create(
+        {
+            "currency": "usd",
+            "unit_amount_decimal": cents_per_unit,
+            "product": product.id,
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+        }
+    )
+    subscription = client.v1.subscriptions.create(
+        {"customer": customer, "items": [{"price": price.id}]}
+    )
+    store_subscription(runtime, ORG, subscription)
+    return customer, subscription
+
+
+def metered_quantity(runtime, invoice_id: str) -> list[int]:
+    return [
+        line.quantity
+        for line in runtime.stripe.invoice_lines(invoice_id)
+        if line.parent.type == "subscription_item_details"
+    ]
+
+
+def test_an_older_hour_of_the_open_period_gets_a_negative_correcting_event(
+    billing_runtime, emulator
+):
+    hour = this_hour(2)
+    customer, subscription = metered(billing_runtime, emulator, hour, "1")
+    usage(billing_runtime, hour, 5, 7)
+    flush_pass(billing_runtime)
+    # A day later: Stripe can no longer cancel what it received.
+    emulator.advance(25 * 3600)
+    later = utcnow() + timedelta(hours=25)
+    assert correct(billing_runtime, hour, -5)["method_as_of_now"] == "cancel_restate"
+    result = flush_pass(billing_runtime, clock=lambda: later)
+
+    (done,) = corrections(billing_runtime)
+    assert (done.status, done.method, done.last_error) == ("applied", "correcting_event", None)
+    assert result.ok and result.corrections_applied == 1
+    original, correcting_row = rows(billing_runtime)
+    assert (original.status, original.value) == ("sent", 12)
+    assert (correcting_row.status, correcting_row.value, correcting_row.window_start) == (
+        "sent",
+        -5,
+        hour,
+    )
+    assert emulator.stats()["meter_events"]["canceled"] == 0
+    assert emulator.billed()[customer]["api_call"] == 7
+    assert hourly(billing_runtime, customer, hour, hour + HOUR) == {hour: 7}
+    # The period's invoice bills 7.
+    period_end = subscription["items"].data[0].current_period_end
+    emulator.control("POST", "clock", {"set": period_end + 10})
+    (draft,) = billing_runtime.stripe.client.v1.invoices.list(
+        {"customer": customer, "status": "draft"}
+    ).data
+    assert metered_quantity(billing_runtime, draft.id) == [7]
+
+
+def test_an_invoiced_period_gets_a_credit_on_the_next_invoice_once(billing_runtime, emulator):
+    from billing.accounts import store_subscription
+    from billing.adjustments import invoice as invoices
+    from billing.adjustments.service import list_adjustments
+
+    hour = this_hour(2)
+    customer, subscription = metered(billing_runtime, emulator, hour, "3")
+    usage(billing_runtime, hour, 12)
+    flush_pass(billing_runtime)
+    client = billing_runtime.stripe.client
+    first_end = subscription["items"].data[0].current_period_end
+    emulator.control("POST", "clock", {"set": first_end + 3600 + 60})  # invoiced and finalized
+    (invoiced,) = [
+        i
+        for i in client.v1.invoices.list({"customer": customer}).data
+        if i.billing_reason == "subscription_cycle"
+    ]
+    assert invoiced.status != "draft" and invoiced.total == 36
+    renewed = billing_runtime.stripe.retrieve_subscription(subscription.id)
+    store_subscription(billing_runtime, ORG, renewed)
+
+    quote = correct(billing_runtime, hour, -5, dry_run=True)
+    assert quote["method_as_of_now"] == "credit"
+    assert quote["would_send"]["credit"] == {"units": 5, "amount_cents": 15, "currency": "usd"}
+    with pytest.raises(CorrectionError, match="already invoiced"):
+        correct(billing_runtime, hour, 2)
+    correct(billing_runtime, hour, -5, reason="outage hour")
+    assert flush_pass(billing_runtime).corrections_applied == 1
+
+    (done,) = corrections(billing_runtime)
+    (credit,) = list_adjustments(billing_runtime, ORG)
+    assert (done.status, done.method, done.billing_adjustment_id) == (
+        "applied",
+        "credit",
+        credit["id"],
+    )
+    assert (credit["kind"], credit["amount_cents"], credit["currency"]) == ("credit", 15, "usd")
+    assert credit["usage_correction_id"] == done.id
+    line = f"Usage correction #{done.id}: -5 api_call {hour:%Y-%m-%dT%H:%M}Z (outage hour)"
+    assert credit["description"] == line
+    assert emulator.billed()[customer]["api_call"] == 12  # the meter keeps what was invoiced
+
+    second_end = renewed["items"].data[0].current_period_end
+    emulator.control("POST", "clock", {"set": second_end + 10})
+    (draft,) = client.v1.invoices.list({"customer": customer, "status": "draft"}).data
+    invoices.on_invoice_created(billing_runtime, draft.id)
+    invoices.on_invoice_created(billing_runtime, draft.id)  # redelivered: nothing twice
+    ours = [
+        (item.amount, item.description)
+        for item in billing_runtime.stripe.invoice_lines(draft.id)
+        if invoices.KEY_METADATA in (item.metadata or {})
+    ]
+    assert ours == [(-15, line)]
+    (credit,) = list_adjustments(billing_runtime, ORG)
+    assert credit["pending"] is False and [a["invoice_id"] for a in credit["applied"]] == [draft.id]
