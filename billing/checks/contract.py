@@ -334,28 +334,22 @@ CHECK_NAMES: tuple[str, ...] = tuple(rule.check for rule in CONTRACT_RULES + COR
 
 def contract_markdown() -> str:
     """The contract as Markdown tables, for docs/flush.md."""
-    columns = [
-        (f"`{c.name}`", c.sql, "yes" if c.nullable else "no", c.owner, c.meaning)
-        for c in CONTRACT_COLUMNS
-    ]
-    rules = [(f"`{r.check}`", r.rule, r.rows) for r in CONTRACT_RULES]
-    return (
-        _markdown_table(
-            ("column", "compatible types", "NULL allowed", "written by", "meaning"), columns
-        )
-        + "\n\n"
-        + _markdown_table(("check", "rule", "rows checked"), rules)
-        + "\n"
-    )
+    return _contract_tables(CONTRACT_COLUMNS, CONTRACT_RULES)
 
 
 def corrections_markdown() -> str:
     """The upstream correction table's contract as Markdown tables, for docs/flush.md."""
+    return _contract_tables(CORRECTION_COLUMNS, CORRECTION_RULES)
+
+
+def _contract_tables(
+    contract_columns: Sequence[ContractColumn], contract_rules: Sequence[ContractRule]
+) -> str:
     columns = [
         (f"`{c.name}`", c.sql, "yes" if c.nullable else "no", c.owner, c.meaning)
-        for c in CORRECTION_COLUMNS
+        for c in contract_columns
     ]
-    rules = [(f"`{r.check}`", r.rule, r.rows) for r in CORRECTION_RULES]
+    rules = [(f"`{r.check}`", r.rule, r.rows) for r in contract_rules]
     return (
         _markdown_table(
             ("column", "compatible types", "NULL allowed", "written by", "meaning"), columns

@@ -299,11 +299,7 @@ class Corrector:
         applied: Applied | None = None
         with self.sessions.begin() as session:
             lock_organization(session, organization_id)
-            correction = session.scalar(
-                sa.select(UsageCorrection)
-                .where(UsageCorrection.id == correction_id, UsageCorrection.status == REQUESTED)
-                .with_for_update(skip_locked=True)
-            )
+            correction = locked(session, correction_id, REQUESTED)
             account = session.get(BillingAccount, organization_id)
             if correction is None or account is None or not account.stripe_customer_id:
                 return
@@ -573,11 +569,7 @@ class Corrector:
         now = self.clock()
         applied: Applied | None = None
         with self.sessions.begin() as session:
-            correction = session.scalar(
-                sa.select(UsageCorrection)
-                .where(UsageCorrection.id == correction_id, UsageCorrection.status == CANCELLING)
-                .with_for_update(skip_locked=True)
-            )
+            correction = locked(session, correction_id, CANCELLING)
             if correction is None:
                 return None
             cancels = list(
@@ -629,11 +621,7 @@ class Corrector:
         for correction_id, row_status in done:
             applied: Applied | None = None
             with self.sessions.begin() as session:
-                correction = session.scalar(
-                    sa.select(UsageCorrection)
-                    .where(UsageCorrection.id == correction_id, UsageCorrection.status == SENDING)
-                    .with_for_update(skip_locked=True)
-                )
+                correction = locked(session, correction_id, SENDING)
                 if correction is None:
                     continue
                 if row_status == SubmissionStatus.WRITTEN_OFF:
@@ -677,11 +665,7 @@ class Corrector:
     def _fail(self, correction_id: int, error: str) -> None:
         now = self.clock()
         with self.sessions.begin() as session:
-            correction = session.scalar(
-                sa.select(UsageCorrection)
-                .where(UsageCorrection.id == correction_id, UsageCorrection.status == REQUESTED)
-                .with_for_update(skip_locked=True)
-            )
+            correction = locked(session, correction_id, REQUESTED)
             if correction is not None:
                 self._set_failed(session, correction, error, now)
 
@@ -701,6 +685,15 @@ class Corrector:
                 "error": error,
             },
         )
+
+
+def locked(session: Session, correction_id: int, status: str) -> UsageCorrection | None:
+    """The correction, row-locked, if it is still in `status` and no other pass holds it."""
+    return session.scalar(
+        sa.select(UsageCorrection)
+        .where(UsageCorrection.id == correction_id, UsageCorrection.status == status)
+        .with_for_update(skip_locked=True)
+    )
 
 
 def settle_cancel(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -29,6 +28,7 @@ from billing.usage import correcting
 from billing.usage.corrections import CorrectionError, CorrectionRequest, record_correction
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events
+from tests.process import BIN, ROOT, billing_env
 
 ORG = 7
 HOUR = timedelta(hours=1)
@@ -353,20 +353,10 @@ def test_a_flush_killed_between_cancels_and_resends_is_exact_after_a_clean_run(
         correct(billing_runtime, hour, -3)
     for path in ("/v1/billing/meter_event_adjustments", "/v1/billing/meter_events"):
         emulator.faults({"path": path, "latency_ms": 120, "count": 10_000})
-    settings = billing_runtime.settings
-    env = {
-        **os.environ,
-        "STRIPE_BILLING_ENABLED": "1",
-        "STRIPE_SECRET_KEY": settings.stripe_secret_key,
-        "STRIPE_API_BASE": emulator.url,
-        "STRIPE_BILLING_METERS": "api_call,storage_gb_hour",
-        "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": "0",
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "billing", "billing", "flush_now"],
-        env=env,
+        [str(BIN / "flask"), "billing", "flush_now"],
+        cwd=ROOT,
+        env=billing_env(billing_runtime.settings),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -514,3 +504,20 @@ def test_an_invoiced_period_gets_a_credit_on_the_next_invoice_once(billing_runti
     assert ours == [(-15, line)]
     (credit,) = list_adjustments(billing_runtime, ORG)
     assert credit["pending"] is False and [a["invoice_id"] for a in credit["applied"]] == [draft.id]
+
+
+def test_reconcile_finds_no_drift_after_a_cancel_and_restate(billing_runtime, emulator):
+    from billing.usage.reconcile import reconcile
+
+    add_accounts(billing_runtime, [ORG])
+    hour = this_hour(3)
+    usage(billing_runtime, hour, 5, 7)
+    usage(billing_runtime, hour - HOUR, 4)
+    flush_pass(billing_runtime)
+    correct(billing_runtime, hour, -5)
+    correct(billing_runtime, hour - HOUR, 2, reason="under-counted")
+    flush_pass(billing_runtime)
+
+    report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR)
+    assert report.ok, report.to_dict()
+    assert report.to_dict()["groups"]["match"] == 2
