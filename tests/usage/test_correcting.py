@@ -521,3 +521,34 @@ def test_reconcile_finds_no_drift_after_a_cancel_and_restate(billing_runtime, em
     report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR)
     assert report.ok, report.to_dict()
     assert report.to_dict()["groups"]["match"] == 2
+
+
+def test_corrections_reach_the_counters_and_the_scraped_gauges(billing_runtime, emulator):
+    from billing.usage.service import flush_guarded
+    from tests.test_metrics import counter, scrape
+
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    old, recent = this_hour(3), this_hour(2)
+    usage(billing_runtime, old, 10)
+    assert flush_guarded(billing_runtime).ok
+    emulator.advance(25 * 3600)
+    later = utcnow() + timedelta(hours=25)
+    usage(billing_runtime, recent, 6)
+    correct(billing_runtime, old, -4)
+    units = counter("billing_units_billed_total", meter="api_call")
+    # This run sends +6 of usage and -4 of correction; the next only a -4.
+    assert flush_guarded(billing_runtime, clock=lambda: later).ok
+    correct(billing_runtime, old, -4, key="second")
+    assert flush_guarded(billing_runtime, clock=lambda: later).ok  # net -4: counted as 0
+    assert counter("billing_units_billed_total", meter="api_call") == units + 2
+    correct(billing_runtime, recent, -1)
+    assert flush_guarded(billing_runtime, clock=lambda: later).ok
+
+    assert emulator.billed()[customer]["api_call"] == 10 - 8 + 6 - 1
+    scraped = scrape(billing_runtime.settings)
+    assert scraped[("billing_usage_corrections", (("status", "applied"),))] == 3
+    assert scraped[("billing_usage_corrections", (("status", "held"),))] == 0
+    assert scraped[("billing_usage_corrections", (("status", "rejected"),))] == 0
+    # A cancelled outbox row is done: it makes no usage look unbilled.
+    assert scraped[("billing_oldest_unbilled_event_age_seconds", ())] == 0
+    assert ("billing_outbox_rows", (("status", "cancelled"),)) not in scraped
