@@ -531,6 +531,30 @@ class StripeGateway:
         )
         return str(product.default_price)
 
+    # Usage corrections (`billing.usage.correcting`) -----------------------------------------
+
+    def cancel_meter_event(self, event_name: str, identifier: str, idempotency_key: str) -> str:
+        """Ask Stripe to cancel one meter event (possible within 24 hours of its receipt); the
+        adjustment's status (`pending`: Stripe applies it asynchronously). One call, never
+        repeated here: the flush's retry policy decides every repeat. A refusal raises
+        PermanentStripeError; billing never reads its message (Stripe documents none)."""
+        adjustment = self._call(
+            self.client.v1.billing.meter_event_adjustments.create,
+            {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
+            {"idempotency_key": idempotency_key, "max_network_retries": 0},
+        )
+        return str(adjustment.status)
+
+    def subscription_item_price(self, subscription_id: str, meter_id: str) -> Any | None:
+        """The price of the subscription's item that the meter bills, or None (a credit for
+        retracted usage is priced with it)."""
+        subscription = self.retrieve_subscription(subscription_id)
+        for item in subscription.items.data if getattr(subscription, "items", None) else []:
+            recurring = item.price.recurring
+            if recurring is not None and recurring.meter == meter_id:
+                return item.price
+        return None
+
 
 def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:
     """The current period, from the items (API 2025-03-31 and later keep it there)."""

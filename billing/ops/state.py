@@ -27,9 +27,12 @@ from billing.errors import error_line
 from billing.models import (
     AdjustmentKind,
     BillableEvent,
+    BillableEventCorrection,
+    CorrectionStatus,
     InvoiceAdjustment,
     InvoiceAdjustmentStatus,
     SubmissionStatus,
+    UsageCorrection,
     UsageSubmission,
     WebhookEvent,
     WebhookStatus,
@@ -53,7 +56,8 @@ OPEN_WEBHOOK_STATUSES = (
     WebhookStatus.PROCESSING.value,
     WebhookStatus.FAILED.value,
 )
-DONE_SUBMISSION_STATUSES = (SubmissionStatus.SENT.value,)
+# A cancelled row (a usage correction) is as finished as a sent one: its correction re-sent it.
+DONE_SUBMISSION_STATUSES = (SubmissionStatus.SENT.value, SubmissionStatus.CANCELLED.value)
 DONE_WEBHOOK_STATUSES = (WebhookStatus.PROCESSED.value, WebhookStatus.IGNORED.value)
 
 
@@ -78,6 +82,8 @@ class OpsState:
     extra: dict[str, Any] = field(default_factory=dict)
     # The last scheduled reconciliation (`ops_records.RECONCILE`); None until the first.
     reconcile: dict[str, Any] | None = None
+    # Usage corrections by status, every status present, and upstream rows `rejected`.
+    usage_corrections: dict[str, int] = field(default_factory=dict)
 
     @property
     def oldest_unbilled_age_seconds(self) -> float:
@@ -107,6 +113,7 @@ class OpsState:
             "contract_validation": self.contract_validation,
             "lock": self._lock_dict(),
             "reconcile": self.reconcile,
+            "usage_corrections": self.usage_corrections,
         }
 
     def _lock_dict(self) -> dict[str, Any]:
@@ -137,6 +144,9 @@ class OpsState:
         )
         yield metrics.INVOICE_ADJUSTMENTS_MISSED.family(
             self.missed_adjustments,
+        )
+        yield metrics.USAGE_CORRECTIONS.family(
+            self.usage_corrections,
         )
         yield from self._history_gauges(self.history)
         yield from self._contract_gauges(self.contract_validation)
@@ -205,6 +215,7 @@ def read_state(runtime: Runtime) -> OpsState:
         webhooks = _count_by_status(
             session, WebhookEvent.status, DONE_WEBHOOK_STATUSES, OPEN_WEBHOOK_STATUSES
         )
+        corrections = count_corrections(session)
         missed = session.scalar(
             sa.select(sa.func.count()).where(
                 InvoiceAdjustment.status == InvoiceAdjustmentStatus.MISSED.value,
@@ -230,6 +241,7 @@ def read_state(runtime: Runtime) -> OpsState:
         lock_error=lock_error,
         missed_adjustments=int(missed or 0),
         reconcile=read_reconcile_record(runtime),
+        usage_corrections=corrections,
     )
 
 
@@ -282,3 +294,20 @@ def _count_by_status(
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def count_corrections(session: Any) -> dict[str, int]:
+    """Usage corrections by status (the finished `applied` ones too: the gauge's series exist
+    before the first bad one), and upstream correction rows rejected."""
+    counts = dict.fromkeys((s.value for s in CorrectionStatus), 0)
+    rows = session.execute(
+        sa.select(UsageCorrection.status, sa.func.count()).group_by(UsageCorrection.status)
+    )
+    counts.update({status: int(n) for status, n in rows})
+    counts["rejected"] = int(
+        session.scalar(
+            sa.select(sa.func.count()).where(BillableEventCorrection.rejected_reason.is_not(None))
+        )
+        or 0
+    )
+    return counts
