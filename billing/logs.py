@@ -73,6 +73,20 @@ METER_ERROR_REPORTED = "Stripe meter error report received"
 INVOICE_ADJUSTMENTS_SKIPPED = "Stripe invoice.created billing adjustments skipped"
 INVOICE_ADJUSTMENT_MISSED = "Stripe invoice adjustment missed: invoice no longer a draft"
 INVOICE_ADJUSTMENT_RESOLVED = "Stripe missed invoice adjustment resolved by an operator"
+# Meter events Stripe refused asynchronously (meter error reports), and deleted draft invoices.
+METER_EVENT_REJECTED = "Stripe meter event rejected asynchronously; outbox row marked rejected"
+METER_ERROR_SAMPLE_UNMATCHED = "Stripe meter error sample matches no outbox row"
+METER_ERROR_SAMPLE_REQUEUED = "Stripe meter error sample names a row already re-queued"
+METER_ERROR_REPORT_DUPLICATE = "Stripe meter error report already recorded; rows left as they are"
+SUBMISSIONS_REQUEUED_REJECTED = "Rejected usage submission re-queued with a new identifier"
+# Reconciliation (scheduled and by hand) and the smoke check's wait for Stripe's summaries.
+RECONCILE_STARTED = "Stripe usage reconciliation started"
+RECONCILE_COMPLETED = "Stripe usage reconciliation completed"
+RECONCILE_DRIFT = "Stripe usage reconciliation found drift"
+RECONCILE_HELD_SETTLED = "Stripe usage held rows settled by reconciliation"
+SMOKE_SUMMARIES_WAITED = "Stripe smoke check waited for meter event summaries to settle"
+METER_ERROR_REPORT_RECONCILED = "Stripe meter error report reconciled"
+METER_ERROR_REPORT_POSTPONED = "Stripe meter error report reconciliation postponed"
 # Usage corrections (`billing.usage.correcting`): applied carries organization_id, event_type,
 # hour, delta and method (the guide's fields), with correction_id and idempotency_key.
 USAGE_CORRECTION_APPLIED = "Stripe usage correction applied"

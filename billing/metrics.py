@@ -95,6 +95,14 @@ WEBHOOKS_FAILED = Counter(
     ["type"],
 )
 
+# Meter error reports ---------------------------------------------------------------------------
+METER_EVENTS_REJECTED = Counter(
+    "billing_meter_events_rejected_total",
+    "Outbox rows marked rejected: Stripe accepted the meter event, then refused it "
+    "asynchronously (a meter error report), by Stripe's error code.",
+    ["code"],
+)
+
 
 def observe_flush(result: FlushCounts, outcome: str, meters: Mapping[str, str]) -> None:
     """Count one hourly flush run (the service seam calls this once per run)."""
@@ -202,6 +210,19 @@ OUTBOX_ROWS = StateGauge(
 WEBHOOK_EVENTS = StateGauge(
     "billing_webhook_events",
     "Webhook events not yet processed or ignored, by status.",
+    label="status",
+)
+
+# Reconciliation: from its run record (`ops_records.RECONCILE`), so cron's runs count too.
+RECONCILE_LAST_RUN_TIMESTAMP_SECONDS = StateGauge(
+    "billing_reconcile_last_run_timestamp_seconds",
+    "When the last scheduled reconciliation (beat's hourly task, or `flask billing reconcile` "
+    "without --since/--until) finished.",
+)
+RECONCILE_GROUPS = StateGauge(
+    "billing_reconcile_groups",
+    "Groups (customer, meter, hour) of the last scheduled reconciliation, by status: match, "
+    "drift, in_flight, unknown, not_settled.",
     label="status",
 )
 

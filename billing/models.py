@@ -74,6 +74,9 @@ class SubmissionStatus(enum.StrEnum):
     FAILED = "failed"  # Stripe refused it permanently; the error is kept
     HELD = "held"  # unsent past Stripe's identifier window: reconcile before re-sending
     WRITTEN_OFF = "written_off"  # an operator decided it is never billed (reason recorded)
+    # Stripe accepted the request, then refused the event asynchronously (a meter error report):
+    # never billed; retried with a NEW identifier once the cause is fixed.
+    REJECTED = "rejected"
     # A usage correction asked Stripe to cancel this row's meter event; the outcome is not known.
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"  # Stripe cancelled its meter event (a usage correction): bills nothing
@@ -81,9 +84,10 @@ class SubmissionStatus(enum.StrEnum):
 
 class SubmissionAction(enum.StrEnum):
     RETRY = "retry"  # failed -> pending, same identifier
-    REISSUE = "reissue"  # held -> pending with a new identifier, after reconciliation
-    WRITE_OFF = "write_off"  # failed or held -> written_off
+    REISSUE = "reissue"  # held (after reconciliation) or rejected -> pending, new identifier
+    WRITE_OFF = "write_off"  # failed, held or rejected -> written_off
     RECONCILED = "reconciled"  # held -> sent: Stripe's summaries show it was delivered
+    REJECT = "reject"  # sent (or pending, held) -> rejected: Stripe reported the event invalid
 
 
 class WebhookStatus(enum.StrEnum):
@@ -257,8 +261,16 @@ class UsageSubmission(Base):
         Index(
             "ix_usage_submissions_awaiting_operator",
             "status",
-            postgresql_where=text("status IN ('failed', 'held')"),
-            sqlite_where=text("status IN ('failed', 'held')"),
+            postgresql_where=text("status IN ('failed', 'held', 'rejected')"),
+            sqlite_where=text("status IN ('failed', 'held', 'rejected')"),
+        ),
+        # The rows of one meter sent in a time window: what a meter error report can be about.
+        Index(
+            "ix_usage_submissions_sent_by_meter",
+            "event_name",
+            "sent_at",
+            postgresql_where=text("status = 'sent'"),
+            sqlite_where=text("status = 'sent'"),
         ),
     )
 
@@ -281,7 +293,17 @@ class UsageSubmissionAction(Base):
     actor: Mapped[str] = mapped_column(String(255), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
-    __table_args__ = (Index("ix_usage_submission_actions_submission_id", "submission_id"),)
+    __table_args__ = (
+        Index("ix_usage_submission_actions_submission_id", "submission_id"),
+        # A meter error report names the identifier that was sent; a row re-queued since has
+        # a new one, and is found by its old one here.
+        Index(
+            "ix_usage_submission_actions_previous_identifier",
+            "previous_identifier",
+            postgresql_where=text("action = 'reissue'"),
+            sqlite_where=text("action = 'reissue'"),
+        ),
+    )
 
 
 class WebhookEvent(Base):
@@ -417,6 +439,45 @@ class InvoiceAdjustment(Base):
     def idempotency_key(self) -> str:
         """Fixed per (invoice, adjustment): a retried create is the same request to Stripe."""
         return f"billing-adjustment-{self.stripe_invoice_id}-{self.adjustment_id}"
+
+
+class MeterErrorReport(Base):
+    """A Stripe meter error report (`v1.billing.meter.error_report_triggered` or
+    `v1.billing.meter.no_meter_found`), fetched in full and stored once per Stripe event id:
+    what it said, which outbox rows its samples named, and (`reconciled_at`, `result`) whether
+    the rows it did not sample have been looked for since (`error_count` can exceed the samples).
+    """
+
+    __tablename__ = "meter_error_reports"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stripe_event_id: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    type: Mapped[str] = mapped_column(String(255), nullable=False)
+    meter_id: Mapped[str | None] = mapped_column(String(255))  # none for no_meter_found
+    # The meter's event name (error_report_triggered), else the one the matched rows share.
+    event_name: Mapped[str | None] = mapped_column(String(100))
+    validation_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    validation_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    sampled: Mapped[int] = mapped_column(Integer, nullable=False)  # samples in the report
+    matched: Mapped[int] = mapped_column(Integer, nullable=False)  # samples naming an outbox row
+    summary: Mapped[str | None] = mapped_column(Text)
+    # [{code, message, request_identifier, submission_id, outcome}] as the samples were mapped.
+    samples: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    # Set once nothing is left to look for: every error matched, or the window reconciled.
+    reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    __table_args__ = (
+        # The reconciliation looks for the reports still to reconcile; they are few.
+        Index(
+            "ix_meter_error_reports_unreconciled",
+            "validation_end",
+            postgresql_where=text("reconciled_at IS NULL"),
+            sqlite_where=text("reconciled_at IS NULL"),
+        ),
+    )
 
 
 # Usage corrections (`billing.usage.corrections`, `billing.usage.correcting`) ---------------------

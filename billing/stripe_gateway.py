@@ -8,8 +8,10 @@ scope (what it is about: the whole account, one meter, one customer, or this one
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -79,6 +81,33 @@ class MeterEvent:
 
 
 @dataclass(frozen=True)
+class MeterErrorSample:
+    """One sampled error of a meter error report: Stripe's code and message, and the request's
+    `identifier` (documented as the request's idempotency key; see `usage.rejections`)."""
+
+    code: str
+    message: str
+    request_identifier: str | None
+
+
+@dataclass(frozen=True)
+class MeterErrorReportEvent:
+    """A meter error report as fetched from `GET /v2/core/events/{id}`: the thin delivery has no
+    `data`. `error_count` counts every error in the window; `samples` are at most a few per code.
+    """
+
+    event_id: str
+    type: str
+    meter_id: str | None  # `v1.billing.meter.no_meter_found` has no related object
+    event_name: str | None  # the related meter's event name
+    error_count: int
+    validation_start: datetime | None
+    validation_end: datetime | None
+    summary: str | None
+    samples: tuple[MeterErrorSample, ...]
+
+
+@dataclass(frozen=True)
 class SubscriptionCheckout:
     """A Checkout Session that subscribes one organization to one price."""
 
@@ -142,6 +171,16 @@ def translate_error(error: stripe.StripeError) -> StripeGatewayError:
     return PermanentStripeError(
         message, status=status, code=code, scope=_scope(error, status, code, param, message)
     )
+
+
+def rejection_scope(code: str) -> ErrorScope:
+    """What an asynchronous refusal (a meter error report's code) is about: a re-queued row
+    follows the fixed customer link or meter mapping (`usage.submitting`) only for its scope."""
+    if code in CUSTOMER_ERROR_CODES:
+        return ErrorScope.CUSTOMER
+    if code in METER_ERROR_CODES:
+        return ErrorScope.METER
+    return ErrorScope.ROW
 
 
 def _scope(
@@ -271,6 +310,46 @@ class StripeGateway:
             hour = datetime.fromtimestamp(item.start_time, UTC)
             totals[hour] = totals.get(hour, 0) + int(item.aggregated_value)
         return totals
+
+    # Meter error reports (thin v2 events) ----------------------------------------------------
+
+    def fetch_meter_error_report(self, notification: Mapping[str, Any]) -> MeterErrorReportEvent:
+        """The full event behind a thin `v1.billing.meter.error_report_triggered` or
+        `v1.billing.meter.no_meter_found` delivery, read with stripe-python's event notification
+        support (`fetch_event`: `GET /v2/core/events/{id}`) and, when the report names a meter,
+        that meter (`fetch_related_object`) for its event name.
+
+        The delivery's signature was verified when it was stored (`webhooks.service`), so it is
+        parsed without verification here. A 404 (no such event, e.g. kept past Stripe's 30 days)
+        is permanent; a 5xx or a lost connection transient, as for every call."""
+        parsed = self.client.parse_event_notification_without_verification(json.dumps(notification))
+        event = self._call(parsed.fetch_event)
+        related = getattr(parsed, "related_object", None)
+        event_name = None
+        if related is not None and getattr(related, "url", None):
+            event_name = getattr(self._call(parsed.fetch_related_object), "event_name", None)
+        data = event.to_dict().get("data") or {}
+        reason = data.get("reason") or {}
+        samples = tuple(
+            MeterErrorSample(
+                code=str(error_type.get("code") or "unknown"),
+                message=str(sample.get("error_message") or ""),
+                request_identifier=(sample.get("request") or {}).get("identifier"),
+            )
+            for error_type in reason.get("error_types") or ()
+            for sample in error_type.get("sample_errors") or ()
+        )
+        return MeterErrorReportEvent(
+            event_id=str(event.id),
+            type=str(event.type),
+            meter_id=related.id if related is not None else None,
+            event_name=event_name,
+            error_count=int(reason.get("error_count") or len(samples)),
+            validation_start=_iso_datetime(data.get("validation_start")),
+            validation_end=_iso_datetime(data.get("validation_end")),
+            summary=data.get("developer_message_summary"),
+            samples=samples,
+        )
 
     # Customers, subscriptions ---------------------------------------------------------------
 
@@ -485,6 +564,14 @@ def subscription_period(subscription: Any) -> tuple[datetime, datetime] | None:
     if not starts or not ends:
         return None
     return datetime.fromtimestamp(min(starts), UTC), datetime.fromtimestamp(max(ends), UTC)
+
+
+def _iso_datetime(value: Any) -> datetime | None:
+    """A v2 timestamp (`2024-09-26T17:46:22.134Z`: v2 uses ISO 8601 strings, not Unix seconds)."""
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _summary_params(

@@ -14,6 +14,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 
+import freezegun
 import pytest
 
 TEST_DATABASE_URL = os.environ.get(
@@ -48,13 +49,19 @@ from billing import db  # noqa: E402
 from billing.config import Settings  # noqa: E402
 from billing.runtime import Runtime  # noqa: E402
 
+# The session's emulator runs in this process (a thread with an asyncio loop): a test that
+# freezes time (freezegun) must not freeze it too. A timer its loop set during a freeze (the
+# 1 s tick that sends due error reports and renewals) would otherwise fall due only at the
+# frozen date, decades away in monotonic time: no thin event was ever sent after such a test.
+freezegun.configure(extend_ignore_list=["asyncio", "billing.emulator"])
+
 # Fixtures more than one folder of tests uses: pytest loads them for every test.
 pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.saas", "tests.fixtures.webhooks"]
 
 TABLES = (
     "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements, "
     "invoice_adjustments, billing_adjustments, usage_dismissals, ops_records, "
-    "usage_correction_cancels, billable_event_corrections, usage_corrections"
+    "meter_error_reports, usage_correction_cancels, billable_event_corrections, usage_corrections"
 )
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 

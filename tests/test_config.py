@@ -54,6 +54,7 @@ GUIDE_DEFAULTS = {
     "worker_metrics_port": 0,
     "worker_metrics_address": "127.0.0.1",
     "prometheus_multiproc_dir": None,
+    "reconcile_settle_seconds": 3600,
 }
 
 
@@ -194,6 +195,10 @@ BAD_VALUES = [
     ("CELERY_BROKER_URL", "localhost"),
     ("CELERY_RESULT_BACKEND", "redis"),
     ("STRIPE_API_BASE", "127.0.0.1:12111"),
+    # 0 trusts a summary at once (tests, an emulator without lag); never negative, at most a day.
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "-1"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "86401"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "1h"),
 ]
 
 

@@ -248,10 +248,10 @@ def test_0008_downgrade_refuses_while_corrections_exist(tmp_path, url):
                 )
             )
         with pytest.raises(RuntimeError, match="1 usage correction row"):
-            db.downgrade(engine, "0006")
+            db.downgrade(engine, "0007")
         assert db.current_revision(engine) == "0008"
         with factory.begin() as session:
             session.execute(sa.delete(UsageCorrection))
-        db.downgrade(engine, "0006")
-        assert db.current_revision(engine) == "0006"
+        db.downgrade(engine, "0007")
+        assert db.current_revision(engine) == "0007"
         assert not {"usage_corrections", "billable_event_corrections"} & _tables(engine)

@@ -12,6 +12,8 @@ after a crash or a replay adds nothing twice.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -42,6 +44,27 @@ PERIOD_INVOICE_REASON = "subscription_cycle"
 KEY_METADATA = "billing_adjustment_key"
 
 
+class InvoiceGone(Exception):
+    """Stripe has no such invoice (404): a draft deleted before invoice.created was processed.
+    Nothing is wrong and nothing can be adjusted; the event is ignored with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextmanager
+def _gone_on_404(fields: dict[str, Any]) -> Iterator[None]:
+    try:
+        yield
+    except PermanentStripeError as error:
+        if error.status != 404:
+            raise
+        reason = f"invoice {fields['invoice_id']} no longer exists (a deleted draft): {error}"
+        _skip(fields, reason)
+        raise InvoiceGone(reason) from error
+
+
 @dataclass(frozen=True)
 class AppliedAdjustments:
     invoice_id: str
@@ -57,7 +80,9 @@ class AppliedAdjustments:
 
 
 def on_invoice_created(runtime: Runtime, invoice_id: str) -> AppliedAdjustments | None:
-    invoice = runtime.stripe.retrieve_invoice(invoice_id)
+    """Raises InvoiceGone when Stripe no longer has the invoice."""
+    with _gone_on_404({"invoice_id": invoice_id}):
+        invoice = runtime.stripe.retrieve_invoice(invoice_id)
     fields: dict[str, Any] = {"invoice_id": invoice_id, "stripe_customer_id": invoice.customer}
     organization_id = _organization(runtime, invoice.customer)
     if organization_id is None:
@@ -68,8 +93,9 @@ def on_invoice_created(runtime: Runtime, invoice_id: str) -> AppliedAdjustments 
     if invoice.billing_reason != PERIOD_INVOICE_REASON:
         return _skip(fields, f"billing_reason {invoice.billing_reason} is not a period invoice")
     # Read again after the flush: a draft's metered lines follow the usage reported so far.
-    invoice = runtime.stripe.retrieve_invoice(invoice_id)
-    lines = [line.to_dict() for line in runtime.stripe.invoice_lines(invoice_id)]
+    with _gone_on_404(fields):
+        invoice = runtime.stripe.retrieve_invoice(invoice_id)
+        lines = [line.to_dict() for line in runtime.stripe.invoice_lines(invoice_id)]
     usage_cents = metered_usage_cents(runtime, organization_id, lines)
     if invoice.status != "draft":
         # Finalized before we got here (workers down or backlogged at renewal): what the period

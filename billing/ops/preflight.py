@@ -172,10 +172,11 @@ class _Preflight:
         counts = awaiting_operator_counts(self.runtime.session_factory)
         if any(counts.values()):
             return Status.FAIL, (
-                f"{counts['failed']} failed and {counts['held']} held usage submission(s) wait "
-                "for an operator: `flask billing submissions list`, then retry or write off"
+                f"{counts['failed']} failed, {counts['held']} held and {counts['rejected']} "
+                "rejected usage submission(s) wait for an operator: `flask billing submissions "
+                "list`, then retry or write off"
             )
-        return Status.PASS, "no failed or held usage submissions"
+        return Status.PASS, "no failed, held or rejected usage submissions"
 
     def flush_lock(self) -> Outcome:
         probe = f"{self.settings.flush_lock_key}:preflight:{uuid.uuid4().hex}"

@@ -42,12 +42,14 @@ from billing.models import (
 from billing.runtime import Runtime
 from billing.usage.history import FlushHistory, timestamp_of
 from billing.usage.lock import LockState, inspect_lock
+from billing.usage.reconcile import STATUSES as RECONCILE_STATUSES
 
 # Always reported (as 0 when empty), so an alert's series exists before the first bad row.
 OPEN_SUBMISSION_STATUSES = (
     SubmissionStatus.PENDING.value,
     SubmissionStatus.HELD.value,
     SubmissionStatus.FAILED.value,
+    SubmissionStatus.REJECTED.value,
 )
 OPEN_WEBHOOK_STATUSES = (
     WebhookStatus.RECEIVED.value,
@@ -78,6 +80,8 @@ class OpsState:
     # to the next invoice or waives them (`flask billing adjustments list --missed`).
     missed_adjustments: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The last scheduled reconciliation (`ops_records.RECONCILE`); None until the first.
+    reconcile: dict[str, Any] | None = None
     # Usage corrections by status, every status present, and upstream rows `rejected`.
     usage_corrections: dict[str, int] = field(default_factory=dict)
 
@@ -108,6 +112,7 @@ class OpsState:
             "flush": self.history.to_dict(),
             "contract_validation": self.contract_validation,
             "lock": self._lock_dict(),
+            "reconcile": self.reconcile,
             "usage_corrections": self.usage_corrections,
         }
 
@@ -145,6 +150,7 @@ class OpsState:
         )
         yield from self._history_gauges(self.history)
         yield from self._contract_gauges(self.contract_validation)
+        yield from self._reconcile_gauges(self.reconcile)
         if self.lock_backend == "redis" and not self.lock_error:
             held = self.lock.holder.held_seconds(self.now) if self.lock and self.lock.holder else 0
             yield metrics.FLUSH_LOCK_HELD_SECONDS.family(
@@ -176,6 +182,15 @@ class OpsState:
         )
         yield metrics.CONTRACT_LAST_VALIDATION_FAILED_CHECKS.family(
             len(validation.get("failed_checks", [])),
+        )
+
+    @staticmethod
+    def _reconcile_gauges(run: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+        if run is None:  # absent until the first run: never run is not "no drift"
+            return
+        yield metrics.RECONCILE_LAST_RUN_TIMESTAMP_SECONDS.family(timestamp_of(run) or 0)
+        yield metrics.RECONCILE_GROUPS.family(
+            {status: run.get("groups", {}).get(status, 0) for status in RECONCILE_STATUSES}
         )
 
 
@@ -225,6 +240,7 @@ def read_state(runtime: Runtime) -> OpsState:
         lock_backend=settings.flush_lock_backend,
         lock_error=lock_error,
         missed_adjustments=int(missed or 0),
+        reconcile=read_reconcile_record(runtime),
         usage_corrections=corrections,
     )
 
@@ -237,6 +253,13 @@ def read_run_records(runtime: Runtime) -> tuple[FlushHistory, dict[str, Any] | N
         )
     flushes = FlushHistory.from_payload(found.get(ops_records.FLUSH))
     return flushes, found.get(ops_records.CONTRACT_VALIDATION)
+
+
+def read_reconcile_record(runtime: Runtime) -> dict[str, Any] | None:
+    with runtime.session_factory() as session:
+        return ops_records.read_records(session, (ops_records.RECONCILE,)).get(
+            ops_records.RECONCILE
+        )
 
 
 def _read_lock(runtime: Runtime) -> tuple[LockState | None, str | None]:

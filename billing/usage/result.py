@@ -66,7 +66,7 @@ class FlushResult:
     @property
     def ok(self) -> bool:
         """False when the run was blocked or stopped, left work pending, Stripe refused something,
-        or failed or held rows wait for an operator (from any run)."""
+        or failed, held or rejected rows wait for an operator (from any run)."""
         return not (
             self.blocked
             or self.submissions_pending

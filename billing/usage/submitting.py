@@ -353,6 +353,19 @@ class Submitter:
         if not updates:
             return
         with self.sessions.begin() as session:
-            session.execute(sa.update(UsageSubmission), updates)
+            # A meter error report can mark a row rejected while its batch is still in flight
+            # (Stripe answers 200, then refuses it): that verdict stands over this run's "sent".
+            # Row locks (in id order, as `usage.rejections.mark_rejected` takes them) order the
+            # two writes.
+            locked = session.execute(
+                sa.select(UsageSubmission.id, UsageSubmission.status)
+                .where(UsageSubmission.id.in_([u["id"] for u in updates]))
+                .order_by(UsageSubmission.id)
+                .with_for_update()
+            ).all()
+            rejected = {row.id for row in locked if row.status == SubmissionStatus.REJECTED.value}
+            updates = [u for u in updates if u["id"] not in rejected]
+            if updates:
+                session.execute(sa.update(UsageSubmission), updates)
 
     # Reporting --------------------------------------------------------------------------------

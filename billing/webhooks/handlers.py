@@ -1,7 +1,8 @@
 """One function per Stripe event type, and the table that maps a type to it (`HANDLERS`). Each is
-a thin adapter over its feature (accounts, entitlements, adjustments), idempotent and
-order-safe: state-like objects are re-read from Stripe before anything is written. An error in
-`TRANSIENT_ERRORS` is retried with backoff; any other is a dead letter for `webhooks replay`.
+a thin adapter over its feature (accounts, entitlements, adjustments, usage rejections),
+idempotent and order-safe: state-like objects are re-read from Stripe before anything is written.
+An error in `TRANSIENT_ERRORS` is retried with backoff; `service.EventIgnored` ends the event
+`ignored` with its reason; any other is a dead letter for `webhooks replay`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from billing.adjustments import invoice
 from billing.entitlements.service import refresh_from_stripe
 from billing.runtime import Runtime
 from billing.stripe_gateway import TransientStripeError
+from billing.usage import rejections
 from billing.usage.result import TransientFlushError
-from billing.webhooks.service import Handler
+from billing.webhooks.service import EventIgnored, Handler
 
 log = logs.get_logger("billing.webhooks.handlers")
 
@@ -119,7 +121,10 @@ def refresh_entitlements(runtime: Runtime, organization_id: int) -> None:
 
 
 def on_invoice_created(runtime: Runtime, event: Mapping[str, Any]) -> None:
-    invoice.on_invoice_created(runtime, _object(event)["id"])
+    try:
+        invoice.on_invoice_created(runtime, _object(event)["id"])
+    except invoice.InvoiceGone as gone:  # nothing is wrong, and nothing can be adjusted
+        raise EventIgnored(gone.reason) from gone
 
 
 def on_invoice_payment_failed(runtime: Runtime, event: Mapping[str, Any]) -> None:
@@ -140,19 +145,12 @@ def on_invoice_payment_failed(runtime: Runtime, event: Mapping[str, Any]) -> Non
 
 
 def on_meter_error_report(runtime: Runtime, event: Mapping[str, Any]) -> None:
-    """A thin v2 event: Stripe refused meter events asynchronously (unknown customer, bad value,
-    timestamp out of range). Logged for an operator; the outbox rows stay as they are."""
-    related = event.get("related_object") or {}
-    data = event.get("data") or {}
-    log.warning(
-        logs.METER_ERROR_REPORTED,
-        extra={
-            "meter_id": related.get("id"),
-            "summary": (data.get("reason") or {}).get("error_types") or data.get("reason"),
-            "validation_start": data.get("validation_start"),
-            "validation_end": data.get("validation_end"),
-        },
-    )
+    """A thin v2 event (`error_report_triggered`, `no_meter_found`): Stripe refused meter events
+    it had accepted (unknown customer, bad value, inactive or unknown meter, timestamp out of
+    range). The delivery carries no details: the full event is fetched (a 5xx retries, a 404 is a
+    dead letter), and the outbox rows its samples name become `rejected`."""
+    report = runtime.stripe.fetch_meter_error_report(event)
+    rejections.record_report(runtime, report)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -164,4 +162,5 @@ HANDLERS: dict[str, Handler] = {
     "invoice.created": on_invoice_created,
     "invoice.payment_failed": on_invoice_payment_failed,
     "v1.billing.meter.error_report_triggered": on_meter_error_report,
+    "v1.billing.meter.no_meter_found": on_meter_error_report,
 }

@@ -53,6 +53,15 @@ class WebhookRejected(Exception):
         self.kind = kind
 
 
+class EventIgnored(Exception):
+    """A handler found nothing to do, for a reason worth keeping (e.g. the invoice was deleted):
+    the event ends `ignored` with the reason as its `last_error`, not as a dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class IngestOutcome(enum.StrEnum):
     ACCEPTED = "accepted"  # stored; its task is on its way to the broker
     STORED_NOT_QUEUED = "stored_not_queued"  # the publisher refused it: the sweep queues it
@@ -61,7 +70,7 @@ class IngestOutcome(enum.StrEnum):
 
 class ProcessOutcome(enum.StrEnum):
     PROCESSED = "processed"
-    IGNORED = "ignored"  # no handler for this type
+    IGNORED = "ignored"  # no handler for this type, or the handler found nothing to do
     ALREADY_DONE = "already_done"  # processed or ignored before
     BUSY = "busy"  # another worker holds it
     RETRY = "retry"  # failed transiently, back to received for the next attempt
@@ -309,6 +318,10 @@ def process_event(
     try:
         with logs.bind(event_id=event_id, event_type=claimed.event_type):
             handler(runtime, claimed.payload)
+    except EventIgnored as ignored:
+        _finish(runtime, event_id, WebhookStatus.IGNORED, reason=ignored.reason)
+        log.info(logs.WEBHOOK_EVENT_IGNORED, extra={**fields, "reason": ignored.reason})
+        return ProcessOutcome.IGNORED
     except Exception as error:
         metrics.WEBHOOKS_FAILED.labels(type=claimed.event_type).inc()
         transient = isinstance(error, transient_errors)
@@ -342,7 +355,10 @@ def _log_unclaimed(event_id: str, unclaimed: Unclaimed) -> None:
         log.info(logs.WEBHOOK_NOT_CLAIMED, extra=fields)
 
 
-def _finish(runtime: Runtime, event_id: str, status: WebhookStatus) -> None:
+def _finish(
+    runtime: Runtime, event_id: str, status: WebhookStatus, *, reason: str | None = None
+) -> None:
+    """The event done; `reason` (why it was ignored) is kept where `webhooks list` shows errors."""
     now = utcnow()
     _set(
         runtime,
@@ -350,7 +366,7 @@ def _finish(runtime: Runtime, event_id: str, status: WebhookStatus) -> None:
         status=status.value,
         processed_at=now,
         updated_at=now,
-        last_error=None,
+        last_error=reason[:4000] if reason else None,
         last_traceback=None,
     )
 

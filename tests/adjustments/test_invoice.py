@@ -14,7 +14,7 @@ from billing.adjustments import invoice
 from billing.adjustments import service as adjustments
 from billing.models import BillingAdjustment, InvoiceAdjustment, utcnow
 from tests.factories import add_accounts, add_events
-from tests.fixtures.webhooks import post, standalone_app
+from tests.fixtures.webhooks import post, rows, standalone_app
 
 ORG = 9
 
@@ -486,3 +486,29 @@ class TestInvoiceFinalizedBeforeProcessing:
             )
         refused = cli("adjustments", "carry-over", str(credit_row))
         assert refused.exit_code == 1 and "goes on the next invoice by itself" in refused.output
+
+
+def test_a_draft_deleted_before_invoice_created_is_processed_is_ignored_with_the_reason(
+    delivering, webhook_runtime, org_account, captured, cli
+):
+    # The delivery waits while the draft is deleted (a one-off draft: Stripe deletes only those).
+    delivering.configure(hold_ms=1500)
+    client = webhook_runtime.stripe.client
+    draft = client.v1.invoices.create({"customer": org_account, "auto_advance": False})
+    assert client.v1.invoices.delete(draft.id).deleted
+    done = delivering.settle()
+    created = next(r for r in rows(webhook_runtime) if r.type == "invoice.created")
+    assert done[created.stripe_event_id] == "ignored"
+    assert f"invoice {draft.id} no longer exists" in created.last_error
+    (skipped,) = captured.messages(logs.INVOICE_ADJUSTMENTS_SKIPPED)
+    assert skipped.invoice_id == draft.id and "no longer exists" in skipped.reason
+    ignored = [
+        r
+        for r in captured.messages(logs.WEBHOOK_EVENT_IGNORED)
+        if r.event_id == created.stripe_event_id
+    ]
+    assert len(ignored) == 1 and ignored[0].reason == created.last_error
+    assert not captured.messages(logs.WEBHOOK_PROCESSING_FAILED)
+    listed = cli("webhooks", "list", "--status", "ignored", "--type", "invoice.created")
+    assert listed.exit_code == 0, listed.output
+    assert [e["last_error"] for e in json.loads(listed.stdout)["events"]] == [created.last_error]

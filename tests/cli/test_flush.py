@@ -61,7 +61,7 @@ def test_flush_now_exits_non_zero_when_stripe_refuses_a_row(billing_runtime, emu
     assert result.exit_code == 1
     payload = json.loads(result.stdout)
     assert payload["submissions_failed"] == 1
-    assert payload["awaiting_operator"] == {"failed": 1, "held": 0}
+    assert payload["awaiting_operator"] == {"failed": 1, "held": 0, "rejected": 0}
     assert "wait for an operator (1 failed)" in result.stderr
 
 

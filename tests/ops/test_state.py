@@ -47,7 +47,7 @@ def test_status_reports_backlog_then_the_flush_that_cleared_it(billing_runtime, 
     assert last["result"] == "ok" and last["events_claimed"] == 2
     assert last["billed_value"] == {"api_call": 7}
     assert after["flush"]["last_success"] == last
-    assert after["outbox_by_status"] == {"pending": 0, "held": 0, "failed": 0}
+    assert after["outbox_by_status"] == {"pending": 0, "held": 0, "failed": 0, "rejected": 0}
     text = status(settings)
     assert "last flush: " in text and " ok (claimed 2, sent " in text
     assert "flush lock: free" in text

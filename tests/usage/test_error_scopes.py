@@ -214,7 +214,7 @@ def test_failed_rows_of_an_earlier_run_keep_every_flush_not_ok(billing_runtime, 
     # Nothing new to send, nothing this run touched: still not ok while the failed row waits.
     later = flush_pass(billing_runtime)
     assert later.submissions_failed == 0 and later.events_claimed == 0
-    assert later.awaiting_operator == {"failed": 1, "held": 0} and not later.ok
+    assert later.awaiting_operator == {"failed": 1, "held": 0, "rejected": 0} and not later.ok
     result = (
         create_app(billing_runtime.settings).test_cli_runner().invoke(args=["billing", "flush_now"])
     )

@@ -118,7 +118,7 @@ def test_write_off_is_recorded_never_billed_and_no_longer_counts(billing_runtime
     )
     invoke(billing_runtime, "submissions", "retry", str(failed[1].id))
     after = flush_pass(billing_runtime)
-    assert after.ok and after.awaiting_operator == {"failed": 0, "held": 0}
+    assert after.ok and after.awaiting_operator == {"failed": 0, "held": 0, "rejected": 0}
     billed_rows = [r for r in rows if r["organization_id"] != target.organization_id]
     assert emulator.billed() == expected_totals(billed_rows, customers)
 
@@ -178,7 +178,7 @@ def test_preflight_fails_while_rows_wait_for_an_operator(billing_runtime, emulat
     assert outbox_check().status.value == "pass"
     failed = _fail_two(billing_runtime, emulator)
     check = outbox_check()
-    assert check.status.value == "fail" and "2 failed and 0 held" in check.detail
+    assert check.status.value == "fail" and "2 failed, 0 held and 0 rejected" in check.detail
     ids = [str(r.id) for r in failed]
     assert invoke(billing_runtime, "submissions", "write-off", *ids, "--reason", "x").exit_code == 0
     assert outbox_check().status.value == "pass"

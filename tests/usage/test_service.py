@@ -230,7 +230,7 @@ def test_permanent_stripe_error_marks_the_row_failed_and_goes_on(billing_runtime
         1,
         0,
     )
-    assert not result.ok and result.awaiting_operator == {"failed": 1, "held": 0}
+    assert not result.ok and result.awaiting_operator == {"failed": 1, "held": 0, "rejected": 0}
     with billing_runtime.session_factory() as session:
         failed = session.scalars(
             sa.select(UsageSubmission).where(UsageSubmission.status == "failed")

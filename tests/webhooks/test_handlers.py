@@ -9,9 +9,11 @@ import sqlalchemy as sa
 
 from billing import logs
 from billing.entitlements import SAAS_FEATURE
-from billing.models import BillingAccount, Entitlement
+from billing.models import BillingAccount, Entitlement, MeterErrorReport, UsageSubmission
 from billing.stripe_gateway import SubscriptionCheckout
-from tests.fixtures.webhooks import post
+from billing.usage.service import flush_pass
+from tests.factories import add_accounts, add_events, random_events
+from tests.fixtures.webhooks import post, rows, wait_until
 
 
 def account(runtime, organization_id: int) -> BillingAccount | None:
@@ -166,10 +168,7 @@ def test_out_of_order_subscription_updates_end_in_the_newest_state(
     assert account(webhook_runtime, 7).subscription_status == "canceled"
 
 
-def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
-    delivering, webhook_runtime, captured
-):
-    url = delivering.url
+def test_a_failed_payment_is_recorded_with_a_warning(delivering, webhook_runtime, captured):
     failed = {
         "id": "evt_payfail",
         "object": "event",
@@ -185,21 +184,8 @@ def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
             }
         },
     }
-    meter = {
-        "id": "evt_metererr",
-        "object": "v2.core.event",
-        "type": "v1.billing.meter.error_report_triggered",
-        "related_object": {"id": "mtr_1", "type": "billing.meter"},
-        "data": {
-            "reason": {
-                "error_count": 3,
-                "error_types": [{"code": "meter_event_customer_not_found", "error_count": 3}],
-            }
-        },
-    }
-    for event in (failed, meter):
-        assert post(url, json.dumps(event).encode()).status_code == 200
-    assert delivering.settle() == {"evt_payfail": "processed", "evt_metererr": "processed"}
+    assert post(delivering.url, json.dumps(failed).encode()).status_code == 200
+    assert delivering.settle() == {"evt_payfail": "processed"}
     (payment,) = captured.messages(logs.INVOICE_PAYMENT_FAILED)
     assert payment.levelname == "WARNING"
     assert (payment.event_id, payment.invoice_id, payment.amount_due) == (
@@ -207,10 +193,64 @@ def test_payment_failed_and_meter_errors_are_recorded_with_a_warning(
         "in_1",
         4900,
     )
-    (report,) = captured.messages(logs.METER_ERROR_REPORTED)
-    assert report.levelname == "WARNING"
-    assert (report.event_id, report.event_type, report.meter_id) == (
-        "evt_metererr",
-        "v1.billing.meter.error_report_triggered",
-        "mtr_1",
-    )
+
+
+# Meter error reports: the thin event's details are fetched ------------------------------------
+
+
+def _rejected_usage(runtime, emulator, organization_id: int) -> set[int]:
+    """One organization's sent usage whose customer Stripe deleted: its report is on its way."""
+    emulator.settings(meter_validation="async", error_report_delay_seconds=1)
+    customers = add_accounts(runtime, [organization_id])
+    add_events(runtime, random_events([organization_id], ["api_call"], 3, hours=2))
+    runtime.stripe.client.v1.customers.delete(customers[organization_id])
+    assert flush_pass(runtime).submissions_sent
+    with runtime.session_factory() as session:
+        return set(session.scalars(sa.select(UsageSubmission.id)))
+
+
+def _statuses_of_rows(runtime) -> set[str]:
+    with runtime.session_factory() as session:
+        return set(session.scalars(sa.select(UsageSubmission.status)))
+
+
+def test_a_5xx_fetching_the_report_is_retried_until_it_is_read(
+    delivering, webhook_runtime, emulator, retries
+):
+    _rejected_usage(webhook_runtime, emulator, 71)
+    # More 500s than stripe-python's own retries of one fetch: the task retries too.
+    calls = webhook_runtime.settings.stripe_max_network_retries + 1
+    emulator.faults({"path": "/v2/core/events", "status": 500, "count": calls + 1})
+    wait_until(lambda: _statuses_of_rows(webhook_runtime) == {"rejected"}, what="the rejection")
+    delivering.settle()
+    (stored,) = [e for e in rows(webhook_runtime) if e.type.startswith("v1.billing.meter.")]
+    assert (stored.status, stored.attempts) == ("processed", 2)
+    assert retries and all("APIError" in reason for reason in retries)
+
+
+def test_a_report_stripe_does_not_have_is_a_dead_letter_not_processed(
+    delivering, webhook_runtime, emulator, captured
+):
+    thin = {
+        "id": "evt_test_65R0000000000000000000000000000000000000000",
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.error_report_triggered",
+        "created": "2026-12-02T17:46:22.134Z",
+        "livemode": False,
+        "context": None,
+        "reason": None,
+        "related_object": {
+            "id": "mtr_test_unknown",
+            "type": "billing.meter",
+            "url": "/v1/billing/meters/mtr_test_unknown",
+        },
+    }
+    assert post(delivering.url, json.dumps(thin).encode()).status_code == 200
+    assert delivering.settle() == {thin["id"]: "failed"}
+    (stored,) = rows(webhook_runtime)
+    assert "404" in stored.last_error or "No such" in stored.last_error
+    assert stored.attempts == 1  # permanent: no retry
+    (failed,) = captured.messages(logs.WEBHOOK_PROCESSING_FAILED)
+    assert failed.levelname == "ERROR" and failed.will_retry is False
+    with webhook_runtime.session_factory() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(MeterErrorReport)) == 0

@@ -7,7 +7,7 @@ plain SQL (the contract in `billing/checks/contract.py`). The outbox gains two s
 `cancelling` and `cancelled` (a string column: no schema change).
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-03
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
