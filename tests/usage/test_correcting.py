@@ -518,7 +518,9 @@ def test_reconcile_finds_no_drift_after_a_cancel_and_restate(billing_runtime, em
     correct(billing_runtime, hour - HOUR, 2, reason="under-counted")
     flush_pass(billing_runtime)
 
-    report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR)
+    # Judged once Stripe's summaries settled after the restated rows reached it.
+    settled = utcnow() + timedelta(seconds=billing_runtime.settings.reconcile_settle_seconds + 60)
+    report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR, now=settled)
     assert report.ok, report.to_dict()
     assert report.to_dict()["groups"]["match"] == 2
 
