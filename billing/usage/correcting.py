@@ -207,9 +207,14 @@ class Corrector:
             for row_id in ids:
                 try:
                     self._take(row_id)
-                except StripeGatewayError as error:  # Stripe could not say: next pass
-                    self._stop_if_run(error)
+                except TransientStripeError:  # Stripe could not say: the next pass asks again
                     return
+                except PermanentStripeError as error:
+                    # About the key: stop. About this row's organization (its subscription):
+                    # the row waits, pending, and the others go on.
+                    self._stop_if_run(error)
+                    if self.stops.run.is_set():
+                        return
             after = ids[-1]
 
     def _take(self, row_id: int) -> None:
@@ -261,8 +266,12 @@ class Corrector:
                 return
             try:
                 self.plan(correction_id)
-            except StripeGatewayError as error:  # stays requested for the next pass
+            except TransientStripeError:
+                continue  # stays requested for the next pass
+            except PermanentStripeError as error:
                 self._stop_if_run(error)
+                if not self.stops.run.is_set():  # Stripe refused what the plan needs
+                    self._fail(correction_id, str(error))
 
     def plan(self, correction_id: int) -> None:
         """Decide the method as of now and make its first move, in one transaction."""

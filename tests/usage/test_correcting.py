@@ -518,7 +518,9 @@ def test_reconcile_finds_no_drift_after_a_cancel_and_restate(billing_runtime, em
     correct(billing_runtime, hour - HOUR, 2, reason="under-counted")
     flush_pass(billing_runtime)
 
-    report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR)
+    # Judged once Stripe's summaries settled after the restated rows reached it.
+    settled = utcnow() + timedelta(seconds=billing_runtime.settings.reconcile_settle_seconds + 60)
+    report = reconcile(billing_runtime, hour - 2 * HOUR, hour + HOUR, now=settled)
     assert report.ok, report.to_dict()
     assert report.to_dict()["groups"]["match"] == 2
 
@@ -552,3 +554,28 @@ def test_corrections_reach_the_counters_and_the_scraped_gauges(billing_runtime, 
     # A cancelled outbox row is done: it makes no usage look unbilled.
     assert scraped[("billing_oldest_unbilled_event_age_seconds", ())] == 0
     assert ("billing_outbox_rows", (("status", "cancelled"),)) not in scraped
+
+
+def test_a_credit_stripe_cannot_price_fails_with_the_reason_and_sends_nothing(
+    billing_runtime, emulator, captured
+):
+    from tests.usage.test_corrections import set_period
+
+    customer = add_accounts(billing_runtime, [ORG])[ORG]
+    hour = this_hour(3)
+    usage(billing_runtime, hour, 10)
+    flush_pass(billing_runtime)
+    with billing_runtime.session_factory.begin() as session:
+        session.execute(sa.text("UPDATE billing_accounts SET stripe_subscription_id = 'sub_gone'"))
+    set_period(billing_runtime, hour + HOUR, hour + timedelta(days=30))
+    correct(billing_runtime, hour, -4)
+
+    result = flush_pass(billing_runtime)
+    (failed,) = corrections(billing_runtime)
+    assert (failed.status, failed.method) == ("failed", None)
+    assert "sub_gone" in failed.last_error and captured.messages(logs.USAGE_CORRECTION_FAILED)
+    assert result.corrections_applied == 0 and result.corrections_waiting == 0
+    assert emulator.billed()[customer]["api_call"] == 10
+    # A failed correction no longer reserves what it would have retracted.
+    with pytest.raises(CorrectionError, match="retraction of 11 exceeds the 10 billed"):
+        correct(billing_runtime, hour, -11)
