@@ -31,6 +31,10 @@ FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
 WEBHOOK_PROCESS_TASK = "billing.webhooks.process"
 WEBHOOK_SWEEP_TASK = "billing.webhooks.sweep"
 VALIDATE_CONTRACT_TASK = "billing.contract.validate"
+RECONCILE_TASK = "billing.usage.reconcile"
+RECONCILE_ERROR_REPORTS_TASK = "billing.usage.reconcile_error_reports"
+# How often beat looks for meter error reports whose summaries have settled.
+RECONCILE_ERROR_REPORTS_INTERVAL_SECONDS = 300.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -93,6 +97,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "billing-webhook-sweep": {
                 "task": WEBHOOK_SWEEP_TASK,
                 "schedule": float(settings.webhook_sweep_interval_seconds),
+                "options": {"queue": queue},
+            },
+            # Reconciliation at minute 43, half an hour after the flush starts: its Stripe reads
+            # stay clear of the flush's sends (test mode shares 25 requests/s), and it judges only
+            # hours older than STRIPE_BILLING_RECONCILE_SETTLE_SECONDS, so a flush still running
+            # shows as in flight or not settled, never as drift.
+            "billing-usage-reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": crontab(minute=43),
+                "options": {"queue": queue},
+            },
+            # A meter error report samples a few of its errors: the rest are looked for once
+            # Stripe's summaries of its window settled. Every 5 minutes: a report is due
+            # STRIPE_BILLING_RECONCILE_SETTLE_SECONDS after its window, and the run is a no-op
+            # (one indexed query) when none is.
+            "billing-meter-error-reports-reconcile": {
+                "task": RECONCILE_ERROR_REPORTS_TASK,
+                "schedule": RECONCILE_ERROR_REPORTS_INTERVAL_SECONDS,
                 "options": {"queue": queue},
             },
         },

@@ -41,6 +41,12 @@ MAX_NETWORK_RETRIES = 10
 MAX_TASK_RETRIES = 20
 MAX_METER_EVENT_RATE_PER_SECOND = 10_000.0
 MAX_RETRY_BACKOFF_SECONDS = 3600.0
+# Stripe publishes no bound on how far meter event summaries lag ("an eventually consistent
+# view"). The default trusts a summary an hour on, by reasoning: Stripe finalizes an invoice an
+# hour after its period by default and bills the usage it holds then, so it expects reported usage
+# to be aggregated within that hour. A summary still moving after a day is an incident, not lag.
+DEFAULT_RECONCILE_SETTLE_SECONDS = 3600
+MAX_RECONCILE_SETTLE_SECONDS = 24 * 3600
 # Stripe reports a meter's aggregated_value as a JSON number (a double): past 2**53 a total is no
 # longer exact, so no ceiling may be set above it.
 MAX_EXACT_QUANTITY = 2**53 - 1
@@ -334,6 +340,9 @@ class Settings:
     # v1: one POST /v1/billing/meter_events per outbox row; v2: the meter event stream (a session
     # token, up to 100 events per request).
     stripe_meter_event_api: str = "v1"
+    # Reconciliation trusts Stripe's summary of an hour this long after the hour ended and after
+    # its last row was sent; younger hours are reported not settled, never as drift.
+    reconcile_settle_seconds: int = DEFAULT_RECONCILE_SETTLE_SECONDS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -462,6 +471,12 @@ class Settings:
             or "127.0.0.1",
             # Read by prometheus-client itself at import; here to check it before a worker starts.
             prometheus_multiproc_dir=_multiproc_dir(env.environ.get("PROMETHEUS_MULTIPROC_DIR")),
+            reconcile_settle_seconds=env.int(
+                "STRIPE_BILLING_RECONCILE_SETTLE_SECONDS",
+                DEFAULT_RECONCILE_SETTLE_SECONDS,
+                minimum=0,
+                maximum=MAX_RECONCILE_SETTLE_SECONDS,
+            ),
         )
         parse_webhook_secrets("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secret)
         if settings.worker_metrics_port and not settings.prometheus_multiproc_dir:

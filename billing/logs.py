@@ -79,6 +79,21 @@ METER_ERROR_SAMPLE_UNMATCHED = "Stripe meter error sample matches no outbox row"
 METER_ERROR_SAMPLE_REQUEUED = "Stripe meter error sample names a row already re-queued"
 METER_ERROR_REPORT_DUPLICATE = "Stripe meter error report already recorded; rows left as they are"
 SUBMISSIONS_REQUEUED_REJECTED = "Rejected usage submission re-queued with a new identifier"
+# Reconciliation (scheduled and by hand) and the smoke check's wait for Stripe's summaries.
+RECONCILE_STARTED = "Stripe usage reconciliation started"
+RECONCILE_COMPLETED = "Stripe usage reconciliation completed"
+RECONCILE_DRIFT = "Stripe usage reconciliation found drift"
+RECONCILE_HELD_SETTLED = "Stripe usage held rows settled by reconciliation"
+SMOKE_SUMMARIES_WAITED = "Stripe smoke check waited for meter event summaries to settle"
+METER_ERROR_REPORT_RECONCILED = "Stripe meter error report reconciled"
+METER_ERROR_REPORT_POSTPONED = "Stripe meter error report reconciliation postponed"
+# Usage corrections (`billing.usage.correcting`): applied carries organization_id, event_type,
+# hour, delta and method (the guide's fields), with correction_id and idempotency_key.
+USAGE_CORRECTION_APPLIED = "Stripe usage correction applied"
+USAGE_CORRECTION_REJECTED = "Stripe usage correction row rejected"
+USAGE_CORRECTION_FAILED = "Stripe usage correction could not be applied"
+USAGE_CORRECTION_CANCEL_REFUSED = "Stripe usage correction cancel refused; correcting by event"
+USAGE_CORRECTION_HELD = "Stripe usage correction held: a cancel's outcome is unknown"
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -128,7 +128,9 @@ def observe_flush(result: FlushCounts, outcome: str, meters: Mapping[str, str]) 
     METER_EVENTS_SENT.inc(result.submissions_sent)
     METER_EVENTS_FAILED.inc(result.submissions_failed)
     for event_type, units in result.billed_value.items():
-        UNITS_BILLED.labels(meter=meters.get(event_type, event_type)).inc(units)
+        # Net of the run's usage corrections, which may retract more than it billed: a counter
+        # only grows (the corrections have their own, billing_usage_corrections_applied_total).
+        UNITS_BILLED.labels(meter=meters.get(event_type, event_type)).inc(max(units, 0))
 
 
 def observe_contract_validation(failed_checks: Iterable[str]) -> None:
@@ -225,8 +227,38 @@ WEBHOOK_EVENTS = StateGauge(
     label="status",
 )
 
+# Reconciliation: from its run record (`ops_records.RECONCILE`), so cron's runs count too.
+RECONCILE_LAST_RUN_TIMESTAMP_SECONDS = StateGauge(
+    "billing_reconcile_last_run_timestamp_seconds",
+    "When the last scheduled reconciliation (beat's hourly task, or `flask billing reconcile` "
+    "without --since/--until) finished.",
+)
+RECONCILE_GROUPS = StateGauge(
+    "billing_reconcile_groups",
+    "Groups (customer, meter, hour) of the last scheduled reconciliation, by status: match, "
+    "drift, in_flight, unknown, not_settled.",
+    label="status",
+)
+
 
 STATE_UP = StateGauge("billing_state_up", "1 when the database and Redis answered this scrape.")
+
+# Usage corrections -----------------------------------------------------------------------------
+USAGE_CORRECTIONS_APPLIED = Counter(
+    "billing_usage_corrections_applied_total",
+    "Usage corrections applied, by method: cancel_restate, correcting_event, credit.",
+    ["method"],
+)
+USAGE_CORRECTIONS = StateGauge(
+    "billing_usage_corrections",
+    "Usage corrections by status (requested, cancelling, sending, held: not finished; failed: "
+    "never applied), and upstream correction rows rejected (status rejected).",
+    label="status",
+)
+
+
+def observe_correction_applied(method: str) -> None:
+    USAGE_CORRECTIONS_APPLIED.labels(method=method).inc()
 
 
 def registry_for_scrape(state: Collector | None = None) -> CollectorRegistry:

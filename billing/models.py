@@ -77,6 +77,9 @@ class SubmissionStatus(enum.StrEnum):
     # Stripe accepted the request, then refused the event asynchronously (a meter error report):
     # never billed; retried with a NEW identifier once the cause is fixed.
     REJECTED = "rejected"
+    # A usage correction asked Stripe to cancel this row's meter event; the outcome is not known.
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"  # Stripe cancelled its meter event (a usage correction): bills nothing
 
 
 class SubmissionAction(enum.StrEnum):
@@ -475,3 +478,184 @@ class MeterErrorReport(Base):
             sqlite_where=text("reconciled_at IS NULL"),
         ),
     )
+
+
+# Usage corrections (`billing.usage.corrections`, `billing.usage.correcting`) ---------------------
+
+# Stripe's largest amount in a currency's minor unit (eight digits of major units): adjustments
+# and the credits of usage corrections stay within it.
+MAX_AMOUNT_CENTS = 99_999_999
+
+
+class CorrectionStatus(enum.StrEnum):
+    REQUESTED = "requested"  # recorded; the next flush plans it
+    CANCELLING = "cancelling"  # cancels of the group's recent meter events asked of Stripe
+    SENDING = "sending"  # its outbox row (restated total or correcting event) is not sent yet
+    APPLIED = "applied"  # Stripe has it (or a credit waits for the next invoice): done
+    FAILED = "failed"  # could not be applied as recorded (the error says why); nothing was sent
+    HELD = "held"  # a cancel's outcome is unknown: reconcile (or an operator) settles it
+
+
+# Not finished: every flush looks at these (a partial index keeps that cheap).
+OPEN_CORRECTION_STATUSES = (
+    CorrectionStatus.REQUESTED.value,
+    CorrectionStatus.CANCELLING.value,
+    CorrectionStatus.SENDING.value,
+    CorrectionStatus.HELD.value,
+)
+
+
+class CorrectionMethod(enum.StrEnum):
+    """How a correction reaches the bill, by the age of its hour (decided when the flush plans)."""
+
+    # Received by Stripe < 24 h ago, period open: cancel those meter events, send the corrected
+    # total under a new identifier.
+    CANCEL_RESTATE = "cancel_restate"
+    CORRECTING_EVENT = "correcting_event"  # older, period open: a meter event of value = delta
+    CREDIT = "credit"  # the period was invoiced: a credit on the organization's next invoice
+
+
+class CorrectionSource(enum.StrEnum):
+    OPERATOR = "operator"  # `flask billing usage correct`
+    UPSTREAM = "upstream"  # a `billable_event_corrections` row written by a producer
+
+
+class CancelStatus(enum.StrEnum):
+    REQUESTED = "requested"  # not yet answered by Stripe
+    CANCELLED = "cancelled"
+    REFUSED = "refused"  # Stripe refused it (e.g. past its 24 h): the event stays billed
+    UNKNOWN = "unknown"  # refused after an attempt whose answer was lost: maybe cancelled
+
+
+class UsageCorrection(Base):
+    """A change to what an organization was billed for one (event type, hour): a record, never
+    an edit. `delta` is by how much the billed total changes (negative retracts)."""
+
+    __tablename__ = "usage_corrections"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    source: Mapped[str] = mapped_column(String(16), nullable=False)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    delta: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=CorrectionStatus.REQUESTED.value
+    )
+    method: Mapped[str | None] = mapped_column(String(32))
+    # What the group was billed when the correction was recorded (delivered rows and earlier
+    # corrections): a retraction may not take it below 0.
+    billed_before: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The outbox row it sends (the restated total, or the correcting event).
+    submission_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT")
+    )
+    billing_adjustment_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("billing_adjustments.id", ondelete="RESTRICT")
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+    applied_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint("delta <> 0", name="delta_not_zero"),
+        Index(
+            "ix_usage_corrections_open",
+            "status",
+            postgresql_where=text("status IN ('requested', 'cancelling', 'sending', 'held')"),
+            sqlite_where=text("status IN ('requested', 'cancelling', 'sending', 'held')"),
+        ),
+        Index("ix_usage_corrections_group", "organization_id", "event_type", "hour"),
+        Index("ix_usage_corrections_submission_id", "submission_id"),
+    )
+
+
+class UsageCorrectionCancel(Base):
+    """One meter event a correction asks Stripe to cancel (`cancel_restate`), and the answer."""
+
+    __tablename__ = "usage_correction_cancels"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    correction_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("usage_corrections.id", ondelete="RESTRICT"), nullable=False
+    )
+    submission_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("usage_submissions.id", ondelete="RESTRICT"), nullable=False
+    )
+    # The meter event cancelled, as it was sent (the outbox row keeps its own).
+    event_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    identifier: Mapped[str] = mapped_column(String(100), nullable=False)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=CancelStatus.REQUESTED.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Stripe replays an answer for the same idempotency key for at least 24 h after it: within
+    # that of the first attempt, a refusal is a real one.
+    first_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    __table_args__ = (
+        UniqueConstraint("correction_id", "submission_id"),
+        Index("ix_usage_correction_cancels_submission_id", "submission_id"),
+    )
+
+    @property
+    def idempotency_key(self) -> str:
+        """Fixed per (correction, meter event): a repeated cancel is the same request."""
+        return f"billing-cancel-{self.correction_id}-{self.identifier}"
+
+
+class BillableEventCorrection(Base):
+    """The upstream way in: a producer writes a correction with plain SQL (the contract in
+    `billing.checks.contract`); the flush takes each pending row into `usage_corrections` once,
+    or rejects it with a reason."""
+
+    __tablename__ = "billable_event_corrections"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # numeric, as billable_events.quantity: a producer's 1.5 is seen (and refused), not rounded.
+    delta: Mapped[Decimal] = mapped_column(QUANTITY, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    source: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, server_default=sa.func.current_timestamp()
+    )
+    # Billing-owned: the correction it became, or why it never will; a row is pending while both
+    # are NULL.
+    usage_correction_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("usage_corrections.id", ondelete="RESTRICT")
+    )
+    rejected_reason: Mapped[str | None] = mapped_column(Text)
+    taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index(
+            "ix_billable_event_corrections_pending",
+            "id",
+            postgresql_where=text("usage_correction_id IS NULL AND rejected_reason IS NULL"),
+            sqlite_where=text("usage_correction_id IS NULL AND rejected_reason IS NULL"),
+        ),
+    )
+
+
+def pending_correction(corrections: Any = None) -> sa.ColumnElement[bool]:
+    """An upstream correction row the flush has neither taken nor rejected."""
+    columns = (BillableEventCorrection.__table__ if corrections is None else corrections).c
+    return sa.and_(columns.usage_correction_id.is_(None), columns.rejected_reason.is_(None))

@@ -30,6 +30,7 @@ log = get_logger("billing.ops_records")
 
 FLUSH = "flush_hourly"  # billing.usage.history
 CONTRACT_VALIDATION = "contract_validation"
+RECONCILE = "reconcile"  # billing.usage.reconcile: the last scheduled (default window) run
 
 Payload = dict[str, Any]
 # Runs of one kind racing to record: each lost compare-and-set means another run's write landed.

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
+import requests
+import requests.adapters
+import requests.utils
 import stripe
 
 from billing import metrics
@@ -203,6 +207,33 @@ def _scope(
     return ErrorScope.ROW
 
 
+def http_session(urls: list[str], *, connections: int) -> requests.Session:
+    """One `requests` session for every thread of a gateway, pooling a connection per lane.
+
+    Without it stripe-python opens a session per thread, and each call re-reads the environment
+    for proxies (and ~/.netrc): a tenth of a meter event call's CPU, measured. So the environment
+    is read once, here, by requests' own rules: the proxy that HTTPS_PROXY / HTTP_PROXY /
+    ALL_PROXY and NO_PROXY give each Stripe host is pinned for that host, then the session stops
+    reading the environment (`trust_env`). A CA bundle from the environment never applied to
+    Stripe calls (stripe-python passes its own bundle as `verify`), and still does not."""
+    session = requests.Session()
+    environment = requests.Session()  # trusts the environment: how requests would route a call
+    for url in urls:
+        proxies = environment.merge_environment_settings(url, {}, None, None, None)["proxies"]
+        proxy = requests.utils.select_proxy(url, proxies)
+        if proxy:
+            parts = urlsplit(url)
+            session.proxies[f"{parts.scheme}://{parts.hostname}"] = proxy
+    environment.close()
+    session.trust_env = False
+    adapter = requests.adapters.HTTPAdapter(
+        pool_maxsize=max(requests.adapters.DEFAULT_POOLSIZE, connections)
+    )
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
 class StripeGateway:
     def __init__(
         self,
@@ -228,10 +259,13 @@ class StripeGateway:
         addresses: Any = (
             {"api": base, "meter_events": base, "files": base, "connect": base} if base else None
         )
+        hosts = [base] if base else [stripe.DEFAULT_API_BASE, stripe.DEFAULT_METER_EVENTS_API_BASE]
+        session = http_session(hosts, connections=settings.submit_concurrency)
         client = stripe.StripeClient(
             settings.stripe_secret_key,
             base_addresses=addresses,
             max_network_retries=settings.stripe_max_network_retries,
+            http_client=stripe.RequestsClient(session=session),
         )
         return cls(
             client,
@@ -587,6 +621,30 @@ class StripeGateway:
             {"entitlement_feature": feature.id},
         )
         return str(product.default_price)
+
+    # Usage corrections (`billing.usage.correcting`) -----------------------------------------
+
+    def cancel_meter_event(self, event_name: str, identifier: str, idempotency_key: str) -> str:
+        """Ask Stripe to cancel one meter event (possible within 24 hours of its receipt); the
+        adjustment's status (`pending`: Stripe applies it asynchronously). One call, never
+        repeated here: the flush's retry policy decides every repeat. A refusal raises
+        PermanentStripeError; billing never reads its message (Stripe documents none)."""
+        adjustment = self._call(
+            self.client.v1.billing.meter_event_adjustments.create,
+            {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
+            {"idempotency_key": idempotency_key, "max_network_retries": 0},
+        )
+        return str(adjustment.status)
+
+    def subscription_item_price(self, subscription_id: str, meter_id: str) -> Any | None:
+        """The price of the subscription's item that the meter bills, or None (a credit for
+        retracted usage is priced with it)."""
+        subscription = self.retrieve_subscription(subscription_id)
+        for item in subscription.items.data if getattr(subscription, "items", None) else []:
+            recurring = item.price.recurring
+            if recurring is not None and recurring.meter == meter_id:
+                return item.price
+        return None
 
 
 class MeterEventSessionHolder:

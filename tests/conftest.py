@@ -61,7 +61,7 @@ pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.saas", "tests.fixt
 TABLES = (
     "billable_events, usage_submissions, billing_accounts, webhook_events, entitlements, "
     "invoice_adjustments, billing_adjustments, usage_dismissals, ops_records, "
-    "meter_error_reports"
+    "meter_error_reports, usage_correction_cancels, billable_event_corrections, usage_corrections"
 )
 METERS = {"api_call": "api_call", "storage_gb_hour": "storage_gb_hour"}
 

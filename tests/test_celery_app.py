@@ -1,18 +1,28 @@
+import copy
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from freezegun import freeze_time
 
 from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
 
 ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 
 
-def _is_due(now: str, last_run: str) -> bool:
-    schedule = ENTRY["schedule"]
+def is_due(entry: dict[str, Any], now: str, last_run: str) -> bool:
+    """Whether beat would run `entry` at `now` (UTC) after it last ran at `last_run`.
+
+    The schedule's own clock is set, not the process's: freezing time (freezegun) in a test
+    session froze the asyncio timers of the session's emulator too, which then ran no due work
+    (meter error reports, renewals) for the rest of the session."""
+    schedule = copy.copy(entry["schedule"])
     schedule.app = celery_app
-    with freeze_time(now):
-        return schedule.is_due(datetime.fromisoformat(last_run).replace(tzinfo=UTC)).is_due
+    schedule.nowfun = lambda: datetime.fromisoformat(now).replace(tzinfo=UTC)
+    return schedule.is_due(datetime.fromisoformat(last_run).replace(tzinfo=UTC)).is_due
+
+
+def _is_due(now: str, last_run: str) -> bool:
+    return is_due(ENTRY, now, last_run)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +77,31 @@ def test_the_repos_celeryconfig_delegates_to_the_package():
         if name != "beat_schedule":  # crontab objects compare by identity of their app
             assert getattr(celeryconfig, name) == value, name
     assert celeryconfig.beat_schedule.keys() == celery_app.conf.beat_schedule.keys()
+
+
+RECONCILE_ENTRY = celery_app.conf.beat_schedule["billing-usage-reconcile"]
+
+
+@pytest.mark.parametrize(
+    ("now", "due"),
+    [("2026-11-25T14:13:00", False), ("2026-11-25T14:42:59", False), ("2026-11-25T14:43:00", True)],
+)
+def test_reconciliation_is_due_at_minute_43_not_at_the_flushs_13(now, due):
+    assert is_due(RECONCILE_ENTRY, now, "2026-11-25T13:43:00") is due
+
+
+def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
+    from billing.celery_app import RECONCILE_TASK
+
+    assert RECONCILE_ENTRY["task"] == RECONCILE_TASK == "billing.usage.reconcile"
+    assert RECONCILE_ENTRY["options"]["queue"] == celery_app.conf.task_default_queue
+    assert RECONCILE_TASK in celery_app.tasks
+
+
+def test_meter_error_reports_are_looked_at_every_five_minutes_by_their_named_task():
+    from billing.celery_app import RECONCILE_ERROR_REPORTS_TASK
+
+    entry = celery_app.conf.beat_schedule["billing-meter-error-reports-reconcile"]
+    assert entry["task"] == RECONCILE_ERROR_REPORTS_TASK
+    assert RECONCILE_ERROR_REPORTS_TASK == "billing.usage.reconcile_error_reports"
+    assert entry["schedule"] == 300 and RECONCILE_ERROR_REPORTS_TASK in celery_app.tasks

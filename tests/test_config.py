@@ -55,6 +55,7 @@ GUIDE_DEFAULTS = {
     "worker_metrics_address": "127.0.0.1",
     "prometheus_multiproc_dir": None,
     "stripe_meter_event_api": "v1",
+    "reconcile_settle_seconds": 3600,
 }
 
 
@@ -201,6 +202,10 @@ BAD_VALUES = [
     ("CELERY_RESULT_BACKEND", "redis"),
     ("STRIPE_API_BASE", "127.0.0.1:12111"),
     ("STRIPE_METER_EVENT_API", "v3"),
+    # 0 trusts a summary at once (tests, an emulator without lag); never negative, at most a day.
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "-1"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "86401"),
+    ("STRIPE_BILLING_RECONCILE_SETTLE_SECONDS", "1h"),
 ]
 
 

@@ -1,4 +1,6 @@
+import contextlib
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -7,7 +9,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.exc import IntegrityError
 
 from billing import db
-from billing.models import BillableEvent, BillingAccount, Entitlement, UsageSubmission, WebhookEvent
+from billing.models import (
+    BillableEvent,
+    BillingAccount,
+    Entitlement,
+    UsageCorrection,
+    UsageSubmission,
+    WebhookEvent,
+)
 from tests.conftest import TEST_DATABASE_URL
 
 BILLING_TABLES = {
@@ -151,44 +160,98 @@ def test_an_entitlement_may_come_from_stripe_and_by_hand_at_once(db_engine):
         session.add(Entitlement(organization_id=1, lookup_key="saas", source="guess"))
 
 
+@contextlib.contextmanager
+def blank_engine(tmp_path, url: str, name: str) -> Iterator[sa.Engine]:
+    """An empty SQLite file or PostgreSQL schema of its own, dropped afterwards."""
+    if url == "sqlite":
+        engine = db.make_engine(f"sqlite:///{tmp_path / 'down.db'}")
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+        return
+    schema = f"billing_{name}_{tmp_path.name[-8:].lower()}".replace("-", "_")
+    admin = db.make_engine(TEST_DATABASE_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine = db.make_engine(db.with_search_path(TEST_DATABASE_URL, schema))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
 @pytest.mark.parametrize("url", ["sqlite", "postgresql"])
 def test_0004_downgrade_refuses_to_merge_two_sources(tmp_path, url):
     """Below 0004 one row per key: dropping either source would change who has access."""
-    if url == "sqlite":
-        engine = db.make_engine(f"sqlite:///{tmp_path / 'down.db'}")
-        cleanup = engine.dispose
-    else:
-        schema = f"billing_0004_down_{tmp_path.name[-8:].lower()}".replace("-", "_")
-        admin = db.make_engine(TEST_DATABASE_URL)
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        engine = db.make_engine(db.with_search_path(TEST_DATABASE_URL, schema))
+    with blank_engine(tmp_path, url, "0004_down") as engine:
+        _downgrade_0004(engine)
 
-        def cleanup() -> None:
-            engine.dispose()
-            with admin.begin() as connection:
-                connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-            admin.dispose()
 
+def _downgrade_0004(engine: sa.Engine) -> None:
     below_0004 = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_revision("0004").down_revision
-    try:
-        # At 0004 itself: SQLite does not roll back DDL, so a later revision's downgrade, run
-        # first on the way down, would stay applied when 0004's refuses.
-        db.upgrade(engine, "0004")
+    # At 0004 itself: SQLite does not roll back DDL, so a later revision's downgrade, run
+    # first on the way down, would stay applied when 0004's refuses.
+    db.upgrade(engine, "0004")
+    factory = db.make_session_factory(engine)
+    with factory.begin() as session:
+        for source in ("stripe", "manual"):
+            session.add(Entitlement(organization_id=1, lookup_key="saas", source=source))
+    with pytest.raises(RuntimeError, match="held both from Stripe and manually"):
+        db.downgrade(engine, below_0004)
+    assert db.current_revision(engine) == "0004"
+    with factory.begin() as session:
+        session.execute(sa.delete(Entitlement).where(Entitlement.source == "manual"))
+    db.downgrade(engine, below_0004)
+    assert db.current_revision(engine) == below_0004
+    with engine.connect() as connection:
+        kept = connection.execute(sa.text("SELECT source FROM entitlements")).scalars().all()
+    assert kept == ["stripe"]
+
+
+@pytest.mark.parametrize("url", ["sqlite", "postgresql"])
+def test_0008_downgrade_refuses_while_corrections_exist(tmp_path, url):
+    """Below 0008 what was corrected, by whom and why would be lost."""
+    with blank_engine(tmp_path, url, "0008_down") as engine:
+        db.upgrade(engine, "0008")
         factory = db.make_session_factory(engine)
         with factory.begin() as session:
-            for source in ("stripe", "manual"):
-                session.add(Entitlement(organization_id=1, lookup_key="saas", source=source))
-        with pytest.raises(RuntimeError, match="held both from Stripe and manually"):
-            db.downgrade(engine, below_0004)
-        assert db.current_revision(engine) == "0004"
+            session.add(
+                UsageCorrection(
+                    idempotency_key="k",
+                    source="operator",
+                    organization_id=1,
+                    event_type="api_call",
+                    hour=NOW,
+                    delta=-1,
+                    reason="test",
+                    actor="me",
+                    billed_before=3,
+                )
+            )
+        with pytest.raises(IntegrityError), factory.begin() as session:  # delta <> 0
+            session.add(
+                UsageCorrection(
+                    idempotency_key="zero",
+                    source="operator",
+                    organization_id=1,
+                    event_type="api_call",
+                    hour=NOW,
+                    delta=0,
+                    reason="test",
+                    actor="me",
+                    billed_before=3,
+                )
+            )
+        with pytest.raises(RuntimeError, match="1 usage correction row"):
+            db.downgrade(engine, "0007")
+        assert db.current_revision(engine) == "0008"
         with factory.begin() as session:
-            session.execute(sa.delete(Entitlement).where(Entitlement.source == "manual"))
-        db.downgrade(engine, below_0004)
-        assert db.current_revision(engine) == below_0004
-        with engine.connect() as connection:
-            kept = connection.execute(sa.text("SELECT source FROM entitlements")).scalars().all()
-        assert kept == ["stripe"]
-    finally:
-        cleanup()
+            session.execute(sa.delete(UsageCorrection))
+        db.downgrade(engine, "0007")
+        assert db.current_revision(engine) == "0007"
+        assert not {"usage_corrections", "billable_event_corrections"} & _tables(engine)

@@ -108,3 +108,50 @@ class TestMeterEventSessionHolder:
         assert holder.renew(stale) == "tok1"
         assert holder.renew(stale) == "tok1"  # a second lane with the same 401
         assert made == ["tok0", "tok1"]
+
+
+def test_cancel_meter_event_answers_stripe_s_status_and_refusals_are_permanent(
+    billing_runtime, emulator
+):
+    from billing.models import utcnow
+    from billing.stripe_gateway import MeterEvent, PermanentStripeError
+    from tests.factories import add_accounts
+
+    gateway = billing_runtime.stripe
+    customer = add_accounts(billing_runtime, [1])[1]
+    gateway.send_meter_event(MeterEvent("api_call", customer, 4, utcnow(), "id-1", "key-1"))
+    assert gateway.cancel_meter_event("api_call", "id-1", "cancel-1") == "pending"
+    assert gateway.cancel_meter_event("api_call", "id-1", "cancel-1") == "pending"  # replayed
+    assert emulator.billed()[customer]["api_call"] == 0
+    with pytest.raises(PermanentStripeError) as refused:
+        gateway.cancel_meter_event("api_call", "never-sent", "cancel-2")
+    assert refused.value.status == 400 and refused.value.scope is ErrorScope.ROW
+
+
+def test_subscription_item_price_finds_the_meter_s_price(billing_runtime, emulator):
+    from tests.factories import add_accounts
+
+    gateway = billing_runtime.stripe
+    client = gateway.client
+    customer = add_accounts(billing_runtime, [1])[1]
+    meters = gateway.meter_by_event_name()
+    prices = {}
+    for name in ("api_call", "storage_gb_hour"):
+        prices[name] = client.v1.prices.create(
+            {
+                "currency": "usd",
+                "unit_amount_decimal": "2.5",
+                "product_data": {"name": name},
+                "recurring": {
+                    "interval": "month",
+                    "usage_type": "metered",
+                    "meter": meters[name].id,
+                },
+            }
+        )
+    subscription = client.v1.subscriptions.create(
+        {"customer": customer, "items": [{"price": prices["api_call"].id}]}
+    )
+    found = gateway.subscription_item_price(subscription.id, meters["api_call"].id)
+    assert found is not None and found.id == prices["api_call"].id
+    assert gateway.subscription_item_price(subscription.id, meters["storage_gb_hour"].id) is None

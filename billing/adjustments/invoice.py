@@ -35,6 +35,7 @@ from billing.models import (
 )
 from billing.runtime import Runtime
 from billing.stripe_gateway import PermanentStripeError
+from billing.usage.corrections import credit_descriptions
 from billing.usage.service import flush_pass
 
 log = logs.get_logger("billing.webhooks.adjustments")
@@ -335,7 +336,7 @@ def _item_id(line: dict[str, Any]) -> str | None:
 
 def _create_item(runtime: Runtime, invoice: Any, row: InvoiceAdjustment) -> str:
     if row.kind == AdjustmentKind.CREDIT:
-        description = "Credit"
+        description = credit_line(runtime, row.adjustment_id)
     else:
         description = (
             f"Minimum monthly commitment top-up (metered usage {row.metered_usage_cents} of "
@@ -406,3 +407,10 @@ def _log_missed(row: InvoiceAdjustment, error: str) -> None:
             "error": error,
         },
     )
+
+
+def credit_line(runtime: Runtime, adjustment_id: int) -> str:
+    """A credit's invoice line: a usage correction's says which and why, any other "Credit"."""
+    with runtime.session_factory() as session:
+        found = credit_descriptions(session, [adjustment_id])
+    return found[adjustment_id][1] if adjustment_id in found else "Credit"

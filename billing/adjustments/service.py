@@ -14,6 +14,7 @@ from billing import logs
 from billing.adjustments.invoice import KEY_METADATA
 from billing.errors import OperatorError
 from billing.models import (
+    MAX_AMOUNT_CENTS,
     AdjustmentKind,
     BillingAccount,
     BillingAdjustment,
@@ -22,11 +23,9 @@ from billing.models import (
     utcnow,
 )
 from billing.runtime import Runtime
+from billing.usage.corrections import credit_descriptions
 
 log = logs.get_logger("billing.webhooks.adjustments")
-
-# Stripe's largest amount in a currency's minor unit (eight digits of major units).
-MAX_AMOUNT_CENTS = 99_999_999
 
 
 class AdjustmentError(ValueError, OperatorError):
@@ -103,10 +102,14 @@ def list_adjustments(
                 .order_by(InvoiceAdjustment.id)
             )
         )
-    return [
-        _adjustment_dict(a, [x for x in applications if x.adjustment_id == a.id])
-        for a in adjustments
-    ]
+        # Credits that usage corrections made say which correction, and their invoice line.
+        corrections = credit_descriptions(session, [a.id for a in adjustments])
+    listed = []
+    for a in adjustments:
+        shown = _adjustment_dict(a, [x for x in applications if x.adjustment_id == a.id])
+        correction_id, description = corrections.get(a.id, (None, None))
+        listed.append({**shown, "usage_correction_id": correction_id, "description": description})
+    return listed
 
 
 def remove_adjustments(

@@ -2,7 +2,9 @@
 
 `CONTRACT_COLUMNS` and `CONTRACT_RULES` are the contract. `run_contract_checks` enforces them (as
 `flask billing validate_contract` and as the pre-flush gate) and `contract_markdown()` renders them
-for docs/flush.md, so the documentation and the checks cannot drift apart.
+for docs/flush.md, so the documentation and the checks cannot drift apart. The upstream way to
+correct billed usage, `billable_event_corrections`, has its own (`CORRECTION_COLUMNS`,
+`CORRECTION_RULES`, `corrections_markdown()`), checked in the same run.
 
 Every check is one set-based query (a count, then up to five sample ids only when it fails). The
 per-row rules look at pending rows only (neither claimed nor dismissed, `models.pending_event`): a
@@ -33,7 +35,14 @@ from billing.checks.billability import (
 )
 from billing.checks.report import Status, StatusReport, render_table
 from billing.config import Settings
-from billing.models import BillableEvent, BillingAccount, pending_event, utcnow
+from billing.models import (
+    BillableEvent,
+    BillableEventCorrection,
+    BillingAccount,
+    pending_correction,
+    pending_event,
+    utcnow,
+)
 from billing.runtime import Runtime
 
 TABLE = "billable_events"
@@ -214,16 +223,133 @@ CONTRACT_RULES: tuple[ContractRule, ...] = (
         "rows in the lookback window, all organizations",
     ),
 )
-CHECK_NAMES: tuple[str, ...] = tuple(rule.check for rule in CONTRACT_RULES)
+
+# The upstream correction table (`billing.usage.corrections`): a producer retracts (or restates)
+# billed usage with plain SQL; the flush takes each pending row in once, or rejects it with the
+# reason (`flask billing usage corrections list`).
+CORRECTIONS_TABLE = "billable_event_corrections"
+
+CORRECTION_COLUMNS: tuple[ContractColumn, ...] = (
+    ContractColumn("id", (sa.Integer,), "bigint, integer", False, "upstream", "Primary key."),
+    ContractColumn(
+        "organization_id",
+        (sa.Integer,),
+        "bigint, integer",
+        False,
+        "upstream",
+        "The organization whose billed usage changes; needs a billing account with a Stripe "
+        "customer.",
+    ),
+    ContractColumn(
+        "event_type",
+        (sa.String,),
+        "varchar, text",
+        False,
+        "upstream",
+        "A type of `STRIPE_BILLING_METERS`, on a `sum` meter without an `event_time_window`.",
+    ),
+    ContractColumn(
+        "hour",
+        (sa.DateTime,),
+        "timestamp with time zone",
+        False,
+        "upstream",
+        "The start of the hour corrected (UTC, minutes and seconds 0), not ahead of now.",
+    ),
+    ContractColumn(
+        "delta",
+        (sa.Integer, sa.Numeric),
+        "bigint, integer, numeric",
+        False,
+        "upstream",
+        "By how much the hour's billed total changes: a whole number, not 0; negative retracts "
+        "(never below what was billed; a positive one only in the current period).",
+    ),
+    ContractColumn(
+        "reason",
+        (sa.String, sa.Text),
+        "text, varchar",
+        False,
+        "upstream",
+        "Why; kept, and on the invoice line of a credit.",
+    ),
+    ContractColumn(
+        "idempotency_key",
+        (sa.String,),
+        "varchar, text",
+        False,
+        "upstream",
+        "Unique per correction (a unique constraint): a retried write is one correction.",
+    ),
+    ContractColumn(
+        "source", (sa.String,), "varchar, text", True, "upstream", "Producer name (the actor)."
+    ),
+    ContractColumn(
+        "usage_correction_id",
+        (sa.Integer,),
+        "bigint, integer",
+        True,
+        "billing",
+        "The `usage_corrections` row the flush made of it.",
+    ),
+    ContractColumn(
+        "rejected_reason",
+        (sa.String, sa.Text),
+        "text",
+        True,
+        "billing",
+        "Why the flush refused it (the row stays: write a new row with a new key); a row is "
+        "pending while this and `usage_correction_id` are NULL.",
+    ),
+    ContractColumn(
+        "taken_at",
+        (sa.DateTime,),
+        "timestamp with time zone",
+        True,
+        "billing",
+        "When the flush took or rejected it.",
+    ),
+)
+
+CORRECTION_RULES: tuple[ContractRule, ...] = (
+    ContractRule(
+        "corrections_table_columns",
+        f"`{CORRECTIONS_TABLE}` and every column above exist with a compatible type (when this "
+        "fails, `correction_values` is skipped).",
+        "the schema",
+    ),
+    ContractRule(
+        "correction_values",
+        "delta is a whole number other than 0; hour is the start of an hour and not ahead of "
+        "now; event_type has a meter; the organization has a billing account with a Stripe "
+        "customer. What only the flush can judge (a retraction above what was billed, a "
+        "positive correction of an invoiced period, a meter that does not sum) is refused when "
+        "it takes the row: `rejected_reason`, listed by `flask billing usage corrections list`.",
+        "pending correction rows, of any age",
+    ),
+)
+
+CHECK_NAMES: tuple[str, ...] = tuple(rule.check for rule in CONTRACT_RULES + CORRECTION_RULES)
 
 
 def contract_markdown() -> str:
     """The contract as Markdown tables, for docs/flush.md."""
+    return _contract_tables(CONTRACT_COLUMNS, CONTRACT_RULES)
+
+
+def corrections_markdown() -> str:
+    """The upstream correction table's contract as Markdown tables, for docs/flush.md."""
+    return _contract_tables(CORRECTION_COLUMNS, CORRECTION_RULES)
+
+
+def _contract_tables(
+    contract_columns: Sequence[ContractColumn], contract_rules: Sequence[ContractRule]
+) -> str:
     columns = [
         (f"`{c.name}`", c.sql, "yes" if c.nullable else "no", c.owner, c.meaning)
-        for c in CONTRACT_COLUMNS
+        for c in contract_columns
     ]
-    rules = [(f"`{r.check}`", r.rule, r.rows) for r in CONTRACT_RULES]
+    rules = [(f"`{r.check}`", r.rule, r.rows) for r in contract_rules]
     return (
         _markdown_table(
             ("column", "compatible types", "NULL allowed", "written by", "meaning"), columns
@@ -466,7 +592,7 @@ def _check_all(
     connection: Connection, report: ContractReport, settings: Settings
 ) -> dict[str, CheckResult]:
     inspector = sa.inspect(connection)
-    schema = _schema_check(inspector)
+    schema = _schema_check(inspector, TABLE, CONTRACT_COLUMNS, "table_columns")
     if schema.status is Status.FAIL:
         skipped = {
             name: CheckResult(name, Status.SKIP, detail="skipped: table_columns failed")
@@ -486,6 +612,7 @@ def _check_all(
     results = {r.check: r for r in _row_checks(connection, scope)}
     results[schema.check] = schema
     results["idempotency_key_unique"] = _idempotency_check(connection, inspector, scope)
+    results.update(_correction_checks(connection, inspector, scope))
     results["zeitgeist_fresh"] = (
         _zeitgeist_check(connection, scope, settings.contract_zeitgeist_max_age_hours)
         if report.require_zeitgeist
@@ -499,21 +626,21 @@ def _check_all(
 # table_columns
 
 
-def _schema_check(inspector: sa.Inspector) -> CheckResult:
-    if not inspector.has_table(TABLE):
-        return CheckResult("table_columns", Status.FAIL, detail=f"table {TABLE} does not exist")
-    reflected = {c["name"]: c["type"] for c in inspector.get_columns(TABLE)}
+def _schema_check(
+    inspector: sa.Inspector, table: str, columns: Sequence[ContractColumn], name: str
+) -> CheckResult:
+    if not inspector.has_table(table):
+        return CheckResult(name, Status.FAIL, detail=f"table {table} does not exist")
+    reflected = {c["name"]: c["type"] for c in inspector.get_columns(table)}
     dialect = inspector.dialect.name
     problems = [
         problem
-        for column in CONTRACT_COLUMNS
+        for column in columns
         if (problem := _column_problem(column, reflected.get(column.name), dialect))
     ]
     if problems:
-        return CheckResult("table_columns", Status.FAIL, detail="; ".join(problems))
-    return CheckResult(
-        "table_columns", Status.PASS, detail=f"{len(CONTRACT_COLUMNS)} required columns present"
-    )
+        return CheckResult(name, Status.FAIL, detail="; ".join(problems))
+    return CheckResult(name, Status.PASS, detail=f"{len(columns)} required columns present")
 
 
 def upstream_column_problems(inspector: sa.Inspector) -> list[str]:
@@ -735,3 +862,76 @@ def _zeitgeist_check(connection: Connection, scope: Scope, max_age_hours: int) -
             detail=f"{summary}, over the {max_age_hours} h limit: is the producer down?",
         )
     return CheckResult("zeitgeist_fresh", Status.PASS, detail=summary)
+
+
+# the upstream correction table
+
+corrections = BillableEventCorrection.__table__
+
+
+def _correction_problems(scope: Scope) -> list[tuple[str, sa.ColumnElement[bool]]]:
+    """(what is wrong, the pending rows it is wrong for)."""
+    c = corrections.c
+    if scope.dialect == "postgresql":
+        aligned = sa.func.date_trunc("hour", c.hour, "UTC") == c.hour
+    else:  # SQLite keeps the UTC text billing wrote
+        aligned = sa.func.strftime("%M:%f", c.hour) == "00:00.000"
+    mapped = c.event_type.in_(scope.meters) if scope.meters else sa.false()
+    return [
+        (
+            "delta is 0 or not a whole number",
+            sa.or_(c.delta == 0, ~whole_number(c.delta, scope.dialect)),
+        ),
+        ("hour is not the start of an hour", ~aligned),
+        ("hour is ahead of now", c.hour > scope.now),
+        ("event_type has no meter in STRIPE_BILLING_METERS", ~mapped),
+        (
+            "organization without a billing account with a Stripe customer",
+            account.stripe_customer_id.is_(None),
+        ),
+    ]
+
+
+def _correction_checks(
+    connection: Connection, inspector: sa.Inspector, scope: Scope
+) -> dict[str, CheckResult]:
+    schema = _schema_check(
+        inspector, CORRECTIONS_TABLE, CORRECTION_COLUMNS, "corrections_table_columns"
+    )
+    if schema.status is Status.FAIL:
+        skipped = CheckResult(
+            "correction_values", Status.SKIP, detail="skipped: corrections_table_columns failed"
+        )
+        return {schema.check: schema, skipped.check: skipped}
+    problems = _correction_problems(scope)
+    conditions = [pending_correction()]
+    if scope.organization_id is not None:
+        conditions.append(corrections.c.organization_id == scope.organization_id)
+    rows = (
+        sa.select()
+        .select_from(corrections)
+        .outerjoin(account, account.organization_id == corrections.c.organization_id)
+        .where(*conditions)
+    )
+    counts = rows.add_columns(
+        sa.func.count().label("pending"),
+        *(sa.func.count().filter(wrong).label(f"p{i}") for i, (_, wrong) in enumerate(problems)),
+        sa.func.count().filter(sa.or_(*(wrong for _, wrong in problems))).label("offending"),
+    )
+    found = connection.execute(counts).one()._mapping
+    offending = int(found["offending"])
+    if not offending:
+        result = CheckResult(
+            "correction_values", Status.PASS, 0, detail=f"0 of {found['pending']} pending rows"
+        )
+        return {schema.check: schema, result.check: result}
+    samples = connection.scalars(
+        rows.add_columns(corrections.c.id)
+        .where(sa.or_(*(wrong for _, wrong in problems)))
+        .limit(SAMPLE_LIMIT)
+    )
+    detail = f"{offending} pending correction row(s) the flush will reject: " + ", ".join(
+        f"{what} {found[f'p{i}']}" for i, (what, _) in enumerate(problems) if found[f"p{i}"]
+    )
+    result = CheckResult("correction_values", Status.FAIL, offending, sorted(samples), detail)
+    return {schema.check: schema, result.check: result}

@@ -23,12 +23,13 @@ from billing.cli.core import emit, finish, json_option, operator_errors, runtime
 from billing.masking import scrub
 from billing.models import utcnow
 from billing.ops.preflight import run_preflight
-from billing.ops.smoke import smoke_org
+from billing.ops.smoke import DEFAULT_SETTLE_SECONDS, smoke_org
 from billing.ops.state import OpsState, read_state
 from billing.runtime import current_runtime
 from billing.usage import history
+from billing.usage.error_reports import reconcile_error_reports
 from billing.usage.lock import ReleaseOutcome, inspect_lock, release_dead_holder
-from billing.usage.reconcile import default_window, reconcile
+from billing.usage.reconcile import default_window, reconcile, reconcile_scheduled
 
 
 @contextmanager
@@ -86,6 +87,7 @@ def status_text(state: OpsState) -> str:
             f"runs refused with Redis unreachable in a row: {flush['consecutive_lock_unavailable']}"
         )
     lines.append("last contract validation: " + _validation(data["contract_validation"]))
+    lines.append("last reconciliation: " + _reconciliation(data["reconcile"]))
     lines.append("flush lock: " + _lock(data["lock"]))
     return "\n".join(lines)
 
@@ -119,6 +121,13 @@ def _validation(entry: dict[str, Any] | None) -> str:
         return "never"
     verdict = "passed" if entry["ok"] else "FAILED " + ", ".join(entry["failed_checks"])
     return f"{entry['at']} {verdict} ({entry['source']}, {entry['lookback_days']} days)"
+
+
+def _reconciliation(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "never"
+    verdict = "ok" if entry["ok"] else "NEEDS A LOOK"
+    return f"{entry['at']} {verdict} ({_counts(entry['groups'])}; {entry['source']})"
 
 
 def _lock(lock: dict[str, Any]) -> str:
@@ -178,6 +187,9 @@ def lock_release_command(if_holder_dead: bool) -> None:
         sys.exit(1)
 
 
+# A person waits on smoke_org: an hour is the most a terminal session should.
+MAX_SMOKE_SETTLE_SECONDS = 3600.0
+
 ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"]
 
 
@@ -193,25 +205,67 @@ ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y
     "--until",
     type=click.DateTime(ISO_FORMATS),
     default=None,
-    help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour.",
+    help="End, exclusive (UTC, ISO 8601). Default: the start of the last hour that ended "
+    "STRIPE_BILLING_RECONCILE_SETTLE_SECONDS ago.",
+)
+@click.option(
+    "--error-reports",
+    is_flag=True,
+    help="Instead of hours: the meter error reports whose summaries settled, each over its "
+    "window (what beat runs every 5 minutes).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def reconcile_command(since: datetime | None, until: datetime | None, as_json: bool) -> None:
+def reconcile_command(
+    since: datetime | None, until: datetime | None, error_reports: bool, as_json: bool
+) -> None:
     """Outbox vs Stripe's meter event summaries per customer, meter and hour; settles rows held
-    past Stripe's 24-hour identifier window. Exit 1 on drift or when Stripe could not answer."""
+    past Stripe's 24-hour identifier window. Hours younger than the settle lag are not settled,
+    never drift. Without --since/--until this is the scheduled run (recorded: `status` and the
+    alerts see it). Exit 1 on drift or when Stripe could not answer (with --error-reports: when
+    a report's missing rows could not be told exactly)."""
     rt = runtime()
+    if error_reports:
+        if since or until:
+            raise click.BadParameter("--error-reports takes no --since/--until")
+        _reconcile_error_reports(rt, as_json)
+        return
+    progress = _progress_bar("reconciling")
     with ops_errors():
-        start, end = default_window(rt, utcnow())
-        start, end = _utc(since) or start, _utc(until) or end
-        if start >= end:
-            raise click.BadParameter("--since must be before --until")
-        report = reconcile(rt, start, end, progress=_progress_bar("reconciling"))
+        if since is None and until is None:
+            report = reconcile_scheduled(rt, source="cli", progress=progress)
+        else:
+            start, end = default_window(rt, utcnow())
+            start, end = _utc(since) or start, _utc(until) or end
+            if start >= end:
+                raise click.BadParameter("--since must be before --until")
+            report = reconcile(rt, start, end, progress=progress)
     payload = report.to_dict()
     if as_json:
         click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
     else:
         click.echo(reconcile_text(payload))
     if not report.ok:
+        sys.exit(1)
+
+
+def _reconcile_error_reports(rt: Any, as_json: bool) -> None:
+    with ops_errors():
+        results = [result.to_dict() for result in reconcile_error_reports(rt)]
+    if as_json:
+        click.echo(json.dumps({"reports": results}, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(f"meter error reports due: {len(results)}")
+        for r in results:
+            click.echo(
+                f"{r['status']:<10} {r['event_id']} {r['meter']}: {r['detail']}"
+                + (f" [rejected: {r['rejected']}]" if r["rejected"] else "")
+                + (
+                    f" [ambiguous: {'; '.join(r['ambiguous_hours'])}]"
+                    if r["ambiguous_hours"]
+                    else ""
+                )
+            )
+    if any(r["status"] == "ambiguous" for r in results):
         sys.exit(1)
 
 
@@ -241,7 +295,8 @@ def reconcile_text(payload: dict[str, Any]) -> str:
         f"{payload['since']} .. {payload['until']}: "
         + ", ".join(f"{status} {n}" for status, n in counts.items())
         + f"; settled: delivered {payload['settled']['delivered']}, "
-        f"reissued {payload['settled']['reissued']}"
+        f"reissued {payload['settled']['reissued']}; rows marked rejected "
+        f"{payload['rejected_rows']}"
     ]
     for group in payload["problems"]:
         lines.append(
@@ -249,6 +304,7 @@ def reconcile_text(payload: dict[str, Any]) -> str:
             f" Stripe {group['stripe_total']} outbox sent {group['sent_total']}"
             + (f" ({group['detail']})" if group["detail"] else "")
             + (f" [settled: {group['settled']}]" if group["settled"] else "")
+            + (f" [rejected: {group['rejected']}]" if group["rejected"] else "")
         )
         for row in group["rows"]:
             lines.append(
@@ -296,6 +352,14 @@ def preflight_command(require_enabled: bool, fail_closed: bool, as_json: bool) -
     is_flag=True,
     help="Sync the subscription's current period from Stripe first.",
 )
+@click.option(
+    "--settle-seconds",
+    type=click.FloatRange(0, MAX_SMOKE_SETTLE_SECONDS),
+    default=DEFAULT_SETTLE_SECONDS,
+    show_default=True,
+    help="Longest wait for Stripe's meter event summaries to catch up with what was sent "
+    "(progress on stderr); still short after it: `not settled after N s`.",
+)
 @json_option
 def smoke_org_command(
     org_id: int,
@@ -305,6 +369,7 @@ def smoke_org_command(
     skip_contract: bool,
     no_fail_closed: bool,
     refresh_period: bool,
+    settle_seconds: float,
     as_json: bool,
 ) -> None:
     """End-to-end check of one organization in Stripe test mode: flush it, confirm in Stripe."""
@@ -317,6 +382,8 @@ def smoke_org_command(
                 require_enabled=require_enabled,
                 validate_contract=validate_contract and not skip_contract,
                 refresh_period=refresh_period,
+                settle_seconds=settle_seconds,
+                progress=lambda message: click.echo(message, err=True),
             )
         except UnknownOrganizationError as error:  # a usage error (exit 2), not an operator's
             raise click.BadParameter(str(error), param_hint="'--org-id'") from error

@@ -4,7 +4,13 @@ Steps: test-mode guard → billing enabled → billing account → Stripe custom
 period refresh → contract → flush of this organization only → meter event summaries, which must
 hold exactly what our outbox says was sent to this customer over the current period and every
 hour this run sent (usage may predate the period: a fresh subscription). Nothing to compare is a
-failure, not a pass: `Stripe 0 vs outbox 0` verifies nothing. A failed step
+failure, not a pass: `Stripe 0 vs outbox 0` verifies nothing.
+
+Stripe's summaries lag what was sent, by an amount it does not publish: while a total is short
+the step waits, at most `settle_seconds`, reporting its progress. Still short after that, it says
+`not settled after N s` when rows of it reached Stripe within the settle lag
+(`STRIPE_BILLING_RECONCILE_SETTLE_SECONDS`: Stripe may still be catching up), and `mismatch`
+when Stripe has had that long or holds more than was sent. A failed step
 skips the steps that depend on it (a live key skips everything, nothing reaches Stripe); the
 others still run, so one report shows every problem found.
 """
@@ -12,16 +18,18 @@ others still run, so one report shows every problem found.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from billing import logs
 from billing.accounts import UnknownOrganizationError, store_subscription
 from billing.checks.contract import run_contract_checks
 from billing.checks.report import Status, StatusReport
+from billing.logs import get_logger
 from billing.masking import mask_secret
 from billing.models import (
     BillableEvent,
@@ -36,11 +44,16 @@ from billing.usage.claiming import UnbillableReason
 from billing.usage.result import FlushResult
 from billing.usage.service import flush_pass
 
+log = get_logger("billing.smoke")
+
 ACTIVE_SUBSCRIPTION = ("active", "trialing")
 MINUTE = timedelta(minutes=1)
-# Stripe aggregates meter events asynchronously: give a just-sent total this long to show up.
-DEFAULT_SETTLE_SECONDS = 30.0
+# Stripe aggregates meter events asynchronously and publishes no bound on the lag: a smoke check
+# is run by a person, who waits this long at most for a just-sent total to show up.
+DEFAULT_SETTLE_SECONDS = 120.0
 SETTLE_POLL_SECONDS = 2.0
+
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -108,8 +121,10 @@ def smoke_org(
     validate_contract: bool,
     refresh_period: bool,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    progress: Progress = lambda message: None,
 ) -> SmokeReport:
-    """Run every step for one organization; raises UnknownOrganizationError for an unknown id."""
+    """Run every step for one organization; raises UnknownOrganizationError for an unknown id.
+    `progress` hears what a waiting step waits for (the CLI prints it on stderr)."""
     run = _Run(runtime, organization_id)
     # (step, the steps it needs to have not failed, what it does), in report order.
     steps: list[tuple[str, tuple[str, ...], Callable[[], SmokeStep]]] = [
@@ -121,7 +136,11 @@ def smoke_org(
         ("refresh_period", ("stripe_subscription",), lambda: _refresh_period(run, refresh_period)),
         ("contract", ("billing_account",), lambda: _contract(run, validate_contract)),
         ("flush", ("billing_enabled", "refresh_period", "contract"), lambda: _flush(run)),
-        ("meter_summaries", ("flush",), lambda: _meter_summaries(run, settle_seconds)),
+        (
+            "meter_summaries",
+            ("flush",),
+            lambda: _meter_summaries(run, settle_seconds, progress),
+        ),
     ]
     report = SmokeReport(organization_id)
     broken: dict[str, str] = {}  # step → the failed step that stopped it (itself if it failed)
@@ -296,7 +315,7 @@ def _flush(run: _Run) -> SmokeStep:
     )
 
 
-def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
+def _meter_summaries(run: _Run, settle_seconds: float, progress: Progress) -> SmokeStep:
     if run.flush is not None and not run.flush.enabled:
         return _skipped("billing disabled: nothing was sent, so nothing verified")
     period = _current_period(run)
@@ -311,23 +330,30 @@ def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
     missing = sorted(set(run.runtime.settings.stripe_meters.values()) - set(meters))
     if missing:
         raise _StepFailed(f"no Stripe meter for {', '.join(missing)}")
+    wait = _SettleWait(settle_seconds, progress)
     compared: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + settle_seconds
     for event_name in sorted(set(run.runtime.settings.stripe_meters.values())):
         meter_id = meters[event_name].id
-        want = expected.get(event_name, 0)
-        total = _stripe_total(gateway, meter_id, customer_id, start, end, want, deadline)
+        want, last_sent = expected.get(event_name, (0, None))
+        total = wait.total(
+            event_name,
+            want,
+            lambda m=meter_id: gateway.meter_event_total(m, customer_id, start, end),
+        )
         compared[event_name] = {
             "meter": meter_id,
             "sent_this_run": sent_now.get(event_name, 0),
             "outbox_sent": want,
             "stripe_total": total,
+            "last_sent_at": last_sent.isoformat() if last_sent else None,
         }
+    _log_wait(run, wait, compared)
     values = {
         "period_start": period[0].isoformat(),
         "period_end": period[1].isoformat(),
         "compared_from": start.isoformat(),
         "compared_to": end.isoformat(),
+        "waited_seconds": round(wait.waited, 1),
         "meters": compared,
     }
     summary = "; ".join(
@@ -335,8 +361,17 @@ def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
         f"(this run {c['sent_this_run']})"
         for name, c in compared.items()
     )
-    if any(c["stripe_total"] != c["outbox_sent"] for c in compared.values()):
+    verdicts = {name: _verdict(run, c) for name, c in compared.items()}
+    if "mismatch" in verdicts.values():
         raise _StepFailed(f"mismatch: {summary}", **values)
+    if "not_settled" in verdicts.values():
+        lag = run.runtime.settings.reconcile_settle_seconds
+        raise _StepFailed(
+            f"not settled after {settle_seconds:g} s: {summary}; rows were sent within the "
+            f"settle lag ({lag} s), so Stripe may still be aggregating them: run again later, "
+            "or with a longer --settle-seconds",
+            **values,
+        )
     if not any(c["outbox_sent"] for c in compared.values()):
         raise _StepFailed(
             f"nothing verified: no usage was sent to Stripe for {customer_id} between "
@@ -346,6 +381,58 @@ def _meter_summaries(run: _Run, settle_seconds: float) -> SmokeStep:
         )
     span = f"{start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC"
     return _passed(f"{summary}; compared {span}", **values)
+
+
+def _verdict(run: _Run, compared: Mapping[str, Any]) -> str:
+    """`match`; `not_settled`: short, but a row reached Stripe within the settle lag; else
+    `mismatch` (short after the lag, or more than was sent, which no lag explains)."""
+    stripe, sent = compared["stripe_total"], compared["outbox_sent"]
+    if stripe == sent:
+        return "match"
+    last_sent = compared["last_sent_at"]
+    lag = timedelta(seconds=run.runtime.settings.reconcile_settle_seconds)
+    if stripe < sent and last_sent and datetime.fromisoformat(last_sent) + lag > utcnow():
+        return "not_settled"
+    return "mismatch"
+
+
+@dataclass
+class _SettleWait:
+    """Re-reads a total while it is short of what was sent, until one deadline for all meters."""
+
+    bound: float
+    progress: Progress
+    started: float = field(default_factory=time.monotonic)
+    waited: float = 0.0
+
+    def total(self, meter: str, want: int, read: Callable[[], int]) -> int:
+        while True:
+            total = read()
+            self.waited = time.monotonic() - self.started
+            if total >= want or self.waited >= self.bound:
+                return total
+            self.progress(
+                f"waiting for Stripe's meter event summaries to settle: {meter} {total} of "
+                f"{want} after {self.waited:.0f} s (at most {self.bound:g} s)"
+            )
+            time.sleep(min(SETTLE_POLL_SECONDS, max(0.0, self.bound - self.waited)))
+
+
+def _log_wait(run: _Run, wait: _SettleWait, compared: Mapping[str, Mapping[str, Any]]) -> None:
+    if wait.waited < SETTLE_POLL_SECONDS / 2:  # the first read had it all: nothing waited for
+        return
+    for meter, c in compared.items():
+        log.info(
+            logs.SMOKE_SUMMARIES_WAITED,
+            extra={
+                "organization_id": run.organization_id,
+                "meter": meter,
+                "waited_seconds": round(wait.waited, 1),
+                "bound_seconds": wait.bound,
+                "stripe_total": c["stripe_total"],
+                "outbox_sent": c["outbox_sent"],
+            },
+        )
 
 
 def _current_period(run: _Run) -> tuple[datetime, datetime] | None:
@@ -387,12 +474,19 @@ def _compared_span(
     return floor, ceiling if ceiling == end else ceiling + MINUTE
 
 
-def _outbox_sent(run: _Run, customer_id: str, start: datetime, end: datetime) -> dict[str, int]:
-    """What our outbox says reached Stripe for this customer, by meter, in [start, end)."""
+def _outbox_sent(
+    run: _Run, customer_id: str, start: datetime, end: datetime
+) -> dict[str, tuple[int, datetime | None]]:
+    """What our outbox says reached Stripe for this customer, by meter, in [start, end), and
+    when the last of it was sent."""
     submission = UsageSubmission
     with run.runtime.session_factory() as session:
         rows = session.execute(
-            sa.select(submission.event_name, sa.func.sum(submission.value))
+            sa.select(
+                submission.event_name,
+                sa.func.sum(submission.value),
+                sa.func.max(submission.sent_at),
+            )
             .where(
                 submission.organization_id == run.organization_id,
                 submission.stripe_customer_id == customer_id,
@@ -402,7 +496,7 @@ def _outbox_sent(run: _Run, customer_id: str, start: datetime, end: datetime) ->
             )
             .group_by(submission.event_name)
         ).all()
-    return {name: int(total) for name, total in rows}
+    return {name: (int(total), last_sent) for name, total, last_sent in rows}
 
 
 def _sent_this_run(run: _Run) -> dict[str, int]:
@@ -412,20 +506,3 @@ def _sent_this_run(run: _Run) -> dict[str, int]:
         event_name = run.runtime.settings.stripe_meters.get(event_type, event_type)
         sent[event_name] = sent.get(event_name, 0) + value
     return sent
-
-
-def _stripe_total(
-    gateway: Any,
-    meter_id: str,
-    customer_id: str,
-    start: datetime,
-    end: datetime,
-    want: int,
-    deadline: float,
-) -> int:
-    """Stripe's total, re-read while it is still short of what was sent and time remains."""
-    while True:
-        total = gateway.meter_event_total(meter_id, customer_id, start, end)
-        if total >= want or time.monotonic() >= deadline:
-            return total
-        time.sleep(SETTLE_POLL_SECONDS)

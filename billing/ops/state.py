@@ -27,9 +27,12 @@ from billing.errors import error_line
 from billing.models import (
     AdjustmentKind,
     BillableEvent,
+    BillableEventCorrection,
+    CorrectionStatus,
     InvoiceAdjustment,
     InvoiceAdjustmentStatus,
     SubmissionStatus,
+    UsageCorrection,
     UsageSubmission,
     WebhookEvent,
     WebhookStatus,
@@ -39,6 +42,7 @@ from billing.models import (
 from billing.runtime import Runtime
 from billing.usage.history import FlushHistory, timestamp_of
 from billing.usage.lock import LockState, inspect_lock
+from billing.usage.reconcile import STATUSES as RECONCILE_STATUSES
 
 # Always reported (as 0 when empty), so an alert's series exists before the first bad row.
 OPEN_SUBMISSION_STATUSES = (
@@ -52,7 +56,8 @@ OPEN_WEBHOOK_STATUSES = (
     WebhookStatus.PROCESSING.value,
     WebhookStatus.FAILED.value,
 )
-DONE_SUBMISSION_STATUSES = (SubmissionStatus.SENT.value,)
+# A cancelled row (a usage correction) is as finished as a sent one: its correction re-sent it.
+DONE_SUBMISSION_STATUSES = (SubmissionStatus.SENT.value, SubmissionStatus.CANCELLED.value)
 DONE_WEBHOOK_STATUSES = (WebhookStatus.PROCESSED.value, WebhookStatus.IGNORED.value)
 
 
@@ -75,6 +80,10 @@ class OpsState:
     # to the next invoice or waives them (`flask billing adjustments list --missed`).
     missed_adjustments: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The last scheduled reconciliation (`ops_records.RECONCILE`); None until the first.
+    reconcile: dict[str, Any] | None = None
+    # Usage corrections by status, every status present, and upstream rows `rejected`.
+    usage_corrections: dict[str, int] = field(default_factory=dict)
 
     @property
     def oldest_unbilled_age_seconds(self) -> float:
@@ -103,6 +112,8 @@ class OpsState:
             "flush": self.history.to_dict(),
             "contract_validation": self.contract_validation,
             "lock": self._lock_dict(),
+            "reconcile": self.reconcile,
+            "usage_corrections": self.usage_corrections,
         }
 
     def _lock_dict(self) -> dict[str, Any]:
@@ -134,8 +145,12 @@ class OpsState:
         yield metrics.INVOICE_ADJUSTMENTS_MISSED.family(
             self.missed_adjustments,
         )
+        yield metrics.USAGE_CORRECTIONS.family(
+            self.usage_corrections,
+        )
         yield from self._history_gauges(self.history)
         yield from self._contract_gauges(self.contract_validation)
+        yield from self._reconcile_gauges(self.reconcile)
         if self.lock_backend == "redis" and not self.lock_error:
             held = self.lock.holder.held_seconds(self.now) if self.lock and self.lock.holder else 0
             yield metrics.FLUSH_LOCK_HELD_SECONDS.family(
@@ -169,6 +184,15 @@ class OpsState:
             len(validation.get("failed_checks", [])),
         )
 
+    @staticmethod
+    def _reconcile_gauges(run: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+        if run is None:  # absent until the first run: never run is not "no drift"
+            return
+        yield metrics.RECONCILE_LAST_RUN_TIMESTAMP_SECONDS.family(timestamp_of(run) or 0)
+        yield metrics.RECONCILE_GROUPS.family(
+            {status: run.get("groups", {}).get(status, 0) for status in RECONCILE_STATUSES}
+        )
+
 
 def read_state(runtime: Runtime) -> OpsState:
     now = utcnow()
@@ -191,6 +215,7 @@ def read_state(runtime: Runtime) -> OpsState:
         webhooks = _count_by_status(
             session, WebhookEvent.status, DONE_WEBHOOK_STATUSES, OPEN_WEBHOOK_STATUSES
         )
+        corrections = count_corrections(session)
         missed = session.scalar(
             sa.select(sa.func.count()).where(
                 InvoiceAdjustment.status == InvoiceAdjustmentStatus.MISSED.value,
@@ -215,6 +240,8 @@ def read_state(runtime: Runtime) -> OpsState:
         lock_backend=settings.flush_lock_backend,
         lock_error=lock_error,
         missed_adjustments=int(missed or 0),
+        reconcile=read_reconcile_record(runtime),
+        usage_corrections=corrections,
     )
 
 
@@ -226,6 +253,13 @@ def read_run_records(runtime: Runtime) -> tuple[FlushHistory, dict[str, Any] | N
         )
     flushes = FlushHistory.from_payload(found.get(ops_records.FLUSH))
     return flushes, found.get(ops_records.CONTRACT_VALIDATION)
+
+
+def read_reconcile_record(runtime: Runtime) -> dict[str, Any] | None:
+    with runtime.session_factory() as session:
+        return ops_records.read_records(session, (ops_records.RECONCILE,)).get(
+            ops_records.RECONCILE
+        )
 
 
 def _read_lock(runtime: Runtime) -> tuple[LockState | None, str | None]:
@@ -260,3 +294,20 @@ def _count_by_status(
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def count_corrections(session: Any) -> dict[str, int]:
+    """Usage corrections by status (the finished `applied` ones too: the gauge's series exist
+    before the first bad one), and upstream correction rows rejected."""
+    counts = dict.fromkeys((s.value for s in CorrectionStatus), 0)
+    rows = session.execute(
+        sa.select(UsageCorrection.status, sa.func.count()).group_by(UsageCorrection.status)
+    )
+    counts.update({status: int(n) for status, n in rows})
+    counts["rejected"] = int(
+        session.scalar(
+            sa.select(sa.func.count()).where(BillableEventCorrection.rejected_reason.is_not(None))
+        )
+        or 0
+    )
+    return counts

@@ -41,7 +41,7 @@ from billing.models import (
     UsageSubmission,
     pending_event,
 )
-from billing.usage.submitting import Stops
+from billing.usage.submitting import Stops, id_in
 
 # Where the flush result's reasons are defined (kept importable from here).
 UnbillableReason = billability.UnbillableReason
@@ -415,9 +415,9 @@ class Claimer:
         linked = session.execute(
             sa.update(event)
             .where(
-                _id_in(event.id, ids, dialect),
+                id_in(event.id, ids, dialect),
                 pending_event(),
-                _id_in(submission.id, submission_ids, dialect),
+                id_in(submission.id, submission_ids, dialect),
                 submission.organization_id == event.organization_id,
                 submission.event_type == event.event_type,
                 event.occurred_at >= submission.window_start,
@@ -526,7 +526,7 @@ def _group_query(ids: Sequence[int], dialect: str) -> sa.Select[Any]:
             sa.func.count().label("event_count"),
         )
         .join(account, account.organization_id == event.organization_id)
-        .where(_id_in(event.id, ids, dialect))
+        .where(id_in(event.id, ids, dialect))
         .group_by(*keys)
     )
 
@@ -581,13 +581,6 @@ def identifier_type_part(event_type: str) -> str:
     prefix = re.sub(r"[^A-Za-z0-9_]", "_", event_type[:HASHED_PREFIX])
     digest = hashlib.sha256(event_type.encode()).hexdigest()[:HASH_HEX]
     return f"{prefix}-{digest}"
-
-
-def _id_in(column: Any, ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:
-    if dialect == "postgresql":
-        # One array parameter instead of thousands of bound values.
-        return column == sa.any_(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.BigInteger)))
-    return column.in_(ids)
 
 
 def _as_utc(value: datetime | str) -> datetime:

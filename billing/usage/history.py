@@ -47,6 +47,9 @@ _SUMMARY_FIELDS = (
     "billed_value",
     "duration_seconds",
     "last_error",
+    "corrections_applied",
+    "corrections_waiting",
+    "corrections_held",
 )
 
 

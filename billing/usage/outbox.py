@@ -48,7 +48,13 @@ log = logs.get_logger("billing.usage.outbox")
 FAILED, HELD = SubmissionStatus.FAILED.value, SubmissionStatus.HELD.value
 REJECTED = SubmissionStatus.REJECTED.value
 AWAITING_OPERATOR = (FAILED, HELD, REJECTED)
-LISTED_BY_DEFAULT = (SubmissionStatus.PENDING.value, FAILED, HELD, REJECTED)
+LISTED_BY_DEFAULT = (
+    SubmissionStatus.PENDING.value,
+    FAILED,
+    HELD,
+    REJECTED,
+    SubmissionStatus.CANCELLING.value,
+)
 # What `submissions retry --status` selects: rows a retry may take as they are.
 RETRYABLE_STATUSES = (FAILED, REJECTED)
 DEFAULT_LIMIT = 100

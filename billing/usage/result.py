@@ -28,6 +28,7 @@ RUN_COUNTERS = (
     "submissions_already_delivered",
     "submissions_failed",
     "submissions_held",
+    "corrections_applied",
 )
 
 
@@ -56,6 +57,11 @@ class FlushResult:
     last_error: str | None = None
     lock_lost: bool = False
     duration_seconds: float = 0.0
+    # Usage corrections (`billing.usage.correcting`): applied by this run; not finished after it
+    # (requested, cancelling, sending); held for reconciliation (a cancel's outcome unknown).
+    corrections_applied: int = 0
+    corrections_waiting: int = 0
+    corrections_held: int = 0
 
     @property
     def ok(self) -> bool:

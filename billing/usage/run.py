@@ -26,6 +26,7 @@ from billing.models import utcnow
 from billing.stripe_gateway import StripeGateway
 from billing.usage import retry_policy
 from billing.usage.claiming import ClaimedBatch, Claimer
+from billing.usage.correcting import apply_corrections
 from billing.usage.outbox import awaiting_operator_counts
 from billing.usage.result import FlushResult, TransientFlushError
 from billing.usage.submitting import Stops, Submitter
@@ -88,6 +89,7 @@ class UsageFlush:
                     break
                 self._submit(pending[start : start + page])
             self._claim_and_send(fields)
+            apply_corrections(self.submitter)  # after the usage: a correction sees what was sent
         finally:
             self.submitter.close()
         self.result.unbillable = self.claimer.count_unbillable()

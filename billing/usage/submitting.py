@@ -9,19 +9,25 @@ Only an error about one request fails its row. An error about the account (key, 
 meter or a customer stops sending for what it is about and leaves those rows pending, so the next
 flush after the fix bills them once (`stripe_gateway.ErrorScope`).
 
-Rows go out in lanes, at most one call in flight per (customer, meter), as Stripe allows. The
-lane threads live as long as the run, so each keeps its HTTP keep-alive connection (stripe-python
-holds one `requests` session per thread) instead of opening new ones for every batch.
+A submit is three steps, so that how rows reach Stripe can change without touching what is loaded
+or recorded: **load** the pending rows among the given ids, a chunk at a time, as plain rows (no
+ORM objects: a batch of a million outbox rows must not sit in memory at once); **send** a chunk
+through a `Sender` (v1: `LaneSender`, one call per row in lanes); **record** what each row's
+attempt came to. Recording only ever moves a row that is still pending, so a late or redelivered
+submit of the same ids never sets a sent row back, and loading only pending rows means it sends
+nothing twice.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +54,38 @@ log = logs.get_logger("billing.usage")
 STOPPED = "stopped"  # this row's call got the error
 SKIPPED = "skipped"  # not sent: an earlier row's error already covers it
 ACTIVE_METER = "active"
+DELIVERED = frozenset({MeterEventOutcome.ACCEPTED.value, MeterEventOutcome.DUPLICATE.value})
+# Rows whose names may follow a fixed configuration on their next send (`Submitter._repoint`).
+REPOINTED_SCOPES = frozenset({ErrorScope.METER.value, ErrorScope.CUSTOMER.value})
+
+
+class OutboxRow(NamedTuple):
+    """What sending and recording need of one outbox row, read as a plain row."""
+
+    id: int
+    organization_id: int
+    stripe_customer_id: str
+    event_type: str
+    event_name: str
+    value: int
+    window_start: datetime
+    identifier: str
+    attempts: int
+    key_generation: int
+    last_error_scope: str | None
+
+    # The model's own derivation (one place decides every retry's key).
+    idempotency_key = UsageSubmission.idempotency_key
+
+
+OUTBOX_COLUMNS = tuple(getattr(UsageSubmission, name) for name in OutboxRow._fields)
+
+
+def id_in(column: Any, ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:
+    """`column IN ids`; on PostgreSQL one array parameter instead of thousands of bound values."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.BigInteger)))
+    return column.in_(ids)
 
 
 class Stops:
@@ -60,7 +98,7 @@ class Stops:
         self.meters: dict[str, str] = {}
         self.customers: dict[str, str] = {}
 
-    def stop(self, error: StripeGatewayError, row: UsageSubmission) -> None:
+    def stop(self, error: StripeGatewayError, row: OutboxRow) -> None:
         if error.scope == ErrorScope.RUN:
             self.stop_run(str(error))
         elif error.scope == ErrorScope.METER:
@@ -87,7 +125,7 @@ class Stops:
         with self._lock:
             return sorted(self.customers)
 
-    def covering(self, row: UsageSubmission) -> tuple[ErrorScope, str] | None:
+    def covering(self, row: OutboxRow) -> tuple[ErrorScope, str] | None:
         """The stop that covers this row, if any: (scope, error)."""
         if self.run.is_set():
             return ErrorScope.RUN, self.run_error or ""
@@ -101,14 +139,199 @@ class Stops:
 class Attempt(NamedTuple):
     """What happened to one outbox row in this pass."""
 
-    row: UsageSubmission
+    row: OutboxRow
     outcome: str  # a MeterEventOutcome, `failed`, `pending`, STOPPED or SKIPPED
     error: str | None = None
     scope: ErrorScope | None = None
 
 
+class Sender(Protocol):
+    """How a chunk of loaded rows reaches Stripe: one `Attempt` per row, in any order.
+
+    The submitter loads before and records after; a sender keeps no row once it has returned."""
+
+    def send(self, rows: Sequence[OutboxRow]) -> list[Attempt]: ...
+
+    def close(self) -> None: ...
+
+
+class LaneLog:
+    """The lanes' per-row log lines, written by one thread of their own.
+
+    Lanes that each wrote their own lines queued on the log handler's lock (held across the
+    write), and that wait cost more than the lines themselves (docs/performance.md). Here a lane
+    only makes the record (its time, fields and bound context are the lane's) and queues it; the
+    writer hands them to the logger in the order they came, so each row's lines keep their order
+    and messages, and `flush()` waits until every queued line is out."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer = threading.Thread(target=self._write, name="meter-submit-log", daemon=True)
+        self._writer.start()
+
+    def info(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.INFO, message, fields)
+
+    def warning(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.WARNING, message, fields)
+
+    def error(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.ERROR, message, fields)
+
+    def _put(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        path, line, function, _ = self.logger.findCaller(stacklevel=3)
+        record = self.logger.makeRecord(
+            self.logger.name, level, path, line, message, (), None, function, fields
+        )
+        logs.ContextFilter().filter(record)  # the lane's bound fields, not the writer's
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self.logger.handle(item)
+
+
+class LaneSender:
+    """v1: one meter event call per row, in `STRIPE_USAGE_SUBMIT_CONCURRENCY` lanes.
+
+    A (customer, meter) key is one unit of work: a lane takes the next key and sends its rows one
+    after the other, so at most one call per key is in flight, as Stripe allows. The lane threads
+    live as long as the run (the gateway's HTTP session keeps their connections alive). Lanes
+    matter at real Stripe latency (a lane makes at most 1/latency calls a second); on loopback a
+    process is bound by its CPU, so each call's own work is kept small: the retry policy is built
+    once, not per row, and the per-row log lines are written by one thread (`LaneLog`)."""
+
+    def __init__(
+        self, settings: Settings, gateway: StripeGateway, stops: Stops, *, call_attempts: int
+    ) -> None:
+        self.gateway = gateway
+        self.stops = stops
+        self.call_attempts = call_attempts
+        self._lanes = ThreadPoolExecutor(
+            max_workers=max(1, settings.submit_concurrency), thread_name_prefix="meter-submit"
+        )
+        self._width = max(1, settings.submit_concurrency)
+        self._log = LaneLog(log)
+        # One for every row and thread: tenacity keeps a call's state per thread.
+        self._retrying = Retrying(
+            stop=stop_after_attempt(max(1, call_attempts)) | stop_when_event_set(stops.run),
+            wait=retry_policy.call_wait(settings),
+            retry=retry_if_exception_type(TransientStripeError),
+            reraise=True,
+        )
+
+    def close(self) -> None:
+        self._lanes.shutdown(wait=True)
+        self._log.close()
+
+    def send(self, rows: Sequence[OutboxRow]) -> list[Attempt]:
+        keys: dict[tuple[str, str], list[OutboxRow]] = defaultdict(list)
+        for row in rows:
+            keys[(row.stripe_customer_id, row.event_name)].append(row)
+        work: queue.SimpleQueue[list[OutboxRow]] = queue.SimpleQueue()
+        for key_rows in keys.values():
+            work.put(key_rows)
+        failed = threading.Event()  # one lane raised: the others take no new key
+        # carry_context: the lanes' log lines keep the task_id/task_name bound by the caller.
+        lane = logs.carry_context(self._lane)
+        futures = [
+            self._lanes.submit(lane, work, failed) for _ in range(min(self._width, len(keys)))
+        ]
+        try:
+            return [attempt for future in futures for attempt in future.result()]
+        finally:
+            self._log.flush()  # every row's lines are out before the chunk is recorded
+
+    def _lane(
+        self, work: queue.SimpleQueue[list[OutboxRow]], failed: threading.Event
+    ) -> list[Attempt]:
+        attempts: list[Attempt] = []
+        try:
+            while not failed.is_set():
+                try:
+                    key_rows = work.get_nowait()
+                except queue.Empty:
+                    break
+                attempts.extend(self._send_one(row) for row in key_rows)
+        except BaseException:
+            failed.set()
+            raise
+        return attempts
+
+    def _send_one(self, row: OutboxRow) -> Attempt:
+        covering = self.stops.covering(row)
+        if covering is not None:
+            return Attempt(row, SKIPPED, covering[1], covering[0])
+        if self.call_attempts < 1:
+            return Attempt(row, SKIPPED)
+        fields = {
+            "organization_id": row.organization_id,
+            "idempotency_key": row.idempotency_key,
+            "event_name": row.event_name,
+            "value": row.value,
+            "identifier": row.identifier,
+        }
+        event = MeterEvent(
+            event_name=row.event_name,
+            stripe_customer_id=row.stripe_customer_id,
+            value=row.value,
+            timestamp=row.window_start,
+            identifier=row.identifier,
+            idempotency_key=fields["idempotency_key"],
+        )
+        attempt = 0
+
+        def send() -> MeterEventOutcome:
+            nonlocal attempt
+            attempt += 1
+            self._log.info(logs.METER_SUBMIT_ATTEMPT, {**fields, "attempt": attempt})
+            return self.gateway.send_meter_event(event)
+
+        try:
+            outcome = self._call(send)
+        except PermanentStripeError as error:
+            self._log.error(
+                logs.METER_SUBMIT_FAILED,
+                {**fields, "error": str(error), "transient": False, "scope": error.scope},
+            )
+            if error.scope != ErrorScope.ROW:
+                self.stops.stop(error, row)
+                return Attempt(row, STOPPED, str(error), error.scope)
+            return Attempt(row, SubmissionStatus.FAILED.value, str(error), error.scope)
+        except TransientStripeError as error:
+            self._log.warning(
+                logs.METER_SUBMIT_FAILED, {**fields, "error": str(error), "transient": True}
+            )
+            return Attempt(row, SubmissionStatus.PENDING.value, str(error))
+        self._log.info(logs.METER_SUBMIT_SUCCEEDED, {**fields, "outcome": outcome.value})
+        return Attempt(row, outcome.value)
+
+    def _call(self, send: Callable[[], MeterEventOutcome]) -> MeterEventOutcome:
+        """Transient errors (429, 409, 5xx, connection) are retried here, within the row's share
+        of the run's call budget (`usage.retry_policy`); a run-level stop ends the retries."""
+        return self._retrying(send)
+
+
 class Submitter:
-    """Sends and records outbox rows for one flush run; `close()` ends its lane threads."""
+    """Loads, sends (through its `Sender`) and records outbox rows for one flush run;
+    `close()` ends the sender's threads."""
 
     def __init__(
         self,
@@ -121,6 +344,7 @@ class Submitter:
         organization_id: int | None,
         clock: Callable[[], datetime],
         call_attempts: int,
+        sender: Sender | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
@@ -130,12 +354,10 @@ class Submitter:
         self.organization_id = organization_id
         self.clock = clock
         self.call_attempts = call_attempts
-        self._lanes = ThreadPoolExecutor(
-            max_workers=max(1, settings.submit_concurrency), thread_name_prefix="meter-submit"
-        )
+        self.sender = sender or LaneSender(settings, gateway, stops, call_attempts=call_attempts)
 
     def close(self) -> None:
-        self._lanes.shutdown(wait=True)
+        self.sender.close()
 
     def check_before_claiming(self) -> None:
         """One read before anything is claimed: a refused key stops the run and a meter Stripe
@@ -196,51 +418,67 @@ class Submitter:
                 )
 
     def submit(self, submission_ids: Sequence[int]) -> None:
-        """Send outbox rows, at most one call in flight per (customer, meter), N lanes at once."""
-        if not submission_ids:
-            return
-        with self.sessions() as session:
-            rows = list(
-                session.scalars(
-                    sa.select(UsageSubmission).where(
-                        UsageSubmission.id.in_(submission_ids),
-                        UsageSubmission.status == SubmissionStatus.PENDING.value,
-                    )
-                )
-            )
-            self._repoint(session, rows)
-        if self.settings.stripe_meter_event_api == "v2":  # the meter event stream
-            streaming.StreamSender(
-                self.gateway,
-                self.sessions,
-                self.stops,
-                self.result,
-                clock=self.clock,
-                lanes=self._lanes,
-                lane_count=self.settings.submit_concurrency,
-                retrying=self._call_retrying,
-                call_attempts=self.call_attempts,
-            ).submit(rows)
-            return
-        lanes: dict[tuple[str, str], list[UsageSubmission]] = defaultdict(list)
-        for row in rows:
-            lanes[(row.stripe_customer_id, row.event_name)].append(row)
-        # carry_context: the lanes' log lines keep the task_id/task_name bound by the caller.
-        submit_lane = logs.carry_context(self._submit_lane)
-        outcomes = [o for lane in self._lanes.map(submit_lane, lanes.values()) for o in lane]
-        self.record(outcomes)
+        """Send the pending rows among `submission_ids` and record what became of them, a chunk
+        at a time (v2: the meter event stream records each request's rows itself)."""
+        for rows in self.load(submission_ids):
+            if self.settings.stripe_meter_event_api == "v2":
+                self._stream_sender().submit(rows)
+            else:
+                self.record(self.sender.send(rows))
 
-    def _repoint(self, session: Session, rows: list[UsageSubmission]) -> None:
+    def _stream_sender(self) -> streaming.StreamSender:
+        lanes = self.sender  # the v1 sender's lanes and retry policy serve the stream too
+        return streaming.StreamSender(
+            self.gateway,
+            self.sessions,
+            self.stops,
+            self.result,
+            clock=self.clock,
+            lanes=lanes._lanes,
+            lane_count=self.settings.submit_concurrency,
+            retrying=lanes._retrying,
+            call_attempts=self.call_attempts,
+        )
+
+    def load(self, submission_ids: Sequence[int]) -> Iterator[list[OutboxRow]]:
+        """The rows among `submission_ids` that are still pending, in chunks of
+        `STRIPE_USAGE_FLUSH_BATCH_SIZE`, in id order."""
+        page = max(1, self.settings.flush_batch_size)
+        for start in range(0, len(submission_ids), page):
+            ids = submission_ids[start : start + page]
+            with self.sessions() as session:
+                dialect = session.get_bind().dialect.name
+                rows = [
+                    OutboxRow._make(row)
+                    for row in session.execute(
+                        sa.select(*OUTBOX_COLUMNS)
+                        .where(
+                            id_in(UsageSubmission.id, ids, dialect),
+                            UsageSubmission.status == SubmissionStatus.PENDING.value,
+                        )
+                        .order_by(UsageSubmission.id)
+                    )
+                ]
+                if any(row.last_error_scope in REPOINTED_SCOPES for row in rows):
+                    rows = self._repoint(session, rows)
+            if rows:
+                yield rows
+
+    def _repoint(self, session: Session, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Rows that Stripe refused for their meter or customer follow the fixed configuration.
 
         Safe: a refused meter or customer means Stripe never accepted the row under that name, and
         the identifier (which dedupes billing) stays the same."""
-        for row in rows:
-            if row.last_error_scope == ErrorScope.METER:
-                row.event_name = self.settings.stripe_meters.get(row.event_type, row.event_name)
+        meters = self.settings.stripe_meters
+        rows = [
+            row._replace(event_name=meters.get(row.event_type, row.event_name))
+            if row.last_error_scope == ErrorScope.METER
+            else row
+            for row in rows
+        ]
         orgs = {r.organization_id for r in rows if r.last_error_scope == ErrorScope.CUSTOMER}
         if not orgs:
-            return
+            return rows
         customers = dict(
             session.execute(
                 sa.select(BillingAccount.organization_id, BillingAccount.stripe_customer_id).where(
@@ -249,82 +487,29 @@ class Submitter:
                 )
             ).all()
         )
-        for row in rows:
-            if row.last_error_scope == ErrorScope.CUSTOMER and row.organization_id in customers:
-                row.stripe_customer_id = customers[row.organization_id]
-
-    def _submit_lane(self, rows: Iterable[UsageSubmission]) -> list[Attempt]:
-        return [self._submit_one(row) for row in rows]
-
-    def _submit_one(self, row: UsageSubmission) -> Attempt:
-        covering = self.stops.covering(row)
-        if covering is not None:
-            return Attempt(row, SKIPPED, covering[1], covering[0])
-        if self.call_attempts < 1:
-            return Attempt(row, SKIPPED)
-        fields = {
-            "organization_id": row.organization_id,
-            "idempotency_key": row.idempotency_key,
-            "event_name": row.event_name,
-            "value": row.value,
-            "identifier": row.identifier,
-        }
-        event = MeterEvent(
-            event_name=row.event_name,
-            stripe_customer_id=row.stripe_customer_id,
-            value=row.value,
-            timestamp=row.window_start,
-            identifier=row.identifier,
-            idempotency_key=row.idempotency_key,
-        )
-        attempt = 0
-
-        def send() -> MeterEventOutcome:
-            nonlocal attempt
-            attempt += 1
-            log.info(logs.METER_SUBMIT_ATTEMPT, extra={**fields, "attempt": attempt})
-            return self.gateway.send_meter_event(event)
-
-        try:
-            outcome = self._call_retrying(send)
-        except PermanentStripeError as error:
-            log.error(
-                logs.METER_SUBMIT_FAILED,
-                extra={**fields, "error": str(error), "transient": False, "scope": error.scope},
-            )
-            if error.scope != ErrorScope.ROW:
-                self.stops.stop(error, row)
-                return Attempt(row, STOPPED, str(error), error.scope)
-            return Attempt(row, SubmissionStatus.FAILED.value, str(error), error.scope)
-        except TransientStripeError as error:
-            log.warning(
-                logs.METER_SUBMIT_FAILED, extra={**fields, "error": str(error), "transient": True}
-            )
-            return Attempt(row, SubmissionStatus.PENDING.value, str(error))
-        log.info(logs.METER_SUBMIT_SUCCEEDED, extra={**fields, "outcome": outcome.value})
-        return Attempt(row, outcome.value)
-
-    def _call_retrying(self, send: Callable[[], MeterEventOutcome]) -> MeterEventOutcome:
-        """Transient errors (429, 409, 5xx, connection) are retried here, within the row's share
-        of the run's call budget (`usage.retry_policy`); a run-level stop ends the retries."""
-        retrying = Retrying(
-            stop=stop_after_attempt(self.call_attempts) | stop_when_event_set(self.stops.run),
-            wait=retry_policy.call_wait(self.settings),
-            retry=retry_if_exception_type(TransientStripeError),
-            reraise=True,
-        )
-        return retrying(send)
+        return [
+            row._replace(stripe_customer_id=customers[row.organization_id])
+            if row.last_error_scope == ErrorScope.CUSTOMER and row.organization_id in customers
+            else row
+            for row in rows
+        ]
 
     def record(self, attempts: list[Attempt]) -> None:
+        """What the attempts came to, in one transaction: every row delivered under the name it
+        was loaded with in one statement, the rest (refused, left pending, repointed) row by
+        row. Each statement moves only rows that are still pending."""
         now = self.clock()
+        delivered_ids: list[int] = []
         updates: list[dict[str, Any]] = []
         for row, outcome, error, scope in attempts:
-            delivered = outcome in (MeterEventOutcome.ACCEPTED, MeterEventOutcome.DUPLICATE)
+            delivered = outcome in DELIVERED
             called = outcome != SKIPPED
-            if outcome in (STOPPED, SKIPPED):
-                self.result.submissions_stopped += 1
-                if not called and scope in (None, ErrorScope.RUN):
-                    continue  # nothing learnt about this row
+            self._count(row, outcome, error)
+            if outcome == SKIPPED and scope in (None, ErrorScope.RUN):
+                continue  # nothing learnt about this row
+            if delivered and row.last_error_scope not in REPOINTED_SCOPES:
+                delivered_ids.append(row.id)
+                continue
             status = (
                 SubmissionStatus.SENT.value
                 if delivered
@@ -349,36 +534,58 @@ class Submitter:
                     "key_generation": row.key_generation + (1 if refused else 0),
                 }
             )
-            if outcome in (STOPPED, SKIPPED):
-                continue
-            if delivered:
-                self.result.submissions_sent += 1
-                if outcome == MeterEventOutcome.DUPLICATE:
-                    self.result.submissions_already_delivered += 1
-                billed = self.result.billed_value
-                billed[row.event_type] = billed.get(row.event_type, 0) + row.value
-            elif status == SubmissionStatus.FAILED.value:
-                self.result.submissions_failed += 1
-                self.result.last_error = error
-            else:
-                self.result.submissions_pending += 1
-                self.result.last_error = error
-        if not updates:
+        if not delivered_ids and not updates:
             return
+        still_pending = UsageSubmission.status == SubmissionStatus.PENDING.value
         with self.sessions.begin() as session:
-            # A meter error report can mark a row rejected while its batch is still in flight
-            # (Stripe answers 200, then refuses it): that verdict stands over this run's "sent".
-            # Row locks (in id order, as `usage.rejections.mark_rejected` takes them) order the
-            # two writes.
-            locked = session.execute(
-                sa.select(UsageSubmission.id, UsageSubmission.status)
-                .where(UsageSubmission.id.in_([u["id"] for u in updates]))
+            dialect = session.get_bind().dialect.name
+            # A meter error report can mark a row rejected while its batch is in flight (Stripe
+            # answered 200, then refused it): the status guard keeps that verdict over this
+            # run's "sent", and taking the row locks first, in id order as
+            # `usage.rejections.mark_rejected` does, keeps the two writers from deadlocking.
+            session.execute(
+                sa.select(UsageSubmission.id)
+                .where(
+                    id_in(UsageSubmission.id, delivered_ids + [u["id"] for u in updates], dialect)
+                )
                 .order_by(UsageSubmission.id)
                 .with_for_update()
             ).all()
-            rejected = {row.id for row in locked if row.status == SubmissionStatus.REJECTED.value}
-            updates = [u for u in updates if u["id"] not in rejected]
+            if delivered_ids:
+                session.execute(
+                    sa.update(UsageSubmission)
+                    .where(id_in(UsageSubmission.id, delivered_ids, dialect), still_pending)
+                    .values(
+                        status=SubmissionStatus.SENT.value,
+                        attempts=UsageSubmission.attempts + 1,
+                        last_error=None,
+                        last_error_scope=None,
+                        sent_at=now,
+                        updated_at=now,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
             if updates:
-                session.execute(sa.update(UsageSubmission), updates)
+                session.execute(
+                    sa.update(UsageSubmission)
+                    .where(still_pending)
+                    .execution_options(synchronize_session=None),
+                    updates,
+                )
 
-    # Reporting --------------------------------------------------------------------------------
+    def _count(self, row: OutboxRow, outcome: str, error: str | None) -> None:
+        result = self.result
+        if outcome in (STOPPED, SKIPPED):
+            result.submissions_stopped += 1
+        elif outcome in DELIVERED:
+            result.submissions_sent += 1
+            if outcome == MeterEventOutcome.DUPLICATE:
+                result.submissions_already_delivered += 1
+            billed = result.billed_value
+            billed[row.event_type] = billed.get(row.event_type, 0) + row.value
+        elif outcome == SubmissionStatus.FAILED.value:
+            result.submissions_failed += 1
+            result.last_error = error
+        else:
+            result.submissions_pending += 1
+            result.last_error = error

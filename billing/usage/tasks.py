@@ -1,5 +1,5 @@
-"""The flush's Celery task and its enqueueing: thin adapters over `billing.usage.service`. Task
-names are a wire contract: keep them.
+"""The flush's Celery task and its enqueueing, and the scheduled reconciliation: thin adapters over
+`billing.usage.service` and `billing.usage.reconcile`. Task names are a wire contract: keep them.
 
 The retry policy is read when a task runs, from the settings of the worker's runtime (the
 environment at worker start, or what a test or host app installed): nothing is fixed at import.
@@ -12,12 +12,19 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.celery_app import (
+    FLUSH_HOURLY_TASK,
+    RECONCILE_ERROR_REPORTS_TASK,
+    RECONCILE_TASK,
+    celery_app,
+)
 from billing.config import Settings
 from billing.errors import OperatorError
 from billing.masking import scrub
 from billing.runtime import get_runtime
 from billing.usage import retry_policy
+from billing.usage.error_reports import reconcile_error_reports
+from billing.usage.reconcile import reconcile_scheduled
 from billing.usage.service import TRANSIENT_ERRORS, flush_guarded
 
 
@@ -61,3 +68,19 @@ def enqueue_hourly_flush(settings: Settings) -> str:
             "nothing was queued"
         ) from error
     return str(result.id)
+
+
+@celery_app.task(name=RECONCILE_TASK, bind=True, acks_late=True, ignore_result=True)
+def reconcile_usage(self: Task) -> dict[str, Any]:
+    """The outbox against Stripe's summaries over the settled hours (beat, minute 43); logged and
+    recorded. Nothing retries: what Stripe could not answer is `unknown`, and the next hour's run
+    reads it again."""
+    report = reconcile_scheduled(get_runtime(), source="schedule")
+    return {"ok": report.ok, "groups": report.counts()}
+
+
+@celery_app.task(name=RECONCILE_ERROR_REPORTS_TASK, bind=True, acks_late=True, ignore_result=True)
+def reconcile_meter_error_reports(self: Task) -> list[dict[str, Any]]:
+    """The meter error reports whose summaries settled: their unsampled errors are looked for
+    (beat, every 5 minutes). A report that cannot be judged yet waits for the next run."""
+    return [result.to_dict() for result in reconcile_error_reports(get_runtime())]

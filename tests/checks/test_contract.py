@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from billing import db
 from billing.checks.contract import (
     CHECK_NAMES,
     CONTRACT_COLUMNS,
     CONTRACT_RULES,
+    CORRECTION_COLUMNS,
+    CORRECTION_RULES,
     MAX_EVENT_AGE,
     contract_markdown,
+    corrections_markdown,
     run_contract_checks,
 )
 from billing.checks.report import Status
@@ -364,3 +369,94 @@ def test_the_flush_page_shows_the_contract_as_the_code_defines_it():
 
     page = (Path(__file__).resolve().parents[2] / "docs" / "flush.md").read_text()
     assert contract_markdown() in page
+    assert corrections_markdown() in page
+
+
+def insert_corrections(engine, *rows: dict) -> list[int]:
+    """Upstream correction rows as a producer writes them (plain SQL); their ids."""
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    ids = []
+    with engine.begin() as connection:
+        for row in rows:
+            values = {
+                "organization_id": CLEAN_ORG,
+                "event_type": "api_call",
+                "hour": hour,
+                "delta": -1,
+                "reason": "fix",
+                "idempotency_key": f"fix-{uuid.uuid4().hex}",
+                **row,
+            }
+            ids.append(
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO billable_event_corrections "
+                        "(organization_id, event_type, hour, delta, reason, idempotency_key) "
+                        "VALUES (:organization_id, :event_type, :hour, :delta, :reason, "
+                        ":idempotency_key) RETURNING id"
+                    ),
+                    values,
+                ).scalar_one()
+            )
+    return ids
+
+
+class TestCorrectionRows:
+    def test_good_pending_rows_pass(self, runtime, db_engine):
+        insert_corrections(db_engine, {}, {"delta": 4})
+        result, report = check(runtime, "correction_values")
+        assert result.status is Status.PASS and result.detail == "0 of 2 pending rows"
+        assert report.ok
+
+    def test_rows_the_flush_would_reject_fail_with_samples(self, runtime, db_engine):
+        hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+        good = insert_corrections(db_engine, {})
+        bad = insert_corrections(
+            db_engine,
+            {"delta": 0},
+            {"delta": 1.5},
+            {"hour": hour + timedelta(minutes=7)},
+            {"hour": hour + timedelta(days=1)},
+            {"event_type": "api_calls"},
+            {"organization_id": 77},
+        )
+        result, report = check(runtime, "correction_values")
+        assert_only_failure(report, "correction_values")
+        assert result.offending_rows == 6 and set(result.sample_ids) <= set(bad)
+        assert not set(result.sample_ids) & set(good)
+        for what in (
+            "delta is 0 or not a whole number 2",
+            "hour is not the start of an hour 1",
+            "hour is ahead of now 1",
+            "event_type has no meter in STRIPE_BILLING_METERS 1",
+            "organization without a billing account with a Stripe customer 1",
+        ):
+            assert what in result.detail
+        scoped = run_contract_checks(runtime, lookback_days=30, organization_id=77)
+        assert [f["offending_rows"] for f in scoped.failures()] == [1]
+
+    def test_rows_taken_or_rejected_are_not_checked(self, runtime, db_engine):
+        (row,) = insert_corrections(db_engine, {"delta": 0})
+        execute(
+            db_engine,
+            f"UPDATE billable_event_corrections SET rejected_reason = 'x' WHERE id = {row}",
+        )
+        assert check(runtime, "correction_values")[0].status is Status.PASS
+
+    def test_a_missing_column_fails_and_skips_the_values(self, runtime, db_engine):
+        with altered(
+            db_engine,
+            "ALTER TABLE billable_event_corrections RENAME COLUMN reason TO why",
+            "ALTER TABLE billable_event_corrections RENAME COLUMN why TO reason",
+            truncate=False,
+        ):
+            schema, report = check(runtime, "corrections_table_columns")
+        assert schema.status is Status.FAIL and "missing column reason" in schema.detail
+        assert {c.check: c.status for c in report.checks}["correction_values"] is Status.SKIP
+
+    def test_markdown_renders_every_column_and_rule(self):
+        text = corrections_markdown()
+        for column in CORRECTION_COLUMNS:
+            assert f"| `{column.name}` | {column.sql} |" in text
+        for rule in CORRECTION_RULES:
+            assert f"| `{rule.check}` | {rule.rule} |" in text

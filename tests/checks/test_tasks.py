@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from datetime import UTC, datetime
-
-from freezegun import freeze_time
 
 import celeryconfig
 from billing.celery_app import VALIDATE_CONTRACT_TASK, celery_app
@@ -21,19 +18,15 @@ from tests.fixtures.processes import (
     wait_for_http,
     worker_queue,
 )
+from tests.test_celery_app import is_due
 from tests.test_metrics import samples
 
 ENTRY = celeryconfig.beat_schedule["billing-contract-validate"]
 
 
 def test_beat_runs_the_check_at_minute_3_before_the_flush_at_13():
-    schedule = ENTRY["schedule"]
-    schedule.app = celery_app
-    last = datetime(2026, 11, 25, 13, 3, tzinfo=UTC)
-    with freeze_time("2026-11-25T14:02:59"):
-        assert not schedule.is_due(last).is_due
-    with freeze_time("2026-11-25T14:03:00"):
-        assert schedule.is_due(last).is_due
+    assert not is_due(ENTRY, "2026-11-25T14:02:59", "2026-11-25T13:03:00")
+    assert is_due(ENTRY, "2026-11-25T14:03:00", "2026-11-25T13:03:00")
     assert ENTRY["task"] == VALIDATE_CONTRACT_TASK and VALIDATE_CONTRACT_TASK in celery_app.tasks
     assert ENTRY["options"]["queue"] == celery_app.conf.task_default_queue
 

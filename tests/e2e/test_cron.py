@@ -15,7 +15,7 @@ import redis
 
 import celeryconfig
 from billing.models import WebhookEvent, utcnow
-from billing.ops.state import read_run_records
+from billing.ops.state import read_reconcile_record, read_run_records
 from tests.conftest import TEST_BROKER_URL
 from tests.fixtures.processes import recent_usage
 from tests.process import ROOT, billing_env
@@ -33,7 +33,13 @@ def entries() -> dict[str, tuple[list[str], str]]:
             command = fields[5]
             what = next(
                 name
-                for name in ("run_billing_hourly.sh", "validate_contract", "webhooks sweep")
+                for name in (
+                    "run_billing_hourly.sh",
+                    "validate_contract",
+                    "webhooks sweep",
+                    "reconcile --error-reports",
+                    "billing reconcile",
+                )
                 if name in command
             )
             found[what] = (fields[:5], command)
@@ -85,6 +91,11 @@ def test_every_job_beat_schedules_has_a_cron_line():
     assert found["run_billing_hourly.sh"][0] == ["13", "*", "*", "*", "*"]
     assert found["validate_contract"][0] == ["3", "*", "*", "*", "*"]
     assert found["webhooks sweep"][0] == ["*", "*", "*", "*", "*"]
+    assert found["billing reconcile"][0] == ["43", "*", "*", "*", "*"]
+    assert found["reconcile --error-reports"][0] == ["*/5", "*", "*", "*", "*"]
+    # Its cron interval is beat's.
+    entry = celeryconfig.beat_schedule["billing-meter-error-reports-reconcile"]
+    assert entry["schedule"] == 300
     # The sweep's cron interval is beat's default one.
     assert celeryconfig.beat_schedule["billing-webhook-sweep"]["schedule"] == 60
 
@@ -107,8 +118,13 @@ def test_the_cron_lines_run_and_record_their_runs(billing_runtime, emulator, run
     assert run_line("webhooks sweep") == {"queued": 1, "not_queued": 0}
     assert run_line("validate_contract")["ok"] is True
     assert run_line("run_billing_hourly.sh")["events_claimed"] == 2
+    # The usage is 20 minutes old: its hour joins the default window once the settle lag passed.
+    reconciled = run_line("billing reconcile")
+    assert reconciled["ok"] and not any(reconciled["groups"].values())
+    assert run_line("reconcile --error-reports") == {"reports": []}
 
     history, validation = read_run_records(billing_runtime)
     assert history.last_success["events_claimed"] == 2 and history.last_success["result"] == "ok"
     assert validation["ok"] and validation["source"] == "cli"
+    assert read_reconcile_record(billing_runtime)["source"] == "cli"
     assert sum(sum(per_meter.values()) for per_meter in emulator.billed().values()) == 15

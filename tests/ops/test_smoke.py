@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -258,16 +260,92 @@ class TestFailures:
         assert_outcome(report, "meter_summaries", [])
         assert "nothing verified" in step(report, "meter_summaries").detail
 
-    def test_outbox_claims_more_than_stripe_has(self, billing_runtime, customer):
-        account = account_row(billing_runtime, ORG)
+    def test_outbox_claims_more_than_stripe_has(self, billing_runtime, customer, make_runtime):
+        """Short of what was sent, with the settle lag over: a mismatch (no lag here: 0)."""
+        runtime = make_runtime(billing_runtime.settings.replace(reconcile_settle_seconds=0))
+        account = account_row(runtime, ORG)
         hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
-        add_submission(billing_runtime.engine, ORG, account.stripe_customer_id, hour, 100)
-        report = run(billing_runtime)
+        add_submission(runtime.engine, ORG, account.stripe_customer_id, hour, 100)
+        report = run(runtime)
         assert_outcome(report, "meter_summaries", [])
         api_call = step(report, "meter_summaries").values["meters"]["api_call"]
         assert api_call["outbox_sent"] == sum(QUANTITIES["api_call"]) + 100
         assert api_call["stripe_total"] == sum(QUANTITIES["api_call"])
-        assert "mismatch" in step(report, "meter_summaries").detail
+        assert step(report, "meter_summaries").detail.startswith("mismatch: ")
+
+    def test_short_within_the_settle_lag_is_not_settled_not_a_mismatch(
+        self, billing_runtime, customer
+    ):
+        """The same shortfall with rows sent just now, inside the default settle lag (1 h)."""
+        account = account_row(billing_runtime, ORG)
+        hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
+        add_submission(billing_runtime.engine, ORG, account.stripe_customer_id, hour, 100)
+        report = run(billing_runtime, settle_seconds=0)
+        assert_outcome(report, "meter_summaries", [])
+        detail = step(report, "meter_summaries").detail
+        assert detail.startswith("not settled after 0 s: api_call: Stripe 23 vs outbox 123")
+        assert "mismatch" not in detail
+
+    def test_with_summaries_lagging_it_waits_and_passes_once_they_caught_up(
+        self, billing_runtime, emulator, customer
+    ):
+        emulator.settings(summary_lag_seconds=30)
+        heard: list[str] = []
+
+        def progress(message: str) -> None:
+            if not heard:
+                emulator.advance(30)  # Stripe catches up while the check waits
+            heard.append(message)
+
+        report = run(billing_runtime, settle_seconds=60, progress=progress)
+        assert report.ok, report.table()
+        summaries = step(report, "meter_summaries")
+        assert heard and "of 23 after 0 s" in heard[0]
+        assert summaries.values["waited_seconds"] >= 1
+        assert summaries.values["meters"]["api_call"]["stripe_total"] == 23
+
+    def test_the_wait_is_bounded_and_reports_its_progress(self, billing_runtime, customer):
+        account = account_row(billing_runtime, ORG)
+        hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
+        add_submission(billing_runtime.engine, ORG, account.stripe_customer_id, hour, 100)
+        heard: list[str] = []
+        started = time.monotonic()
+        report = run(billing_runtime, settle_seconds=2, progress=heard.append)
+        assert 2 <= time.monotonic() - started < 10
+        summaries = step(report, "meter_summaries")
+        assert summaries.detail.startswith("not settled after 2 s: ")
+        assert summaries.values["waited_seconds"] >= 2
+        assert heard and heard[0].startswith(
+            "waiting for Stripe's meter event summaries to settle: api_call 23 of 123 after 0 s"
+        )
+
+    def test_the_cli_bounds_the_wait_and_prints_its_progress_on_stderr(
+        self, billing_runtime, customer
+    ):
+        from billing import create_app
+
+        account = account_row(billing_runtime, ORG)
+        hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
+        add_submission(billing_runtime.engine, ORG, account.stripe_customer_id, hour, 100)
+        runner = create_app(billing_runtime.settings).test_cli_runner()
+        args = ["billing", "smoke_org", "--org-id", str(ORG), "--json", "--settle-seconds", "1"]
+        result = runner.invoke(args=args)
+        assert result.exit_code == 1
+        assert "waiting for Stripe's meter event summaries to settle: api_call" in result.stderr
+        steps = {s["step"]: s for s in json.loads(result.stdout)["steps"]}
+        assert steps["meter_summaries"]["detail"].startswith("not settled after 1 s: ")
+
+    def test_stripe_holding_more_than_was_sent_is_a_mismatch_at_once(
+        self, billing_runtime, customer
+    ):
+        """No lag explains a surplus: a mismatch inside the settle lag too."""
+        from billing.stripe_gateway import MeterEvent
+
+        billing_runtime.stripe.send_meter_event(
+            MeterEvent("api_call", customer, 9, utcnow() - timedelta(minutes=30), "x-1", "k-x-1")
+        )
+        report = run(billing_runtime)
+        assert step(report, "meter_summaries").detail.startswith("mismatch: api_call: Stripe 32")
 
     def test_stripe_holds_usage_our_outbox_never_sent(self, billing_runtime, customer):
         from billing.stripe_gateway import MeterEvent

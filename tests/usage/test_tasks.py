@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 
-from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.celery_app import FLUSH_HOURLY_TASK, RECONCILE_TASK, celery_app
 from billing.models import utcnow
+from billing.ops.state import read_reconcile_record
 from billing.runtime import set_runtime
 from billing.usage.retry_policy import (
     CALLS_PER_ROW_PER_RUN,
@@ -15,7 +17,8 @@ from billing.usage.retry_policy import (
     passes_allowed,
     retry_countdown,
 )
-from billing.usage.tasks import enqueue_hourly_flush, flush_hourly_usage
+from billing.usage.service import flush_pass
+from billing.usage.tasks import enqueue_hourly_flush, flush_hourly_usage, reconcile_usage
 from tests.conftest import TEST_QUEUE
 from tests.factories import (
     add_accounts,
@@ -184,3 +187,54 @@ def test_enqueue_to_an_unreachable_broker_is_one_error_naming_it(settings):
     with pytest.raises(BrokerUnavailableError) as raised:
         enqueue_hourly_flush(settings.replace(celery_broker_url=dead))
     assert "127.0.0.1:1" in str(raised.value) and "s3cret-pw" not in str(raised.value)
+
+
+def test_reconcile_task_name_and_options_are_the_wire_contract():
+    assert reconcile_usage.name == RECONCILE_TASK == "billing.usage.reconcile"
+    assert reconcile_usage.acks_late and reconcile_usage.ignore_result
+
+
+def test_the_worker_reconciles_settled_hours_finds_no_drift_and_records_it(
+    worker, task_runtime, emulator, make_runtime
+):
+    """Summaries lag 30 s (the emulator's clock moves them on); the worker judges the hours once
+    they settled and finds no drift."""
+    lag, settle = 30, 2
+    emulator.settings(summary_lag_seconds=lag)
+    runtime = make_runtime(task_runtime.settings.replace(reconcile_settle_seconds=settle))
+    set_runtime(runtime)
+    customers = add_accounts(runtime, [1, 2])
+    hours = (2, 3, 5)
+    add_events(
+        runtime,
+        [
+            {
+                "organization_id": org,
+                "event_type": "api_call",
+                "quantity": 3 * org + hour,
+                "occurred_at": utcnow() - timedelta(hours=hour),
+            }
+            for org in customers
+            for hour in hours
+        ],
+    )
+    assert flush_pass(runtime).submissions_sent == 6
+    meter = runtime.stripe.meter_by_event_name()["api_call"]
+    start, end = utcnow() - timedelta(hours=8), utcnow()
+    shown = runtime.stripe.meter_event_total
+    assert shown(meter.id, customers[1], start.replace(second=0), end.replace(second=0)) == 0
+    emulator.advance(lag)  # Stripe's summaries catch up
+    time.sleep(settle)  # the rows were sent just now: their hours settle `settle` s later
+    reconcile_usage.apply_async(queue=runtime.settings.billing_queue)
+    deadline = time.monotonic() + 60
+    while (record := read_reconcile_record(runtime)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert record is not None, "the worker wrote no reconciliation record"
+    assert record["source"] == "schedule" and record["ok"] is True
+    assert record["groups"] == {
+        "match": 6,
+        "drift": 0,
+        "in_flight": 0,
+        "unknown": 0,
+        "not_settled": 0,
+    }
