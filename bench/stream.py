@@ -20,20 +20,18 @@ import logging
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATABASE_URL = os.environ.get(
-    "BILLING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+from bench import flush as flush_bench  # noqa: E402  (its emulator and schema helpers)
+
+DATABASE_URL = flush_bench.DATABASE_URL
 SCHEMA = f"billing_bench_stream_{os.getpid()}"
 METERS = ("m_api", "m_storage", "m_tokens", "m_seats", "m_jobs")
 RESULTS = ROOT / "bench" / "results" / "stream.json"
@@ -42,52 +40,18 @@ STREAM = "POST /v2/billing/meter_event_stream"
 V1 = "POST /v1/billing/meter_events"
 
 
-def _control(api_base: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"{api_base}/_emulator/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
-
-
 def _settings(api_base: str, api: str, **overrides: Any):
-    from billing import db
-    from billing.config import Settings, parse_meter_map
-
-    return Settings(
-        billing_enabled=True,
-        stripe_secret_key="sk_test_bench_stream_0000",
-        stripe_api_base=api_base,
-        stripe_meters=parse_meter_map("STRIPE_BILLING_METERS", ",".join(METERS)),
-        stripe_meter_event_rate_per_second=CLIENT_RATE[api],
-        stripe_meter_event_api=api,
-        database_url=db.with_search_path(DATABASE_URL, SCHEMA),
-        validate_contract_before_flush=False,
-        **overrides,
+    return flush_bench._settings(
+        api_base, SCHEMA, CLIENT_RATE[api], METERS, stripe_meter_event_api=api, **overrides
     )
 
 
 def prepare(api_base: str, api: str, groups: int) -> dict[tuple[str, str], int]:
     """Fresh schema, meters, customers and the backlog; {(customer, meter): expected total}."""
-    from billing import db
     from billing.models import BillingAccount
-    from billing.runtime import Runtime
 
-    _control(api_base, "reset", {})
-    _control(api_base, "limits", {"preset": "off"})
-    admin = db.make_engine(DATABASE_URL)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        connection.exec_driver_sql(f"CREATE SCHEMA {SCHEMA}")
-    admin.dispose()
     orgs = groups // len(METERS)
-    runtime = Runtime(_settings(api_base, api))
-    db.upgrade(runtime.engine)
-    for event_name in METERS:
-        runtime.stripe.ensure_meter(event_name)
+    runtime = flush_bench._fresh_runtime(api_base, SCHEMA, METERS)
     with runtime.session_factory.begin() as session:
         for org in range(1, orgs + 1):
             customer = runtime.stripe.create_customer(f"Bench org {org}", org)
@@ -119,8 +83,8 @@ def run_one(api_base: str, api: str, groups: int, log_path: Path) -> dict[str, A
     from billing.usage.service import flush_pass
 
     expected = prepare(api_base, api, groups)
-    _control(api_base, "limits", {"preset": "live"})
-    _control(api_base, "stats/reset", {})
+    flush_bench._control(api_base, "limits", {"preset": "live"})
+    flush_bench._control(api_base, "stats/reset", {})
     handler = logging.FileHandler(log_path, mode="w")
     root = logging.getLogger()
     root.addHandler(handler)
@@ -136,7 +100,7 @@ def run_one(api_base: str, api: str, groups: int, log_path: Path) -> dict[str, A
         root.removeHandler(handler)
         handler.close()
         runtime.close()
-    stats = _control(api_base, "stats")
+    stats = flush_bench._control(api_base, "stats")
     billed = {
         (customer, meter): value
         for customer, by_meter in stats["billed"].items()
@@ -157,12 +121,6 @@ def run_one(api_base: str, api: str, groups: int, log_path: Path) -> dict[str, A
         "sent": result.submissions_sent,
         "exact": billed == expected and result.ok,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 HEADER = (
@@ -187,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sizes = [2000] if args.quick else [int(g) for g in args.groups.split(",")]
-    port = _free_port()
+    port = flush_bench._free_port()
     api_base = f"http://127.0.0.1:{port}"
     emulator = subprocess.Popen(
         [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
@@ -202,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(100):
             try:
-                _control(api_base, "stats")
+                flush_bench._control(api_base, "stats")
                 break
             except OSError:
                 time.sleep(0.1)
