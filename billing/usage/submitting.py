@@ -20,6 +20,7 @@ nothing twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -237,6 +238,14 @@ class LaneSender:
             reraise=True,
         )
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._lanes
+
+    @property
+    def retrying(self) -> Retrying:
+        return self._retrying
+
     def close(self) -> None:
         self._lanes.shutdown(wait=True)
         self._log.close()
@@ -422,21 +431,24 @@ class Submitter:
         at a time (v2: the meter event stream records each request's rows itself)."""
         for rows in self.load(submission_ids):
             if self.settings.stripe_meter_event_api == "v2":
-                self._stream_sender().submit(rows)
+                self._stream_sender.submit(rows)
             else:
                 self.record(self.sender.send(rows))
 
+    @functools.cached_property
     def _stream_sender(self) -> streaming.StreamSender:
-        lanes = self.sender  # the v1 sender's lanes and retry policy serve the stream too
+        """The v2 sender, made once: it sends on the v1 sender's lanes, under its retry policy."""
+        if not isinstance(self.sender, LaneSender):
+            raise TypeError("the v2 stream sends on a LaneSender's lanes")
         return streaming.StreamSender(
             self.gateway,
             self.sessions,
             self.stops,
             self.result,
             clock=self.clock,
-            lanes=lanes._lanes,
+            lanes=self.sender.executor,
             lane_count=self.settings.submit_concurrency,
-            retrying=lanes._retrying,
+            retrying=self.sender.retrying,
             call_attempts=self.call_attempts,
         )
 
