@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from billing import db
 from billing.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +57,39 @@ def run_flask(env: dict[str, str], *args: str, timeout: float = 60) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+class FlushChild:
+    """`flask billing flush_now` in a child process, to be SIGKILLed mid-flight.
+
+    A killed client's open transaction keeps its row locks until PostgreSQL's backend notices
+    the closed socket and rolls back, which can take longer than `wait()`; a clean pass started
+    in that gap skips the still-locked rows (SKIP LOCKED) and leaves them for the next one. The
+    child's sessions carry a unique application_name, so `kill()` waits for them to be gone."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.application_name = f"killed-flush-{uuid.uuid4().hex[:12]}"
+        self.database_url = env["DATABASE_URL"]
+        self.process = subprocess.Popen(
+            [str(BIN / "flask"), "billing", "flush_now"],
+            cwd=ROOT,
+            env={**env, "PGAPPNAME": self.application_name},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def kill(self, timeout: float = 30) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=timeout)
+        if not self.database_url.startswith("postgresql"):
+            return
+        engine = db.make_engine(self.database_url, poolclass=sa.pool.NullPool)
+        query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name")
+        deadline = time.monotonic() + timeout
+        try:
+            with engine.connect() as connection:
+                while connection.scalar(query, {"name": self.application_name}):
+                    assert time.monotonic() < deadline, "the killed flush's sessions never ended"
+                    time.sleep(0.02)
+        finally:
+            engine.dispose()

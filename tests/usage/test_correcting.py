@@ -4,9 +4,6 @@ billable events' sums plus the corrections."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -28,7 +25,7 @@ from billing.usage import correcting
 from billing.usage.corrections import CorrectionError, CorrectionRequest, record_correction
 from billing.usage.service import flush_pass
 from tests.factories import add_accounts, add_events
-from tests.process import BIN, ROOT, billing_env
+from tests.process import FlushChild, billing_env
 
 ORG = 7
 HOUR = timedelta(hours=1)
@@ -353,18 +350,11 @@ def test_a_flush_killed_between_cancels_and_resends_is_exact_after_a_clean_run(
         correct(billing_runtime, hour, -3)
     for path in ("/v1/billing/meter_event_adjustments", "/v1/billing/meter_events"):
         emulator.faults({"path": path, "latency_ms": 120, "count": 10_000})
-    process = subprocess.Popen(
-        [str(BIN / "flask"), "billing", "flush_now"],
-        cwd=ROOT,
-        env=billing_env(billing_runtime.settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    child = FlushChild(billing_env(billing_runtime.settings))
     deadline = time.monotonic() + 60
     while emulator.stats()["meter_events"]["canceled"] < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    child.kill()
     assert emulator.stats()["meter_events"]["canceled"] >= 3, "the flush never got going"
     left = Counter(c.status for c in corrections(billing_runtime))
     assert left["cancelling"] > 0, f"killed after the cancels: {left}"

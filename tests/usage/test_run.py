@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +16,7 @@ from tests.factories import (
     submission_statuses,
     unclaimed_count,
 )
+from tests.process import FlushChild, billing_env
 
 ORGS = [1, 2, 3]
 TYPES = ["api_call", "storage_gb_hour"]
@@ -63,29 +60,16 @@ def test_killed_flush_process_is_repaired_by_the_next_run(billing_runtime, emula
     add_events(billing_runtime, rows)
     # Slow Stripe down so the process is surely mid-submission when it is killed.
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 40, "count": 10_000})
-    settings = billing_runtime.settings
-    env = {
-        **os.environ,
-        "STRIPE_BILLING_ENABLED": "1",
-        "STRIPE_SECRET_KEY": settings.stripe_secret_key,
-        "STRIPE_API_BASE": emulator.url,
-        "STRIPE_BILLING_METERS": "api_call,storage_gb_hour",
-        "STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH": "0",
-        "STRIPE_USAGE_SUBMIT_CONCURRENCY": "2",
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "billing", "billing", "flush_now"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    env = billing_env(
+        billing_runtime.settings.replace(stripe_api_base=emulator.url),
+        STRIPE_BILLING_VALIDATE_CONTRACT_BEFORE_FLUSH="0",
+        STRIPE_USAGE_SUBMIT_CONCURRENCY="2",
     )
+    child = FlushChild(env)
     deadline = time.monotonic() + 30
     while emulator.stats()["meter_events"]["accepted"] < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    child.kill()
     partial = emulator.stats()["meter_events"]["accepted"]
     assert partial >= 5, "the flush never got going"
     assert submission_statuses(billing_runtime)["pending"] > 0, "killed after it had finished"

@@ -5,10 +5,6 @@ request re-sent whole, a flush killed mid-stream repaired by the next run."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -26,6 +22,7 @@ from tests.factories import (
     unclaimed_count,
 )
 from tests.fixtures.processes import settings_env
+from tests.process import FlushChild
 
 TYPES = ["api_call", "storage_gb_hour"]
 STREAM = "POST /v2/billing/meter_event_stream"
@@ -169,17 +166,11 @@ def test_killed_v2_flush_then_a_clean_run_is_exact(v2_runtime, emulator, seeded)
         STRIPE_METER_EVENT_API="v2",
         STRIPE_USAGE_SUBMIT_CONCURRENCY="1",
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "billing", "billing", "flush_now"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    child = FlushChild(env)
     deadline = time.monotonic() + 30
     while stream_stats(emulator)["requests"] < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    child.kill()
     assert stream_stats(emulator)["requests"] >= 1, "the flush never got going"
     assert submission_statuses(v2_runtime)["pending"] > 0, "killed after it had finished"
 
