@@ -7,7 +7,7 @@ Layers, lowest first. A module imports modules of its own layer or of lower ones
 functions too (tests/test_structure.py reads this table and checks every import):
 
     foundation:  errors masking config logs models db metrics migrations
-    infra:       ops_records stripe_gateway broker runtime celery_app accounts
+    infra:       ops_records rate_limits stripe_gateway broker runtime celery_app accounts
     checks:      checks
     usage:       usage
     billing:     adjustments entitlements

@@ -28,6 +28,7 @@ from billing.runtime import get_runtime
 
 # Task names are a wire contract (beat entries, queued messages, Flower): never rename one.
 FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
+SUBMIT_PARTS_TASK = "billing.usage.submit_parts"
 WEBHOOK_PROCESS_TASK = "billing.webhooks.process"
 WEBHOOK_SWEEP_TASK = "billing.webhooks.sweep"
 VALIDATE_CONTRACT_TASK = "billing.contract.validate"

@@ -39,6 +39,10 @@ MAX_ZEITGEIST_AGE_HOURS = 24 * 365
 MAX_VISIBILITY_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_NETWORK_RETRIES = 10
 MAX_TASK_RETRIES = 20
+MAX_FANOUT_TASKS = 64
+# Rows per fan-out part: 4 processes share a 7,500-group hour in ~15 parts each, and a part's
+# Redis bookkeeping (a lock, a read, one transaction) stays far below its 2,000 calls.
+DEFAULT_FANOUT_PART_ROWS = 2_000
 MAX_METER_EVENT_RATE_PER_SECOND = 10_000.0
 MAX_RETRY_BACKOFF_SECONDS = 3600.0
 # Stripe publishes no bound on how far meter event summaries lag ("an eventually consistent
@@ -302,6 +306,9 @@ class Settings:
     flush_lock_backend: str = "redis"
     flush_batch_size: int = 5000
     submit_concurrency: int = 8
+    # The hourly task's submit tasks beside itself (`billing.usage.fanout`); 0: it sends alone.
+    submit_fanout_tasks: int = 0
+    submit_fanout_part_rows: int = DEFAULT_FANOUT_PART_ROWS  # an organization is never split
     resend_window_hours: int = 23
     # Quantities past these are set aside as unbillable (never sent, never stopping the rest).
     max_event_quantity: int = DEFAULT_MAX_EVENT_QUANTITY
@@ -405,6 +412,12 @@ class Settings:
             ),
             flush_batch_size=env.int("STRIPE_USAGE_FLUSH_BATCH_SIZE", 5000, maximum=100_000),
             submit_concurrency=env.int("STRIPE_USAGE_SUBMIT_CONCURRENCY", 8, maximum=256),
+            submit_fanout_tasks=env.int(
+                "STRIPE_USAGE_FANOUT_TASKS", 0, minimum=0, maximum=MAX_FANOUT_TASKS
+            ),
+            submit_fanout_part_rows=env.int(
+                "STRIPE_USAGE_FANOUT_PART_ROWS", DEFAULT_FANOUT_PART_ROWS, maximum=1_000_000
+            ),
             resend_window_hours=env.int("STRIPE_USAGE_RESEND_WINDOW_HOURS", 23, maximum=23),
             max_event_quantity=env.int(
                 "STRIPE_USAGE_MAX_EVENT_QUANTITY",
@@ -488,6 +501,11 @@ class Settings:
             raise ConfigError(
                 "STRIPE_USAGE_MAX_EVENT_QUANTITY must not exceed STRIPE_USAGE_MAX_GROUP_QUANTITY "
                 f"({settings.max_group_quantity}), got {settings.max_event_quantity!r}"
+            )
+        if settings.submit_fanout_tasks and settings.flush_lock_backend != "redis":
+            raise ConfigError(
+                "STRIPE_USAGE_FANOUT_TASKS needs STRIPE_USAGE_FLUSH_LOCK_BACKEND=redis: the "
+                "submit tasks share their parts and their rate limit through Redis"
             )
         if settings.broker_visibility_timeout_seconds <= settings.flush_lock_ttl_seconds:
             raise ConfigError(

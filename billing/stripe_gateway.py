@@ -26,6 +26,7 @@ import stripe
 from billing import metrics
 from billing.config import Settings
 from billing.errors import OperatorError
+from billing.rate_limits import RateLimit, SharedRateLimit, TokenBucket
 
 DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
 MAX_STREAM_EVENTS = 100  # Stripe's ceiling per v2 meter event stream request
@@ -125,29 +126,6 @@ class SubscriptionCheckout:
     customer_id: str | None = None  # reused when the organization already has one
 
 
-class RateLimiter:
-    """A token bucket shared by the threads of one process: keeps us under Stripe's ceiling."""
-
-    def __init__(self, rate_per_second: float, burst: float | None = None) -> None:
-        self.rate = rate_per_second
-        self.capacity = burst if burst is not None else max(1.0, rate_per_second / 10)
-        self._tokens = self.capacity
-        self._updated = time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-                self._updated = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                wait = (1 - self._tokens) / self.rate
-            time.sleep(wait)
-
-
 # Account-level refusals: every call with this key would get the same answer.
 ACCOUNT_ERROR_CODES = frozenset(
     {
@@ -234,13 +212,23 @@ def http_session(urls: list[str], *, connections: int) -> requests.Session:
     return session
 
 
+def meter_event_rate_limit(settings: Settings) -> RateLimit:
+    """The client-side limit for this account's calls: one in Redis when several processes send
+    at once (the fan-out), else this process's own bucket."""
+    rate = settings.stripe_meter_event_rate_per_second
+    if settings.submit_fanout_tasks:
+        key = f"{settings.flush_lock_key}:meter-event-rate"
+        return SharedRateLimit(settings.redis_url, key, rate)
+    return TokenBucket(rate)
+
+
 class StripeGateway:
     def __init__(
         self,
         client: stripe.StripeClient,
         *,
         live_mode: bool,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: RateLimit | None = None,
     ) -> None:
         self.client = client
         self.live_mode = live_mode
@@ -248,7 +236,7 @@ class StripeGateway:
         self.meter_event_session = MeterEventSessionHolder(self._create_meter_event_session)
         # v2 stream requests have their own live ceiling; test mode shares the 25/s of every call.
         self.stream_rate_limiter = (
-            RateLimiter(LIVE_STREAM_RATE_PER_SECOND) if live_mode else rate_limiter
+            TokenBucket(LIVE_STREAM_RATE_PER_SECOND) if live_mode else rate_limiter
         )
 
     @classmethod
@@ -270,7 +258,7 @@ class StripeGateway:
         return cls(
             client,
             live_mode=settings.stripe_live_mode,
-            rate_limiter=RateLimiter(settings.stripe_meter_event_rate_per_second),
+            rate_limiter=meter_event_rate_limit(settings),
         )
 
     def require_test_mode(self, purpose: str) -> None:
@@ -282,7 +270,7 @@ class StripeGateway:
         so the iteration runs inside `_call` too: their errors are translated like the first's."""
         return self._call(lambda: list(list_method(*args).auto_paging_iter()))
 
-    def _call(self, fn: Any, *args: Any, limiter: RateLimiter | None = None) -> Any:
+    def _call(self, fn: Any, *args: Any, limiter: RateLimit | None = None) -> Any:
         limiter = limiter or self.rate_limiter
         if limiter is not None:
             limiter.acquire()

@@ -30,6 +30,8 @@ GUIDE_DEFAULTS = {
     "flush_lock_backend": "redis",
     "flush_batch_size": 5000,
     "submit_concurrency": 8,
+    "submit_fanout_tasks": 0,
+    "submit_fanout_part_rows": 2000,
     "resend_window_hours": 23,
     "max_event_quantity": 10**12,
     "max_group_quantity": 10**13,

@@ -35,6 +35,9 @@ __all__ = ["FlushResult", "TransientFlushError", "UsageFlush", "flush_usage"]
 
 log = logs.get_logger("billing.usage")
 
+# Sends every pending row once the run has claimed (`usage.fanout.Coordinator`).
+FanOut = Callable[[Submitter], None]
+
 
 class UsageFlush:
     """One flush run; tasks and CLI commands reach it through `flush_usage`."""
@@ -50,8 +53,10 @@ class UsageFlush:
         lost_lock: Callable[[], bool] = lambda: False,
         on_progress: Callable[[FlushResult], None] | None = None,
         call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
+        fan_out: FanOut | None = None,
     ) -> None:
         self.settings = settings
+        self.fan_out = fan_out
         self.sessions = session_factory
         self.organization_id = organization_id
         self.clock = clock
@@ -82,13 +87,12 @@ class UsageFlush:
         try:
             self.submitter.check_before_claiming()
             self.submitter.hold_stale_submissions()
-            pending = self.submitter.pending_submission_ids()  # an earlier run's: re-send first
-            page = self.settings.flush_batch_size
-            for start in range(0, len(pending), page):
-                if self.stops.run.is_set():
-                    break
-                self._submit(pending[start : start + page])
-            self._claim_and_send(fields)
+            if self.fan_out is not None:
+                self._claim_only()
+                self.fan_out(self.submitter)  # every pending row, an earlier run's too
+            else:
+                self._send_pending()
+                self._claim_and_send(fields)
             apply_corrections(self.submitter)  # after the usage: a correction sees what was sent
         finally:
             self.submitter.close()
@@ -106,6 +110,30 @@ class UsageFlush:
         log.info(logs.FLUSH_COMPLETED, extra={**fields, **self._summary_fields()})
         return self.result
 
+    def _send_pending(self) -> None:
+        """An earlier run's pending rows are re-sent first."""
+        pending = self.submitter.pending_submission_ids()
+        page = self.settings.flush_batch_size
+        for start in range(0, len(pending), page):
+            if self.stops.run.is_set():
+                break
+            self._submit(pending[start : start + page])
+
+    def _claim_only(self) -> None:
+        """Claim every batch and send nothing: the fan-out sends them all afterwards."""
+        while not self._should_stop():
+            batch = self.claimer.claim_batch()
+            if batch is None:
+                break
+            if batch.submission_ids:
+                self._count_batch(batch)
+                if self.on_progress:
+                    self.on_progress(self.result)
+
+    def _count_batch(self, batch: ClaimedBatch) -> None:
+        self.result.batches += 1
+        self.result.events_claimed += batch.events
+
     def _claim_and_send(self, fields: dict[str, Any]) -> None:
         """Claim batch N+1 while batch N is being sent (one sender thread: one batch in flight)."""
         in_flight: Future[None] | None = None
@@ -120,8 +148,7 @@ class UsageFlush:
                     break
                 if not batch.submission_ids:
                     continue  # rows without a customer, for instance: the cursor moved on
-                self.result.batches += 1
-                self.result.events_claimed += batch.events
+                self._count_batch(batch)
                 batch_fields = {
                     **fields,
                     "batch": self.result.batches,
@@ -214,10 +241,13 @@ def flush_usage(
     contract_gate: Callable[[], GateVerdict] | None = None,
     on_progress: Callable[[FlushResult], None] | None = None,
     call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
+    fan_out: FanOut | None = None,
 ) -> FlushResult:
     """One flush pass (no lock): the service function every entry point ends in.
 
-    `call_attempts` is this pass's share of the run's calls per row (`usage.retry_policy`)."""
+    `call_attempts` is this pass's share of the run's calls per row (`usage.retry_policy`);
+    `fan_out` sends the pending rows once all are claimed (`usage.fanout`), instead of sending
+    each batch in this process while the next is claimed."""
     if not settings.billing_enabled:
         log.warning(logs.FLUSH_DISABLED)
         return FlushResult(enabled=False)
@@ -242,6 +272,7 @@ def flush_usage(
         lost_lock=lost_lock,
         on_progress=on_progress,
         call_attempts=call_attempts,
+        fan_out=fan_out,
     )
     result = flush.run()
     result.contract_failures = failures

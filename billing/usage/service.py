@@ -18,7 +18,7 @@ from billing.stripe_gateway import TransientStripeError
 from billing.usage import history, retry_policy
 from billing.usage.lock import FileFlushLock, FlushLock, LockUnavailableError, RedisFlushLock, held
 from billing.usage.result import FlushResult, TransientFlushError
-from billing.usage.run import flush_usage
+from billing.usage.run import FanOut, flush_usage
 
 log = logs.get_logger("billing.services")
 
@@ -48,6 +48,7 @@ def flush_pass(
     on_progress: Callable[[FlushResult], None] | None = None,
     contract_check: bool = True,
     call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
+    fan_out: FanOut | None = None,
 ) -> FlushResult:
     """A single flush pass, without the overlap guard (`flask billing flush_now`).
 
@@ -67,6 +68,7 @@ def flush_pass(
         contract_gate=contract_gate(runtime, organization_id) if contract_check else None,
         on_progress=on_progress,
         call_attempts=call_attempts,
+        fan_out=fan_out,
     )
 
 
@@ -76,14 +78,21 @@ def flush_guarded(
     clock: Callable[[], datetime] = utcnow,
     on_progress: Callable[[FlushResult], None] | None = None,
     call_attempts: int = retry_policy.CALLS_PER_ROW_PER_RUN,
+    fan_out: FanOut | None = None,
 ) -> FlushResult:
     """The hourly flush under the overlap lock: a second concurrent run returns skipped=true.
 
     Every run is counted (`billing_flush_runs_total`) and recorded for `status` and the alerts.
+    `fan_out` (the hourly task's, when `STRIPE_USAGE_FANOUT_TASKS` is set) hands the sending to
+    submit tasks; `flush_now` and `flush_hourly` always send in their own process.
     """
     try:
         result = _flush_under_lock(
-            runtime, clock=clock, on_progress=on_progress, call_attempts=call_attempts
+            runtime,
+            clock=clock,
+            on_progress=on_progress,
+            call_attempts=call_attempts,
+            fan_out=fan_out,
         )
     except LockUnavailableError as error:
         _observe(runtime, history.LOCK_UNAVAILABLE, FlushResult(), error)
@@ -101,6 +110,7 @@ def _flush_under_lock(
     clock: Callable[[], datetime],
     on_progress: Callable[[FlushResult], None] | None,
     call_attempts: int,
+    fan_out: FanOut | None,
 ) -> FlushResult:
     if not runtime.settings.billing_enabled:
         return flush_pass(runtime, clock=clock)
@@ -117,6 +127,7 @@ def _flush_under_lock(
             lost_lock=lambda: lock.lost,
             on_progress=on_progress,
             call_attempts=call_attempts,
+            fan_out=fan_out,
         )
 
 

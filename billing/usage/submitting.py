@@ -105,8 +105,7 @@ class Stops:
         elif error.scope == ErrorScope.METER:
             self.stop_meter(row.event_name, str(error))
         elif error.scope == ErrorScope.CUSTOMER:
-            with self._lock:
-                self.customers.setdefault(row.stripe_customer_id, str(error))
+            self.stop_customer(row.stripe_customer_id, str(error))
 
     def stop_run(self, error: str) -> None:
         with self._lock:
@@ -116,6 +115,31 @@ class Stops:
     def stop_meter(self, event_name: str, error: str) -> None:
         with self._lock:
             self.meters.setdefault(event_name, error)
+
+    def stop_customer(self, customer_id: str, error: str) -> None:
+        with self._lock:
+            self.customers.setdefault(customer_id, error)
+
+    def as_fields(self) -> dict[str, str]:
+        """The stops as flat fields (`run`, `meter:NAME`, `customer:ID`), to share with the other
+        processes of a fanned-out run (`usage.fanout`)."""
+        with self._lock:
+            fields = {f"meter:{name}": error for name, error in self.meters.items()}
+            fields.update({f"customer:{c}": error for c, error in self.customers.items()})
+            if self.run_error:
+                fields["run"] = self.run_error
+            return fields
+
+    def absorb(self, fields: dict[str, str]) -> None:
+        """Another process's stops (`as_fields`): this one stops the same things."""
+        for field, error in fields.items():
+            kind, _, name = field.partition(":")
+            if kind == "run":
+                self.stop_run(error)
+            elif kind == "meter":
+                self.stop_meter(name, error)
+            elif kind == "customer":
+                self.stop_customer(name, error)
 
     def stopped_meters(self) -> set[str]:
         """A copy: lanes add entries while the claimer reads."""
