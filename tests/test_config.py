@@ -31,7 +31,7 @@ GUIDE_DEFAULTS = {
     "flush_batch_size": 5000,
     "submit_concurrency": 8,
     "submit_fanout_tasks": 0,
-    "submit_fanout_part_rows": 2000,
+    "submit_fanout_part_rows": 500,
     "resend_window_hours": 23,
     "max_event_quantity": 10**12,
     "max_group_quantity": 10**13,
