@@ -112,6 +112,12 @@ METER_EVENT_CALLS = Counter(
 METER_EVENT_EVENTS = Counter(
     "billing_meter_event_events_total", "Meter events carried by those requests, by API.", ["api"]
 )
+METER_EVENT_RATE_LIMITED = Counter(
+    "billing_meter_event_rate_limited_total",
+    "Meter event requests Stripe answered 429 (rate limited; retried within the call budget), "
+    "by API.",
+    ["api"],
+)
 METER_EVENT_SESSION_RENEWALS = Counter(
     "billing_meter_event_session_renewals_total",
     "v2 meter event sessions created (the first and every renewal before or after expiry).",

@@ -270,14 +270,20 @@ class StripeGateway:
         so the iteration runs inside `_call` too: their errors are translated like the first's."""
         return self._call(lambda: list(list_method(*args).auto_paging_iter()))
 
-    def _call(self, fn: Any, *args: Any, limiter: RateLimit | None = None) -> Any:
+    def _call(
+        self, fn: Any, *args: Any, limiter: RateLimit | None = None, api: str | None = None
+    ) -> Any:
+        """`api` names a meter event API, whose 429s are counted."""
         limiter = limiter or self.rate_limiter
         if limiter is not None:
             limiter.acquire()
         try:
             return fn(*args)
         except stripe.StripeError as error:
-            raise translate_error(error) from error
+            translated = translate_error(error)
+            if api and translated.status == 429:
+                metrics.METER_EVENT_RATE_LIMITED.labels(api=api).inc()
+            raise translated from error
 
     # Meter events -------------------------------------------------------------------------
 
@@ -297,6 +303,7 @@ class StripeGateway:
                 self.client.v1.billing.meter_events.create,
                 params,
                 {"idempotency_key": event.idempotency_key, "max_network_retries": 0},
+                api="v1",
             )
         except PermanentStripeError as error:
             # A re-sent identifier means an earlier attempt was delivered: success, not failure.
@@ -330,6 +337,7 @@ class StripeGateway:
                     params,
                     {"api_key": token, "max_network_retries": 0},
                     limiter=self.stream_rate_limiter,
+                    api="v2",
                 )
                 return
             except StripeGatewayError as error:

@@ -83,6 +83,13 @@ def submission_statuses(runtime: Runtime) -> Counter:
         return Counter(session.scalars(sa.select(UsageSubmission.status)))
 
 
+def rate_limited(api: str) -> float:
+    """How many meter event requests of `api` this process has seen answered 429."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("billing_meter_event_rate_limited_total", {"api": api}) or 0
+
+
 def unclaimed_count(runtime: Runtime) -> int:
     with runtime.session_factory() as session:
         return session.scalar(

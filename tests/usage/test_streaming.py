@@ -18,6 +18,7 @@ from tests.factories import (
     add_accounts,
     add_events,
     expected_totals,
+    rate_limited,
     submission_statuses,
     unclaimed_count,
 )
@@ -136,7 +137,9 @@ def test_failed_request_is_re_sent_whole(v2_runtime, emulator, seeded, status):
     customers, rows, _ = seeded
     fault = {"drop": True} if status == "dropped" else {"status": status}
     emulator.faults({"path": "/v2/billing/meter_event_stream", "count": 2, **fault})
+    limited_before = rate_limited("v2")
     result = flush_pass(v2_runtime)
+    assert rate_limited("v2") - limited_before == (2 if status == 429 else 0)
 
     assert result.ok and result.submissions_sent == len(rows)
     answered = "0" if status == "dropped" else str(status)  # the emulator counts a drop as 0

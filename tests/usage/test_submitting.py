@@ -24,7 +24,13 @@ from billing.usage.submitting import (
     Stops,
     Submitter,
 )
-from tests.factories import add_accounts, add_events, expected_totals, random_events
+from tests.factories import (
+    add_accounts,
+    add_events,
+    expected_totals,
+    random_events,
+    rate_limited,
+)
 
 ORGS = [21, 22, 23, 24]
 TYPES = ["api_call", "storage_gb_hour"]
@@ -188,6 +194,7 @@ def test_each_rows_lines_keep_their_order_fields_and_bound_context(
     emulator.faults({"path": "/v1/billing/meter_events", "status": 429, "count": 3})
     settings = billing_runtime.settings
     billing_runtime.settings = settings.replace(retry_backoff_seconds=0.001)
+    limited_before = rate_limited("v1")
     submitter = _submitter(billing_runtime)
     try:
         with caplog.at_level(logging.INFO, logger="billing"), logs.bind(task_id="t-25"):
@@ -213,6 +220,7 @@ def test_each_rows_lines_keep_their_order_fields_and_bound_context(
         assert records == sorted(records, key=lambda r: r.created)
         retried += len(tries) - 1
     assert retried == 3  # the three 429s, each retried by its own row
+    assert rate_limited("v1") - limited_before == 3
 
 
 def test_a_lane_that_raises_stops_the_other_lanes_taking_keys(billing_runtime, emulator):
