@@ -96,15 +96,16 @@ def test_coordinator_alone_sends_every_part_exactly_once(
 def test_submit_tasks_share_the_parts_and_the_result_counts_them_all(
     billing_settings, make_runtime, emulator, backlog
 ):
-    """Two helpers (threads standing in for worker processes) and the coordinator: every part
-    sent once, by whoever took it first; the run's result adds up every process's counts."""
+    """Two submit tasks, one of them delivered twice (threads standing in for worker processes),
+    and the coordinator: every part sent once, by whoever took it first; the run's result adds
+    up every process's counts."""
     customers, rows = backlog
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 5, "count": 100_000})
     helpers: list[threading.Thread] = []
     helper_results = []
 
     def enqueue(_settings: Settings, run_id: str, count: int) -> None:
-        for _ in range(count):
+        for _ in range(count + 1):  # one of them delivered twice
             thread = threading.Thread(
                 target=lambda: helper_results.append(fanout.submit_parts(runtime, run_id))
             )
@@ -118,7 +119,7 @@ def test_submit_tasks_share_the_parts_and_the_result_counts_them_all(
     for thread in helpers:
         thread.join(timeout=60)
     groups = len(groups_by_org(runtime))
-    assert len(helpers) == 2
+    assert len(helpers) == 3
     assert result.ok and result.submissions_sent == groups
     assert sum(h.submissions_sent for h in helper_results) > 0  # the helpers took parts
     assert emulator.billed() == expected_totals(rows, customers)
@@ -127,6 +128,40 @@ def test_submit_tasks_share_the_parts_and_the_result_counts_them_all(
     # A submit task delivered after the run finds nothing to do.
     late = fanout.submit_parts(runtime, "a-finished-run")
     assert late.submissions_sent == 0 and emulator.stats()["meter_events"]["accepted"] == groups
+
+
+def test_losing_the_run_lock_mid_fanout_bills_everything_once(
+    billing_settings, make_runtime, emulator, backlog
+):
+    """The flush lock's key vanishes while the parts are sent: the run reports the loss (the
+    task retries), every row is still billed once, and the next run sends nothing again. (A
+    3 s lease: the heartbeat that notices the loss beats every second.)"""
+    customers, rows = backlog
+    runtime = make_runtime(
+        billing_settings.replace(
+            submit_fanout_tasks=1, submit_fanout_part_rows=25, flush_lock_lease_seconds=3
+        )
+    )
+    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 80, "count": 100_000})
+
+    def drop_the_lock() -> None:
+        deadline = time.monotonic() + 30
+        while emulator.stats()["meter_events"]["accepted"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runtime.redis.delete(runtime.settings.flush_lock_key)
+
+    def enqueue(_settings: Settings, run_id: str, count: int) -> None:
+        threading.Thread(target=drop_the_lock, daemon=True).start()
+        threading.Thread(target=fanout.submit_parts, args=(runtime, run_id), daemon=True).start()
+
+    result = flush_guarded(runtime, fan_out=fanout.Coordinator(runtime, enqueue))
+    groups = len(groups_by_org(runtime))
+    assert result.lock_lost and not result.ok
+    assert result.submissions_sent == groups and result.submissions_pending == 0
+    again = flush_guarded(runtime, fan_out=fanout.Coordinator(runtime, enqueue))
+    assert again.ok and again.submissions_sent == 0
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert emulator.stats()["meter_events"]["accepted"] == groups
 
 
 CHILD = textwrap.dedent(
