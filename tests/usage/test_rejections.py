@@ -384,17 +384,23 @@ def test_a_rejection_recorded_while_the_batch_is_in_flight_stands(webhook_runtim
     runtime = webhook_runtime
     add_accounts(runtime, [81])
     add_events(runtime, random_events([81], ["api_call"], 2, hours=1))
-    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 1500, "count": 1})
+    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 3000, "count": 1})
+    marked: list[bool] = []
 
     def report_arrives() -> None:
+        # As soon as the claim wrote the row: its send takes 3 s, so this beats the record.
+        wait_until(lambda: rows_of(runtime), 30, "the outbox row")
         (row,) = rows_of(runtime)
         assert row.status == "pending"
-        assert rejections.mark_rejected(runtime, {row.id: (CUSTOMER_NOT_FOUND, "gone")}, "t")
+        marked.extend(
+            rejections.mark_rejected(runtime, {row.id: (CUSTOMER_NOT_FOUND, "gone")}, "t")
+        )
 
-    arrives = threading.Timer(0.7, report_arrives)
+    arrives = threading.Thread(target=report_arrives)
     arrives.start()
     result = flush_pass(runtime)
     arrives.join()
+    assert len(marked) == 1  # the report changed the pending row
     assert result.submissions_sent == 1
     (row,) = rows_of(runtime)
     assert (row.status, row.last_error) == ("rejected", f"{CUSTOMER_NOT_FOUND}: gone")
