@@ -289,3 +289,59 @@ def test_hourly_task_on_a_real_worker_fans_out_to_submit_tasks(
     log_text = worker.log_path.read_text()
     assert log_text.count(f"{SUBMIT_PARTS_TASK}[") >= 2  # both submit tasks were received
     assert leftover_keys(runtime) == []
+
+
+def test_a_worker_child_killed_mid_part_leaves_the_totals_exact(
+    billing_settings, make_runtime, emulator, backlog, processes
+):
+    """A prefork worker's child SIGKILLed while it sends a submit task's part (not the child
+    running the hourly task, which holds the flush lock): the hourly task takes the part over
+    once its 3 s lease runs out, and Stripe's totals are the table's."""
+    customers, rows = backlog
+    queue = worker_queue()
+    settings = billing_settings.replace(billing_queue=queue)
+    runtime = make_runtime(settings)
+    emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 40, "count": 100_000})
+    env = settings_env(
+        settings,
+        STRIPE_USAGE_FANOUT_TASKS="1",
+        STRIPE_USAGE_FANOUT_PART_ROWS="60",
+        STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS="3",
+    )
+    processes.start("worker", celery_worker_args(queue, "-P", "prefork", "-c", "2"), env)
+    killed: list[int] = []
+
+    def kill_the_submit_child() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            run = inspect_lock(runtime.redis, settings.flush_lock_key)
+            for key in runtime.redis.scan_iter(f"{settings.flush_lock_key}:fanout:*:part:*"):
+                part = inspect_lock(runtime.redis, key.decode())
+                if (
+                    run
+                    and run.holder
+                    and part
+                    and part.holder
+                    and part.holder.pid != run.holder.pid
+                ):
+                    time.sleep(0.3)  # some of its calls answered, some in flight
+                    os.kill(part.holder.pid, signal.SIGKILL)
+                    killed.append(part.holder.pid)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_submit_child)
+    sender = make_sender(settings)
+    sender.conf.result_backend = TEST_BROKER_URL
+    try:
+        sent = sender.send_task(FLUSH_HOURLY_TASK, queue=queue)
+        killer.start()
+        outcome = sent.get(timeout=120)
+    finally:
+        sender.close()
+        killer.join()
+    groups = len(groups_by_org(runtime))
+    assert killed, "no submit task ever held a part"
+    assert outcome["ok"] and outcome["submissions_sent"] == groups
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert submission_statuses(runtime) == {"sent": groups}
