@@ -1,21 +1,30 @@
-"""The gateway's one HTTP session: the environment's proxy settings still route every Stripe
-call although the session reads the environment only once, when the gateway is built."""
+"""The gateway's HTTP client (libcurl, a handle per thread): the environment's proxy settings,
+read by requests' rules when the gateway is built, route every Stripe call."""
 
 from __future__ import annotations
 
 import http.client
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import requests
 import stripe
 
 from billing.models import utcnow
-from billing.stripe_gateway import MeterEvent, MeterEventOutcome, StripeGateway, http_session
+from billing.stripe_gateway import (
+    MeterEvent,
+    MeterEventOutcome,
+    PerThreadCurl,
+    StripeGateway,
+    TransientStripeError,
+    environment_proxies,
+)
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
@@ -124,17 +133,88 @@ def test_no_proxy_naming_the_host_bypasses_the_proxy(
 
 
 def test_without_proxy_variables_calls_go_direct(billing_settings, emulator, clean_environment):
-    session = http_session([emulator.url], connections=8)
-    assert session.proxies == {} and session.trust_env is False
+    assert environment_proxies([emulator.url, stripe.DEFAULT_API_BASE]) == {}
+    gateway = StripeGateway.from_settings(billing_settings)
+    customer = gateway.create_customer("Org 3", 3).id
+    assert gateway.send_meter_event(_event(customer, "direct-2")) == MeterEventOutcome.ACCEPTED
 
 
-def test_the_ca_bundle_stripe_calls_verify_with_is_unchanged(clean_environment, tmp_path):
-    """stripe-python passes its own bundle as `verify`, which REQUESTS_CA_BUNDLE never
-    replaced; reading the environment once keeps it so."""
-    clean_environment.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "corporate.pem"))
-    url = stripe.DEFAULT_API_BASE
-    trusting = requests.Session()
-    ours = http_session([url], connections=8)
-    for session in (trusting, ours):
-        settings = session.merge_environment_settings(url, {}, None, stripe.ca_bundle_path, None)
-        assert settings["verify"] == stripe.ca_bundle_path
+def test_an_upper_case_http_proxy_is_honoured_as_requests_would(clean_environment):
+    """libcurl alone ignores HTTP_PROXY (upper case) for http URLs; billing follows requests."""
+    clean_environment.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    clean_environment.setenv("HTTPS_PROXY", "http://tls-proxy.internal:3128")
+    assert environment_proxies(["http://127.0.0.1:12111", stripe.DEFAULT_API_BASE]) == {
+        "http": "http://proxy.internal:3128",
+        "https": "http://tls-proxy.internal:3128",
+    }
+
+
+def test_each_thread_has_its_own_handle(billing_settings, emulator, clean_environment):
+    """A pycurl handle must not serve two threads at once: four threads calling at once each
+    get their own, and every call lands."""
+    gateway = StripeGateway.from_settings(billing_settings)
+    client = gateway.http_client
+    assert isinstance(client, PerThreadCurl)
+    customer = gateway.create_customer("Org 4", 4).id
+    handles: list[object] = []
+    errors: list[BaseException] = []
+
+    def calls(thread: int) -> None:
+        try:
+            for n in range(20):
+                event = _event(customer, f"thread-{thread}-{n}")
+                assert gateway.send_meter_event(event) == MeterEventOutcome.ACCEPTED
+            handles.append(client.handle())
+        except BaseException as error:  # the thread's failure, for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len({id(handle) for handle in handles}) == 4
+    assert emulator.billed() == {customer: {"api_call": 3 * 20 * 4}}
+
+
+@pytest.fixture
+def self_signed_https(tmp_path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate: (base URL, its cert)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = [
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]
+    names = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(["openssl", *request, *names, *files], check=True, capture_output=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_stripe_calls_verify_with_stripes_bundle_whatever_the_environment_says(
+    billing_settings, self_signed_https, clean_environment
+):
+    """The certificate of a host is checked against stripe-python's own CA bundle: a bundle
+    named by REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE (here, one that trusts the host) is ignored,
+    so the call is refused before anything is sent."""
+    url, cert = self_signed_https
+    clean_environment.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    clean_environment.setenv("CURL_CA_BUNDLE", str(cert))
+    gateway = StripeGateway.from_settings(billing_settings.replace(stripe_api_base=url))
+    with pytest.raises(TransientStripeError, match="SSL certificate"):
+        gateway.create_customer("Org 5", 5)
