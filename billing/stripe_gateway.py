@@ -9,6 +9,7 @@ scope (what it is about: the whole account, one meter, one customer, or this one
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -227,6 +228,15 @@ class PerThreadCurl(stripe.HTTPClient):
         """Each thread's handle closes its connections when the thread's locals are freed."""
 
 
+def _http_client(proxy: dict[str, str] | None) -> stripe.HTTPClient:
+    """libcurl, unless gevent patched this process's sockets (gunicorn `--worker-class gevent`):
+    a pycurl call cannot yield to the worker's other greenlets while it waits, requests' can."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
+        return stripe.RequestsClient(proxy=proxy)
+    return PerThreadCurl(proxy=proxy)
+
+
 def meter_event_rate_limit(settings: Settings) -> RateLimit:
     """The client-side limit for this account's calls: one in Redis when several processes send
     at once (the fan-out), else this process's own bucket."""
@@ -265,7 +275,7 @@ class StripeGateway:
             {"api": base, "meter_events": base, "files": base, "connect": base} if base else None
         )
         hosts = [base] if base else [stripe.DEFAULT_API_BASE, stripe.DEFAULT_METER_EVENTS_API_BASE]
-        http_client = PerThreadCurl(proxy=environment_proxies(hosts) or None)
+        http_client = _http_client(environment_proxies(hosts) or None)
         client = stripe.StripeClient(
             settings.stripe_secret_key,
             base_addresses=addresses,

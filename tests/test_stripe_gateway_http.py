@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -218,3 +219,20 @@ def test_stripe_calls_verify_with_stripes_bundle_whatever_the_environment_says(
     gateway = StripeGateway.from_settings(billing_settings.replace(stripe_api_base=url))
     with pytest.raises(TransientStripeError, match="SSL certificate"):
         gateway.create_customer("Org 5", 5)
+
+
+def test_a_gevent_patched_process_calls_stripe_through_requests(billing_settings):
+    """Under gunicorn's gevent workers a Stripe call made in a web request must yield to the
+    other greenlets while it waits: libcurl cannot, so such a process uses requests."""
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import sys\n"
+        "from billing.config import Settings\n"
+        "from billing.stripe_gateway import StripeGateway\n"
+        "gateway = StripeGateway.from_settings(Settings(stripe_secret_key='sk_test_x1'))\n"
+        "print(type(gateway.http_client).__name__)\n"
+    )
+    patched = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert patched.stdout.strip() == "RequestsClient", patched.stderr
+    plain = StripeGateway.from_settings(billing_settings)
+    assert isinstance(plain.http_client, PerThreadCurl)
