@@ -259,29 +259,46 @@ def test_fanout_needs_the_redis_lock():
     assert Settings.from_env({}).submit_fanout_tasks == 0
 
 
+FANOUT_ENV = {
+    "TASKS": "STRIPE_USAGE_FANOUT_TASKS",
+    "PART_ROWS": "STRIPE_USAGE_FANOUT_PART_ROWS",
+    "LEASE": "STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS",
+}
+
+
+def fanout_worker(billing_settings, make_runtime, processes, children: int, **env: str):
+    """A real prefork worker with `children` on its own queue, fan-out settings from `env`
+    (TASKS, PART_ROWS, LEASE): (a runtime on that queue, the worker process)."""
+    settings = billing_settings.replace(billing_queue=worker_queue())
+    extra = {FANOUT_ENV[name]: value for name, value in env.items()}
+    args = celery_worker_args(settings.billing_queue, "-P", "prefork", "-c", str(children))
+    worker = processes.start(
+        "worker", args, settings_env(settings, BILLING_LOG_LEVEL="info", **extra)
+    )
+    return make_runtime(settings), worker
+
+
+def hourly_run(settings: Settings):
+    """`billing.usage.flush_hourly` queued as beat queues it; its AsyncResult."""
+    sender = make_sender(settings)
+    sender.conf.result_backend = TEST_BROKER_URL
+    try:
+        return sender.send_task(FLUSH_HOURLY_TASK, queue=settings.billing_queue)
+    finally:
+        sender.close()
+
+
 def test_hourly_task_on_a_real_worker_fans_out_to_submit_tasks(
     billing_settings, make_runtime, emulator, backlog, processes
 ):
     """`billing.usage.flush_hourly` on a prefork worker with three children and
     STRIPE_USAGE_FANOUT_TASKS=2: the submit tasks run beside it and the totals are exact."""
     customers, rows = backlog
-    queue = worker_queue()
-    settings = billing_settings.replace(billing_queue=queue)
-    runtime = make_runtime(settings)
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 5, "count": 100_000})
-    env = settings_env(
-        settings,
-        STRIPE_USAGE_FANOUT_TASKS="2",
-        STRIPE_USAGE_FANOUT_PART_ROWS="25",
-        BILLING_LOG_LEVEL="info",
+    runtime, worker = fanout_worker(
+        billing_settings, make_runtime, processes, 3, TASKS="2", PART_ROWS="25"
     )
-    worker = processes.start("worker", celery_worker_args(queue, "-P", "prefork", "-c", "3"), env)
-    sender = make_sender(settings)
-    sender.conf.result_backend = TEST_BROKER_URL
-    try:
-        outcome = sender.send_task(FLUSH_HOURLY_TASK, queue=queue).get(timeout=120)
-    finally:
-        sender.close()
+    outcome = hourly_run(runtime.settings).get(timeout=120)
     groups = len(groups_by_org(runtime))
     assert outcome["ok"] and outcome["submissions_sent"] == groups
     assert emulator.billed() == expected_totals(rows, customers)
@@ -298,17 +315,11 @@ def test_a_worker_child_killed_mid_part_leaves_the_totals_exact(
     running the hourly task, which holds the flush lock): the hourly task takes the part over
     once its 3 s lease runs out, and Stripe's totals are the table's."""
     customers, rows = backlog
-    queue = worker_queue()
-    settings = billing_settings.replace(billing_queue=queue)
-    runtime = make_runtime(settings)
     emulator.faults({"path": "/v1/billing/meter_events", "latency_ms": 40, "count": 100_000})
-    env = settings_env(
-        settings,
-        STRIPE_USAGE_FANOUT_TASKS="1",
-        STRIPE_USAGE_FANOUT_PART_ROWS="60",
-        STRIPE_USAGE_FLUSH_LOCK_LEASE_SECONDS="3",
+    runtime, _ = fanout_worker(
+        billing_settings, make_runtime, processes, 2, TASKS="1", PART_ROWS="60", LEASE="3"
     )
-    processes.start("worker", celery_worker_args(queue, "-P", "prefork", "-c", "2"), env)
+    settings = runtime.settings
     killed: list[int] = []
 
     def kill_the_submit_child() -> None:
@@ -331,14 +342,11 @@ def test_a_worker_child_killed_mid_part_leaves_the_totals_exact(
             time.sleep(0.01)
 
     killer = threading.Thread(target=kill_the_submit_child)
-    sender = make_sender(settings)
-    sender.conf.result_backend = TEST_BROKER_URL
+    sent = hourly_run(settings)
+    killer.start()
     try:
-        sent = sender.send_task(FLUSH_HOURLY_TASK, queue=queue)
-        killer.start()
         outcome = sent.get(timeout=120)
     finally:
-        sender.close()
         killer.join()
     groups = len(groups_by_org(runtime))
     assert killed, "no submit task ever held a part"
