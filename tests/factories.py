@@ -69,6 +69,17 @@ def random_events(
     ]
 
 
+def seed_usage(
+    runtime: Runtime, organization_ids: list[int], event_types: list[str], count: int, **kw: Any
+) -> tuple[dict[int, str], list[dict]]:
+    """Billing accounts for the organizations and `count` random events of theirs (`random_events`
+    keywords): (customers, rows)."""
+    customers = add_accounts(runtime, organization_ids)
+    rows = random_events(organization_ids, event_types, count, **kw)
+    add_events(runtime, rows)
+    return customers, rows
+
+
 def expected_totals(rows: list[dict], customers: dict[int, str]) -> dict[str, dict[str, int]]:
     """{customer id: {event name: sum of quantities}} as the emulator reports billed totals."""
     totals: dict[str, Counter] = {}

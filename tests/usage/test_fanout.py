@@ -24,10 +24,8 @@ from billing.usage.lock import inspect_lock
 from billing.usage.service import flush_guarded
 from tests.conftest import TEST_BROKER_URL
 from tests.factories import (
-    add_accounts,
-    add_events,
     expected_totals,
-    random_events,
+    seed_usage,
     submission_statuses,
 )
 from tests.fixtures.processes import celery_worker_args, settings_env, worker_queue
@@ -39,10 +37,7 @@ TYPES = ["api_call", "storage_gb_hour"]
 
 @pytest.fixture
 def backlog(billing_runtime):
-    customers = add_accounts(billing_runtime, ORGS)
-    rows = random_events(ORGS, TYPES, 1200, hours=6)
-    add_events(billing_runtime, rows)
-    return customers, rows
+    return seed_usage(billing_runtime, ORGS, TYPES, 1200, hours=6)
 
 
 def groups_by_org(runtime) -> dict[int, int]:

@@ -20,6 +20,7 @@ from tests.factories import (
     add_events,
     expected_totals,
     random_events,
+    seed_usage,
     submission_statuses,
     unclaimed_count,
 )
@@ -30,10 +31,7 @@ TYPES = ["api_call", "storage_gb_hour"]
 
 @pytest.fixture
 def seeded(billing_runtime):
-    customers = add_accounts(billing_runtime, ORGS)
-    rows = random_events(ORGS, TYPES, 400, hours=8)
-    add_events(billing_runtime, rows)
-    return customers, rows
+    return seed_usage(billing_runtime, ORGS, TYPES, 400, hours=8)
 
 
 def test_billed_totals_equal_the_database_sums(billing_runtime, emulator, seeded):
