@@ -186,7 +186,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_one(
-    api_base: str, api: str, groups: int, log_dir: Path, profile: Path | None = None
+    api_base: str,
+    api: str,
+    groups: int,
+    log_dir: Path,
+    emulator_pid: int,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     setup = prepare(api_base, groups)
     expected = expected_totals()
@@ -207,7 +212,9 @@ def run_one(
     ]
     if profile:
         command += ["--profile", str(profile)]
+    emulator_cpu = flush_bench._process_cpu(emulator_pid)
     out = subprocess.run(command, capture_output=True, text=True)
+    emulator_cpu = flush_bench._process_cpu(emulator_pid) - emulator_cpu
     if out.returncode != 0:
         raise flush_bench.ChildFailed(f"{api} flush failed:\n{out.stderr.rstrip()}")
     flushed = json.loads(out.stdout.strip().splitlines()[-1])
@@ -232,6 +239,7 @@ def run_one(
         "rate_limited": limited,
         "groups_per_s": round(groups / seconds, 1),
         "cpu_us_per_group": round(flushed["cpu_seconds"] / groups * 1e6, 1),
+        "emulator_cpu_us_per_group": round(emulator_cpu / groups * 1e6, 1),
         "peak_rss_mb": round(flushed["peak_rss_mb"], 1),
         "sent": flushed["sent"],
         "load1_before": load1,
@@ -242,8 +250,8 @@ def run_one(
 
 HEADER = (
     f"{'api':>3} {'groups':>8} {'seconds':>8} {'requests':>8} {'events':>8} {'429s':>5} "
-    f"{'groups/s':>9} {'cpu µs/grp':>10} {'rss MB':>7} {'claim s':>7} {'send s':>7} "
-    f"{'record s':>8} {'load1':>5} exact"
+    f"{'groups/s':>9} {'cpu µs/grp':>10} {'emu µs/grp':>10} {'rss MB':>7} {'claim s':>7} "
+    f"{'send s':>7} {'record s':>8} {'load1':>5} exact"
 )
 
 
@@ -252,7 +260,8 @@ def _print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['api']:>3} {row['groups']:>8} {row['seconds']:>8.2f} {row['requests']:>8} "
         f"{row['events']:>8} {row['rate_limited']:>5} {row['groups_per_s']:>9.0f} "
-        f"{row['cpu_us_per_group']:>10.0f} {row['peak_rss_mb']:>7.0f} "
+        f"{row['cpu_us_per_group']:>10.0f} {row['emulator_cpu_us_per_group']:>10.0f} "
+        f"{row['peak_rss_mb']:>7.0f} "
         f"{phases.get('claim', 0):>7.1f} "
         f"{phases.get('stream_requests', phases.get('v1_calls', 0)):>7.1f} "
         f"{phases.get('record', 0):>8.1f} {row['load1_before']:>5.1f} {row['exact']}",
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             pair = {}
             for api in apis:
                 profile = args.profile if api == "v2" and groups == largest else None
-                row = run_one(api_base, api, groups, log_dir, profile)
+                row = run_one(api_base, api, groups, log_dir, emulator.pid, profile)
                 pair[api] = row
                 rows.append(row)
                 _print_row(row)
