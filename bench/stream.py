@@ -15,7 +15,8 @@ totals equal the database's, and the v2/v1 speed-up per N.
 v1 at a million groups takes over half an hour: `--v1-groups M` flushes M groups with v1 *and* v2
 side by side (the measured ratio), and v2 alone at each `--groups` N, whose v1 time is then
 extrapolated linearly from v1's time per group at M (printed as such). `--profile PATH` writes a
-cProfile of the largest v2 flush (open with `python -m pstats`).
+cProfile of the largest v2 flush's main thread, and `PATH.laneN` one per lane run (open with
+`python -m pstats`).
 
     .venv/bin/python bench/stream.py [--groups 2000,10000] [--v1-groups M] [--quick]
         [--profile PATH] [--output PATH]
@@ -154,6 +155,16 @@ def child(args: argparse.Namespace) -> None:
     root.setLevel(logging.INFO)
     runtime = Runtime(_settings(args.api_base, args.api))
     profile = cProfile.Profile() if args.profile else None
+    lane_profiles: list[cProfile.Profile] = []
+    if profile:  # cProfile sees one thread: each lane's work gets a profile of its own
+        send_lane = streaming.StreamSender._send_lane
+
+        def profiled_lane(self: Any, rows: Any) -> None:
+            lane = cProfile.Profile()
+            lane_profiles.append(lane)
+            lane.runcall(send_lane, self, rows)
+
+        streaming.StreamSender._send_lane = profiled_lane
     try:
         cpu0 = time.process_time()
         started = time.monotonic()
@@ -170,6 +181,8 @@ def child(args: argparse.Namespace) -> None:
         runtime.close()
     if profile:
         profile.dump_stats(args.profile)
+        for index, lane in enumerate(lane_profiles):
+            lane.dump_stats(f"{args.profile}.lane{index}")
     print(
         json.dumps(
             {

@@ -45,6 +45,10 @@ log = logs.get_logger("billing.usage")
 API = "v2"
 # Answered rows a lane holds before recording them: at most this many re-sent after a crash.
 RECORD_ROWS = 1_000
+# Rows the submitter hands over at a time: every lane waits for the slowest at a chunk's end,
+# and each lane's last request of a chunk is short (5,000 rows over 8 lanes: 11,200 requests
+# for a million groups instead of 10,000).
+LOAD_ROWS = 20_000
 
 
 class StreamSender:

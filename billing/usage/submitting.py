@@ -468,28 +468,45 @@ class Submitter:
         )
 
     def load(self, submission_ids: Sequence[int]) -> Iterator[list[OutboxRow]]:
-        """The rows among `submission_ids` that are still pending, in chunks of
-        `STRIPE_USAGE_FLUSH_BATCH_SIZE`, in id order."""
+        """The rows among `submission_ids` that are still pending, in id order, in chunks of
+        `STRIPE_USAGE_FLUSH_BATCH_SIZE` (v2: at least `streaming.LOAD_ROWS`).
+
+        The next chunk is read while the caller sends this one: read in turn, the lanes waited
+        for every read (docs/performance.md, "Claiming a million groups")."""
         page = max(1, self.settings.flush_batch_size)
-        for start in range(0, len(submission_ids), page):
-            ids = submission_ids[start : start + page]
-            with self.sessions() as session:
-                dialect = session.get_bind().dialect.name
-                rows = [
-                    OutboxRow._make(row)
-                    for row in session.execute(
-                        sa.select(*OUTBOX_COLUMNS)
-                        .where(
-                            id_in(UsageSubmission.id, ids, dialect),
-                            UsageSubmission.status == SubmissionStatus.PENDING.value,
-                        )
-                        .order_by(UsageSubmission.id)
+        if self.settings.stripe_meter_event_api == "v2":
+            page = max(page, streaming.LOAD_ROWS)
+        if not submission_ids:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-load") as ahead:
+            read = logs.carry_context(self._load_page)
+            following = ahead.submit(read, submission_ids[:page])
+            for start in range(page, len(submission_ids) + page, page):
+                rows = following.result()
+                if start < len(submission_ids):
+                    following = ahead.submit(read, submission_ids[start : start + page])
+                if rows:
+                    yield rows
+
+    def _load_page(self, ids: Sequence[int]) -> list[OutboxRow]:
+        """One chunk by primary key: a range scan between its first and last id."""
+        with self.sessions() as session:
+            dialect = session.get_bind().dialect.name
+            rows = [
+                OutboxRow._make(row)
+                for row in session.execute(
+                    sa.select(*OUTBOX_COLUMNS)
+                    .where(
+                        UsageSubmission.id.between(ids[0], ids[-1]),
+                        id_in(UsageSubmission.id, ids, dialect),
+                        UsageSubmission.status == SubmissionStatus.PENDING.value,
                     )
-                ]
-                if any(row.last_error_scope in REPOINTED_SCOPES for row in rows):
-                    rows = self._repoint(session, rows)
-            if rows:
-                yield rows
+                    .order_by(UsageSubmission.id)
+                )
+            ]
+            if any(row.last_error_scope in REPOINTED_SCOPES for row in rows):
+                rows = self._repoint(session, rows)
+        return rows
 
     def _repoint(self, session: Session, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Rows that Stripe refused for their meter or customer follow the fixed configuration.
