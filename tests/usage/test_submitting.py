@@ -92,7 +92,7 @@ def test_rows_load_in_chunks_of_the_batch_size_and_only_while_pending(billing_ru
 def test_pending_ids_are_read_in_pages_and_an_earlier_runs_rows_re_sent_once(
     billing_runtime, emulator, claimed, monkeypatch
 ):
-    customers, rows, ids = claimed
+    _customers, _rows, ids = claimed
     with billing_runtime.session_factory.begin() as session:
         session.get(UsageSubmission, ids[4]).status = "failed"
     monkeypatch.setattr(Submitter, "PENDING_ID_PAGE", 3)
