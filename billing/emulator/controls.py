@@ -16,7 +16,7 @@ from billing.emulator.app import SETTING_NAMES, Emulator, apply_settings
 from billing.emulator.errors import StripeError, invalid
 from billing.emulator.httpserver import HandlerResult, Request, Response
 from billing.emulator.limits import FAULT_FIELDS, parse_fault
-from billing.emulator.resources import checkout
+from billing.emulator.resources import checkout, core
 
 _CHECKOUT = re.compile(r"^/_emulator/checkout(?:_sessions)?/([^/]+)(/complete)?$")
 _INVOICE = re.compile(r"^/_emulator/invoices/([^/]+)$")
@@ -33,6 +33,7 @@ class Controls:
             ("GET", "/_emulator/health"): self.health,
             ("POST", "/_emulator/reset"): self.reset,
             ("GET", "/_emulator/clock"): self.clock,
+            ("POST", "/_emulator/customers"): self.customers,
             ("POST", "/_emulator/clock"): self.clock,
             ("GET", "/_emulator/faults"): self.faults,
             ("POST", "/_emulator/faults"): self.faults,
@@ -112,6 +113,24 @@ class Controls:
                 "iso": datetime.fromtimestamp(now, UTC).isoformat(),
             }
         )
+
+    def customers(self, req: Request, body: dict[str, Any]) -> Response:
+        """Many customers in one call (a benchmark's setup) → their ids, in sequence order."""
+        _only(body, {"count", "start", "name", "metadata"})
+        count, start = body.get("count"), body.get("start", 1)
+        if not _whole(count) or not 1 <= count <= core.MAX_BULK_CUSTOMERS:
+            raise invalid(f"count must be 1 to {core.MAX_BULK_CUSTOMERS:,}", param="count")
+        if not _whole(start):
+            raise invalid("start must be an integer", param="start")
+        name, metadata = body.get("name"), body.get("metadata") or {}
+        if name is not None and not isinstance(name, str):
+            raise invalid("name must be a string", param="name")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise invalid("metadata must map keys to strings", param="metadata")
+        st = self.em.state
+        with st.lock:
+            ids = core.create_customers(st, count, start, name, metadata)
+        return Response(200, json.dumps({"count": len(ids), "ids": ids}).encode())
 
     def faults(self, req: Request, body: dict[str, Any]) -> Response:
         rules = self.em.faults.rules
@@ -224,6 +243,10 @@ def _body(req: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise invalid("Controls take a JSON object body.")
     return data
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _only(body: dict[str, Any], allowed: set[str]) -> None:

@@ -4,8 +4,13 @@ event stream, up to 100 per request.
 Rows are dealt to the submit lanes by (customer, meter), so one pair's rows are sent by one lane
 in order (one request in flight per pair, in case v1's rule applies to the stream too [?]); each
 lane sends its rows in requests of 100. Stripe answers `{}` and validates later, so an answered
-request makes its rows `sent` (one set-based UPDATE per request, only rows still `pending`: a
-meter error report's `rejected` stands); refusals arrive as error reports (`usage.rejections`).
+request makes its rows `sent`; refusals arrive as error reports (`usage.rejections`). A lane
+records its answered rows every `RECORD_ROWS` rows and at its end, in one set-based UPDATE that
+moves only rows still `pending` (a meter error report's `rejected` stands), committed without
+waiting for the WAL flush: a mark lost to a database crash leaves its rows pending, and their
+re-send carries the same identifiers, which Stripe dedupes, as after a flush killed between the
+answer and the record. One transaction per request cost a commit per 100 rows (10,000 for a
+million groups).
 
 A transient failure (429, 5xx, connection) re-sends the whole request within the call budget:
 the rows' identifiers make the re-send harmless, as after a crash. Logging is per request
@@ -38,6 +43,12 @@ from billing.usage.result import FlushResult
 
 log = logs.get_logger("billing.usage")
 API = "v2"
+# Answered rows a lane holds before recording them: at most this many re-sent after a crash.
+RECORD_ROWS = 1_000
+# Rows the submitter hands over at a time: every lane waits for the slowest at a chunk's end,
+# and each lane's last request of a chunk is short (5,000 rows over 8 lanes: 11,200 requests
+# for a million groups instead of 10,000).
+LOAD_ROWS = 20_000
 
 
 class StreamSender:
@@ -76,10 +87,18 @@ class StreamSender:
         list(self.lanes.map(send_lane, [lane for lane in lanes if lane]))
 
     def _send_lane(self, rows: list[UsageSubmission]) -> None:
-        for start in range(0, len(rows), MAX_STREAM_EVENTS):
-            chunk = [r for r in rows[start : start + MAX_STREAM_EVENTS] if self._sendable(r)]
-            if chunk:
-                self._send_request(chunk)
+        answered: list[UsageSubmission] = []
+        try:
+            for start in range(0, len(rows), MAX_STREAM_EVENTS):
+                chunk = [r for r in rows[start : start + MAX_STREAM_EVENTS] if self._sendable(r)]
+                if chunk and self._send_request(chunk):
+                    answered.extend(chunk)
+                if len(answered) >= RECORD_ROWS:
+                    self._record_sent(answered)
+                    answered = []
+        finally:
+            if answered:
+                self._record_sent(answered)
 
     def _sendable(self, row: UsageSubmission) -> bool:
         if self.call_attempts >= 1 and self.stops.covering(row) is None:
@@ -87,7 +106,8 @@ class StreamSender:
         self.result.submissions_stopped += 1  # left pending, untouched, for the next run
         return False
 
-    def _send_request(self, rows: list[UsageSubmission]) -> None:
+    def _send_request(self, rows: list[UsageSubmission]) -> bool:
+        """Send one request (retried whole); True when Stripe answered it."""
         events = [
             MeterEvent(
                 event_name=r.event_name,
@@ -114,13 +134,15 @@ class StreamSender:
             self.retrying(send)
         except StripeGatewayError as error:
             self._failed(rows, error)
-            return
+            return False
         log.info(logs.METER_SUBMIT_SUCCEEDED, extra={"api": API, "events": len(events)})
-        self._record_sent(rows)
+        return True
 
     def _record_sent(self, rows: list[UsageSubmission]) -> None:
         now = self.clock()
         with self.sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(sa.text("SET LOCAL synchronous_commit = off"))  # see above
             sent = session.execute(
                 sa.update(UsageSubmission)
                 .where(

@@ -25,6 +25,7 @@ import logging
 import queue
 import sys
 import threading
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -417,14 +418,28 @@ class Submitter:
                     event_name, f"No active Stripe meter has the event name {event_name!r}"
                 )
 
-    def pending_submission_ids(self) -> list[int]:
-        query = sa.select(UsageSubmission.id).where(
-            UsageSubmission.status == SubmissionStatus.PENDING.value
-        )
-        if self.organization_id is not None:
-            query = query.where(UsageSubmission.organization_id == self.organization_id)
+    # Pending ids are read in keyset pages of the primary key: one result of a million rows
+    # held every row object of it at once (docs/performance.md).
+    PENDING_ID_PAGE = 100_000
+
+    def pending_submission_ids(self) -> Sequence[int]:
+        """Every pending row's id, ascending, as 8 bytes each (`array('q')`), not a list."""
+        ids = array("q")
         with self.sessions() as session:
-            return list(session.scalars(query.order_by(UsageSubmission.id)))
+            while True:
+                query = sa.select(UsageSubmission.id).where(
+                    UsageSubmission.status == SubmissionStatus.PENDING.value
+                )
+                if self.organization_id is not None:
+                    query = query.where(UsageSubmission.organization_id == self.organization_id)
+                if ids:
+                    query = query.where(UsageSubmission.id > ids[-1])
+                page = session.scalars(
+                    query.order_by(UsageSubmission.id).limit(self.PENDING_ID_PAGE)
+                ).all()
+                ids.extend(page)
+                if len(page) < self.PENDING_ID_PAGE:
+                    return ids
 
     def hold_stale_submissions(self) -> None:
         """Unsent past Stripe's identifier window: a re-send could bill twice. Hold and report."""
@@ -480,28 +495,45 @@ class Submitter:
         )
 
     def load(self, submission_ids: Sequence[int]) -> Iterator[list[OutboxRow]]:
-        """The rows among `submission_ids` that are still pending, in chunks of
-        `STRIPE_USAGE_FLUSH_BATCH_SIZE`, in id order."""
+        """The rows among `submission_ids` that are still pending, in id order, in chunks of
+        `STRIPE_USAGE_FLUSH_BATCH_SIZE` (v2: at least `streaming.LOAD_ROWS`).
+
+        The next chunk is read while the caller sends this one: read in turn, the lanes waited
+        for every read (docs/performance.md, "Claiming a million groups")."""
         page = max(1, self.settings.flush_batch_size)
-        for start in range(0, len(submission_ids), page):
-            ids = submission_ids[start : start + page]
-            with self.sessions() as session:
-                dialect = session.get_bind().dialect.name
-                rows = [
-                    OutboxRow._make(row)
-                    for row in session.execute(
-                        sa.select(*OUTBOX_COLUMNS)
-                        .where(
-                            id_in(UsageSubmission.id, ids, dialect),
-                            UsageSubmission.status == SubmissionStatus.PENDING.value,
-                        )
-                        .order_by(UsageSubmission.id)
+        if self.settings.stripe_meter_event_api == "v2":
+            page = max(page, streaming.LOAD_ROWS)
+        if not submission_ids:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-load") as ahead:
+            read = logs.carry_context(self._load_page)
+            following = ahead.submit(read, submission_ids[:page])
+            for start in range(page, len(submission_ids) + page, page):
+                rows = following.result()
+                if start < len(submission_ids):
+                    following = ahead.submit(read, submission_ids[start : start + page])
+                if rows:
+                    yield rows
+
+    def _load_page(self, ids: Sequence[int]) -> list[OutboxRow]:
+        """One chunk by primary key: a range scan between its first and last id."""
+        with self.sessions() as session:
+            dialect = session.get_bind().dialect.name
+            rows = [
+                OutboxRow._make(row)
+                for row in session.execute(
+                    sa.select(*OUTBOX_COLUMNS)
+                    .where(
+                        UsageSubmission.id.between(ids[0], ids[-1]),
+                        id_in(UsageSubmission.id, ids, dialect),
+                        UsageSubmission.status == SubmissionStatus.PENDING.value,
                     )
-                ]
-                if any(row.last_error_scope in REPOINTED_SCOPES for row in rows):
-                    rows = self._repoint(session, rows)
-            if rows:
-                yield rows
+                    .order_by(UsageSubmission.id)
+                )
+            ]
+            if any(row.last_error_scope in REPOINTED_SCOPES for row in rows):
+                rows = self._repoint(session, rows)
+        return rows
 
     def _repoint(self, session: Session, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Rows that Stripe refused for their meter or customer follow the fixed configuration.
@@ -578,6 +610,10 @@ class Submitter:
         still_pending = UsageSubmission.status == SubmissionStatus.PENDING.value
         with self.sessions.begin() as session:
             dialect = session.get_bind().dialect.name
+            if dialect == "postgresql":
+                # A record lost to a database crash leaves rows pending, re-sent with the same
+                # identifiers (deduped), so it need not wait for the WAL flush.
+                session.execute(sa.text("SET LOCAL synchronous_commit = off"))
             # A meter error report can mark a row rejected while its batch is in flight (Stripe
             # answered 200, then refused it): the status guard keeps that verdict over this
             # run's "sent", and taking the row locks first, in id order as

@@ -95,6 +95,23 @@ def test_rows_load_in_chunks_of_the_batch_size_and_only_while_pending(billing_ru
     assert all(isinstance(row, OutboxRow) for chunk in chunks for row in chunk)
 
 
+def test_pending_ids_are_read_in_pages_and_an_earlier_runs_rows_re_sent_once(
+    billing_runtime, emulator, claimed, monkeypatch
+):
+    _customers, _rows, ids = claimed
+    with billing_runtime.session_factory.begin() as session:
+        session.get(UsageSubmission, ids[4]).status = "failed"
+    monkeypatch.setattr(Submitter, "PENDING_ID_PAGE", 3)
+    submitter = _submitter(billing_runtime)
+    try:
+        assert list(submitter.pending_submission_ids()) == [i for i in ids if i != ids[4]]
+    finally:
+        submitter.close()
+    result = flush_pass(billing_runtime)  # an earlier run's pending rows go first
+    assert result.submissions_sent == len(ids) - 1 and _calls(emulator) == len(ids) - 1
+    assert _ids(billing_runtime, "sent") == [i for i in ids if i != ids[4]]
+
+
 def test_a_redelivered_submit_of_the_same_ids_sends_nothing_twice(
     billing_runtime, emulator, claimed
 ):

@@ -46,7 +46,35 @@ def merge_metadata(obj: dict[str, Any], update: dict[str, str] | None) -> None:
 
 
 def create_customer(st: State, p: dict[str, Any]) -> dict[str, Any]:
+    cus = _store_customer(st, p, st.now())
+    st.emit("customer.created", cus)
+    return cus
+
+
+# A bulk fixture, not Stripe's: enough for a benchmark's million groups in one call.
+MAX_BULK_CUSTOMERS = 1_000_000
+SEQUENCE = "{n}"  # in a bulk name or metadata value: the customer's sequence number
+
+
+def create_customers(
+    st: State, count: int, start: int, name: str | None, metadata: dict[str, str]
+) -> list[str]:
+    """`count` customers numbered `start`, `start + 1`, …; `{n}` in `name` and in each metadata
+    value becomes the number. No `customer.created` events: each would be copied and queued for
+    the webhook sender, which costs more than the customer (a bench sets up 200,000)."""
     now = st.now()
+    ids = []
+    for n in range(start, start + count):
+        number = str(n)
+        p = {
+            "name": None if name is None else name.replace(SEQUENCE, number),
+            "metadata": {k: v.replace(SEQUENCE, number) for k, v in metadata.items()},
+        }
+        ids.append(_store_customer(st, p, now)["id"])
+    return ids
+
+
+def _store_customer(st: State, p: dict[str, Any], now: int) -> dict[str, Any]:
     cus = {
         "id": st.new_id("cus_"),
         "object": "customer",
@@ -77,7 +105,6 @@ def create_customer(st: State, p: dict[str, Any]) -> dict[str, Any]:
         "test_clock": None,
     }
     st.customers[cus["id"]] = cus
-    st.emit("customer.created", cus)
     return cus
 
 
