@@ -208,22 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     counts = [int(w) for w in args.workers.split(",")]
 
-    port = flush_bench._free_port()
-    api_base = f"http://127.0.0.1:{port}"
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    emulator, api_base = flush_bench.start_emulator()
     rows: list[dict[str, Any]] = []
     try:
-        for _ in range(100):
-            try:
-                flush_bench._control(api_base, "stats")
-                break
-            except OSError:
-                time.sleep(0.1)
         prepared = flush_bench.prepare(
             api_base, flush_bench.SCHEMA, args.events, args.orgs, args.hours
         )

@@ -843,6 +843,44 @@ def run_groups(args: argparse.Namespace, api_base: str) -> dict[str, Any]:
 # Output -----------------------------------------------------------------------------------------
 
 
+def _delegate(args: argparse.Namespace) -> int:
+    """`--workers` runs bench/fanout.py on the first --sizes/--orgs shape; `--api` runs
+    bench/stream.py on --groups (both APIs side by side: the ratio is the point)."""
+    if args.workers:
+        from bench import fanout
+
+        shape = ["--workers", args.workers, "--limits", args.limits, "--rounds", str(args.rounds)]
+        if args.sizes:
+            shape += ["--events", args.sizes.split(",")[0]]
+        if args.orgs:
+            shape += ["--orgs", args.orgs.split(",")[0]]
+        return fanout.main(shape + (["--quick"] if args.quick else []))
+    from bench import stream
+
+    return stream.main(
+        ["--groups", args.groups or "2000,10000"] + (["--quick"] if args.quick else [])
+    )
+
+
+def start_emulator() -> tuple[subprocess.Popen, str]:
+    """The emulator in a subprocess on a free port, answering: (process, its base URL)."""
+    port = _free_port()
+    api_base = f"http://127.0.0.1:{port}"
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            _control(api_base, "stats")
+            break
+        except OSError:
+            time.sleep(0.1)
+    return emulator, api_base
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -912,6 +950,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument(
         "--groups", help="comma-separated counts of distinct groups to claim (one event each)"
     )
+    shapes.add_argument(
+        "--workers",
+        help="comma-separated worker process counts: the fan-out, side by side (bench/fanout.py)",
+    )
+    parser.add_argument(
+        "--api",
+        choices=("v1", "v2"),
+        help="with --groups: that many groups on v1 and v2 side by side (bench/stream.py)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="--submit: interleaved rounds")
     parser.add_argument(
         "--baseline", type=Path, help="another checkout (e.g. main) whose flush runs beside"
@@ -929,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-base", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workers or args.api:  # shapes with benches of their own
+        return _delegate(args)
     if args.child:
         if args.code:  # the baseline's billing package, not this tree's
             sys.path.insert(0, args.code)
@@ -948,14 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         SUBMIT_RESULTS if args.submit else GROUPS_RESULTS if args.groups else RESULTS
     )
 
-    port = _free_port()
-    api_base = f"http://127.0.0.1:{port}"
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    emulator, api_base = start_emulator()
     report: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -969,12 +1011,6 @@ def main(argv: list[str] | None = None) -> int:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
-        for _ in range(100):
-            try:
-                _control(api_base, "stats")
-                break
-            except OSError:
-                time.sleep(0.1)
         if args.submit:
             report |= {
                 "benchmark": "the submit phase, side by side",

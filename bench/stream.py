@@ -307,26 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(n, ("v1", "v2")) for n in sizes]
     if args.v1_groups:
         runs = [(args.v1_groups, ("v1", "v2"))] + [(n, ("v2",)) for n in sizes]
-    port = flush_bench._free_port()
-    api_base = f"http://127.0.0.1:{port}"
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "billing.emulator", "--port", str(port), "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    emulator, api_base = flush_bench.start_emulator()
     rows: list[dict[str, Any]] = []
     log_dir = args.output.parent
     log_dir.mkdir(parents=True, exist_ok=True)
     largest = max(n for n, _ in runs)
     print(HEADER, flush=True)
     try:
-        for _ in range(100):
-            try:
-                flush_bench._control(api_base, "stats")
-                break
-            except OSError:
-                time.sleep(0.1)
         v1_per_group: float | None = None
         for groups, apis in runs:
             pair = {}
