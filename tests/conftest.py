@@ -214,6 +214,26 @@ class EmulatorHandle:
     def stats(self) -> dict:
         return self.control("GET", "stats")
 
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until every API request the emulator received is answered: a killed client's calls
+        still run to their end there (a slowed cancel keeps its idempotency key in progress)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            answered = {k: sum(v.values()) for k, v in stats["responses"].items()}
+            busy = {
+                key: count
+                for key, count in stats["requests"].items()
+                if not key.split(" ", 1)[-1].startswith("/_emulator/")
+                and count > answered.get(key, 0)
+            }
+            if not busy:
+                return
+            assert time.monotonic() < deadline, f"emulator still busy: {busy}"
+            time.sleep(0.02)
+
     def billed(self) -> dict[str, dict[str, int]]:
         """{customer id: {meter event name: sum of accepted values}}."""
         return self.stats()["billed"]

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -62,10 +63,12 @@ def run_flask(env: dict[str, str], *args: str, timeout: float = 60) -> subproces
 class FlushChild:
     """`flask billing flush_now` in a child process, to be SIGKILLed mid-flight.
 
-    A killed client's open transaction keeps its row locks until PostgreSQL's backend notices
-    the closed socket and rolls back, which can take longer than `wait()`; a clean pass started
-    in that gap skips the still-locked rows (SKIP LOCKED) and leaves them for the next one. The
-    child's sessions carry a unique application_name, so `kill()` waits for them to be gone."""
+    What the killed child left running goes on without it: its calls in the emulator (a cancel
+    slowed by a fault keeps its idempotency key "in progress", so the clean pass's repeat is
+    refused and waits for a later pass), and its open transaction, whose row locks last until
+    PostgreSQL's backend notices the closed socket (the clean pass skips them: SKIP LOCKED).
+    `kill()` waits for both: the emulator idle, and no session left with the child's unique
+    application_name."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.application_name = f"killed-flush-{uuid.uuid4().hex[:12]}"
@@ -78,9 +81,13 @@ class FlushChild:
             stderr=subprocess.DEVNULL,
         )
 
-    def kill(self, timeout: float = 30) -> None:
+    def kill(self, emulator: Any, timeout: float = 30) -> None:
+        """SIGKILL, then wait until the emulator has answered the calls the child had in flight
+        (a repeat of one still running there is refused "in progress" and waits for the next
+        pass) and PostgreSQL has ended the child's sessions."""
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=timeout)
+        emulator.wait_idle(timeout)
         if not self.database_url.startswith("postgresql"):
             return
         engine = db.make_engine(self.database_url, poolclass=sa.pool.NullPool)

@@ -354,7 +354,7 @@ def test_a_flush_killed_between_cancels_and_resends_is_exact_after_a_clean_run(
     deadline = time.monotonic() + 60
     while emulator.stats()["meter_events"]["canceled"] < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
-    child.kill()
+    child.kill(emulator)
     assert emulator.stats()["meter_events"]["canceled"] >= 3, "the flush never got going"
     left = Counter(c.status for c in corrections(billing_runtime))
     assert left["cancelling"] > 0, f"killed after the cancels: {left}"

@@ -69,7 +69,7 @@ def test_killed_flush_process_is_repaired_by_the_next_run(billing_runtime, emula
     deadline = time.monotonic() + 30
     while emulator.stats()["meter_events"]["accepted"] < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
-    child.kill()
+    child.kill(emulator)
     partial = emulator.stats()["meter_events"]["accepted"]
     assert partial >= 5, "the flush never got going"
     assert submission_statuses(billing_runtime)["pending"] > 0, "killed after it had finished"

@@ -173,7 +173,7 @@ def test_killed_v2_flush_then_a_clean_run_is_exact(v2_runtime, emulator, seeded)
     deadline = time.monotonic() + 30
     while stream_stats(emulator)["requests"] < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
-    child.kill()
+    child.kill(emulator)
     assert stream_stats(emulator)["requests"] >= 1, "the flush never got going"
     assert submission_statuses(v2_runtime)["pending"] > 0, "killed after it had finished"
 
