@@ -240,6 +240,18 @@ class UsageSubmission(Base):
         Integer, nullable=False, default=0, server_default=text("0")
     )
 
+    @staticmethod
+    def sent_values(now: datetime) -> dict[str, Any]:
+        """The columns of a row Stripe took (the v1 and v2 senders' record)."""
+        return {
+            "status": SubmissionStatus.SENT.value,
+            "attempts": UsageSubmission.attempts + 1,
+            "last_error": None,
+            "last_error_scope": None,
+            "sent_at": now,
+            "updated_at": now,
+        }
+
     @property
     def idempotency_key(self) -> str:
         """Derived from the outbox row, so every retry of it is the same request to Stripe

@@ -43,6 +43,11 @@ class ErrorScope(StrEnum):
     ROW = "row"  # this request alone
 
 
+# Refusals about a name a fixed configuration changes: such a row's next send follows the fixed
+# meter mapping or customer link (`usage.submitting.Submitter._repoint`).
+REPOINTED_SCOPES = frozenset({ErrorScope.METER.value, ErrorScope.CUSTOMER.value})
+
+
 class StripeGatewayError(OperatorError):
     """A Stripe call failed; `transient` says whether repeating the same request may succeed."""
 
@@ -87,6 +92,18 @@ class MeterEvent:
     timestamp: datetime
     identifier: str
     idempotency_key: str
+
+    @classmethod
+    def of_row(cls, row: Any) -> MeterEvent:
+        """The meter event of an outbox row (a `UsageSubmission` or a plain row of its columns)."""
+        return cls(
+            event_name=row.event_name,
+            stripe_customer_id=row.stripe_customer_id,
+            value=row.value,
+            timestamp=row.window_start,
+            identifier=row.identifier,
+            idempotency_key=row.idempotency_key,
+        )
 
 
 @dataclass(frozen=True)

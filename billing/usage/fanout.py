@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import redis
 import sqlalchemy as sa
@@ -226,7 +226,7 @@ class RunParts:
 
 def counts_of(result: FlushResult) -> dict[str, int]:
     """The counters a part changes, billed values as `billed:EVENT_TYPE`."""
-    counts = {f.name: getattr(result, f.name) for f in fields(result) if f.name in COUNTERS}
+    counts = {name: getattr(result, name) for name in COUNTERS}
     counts.update({BILLED_PREFIX + k: v for k, v in result.billed_value.items()})
     return counts
 

@@ -32,6 +32,7 @@ from billing import logs
 from billing.models import SubmissionStatus, UsageSubmission
 from billing.stripe_gateway import (
     MAX_STREAM_EVENTS,
+    REPOINTED_SCOPES,
     ErrorScope,
     MeterEvent,
     PermanentStripeError,
@@ -108,17 +109,7 @@ class StreamSender:
 
     def _send_request(self, rows: list[UsageSubmission]) -> bool:
         """Send one request (retried whole); True when Stripe answered it."""
-        events = [
-            MeterEvent(
-                event_name=r.event_name,
-                stripe_customer_id=r.stripe_customer_id,
-                value=r.value,
-                timestamp=r.window_start,
-                identifier=r.identifier,
-                idempotency_key=r.idempotency_key,
-            )
-            for r in rows
-        ]
+        events = [MeterEvent.of_row(r) for r in rows]
         attempt = 0
 
         def send() -> None:
@@ -149,14 +140,7 @@ class StreamSender:
                     UsageSubmission.id.in_([r.id for r in rows]),
                     UsageSubmission.status == SubmissionStatus.PENDING.value,
                 )
-                .values(
-                    status=SubmissionStatus.SENT.value,
-                    attempts=UsageSubmission.attempts + 1,
-                    last_error=None,
-                    last_error_scope=None,
-                    sent_at=now,
-                    updated_at=now,
-                )
+                .values(UsageSubmission.sent_values(now))
                 .returning(UsageSubmission.id)
             ).scalars()
             recorded = set(sent)
@@ -165,8 +149,7 @@ class StreamSender:
             repointed = [
                 {"id": r.id, "event_name": r.event_name, "stripe_customer_id": r.stripe_customer_id}
                 for r in rows
-                if r.id in recorded
-                and r.last_error_scope in (ErrorScope.METER, ErrorScope.CUSTOMER)
+                if r.id in recorded and r.last_error_scope in REPOINTED_SCOPES
             ]
             if repointed:
                 session.execute(sa.update(UsageSubmission), repointed)

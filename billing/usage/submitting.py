@@ -40,6 +40,7 @@ from billing import logs
 from billing.config import Settings
 from billing.models import BillingAccount, SubmissionStatus, UsageSubmission
 from billing.stripe_gateway import (
+    REPOINTED_SCOPES,
     ErrorScope,
     MeterEvent,
     MeterEventOutcome,
@@ -58,8 +59,6 @@ STOPPED = "stopped"  # this row's call got the error
 SKIPPED = "skipped"  # not sent: an earlier row's error already covers it
 ACTIVE_METER = "active"
 DELIVERED = frozenset({MeterEventOutcome.ACCEPTED.value, MeterEventOutcome.DUPLICATE.value})
-# Rows whose names may follow a fixed configuration on their next send (`Submitter._repoint`).
-REPOINTED_SCOPES = frozenset({ErrorScope.METER.value, ErrorScope.CUSTOMER.value})
 
 
 class OutboxRow(NamedTuple):
@@ -318,21 +317,14 @@ class LaneSender:
             return Attempt(row, SKIPPED, covering[1], covering[0])
         if self.call_attempts < 1:
             return Attempt(row, SKIPPED)
+        event = MeterEvent.of_row(row)
         fields = {
             "organization_id": row.organization_id,
-            "idempotency_key": row.idempotency_key,
+            "idempotency_key": event.idempotency_key,
             "event_name": row.event_name,
             "value": row.value,
             "identifier": row.identifier,
         }
-        event = MeterEvent(
-            event_name=row.event_name,
-            stripe_customer_id=row.stripe_customer_id,
-            value=row.value,
-            timestamp=row.window_start,
-            identifier=row.identifier,
-            idempotency_key=fields["idempotency_key"],
-        )
         attempt = 0
 
         def send() -> MeterEventOutcome:
@@ -630,14 +622,7 @@ class Submitter:
                 session.execute(
                     sa.update(UsageSubmission)
                     .where(id_in(UsageSubmission.id, delivered_ids, dialect), still_pending)
-                    .values(
-                        status=SubmissionStatus.SENT.value,
-                        attempts=UsageSubmission.attempts + 1,
-                        last_error=None,
-                        last_error_scope=None,
-                        sent_at=now,
-                        updated_at=now,
-                    )
+                    .values(UsageSubmission.sent_values(now))
                     .execution_options(synchronize_session=False)
                 )
             if updates:
