@@ -11,7 +11,9 @@ import contextlib
 import contextvars
 import functools
 import logging
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -215,3 +217,58 @@ def configure_logging(
     billing.propagate = True
     logging.captureWarnings(True)  # a library's warnings become lines of the same format
     logging.getLogger("stripe").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+class LaneLog:
+    """The lanes' per-row log lines, written by one thread of their own.
+
+    Lanes that each wrote their own lines queued on the log handler's lock (held across the
+    write), and that wait cost more than the lines themselves (docs/performance.md). Here a lane
+    only makes the record (its time, fields and bound context are the lane's) and queues it; the
+    writer hands them to the logger in the order they came, so each row's lines keep their order
+    and messages, and `flush()` waits until every queued line is out."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer = threading.Thread(target=self._write, name="meter-submit-log", daemon=True)
+        self._writer.start()
+
+    def info(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.INFO, message, fields)
+
+    def warning(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.WARNING, message, fields)
+
+    def error(self, message: str, fields: dict[str, Any]) -> None:
+        self._put(logging.ERROR, message, fields)
+
+    def _put(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        # The caller's line (info/warning/error → _put), read off its frame: `findCaller` walks
+        # and normalizes the stack on every call, a few percent of a lane's CPU per row.
+        code, line = (caller := sys._getframe(2)).f_code, caller.f_lineno
+        record = self.logger.makeRecord(
+            self.logger.name, level, code.co_filename, line, message, (), None, code.co_name, fields
+        )
+        ContextFilter().filter(record)  # the lane's bound fields, not the writer's
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self.logger.handle(item)

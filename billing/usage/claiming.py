@@ -39,9 +39,10 @@ from billing.models import (
     BillingAccount,
     SubmissionStatus,
     UsageSubmission,
+    id_in,
     pending_event,
 )
-from billing.usage.submitting import Stops, id_in
+from billing.usage.submitting import Stops
 
 # Where the flush result's reasons are defined (kept importable from here).
 UnbillableReason = billability.UnbillableReason

@@ -19,7 +19,6 @@ the rows' identifiers make the re-send harmless, as after a crash. Logging is pe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -29,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import logs
-from billing.models import SubmissionStatus, UsageSubmission
+from billing.models import SubmissionStatus, UsageSubmission, pending_among
 from billing.stripe_gateway import (
     MAX_STREAM_EVENTS,
     REPOINTED_SCOPES,
@@ -42,7 +41,6 @@ from billing.stripe_gateway import (
 )
 from billing.usage.result import FlushResult
 
-log = logs.get_logger("billing.usage")
 API = "v2"
 # Answered rows a lane holds before recording them: at most this many re-sent after a crash.
 RECORD_ROWS = 1_000
@@ -67,6 +65,7 @@ class StreamSender:
         lane_count: int,
         retrying: Callable[[Callable[[], Any]], Any],
         call_attempts: int,
+        lane_log: logs.LaneLog,
     ) -> None:
         self.gateway = gateway
         self.sessions = sessions
@@ -77,6 +76,7 @@ class StreamSender:
         self.lane_count = max(1, lane_count)
         self.retrying = retrying
         self.call_attempts = call_attempts
+        self.log = lane_log
 
     def submit(self, rows: Sequence[UsageSubmission]) -> None:
         pairs: dict[tuple[str, str], int] = {}
@@ -85,7 +85,10 @@ class StreamSender:
             key = (row.stripe_customer_id, row.event_name)
             lanes[pairs.setdefault(key, len(pairs) % self.lane_count)].append(row)
         send_lane = logs.carry_context(self._send_lane)
-        list(self.lanes.map(send_lane, [lane for lane in lanes if lane]))
+        try:
+            list(self.lanes.map(send_lane, [lane for lane in lanes if lane]))
+        finally:
+            self.log.flush()  # the chunk's lines are out before the next chunk is dealt
 
     def _send_lane(self, rows: list[UsageSubmission]) -> None:
         answered: list[UsageSubmission] = []
@@ -115,9 +118,8 @@ class StreamSender:
         def send() -> None:
             nonlocal attempt
             attempt += 1
-            log.info(
-                logs.METER_SUBMIT_ATTEMPT,
-                extra={"api": API, "events": len(events), "attempt": attempt},
+            self.log.info(
+                logs.METER_SUBMIT_ATTEMPT, {"api": API, "events": len(events), "attempt": attempt}
             )
             self.gateway.send_meter_event_batch(events)
 
@@ -126,20 +128,18 @@ class StreamSender:
         except StripeGatewayError as error:
             self._failed(rows, error)
             return False
-        log.info(logs.METER_SUBMIT_SUCCEEDED, extra={"api": API, "events": len(events)})
+        self.log.info(logs.METER_SUBMIT_SUCCEEDED, {"api": API, "events": len(events)})
         return True
 
     def _record_sent(self, rows: list[UsageSubmission]) -> None:
         now = self.clock()
         with self.sessions.begin() as session:
-            if session.get_bind().dialect.name == "postgresql":
+            dialect = session.get_bind().dialect.name
+            if dialect == "postgresql":
                 session.execute(sa.text("SET LOCAL synchronous_commit = off"))  # see above
             sent = session.execute(
                 sa.update(UsageSubmission)
-                .where(
-                    UsageSubmission.id.in_([r.id for r in rows]),
-                    UsageSubmission.status == SubmissionStatus.PENDING.value,
-                )
+                .where(pending_among([r.id for r in rows], dialect))
                 .values(UsageSubmission.sent_values(now))
                 .returning(UsageSubmission.id)
             ).scalars()
@@ -163,11 +163,11 @@ class StreamSender:
 
     def _failed(self, rows: list[UsageSubmission], error: StripeGatewayError) -> None:
         transient = isinstance(error, TransientStripeError)
+        write = self.log.warning if transient else self.log.error
         for row in rows:
-            log.log(
-                logging.WARNING if transient else logging.ERROR,
+            write(
                 logs.METER_SUBMIT_FAILED,
-                extra={
+                {
                     "api": API,
                     "organization_id": row.organization_id,
                     "idempotency_key": row.idempotency_key,
@@ -188,10 +188,7 @@ class StreamSender:
         with self.sessions.begin() as session:
             session.execute(
                 sa.update(UsageSubmission)
-                .where(
-                    UsageSubmission.id.in_([r.id for r in rows]),
-                    UsageSubmission.status == SubmissionStatus.PENDING.value,
-                )
+                .where(pending_among([r.id for r in rows], session.get_bind().dialect.name))
                 .values(
                     status=status.value,
                     attempts=UsageSubmission.attempts + 1,

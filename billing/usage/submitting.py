@@ -21,9 +21,7 @@ nothing twice.
 from __future__ import annotations
 
 import functools
-import logging
 import queue
-import sys
 import threading
 from array import array
 from collections import defaultdict
@@ -38,7 +36,13 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 
 from billing import logs
 from billing.config import Settings
-from billing.models import BillingAccount, SubmissionStatus, UsageSubmission
+from billing.models import (
+    BillingAccount,
+    SubmissionStatus,
+    UsageSubmission,
+    id_in,
+    pending_among,
+)
 from billing.stripe_gateway import (
     REPOINTED_SCOPES,
     ErrorScope,
@@ -81,13 +85,6 @@ class OutboxRow(NamedTuple):
 
 
 OUTBOX_COLUMNS = tuple(getattr(UsageSubmission, name) for name in OutboxRow._fields)
-
-
-def id_in(column: Any, ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:
-    """`column IN ids`; on PostgreSQL one array parameter instead of thousands of bound values."""
-    if dialect == "postgresql":
-        return column == sa.any_(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.BigInteger)))
-    return column.in_(ids)
 
 
 class Stops:
@@ -181,61 +178,6 @@ class Sender(Protocol):
     def close(self) -> None: ...
 
 
-class LaneLog:
-    """The lanes' per-row log lines, written by one thread of their own.
-
-    Lanes that each wrote their own lines queued on the log handler's lock (held across the
-    write), and that wait cost more than the lines themselves (docs/performance.md). Here a lane
-    only makes the record (its time, fields and bound context are the lane's) and queues it; the
-    writer hands them to the logger in the order they came, so each row's lines keep their order
-    and messages, and `flush()` waits until every queued line is out."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
-        self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = (
-            queue.SimpleQueue()
-        )
-        self._writer = threading.Thread(target=self._write, name="meter-submit-log", daemon=True)
-        self._writer.start()
-
-    def info(self, message: str, fields: dict[str, Any]) -> None:
-        self._put(logging.INFO, message, fields)
-
-    def warning(self, message: str, fields: dict[str, Any]) -> None:
-        self._put(logging.WARNING, message, fields)
-
-    def error(self, message: str, fields: dict[str, Any]) -> None:
-        self._put(logging.ERROR, message, fields)
-
-    def _put(self, level: int, message: str, fields: dict[str, Any]) -> None:
-        if not self.logger.isEnabledFor(level):
-            return
-        # The caller's line (info/warning/error → _put), read off its frame: `findCaller` walks
-        # and normalizes the stack on every call, a few percent of a lane's CPU per row.
-        code, line = (caller := sys._getframe(2)).f_code, caller.f_lineno
-        record = self.logger.makeRecord(
-            self.logger.name, level, code.co_filename, line, message, (), None, code.co_name, fields
-        )
-        logs.ContextFilter().filter(record)  # the lane's bound fields, not the writer's
-        self._queue.put(record)
-
-    def flush(self) -> None:
-        written = threading.Event()
-        self._queue.put(written)
-        written.wait()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._writer.join()
-
-    def _write(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if isinstance(item, threading.Event):
-                item.set()
-            else:
-                self.logger.handle(item)
-
-
 class LaneSender:
     """v1: one meter event call per row, in `STRIPE_USAGE_SUBMIT_CONCURRENCY` lanes.
 
@@ -256,7 +198,7 @@ class LaneSender:
             max_workers=max(1, settings.submit_concurrency), thread_name_prefix="meter-submit"
         )
         self._width = max(1, settings.submit_concurrency)
-        self._log = LaneLog(log)
+        self._log = logs.LaneLog(log)
         # One for every row and thread: tenacity keeps a call's state per thread.
         self._retrying = Retrying(
             stop=stop_after_attempt(max(1, call_attempts)) | stop_when_event_set(stops.run),
@@ -272,6 +214,10 @@ class LaneSender:
     @property
     def retrying(self) -> Retrying:
         return self._retrying
+
+    @property
+    def lane_log(self) -> logs.LaneLog:
+        return self._log
 
     def close(self) -> None:
         self._lanes.shutdown(wait=True)
@@ -484,6 +430,7 @@ class Submitter:
             lane_count=self.settings.submit_concurrency,
             retrying=self.sender.retrying,
             call_attempts=self.call_attempts,
+            lane_log=self.sender.lane_log,
         )
 
     def load(self, submission_ids: Sequence[int]) -> Iterator[list[OutboxRow]]:
@@ -515,11 +462,7 @@ class Submitter:
                 OutboxRow._make(row)
                 for row in session.execute(
                     sa.select(*OUTBOX_COLUMNS)
-                    .where(
-                        UsageSubmission.id.between(ids[0], ids[-1]),
-                        id_in(UsageSubmission.id, ids, dialect),
-                        UsageSubmission.status == SubmissionStatus.PENDING.value,
-                    )
+                    .where(pending_among(ids, dialect))
                     .order_by(UsageSubmission.id)
                 )
             ]
@@ -621,7 +564,7 @@ class Submitter:
             if delivered_ids:
                 session.execute(
                     sa.update(UsageSubmission)
-                    .where(id_in(UsageSubmission.id, delivered_ids, dialect), still_pending)
+                    .where(pending_among(delivered_ids, dialect))
                     .values(UsageSubmission.sent_values(now))
                     .execution_options(synchronize_session=False)
                 )
