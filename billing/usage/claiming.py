@@ -76,7 +76,8 @@ class Claimer:
     """Claims batches for one flush run, continuing after the previous batch (keyset cursor).
 
     The first batch is `STRIPE_USAGE_FLUSH_BATCH_SIZE` rows, so sending starts early; each next
-    one doubles, up to `GROWTH_LIMIT` times the setting and `MAX_BATCH_ROWS`. Few batches matter
+    one doubles, up to `GROWTH_LIMIT` times the setting and `MAX_BATCH_ROWS`, and to about
+    `MAX_BATCH_GROUPS` outbox rows. Few batches matter
     at scale: a batch's edge cuts a group (one more Stripe call), and each batch writes rows
     spread over the whole table (the pages of a backlog that does not fit PostgreSQL's buffers
     are read and written again by every batch). The portable path (SQLite) holds a batch's ids in
@@ -86,6 +87,10 @@ class Claimer:
     GROWTH_LIMIT = 200
     CONFLICT_ATTEMPTS = 5
     MAX_BATCH_ROWS = 1_000_000
+    # Nothing is claimed while the last batch is sent, so its sending is the run's tail: a
+    # backlog of a million distinct groups grew its last batch to 365,000 outbox rows, 27 s of
+    # sending after the last claim (docs/performance.md, "A million groups").
+    MAX_BATCH_GROUPS = 100_000
     MAX_PORTABLE_BATCH_ROWS = 100_000
 
     def __init__(
@@ -159,14 +164,19 @@ class Claimer:
                 if attempt == self.CONFLICT_ATTEMPTS:
                     raise
         if batch is not None:
-            self._grow(set_based=dialect == "postgresql")
+            self._grow(len(batch.submission_ids), set_based=dialect == "postgresql")
         return batch
 
-    def _grow(self, *, set_based: bool) -> None:
+    def _grow(self, groups: int, *, set_based: bool) -> None:
         setting = self.settings.flush_batch_size
         largest = self.MAX_BATCH_ROWS if set_based else self.MAX_PORTABLE_BATCH_ROWS
         ceiling = max(setting, min(setting * self.GROWTH_LIMIT, largest))
-        self.batch_size = min(self.batch_size * 2, ceiling)
+        grown = min(self.batch_size * 2, ceiling)
+        if groups > self.MAX_BATCH_GROUPS // 2:
+            # Rows that are nearly all distinct groups: the next batch keeps its outbox rows
+            # near MAX_BATCH_GROUPS, at this batch's rows per group.
+            grown = min(grown, max(setting, self.batch_size * self.MAX_BATCH_GROUPS // groups))
+        self.batch_size = grown
 
     # PostgreSQL: one statement per batch -------------------------------------------------------
 

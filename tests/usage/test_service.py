@@ -461,3 +461,30 @@ def test_each_batch_doubles_up_to_the_growth_limit(
     assert result.events_claimed == 100 and result.batches == batches
     assert result.submissions_sent == batches
     assert emulator.billed() == {customers[1]: {"api_call": sum(r["quantity"] for r in rows)}}
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_batches_of_distinct_groups_stop_growing_at_the_group_cap(
+    request, emulator, monkeypatch, database
+):
+    # 60 organizations, one event each: every row is a group of its own. With the cap at 8
+    # outbox rows a batch: 4, then 8 at a time (uncapped it would be 4 + 8 + 16 + 32).
+    runtime = request.getfixturevalue(
+        "billing_runtime" if database == "postgresql" else "sqlite_runtime"
+    )
+    organizations = list(range(1, 61))
+    customers = add_accounts(runtime, organizations)
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    add_events(
+        runtime,
+        [
+            {"organization_id": org, "event_type": "api_call", "quantity": org, "occurred_at": hour}
+            for org in organizations
+        ],
+    )
+    runtime.settings = runtime.settings.replace(flush_batch_size=4)
+    monkeypatch.setattr(Claimer, "MAX_BATCH_GROUPS", 8)
+    result = flush_pass(runtime)
+    assert result.events_claimed == 60 and result.batches == 1 + 56 // 8
+    assert result.submissions_sent == 60
+    assert emulator.billed() == {customers[org]: {"api_call": org} for org in organizations}
