@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -150,6 +149,8 @@ def child(args: argparse.Namespace) -> None:
     phases.wrap(streaming.StreamSender, "_record_sent", "record")
     phases.wrap(submitting.Submitter, "record", "record")
     handler = logging.FileHandler(args.log, mode="w")
+    # Milliseconds since the child started, to read the claim/send overlap off the log.
+    handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f %(threadName)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -188,7 +189,7 @@ def child(args: argparse.Namespace) -> None:
             {
                 "seconds": seconds,
                 "cpu_seconds": cpu,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": flush_bench.peak_rss_mb(),
                 "phases_seconds": {k: round(v, 2) for k, v in phases.seconds.items()},
                 "batches": result.batches,
                 "sent": result.submissions_sent,
