@@ -42,6 +42,7 @@ from billing.models import (
     UsageSubmission,
     id_in,
     pending_among,
+    still_pending,
 )
 from billing.stripe_gateway import (
     REPOINTED_SCOPES,
@@ -542,7 +543,6 @@ class Submitter:
             )
         if not delivered_ids and not updates:
             return
-        still_pending = UsageSubmission.status == SubmissionStatus.PENDING.value
         with self.sessions.begin() as session:
             dialect = session.get_bind().dialect.name
             if dialect == "postgresql":
@@ -571,7 +571,7 @@ class Submitter:
             if updates:
                 session.execute(
                     sa.update(UsageSubmission)
-                    .where(still_pending)
+                    .where(still_pending())
                     .execution_options(synchronize_session=None),
                     updates,
                 )

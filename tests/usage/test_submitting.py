@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from billing.models import UsageSubmission, utcnow
+from billing.models import UsageSubmission, pending_among, utcnow
 from billing.stripe_gateway import ErrorScope
 from billing.usage.result import FlushResult
 from billing.usage.service import flush_pass
@@ -274,3 +274,39 @@ def test_a_lane_that_raises_stops_the_other_lanes_taking_keys(billing_runtime, e
     # The other lane finishes the key it holds, then takes no new one.
     assert 10 <= calls["n"] <= 11 and len(ids) == len(orgs)
     assert _ids(billing_runtime, "sent") == []  # nothing recorded: the next run re-sends
+
+
+def test_a_record_finds_its_rows_by_primary_key_while_statistics_count_few_pending(
+    billing_runtime,
+):
+    # An outbox of 20,000 sent rows, analysed, then a claim of 20,000 pending rows: every large
+    # claim is in this state until autovacuum analyses again. With `status = 'pending'` as its
+    # guard the planner took the partial index of pending rows (estimated nearly empty) and read
+    # all of them for a record of 1,000 (docs/performance.md, "Claiming a million groups").
+    values = (
+        "organization_id, stripe_customer_id, event_type, event_name, value, event_count,"
+        " window_start, window_end, identifier, status, attempts, created_at, updated_at,"
+        " key_generation"
+    )
+    rows = (
+        "SELECT g, 'cus_' || g, 'api_call', 'api_requests', 1, 1, now(), now(), 'plan-' || g,"
+        " :status, 0, now(), now(), 0 FROM generate_series(:first, :last) g"
+    )
+    insert = sa.text(f"INSERT INTO usage_submissions ({values}) {rows}")
+    with billing_runtime.engine.begin() as connection:
+        connection.execute(insert, {"first": 1, "last": 20_000, "status": "sent"})
+        connection.execute(sa.text("ANALYZE usage_submissions"))
+        connection.execute(insert, {"first": 20_001, "last": 40_000, "status": "pending"})
+        ids = connection.scalars(
+            sa.select(UsageSubmission.id).order_by(UsageSubmission.id).offset(30_000).limit(1_000)
+        ).all()
+        record = (
+            sa.update(UsageSubmission).where(pending_among(ids, "postgresql")).values(status="sent")
+        )
+        compiled = record.compile(connection)
+        explained = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.params)
+        plan = "\n".join(line for (line,) in explained)
+        updated = connection.execute(record).rowcount
+    assert "Index Scan using pk_usage_submissions" in plan, plan
+    assert "ix_usage_submissions_unsent" not in plan, plan
+    assert updated == 1_000
