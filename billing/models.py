@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identity columns.
@@ -702,3 +702,20 @@ def pending_among(ids: Sequence[int], dialect: str) -> sa.ColumnElement[bool]:
         id_in(submission.id, ids, dialect),
         still_pending(),
     )
+
+
+def begin_record(session: Session) -> str:
+    """Set up a transaction that records send outcomes on outbox rows; returns the dialect.
+
+    On PostgreSQL: no wait for the WAL flush (a record lost to a database crash leaves its rows
+    pending, re-sent under the same identifiers, which Stripe dedupes); and no plan but the
+    primary key's index scan, which walks `pending_among`'s sorted ids in key order, so the
+    record takes its row locks in id order, as every other writer of the outbox does
+    (`usage.rejections.mark_rejected`): a record and a meter error report's rejection of the
+    same rows cannot deadlock. A seq or bitmap scan would visit them in heap order."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        session.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        session.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
+    return dialect

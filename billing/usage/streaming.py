@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import logs
-from billing.models import SubmissionStatus, UsageSubmission, pending_among
+from billing.models import SubmissionStatus, UsageSubmission, begin_record, pending_among
 from billing.stripe_gateway import (
     MAX_STREAM_EVENTS,
     REPOINTED_SCOPES,
@@ -48,6 +48,26 @@ RECORD_ROWS = 1_000
 # and each lane's last request of a chunk is short (5,000 rows over 8 lanes: 11,200 requests
 # for a million groups instead of 10,000).
 LOAD_ROWS = 20_000
+
+
+def deal(rows: Sequence[UsageSubmission], lane_count: int) -> list[list[UsageSubmission]]:
+    """The rows in id order, dealt to at most `lane_count` lanes by (customer, meter) in runs:
+    each lane takes new pairs until it holds its share of the rows, so a lane's rows are mostly
+    one stretch of ids. Dealt pair by pair in turn, every lane's 1,000-row record spanned
+    `lane_count` times as many ids, read and written pages shared with the other lanes, and the
+    records of a million rows took 1.35x as long (39.8 s against 29.6 s, one after another)."""
+    share = -(-len(rows) // max(1, lane_count))
+    pairs: dict[tuple[str, str], int] = {}
+    lanes: list[list[UsageSubmission]] = [[]]
+    for row in sorted(rows, key=lambda r: r.id):
+        key = (row.stripe_customer_id, row.event_name)
+        lane = pairs.get(key)
+        if lane is None:
+            if len(lanes[-1]) >= share and len(lanes) < lane_count:
+                lanes.append([])
+            lane = pairs[key] = len(lanes) - 1
+        lanes[lane].append(row)
+    return [lane for lane in lanes if lane]
 
 
 class StreamSender:
@@ -79,14 +99,9 @@ class StreamSender:
         self.log = lane_log
 
     def submit(self, rows: Sequence[UsageSubmission]) -> None:
-        pairs: dict[tuple[str, str], int] = {}
-        lanes: list[list[UsageSubmission]] = [[] for _ in range(self.lane_count)]
-        for row in sorted(rows, key=lambda r: r.id):
-            key = (row.stripe_customer_id, row.event_name)
-            lanes[pairs.setdefault(key, len(pairs) % self.lane_count)].append(row)
         send_lane = logs.carry_context(self._send_lane)
         try:
-            list(self.lanes.map(send_lane, [lane for lane in lanes if lane]))
+            list(self.lanes.map(send_lane, deal(rows, self.lane_count)))
         finally:
             self.log.flush()  # the chunk's lines are out before the next chunk is dealt
 
@@ -134,9 +149,7 @@ class StreamSender:
     def _record_sent(self, rows: list[UsageSubmission]) -> None:
         now = self.clock()
         with self.sessions.begin() as session:
-            dialect = session.get_bind().dialect.name
-            if dialect == "postgresql":
-                session.execute(sa.text("SET LOCAL synchronous_commit = off"))  # see above
+            dialect = begin_record(session)
             sent = session.execute(
                 sa.update(UsageSubmission)
                 .where(pending_among([r.id for r in rows], dialect))
@@ -186,9 +199,10 @@ class StreamSender:
         status = SubmissionStatus.PENDING if transient else SubmissionStatus.FAILED
         now = self.clock()
         with self.sessions.begin() as session:
+            dialect = begin_record(session)
             session.execute(
                 sa.update(UsageSubmission)
-                .where(pending_among([r.id for r in rows], session.get_bind().dialect.name))
+                .where(pending_among([r.id for r in rows], dialect))
                 .values(
                     status=status.value,
                     attempts=UsageSubmission.attempts + 1,

@@ -40,6 +40,7 @@ from billing.models import (
     BillingAccount,
     SubmissionStatus,
     UsageSubmission,
+    begin_record,
     id_in,
     pending_among,
     still_pending,
@@ -544,23 +545,23 @@ class Submitter:
         if not delivered_ids and not updates:
             return
         with self.sessions.begin() as session:
-            dialect = session.get_bind().dialect.name
-            if dialect == "postgresql":
-                # A record lost to a database crash leaves rows pending, re-sent with the same
-                # identifiers (deduped), so it need not wait for the WAL flush.
-                session.execute(sa.text("SET LOCAL synchronous_commit = off"))
+            dialect = begin_record(session)
             # A meter error report can mark a row rejected while its batch is in flight (Stripe
             # answered 200, then refused it): the status guard keeps that verdict over this
-            # run's "sent", and taking the row locks first, in id order as
-            # `usage.rejections.mark_rejected` does, keeps the two writers from deadlocking.
-            session.execute(
-                sa.select(UsageSubmission.id)
-                .where(
-                    id_in(UsageSubmission.id, delivered_ids + [u["id"] for u in updates], dialect)
-                )
-                .order_by(UsageSubmission.id)
-                .with_for_update()
-            ).all()
+            # run's "sent". Row locks are taken in id order, as `usage.rejections.mark_rejected`
+            # takes them, so the two writers cannot deadlock: by the delivered rows' UPDATE
+            # alone (`begin_record`), or, when rows are also updated one by one, all first.
+            if updates:
+                session.execute(
+                    sa.select(UsageSubmission.id)
+                    .where(
+                        id_in(
+                            UsageSubmission.id, delivered_ids + [u["id"] for u in updates], dialect
+                        )
+                    )
+                    .order_by(UsageSubmission.id)
+                    .with_for_update()
+                ).all()
             if delivered_ids:
                 session.execute(
                     sa.update(UsageSubmission)

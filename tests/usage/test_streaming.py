@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from billing import logs, metrics
 from billing.models import UsageSubmission, utcnow
 from billing.usage.service import flush_pass
+from billing.usage.streaming import deal
 from tests.factories import (
     add_accounts,
     add_events,
@@ -182,3 +183,30 @@ def test_killed_v2_flush_then_a_clean_run_is_exact(v2_runtime, emulator, seeded)
     assert result.ok and unclaimed_count(v2_runtime) == 0
     assert emulator.billed() == expected_totals(rows, customers)
     assert submission_statuses(v2_runtime) == {"sent": 300}
+
+
+def test_lanes_are_dealt_runs_of_ids_and_a_pair_stays_in_one_lane():
+    # 30 customers, the first with 8 rows (two meters x four hours), the rest one row each: 37
+    # rows in id order as the claim writes them, over 4 lanes.
+    rows, next_id = [], 1
+    for customer in range(30):
+        for meter in ("api", "storage") if customer == 0 else ("api",):
+            for _hour in range(4 if customer == 0 else 1):
+                rows.append(
+                    UsageSubmission(
+                        id=next_id, stripe_customer_id=f"cus_{customer}", event_name=meter
+                    )
+                )
+                next_id += 1
+    rows.reverse()  # dealt in id order whatever order they come in
+    lanes = deal(rows, 4)
+    assert sorted(r.id for lane in lanes for r in lane) == list(range(1, 38))
+    assert [len(lane) for lane in lanes] == [10, 10, 10, 7]
+    for lane in lanes:  # each lane one stretch of ids, in order
+        ids = [r.id for r in lane]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+    lane_of_pair = {}
+    for number, lane in enumerate(lanes):
+        for r in lane:
+            assert lane_of_pair.setdefault((r.stripe_customer_id, r.event_name), number) == number
+    assert [len(lane) for lane in deal(rows[:3], 8)] == [1, 1, 1]

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import logs
-from billing.models import UsageSubmission, pending_among, utcnow
+from billing.models import UsageSubmission, begin_record, pending_among, utcnow
 from billing.stripe_gateway import ErrorScope
 from billing.usage.result import FlushResult
 from billing.usage.service import flush_pass
@@ -276,6 +276,24 @@ def test_a_lane_that_raises_stops_the_other_lanes_taking_keys(billing_runtime, e
     assert _ids(billing_runtime, "sent") == []  # nothing recorded: the next run re-sends
 
 
+OUTBOX_COLUMNS = (
+    "organization_id, stripe_customer_id, event_type, event_name, value, event_count,"
+    " window_start, window_end, identifier, status, attempts, created_at, updated_at,"
+    " key_generation"
+)
+OUTBOX_ROWS = sa.text(
+    f"INSERT INTO usage_submissions ({OUTBOX_COLUMNS}) SELECT g, 'cus_' || g, 'api_call',"
+    " 'api_requests', 1, 1, now(), now(), 'plan-' || g, :status, 0, now(), now(), 0"
+    " FROM generate_series(:first, :last) g"
+)
+
+
+def _plan(connection, statement) -> str:
+    compiled = statement.compile(connection)
+    explained = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.params)
+    return "\n".join(line for (line,) in explained)
+
+
 def test_a_record_finds_its_rows_by_primary_key_while_statistics_count_few_pending(
     billing_runtime,
 ):
@@ -283,30 +301,36 @@ def test_a_record_finds_its_rows_by_primary_key_while_statistics_count_few_pendi
     # claim is in this state until autovacuum analyses again. With `status = 'pending'` as its
     # guard the planner took the partial index of pending rows (estimated nearly empty) and read
     # all of them for a record of 1,000 (docs/performance.md, "Claiming a million groups").
-    values = (
-        "organization_id, stripe_customer_id, event_type, event_name, value, event_count,"
-        " window_start, window_end, identifier, status, attempts, created_at, updated_at,"
-        " key_generation"
-    )
-    rows = (
-        "SELECT g, 'cus_' || g, 'api_call', 'api_requests', 1, 1, now(), now(), 'plan-' || g,"
-        " :status, 0, now(), now(), 0 FROM generate_series(:first, :last) g"
-    )
-    insert = sa.text(f"INSERT INTO usage_submissions ({values}) {rows}")
     with billing_runtime.engine.begin() as connection:
-        connection.execute(insert, {"first": 1, "last": 20_000, "status": "sent"})
+        connection.execute(OUTBOX_ROWS, {"first": 1, "last": 20_000, "status": "sent"})
         connection.execute(sa.text("ANALYZE usage_submissions"))
-        connection.execute(insert, {"first": 20_001, "last": 40_000, "status": "pending"})
+        connection.execute(OUTBOX_ROWS, {"first": 20_001, "last": 40_000, "status": "pending"})
         ids = connection.scalars(
             sa.select(UsageSubmission.id).order_by(UsageSubmission.id).offset(30_000).limit(1_000)
         ).all()
         record = (
             sa.update(UsageSubmission).where(pending_among(ids, "postgresql")).values(status="sent")
         )
-        compiled = record.compile(connection)
-        explained = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.params)
-        plan = "\n".join(line for (line,) in explained)
+        plan = _plan(connection, record)
         updated = connection.execute(record).rowcount
     assert "Index Scan using pk_usage_submissions" in plan, plan
     assert "ix_usage_submissions_unsent" not in plan, plan
     assert updated == 1_000
+
+
+def test_a_record_visits_its_rows_in_id_order_on_a_small_outbox_too(billing_runtime):
+    # Forty rows: a sequential scan is the cheapest plan, and it would lock the rows in heap
+    # order, not in the id order `mark_rejected` locks them in (a deadlock between the two).
+    with billing_runtime.session_factory.begin() as session:
+        connection = session.connection()
+        connection.execute(OUTBOX_ROWS, {"first": 1, "last": 40, "status": "pending"})
+        connection.execute(sa.text("ANALYZE usage_submissions"))
+        ids = connection.scalars(sa.select(UsageSubmission.id)).all()[5:25]
+        record = sa.update(UsageSubmission).where(pending_among(ids, "postgresql"))
+        default_plan = _plan(connection, record.values(status="sent"))
+        assert begin_record(session) == "postgresql"
+        recorded_plan = _plan(connection, record.values(status="sent"))
+        updated = connection.execute(record.values(status="sent")).rowcount
+    assert "Seq Scan" in default_plan, default_plan  # what the record is kept from
+    assert "Index Scan using pk_usage_submissions" in recorded_plan, recorded_plan
+    assert updated == 20
