@@ -206,7 +206,9 @@ def test_a_part_whose_taker_was_killed_is_taken_over_and_billed_once(
             )
         )
         prefix = f"{settings.flush_lock_key}:fanout:{run_id}"
-        threading.Thread(target=kill_once_it_sends, args=(prefix,), daemon=True).start()
+        # The coordinator works parts too: it waits here until the child has taken one and been
+        # killed (a child slow to start on a loaded machine found every part already taken).
+        kill_once_it_sends(prefix)
 
     coordinator = fanout.Coordinator(runtime, enqueue)
     result = flush_guarded(runtime, fan_out=coordinator)
