@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -90,7 +89,7 @@ def adopt_billable_events(engine: Engine) -> AdoptionReport:
 
 
 def _adopt(connection: Connection) -> AdoptionReport:
-    current = MigrationContext.configure(connection).get_current_revision()
+    current = db.revision_of(connection)
     if current is not None:
         raise AdoptionError(
             f"the database is already managed by billing's migrations (at {current}): "
@@ -124,7 +123,7 @@ def _adopt(connection: Connection) -> AdoptionReport:
     db.upgrade_in(connection, "head")
     if connection.scalar(count) != rows:  # cannot happen; money depends on it, so check
         raise AdoptionError("row count changed during adoption: nothing was changed")
-    report.revision = MigrationContext.configure(connection).get_current_revision()
+    report.revision = db.revision_of(connection)
     return report
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import click
-from alembic.util import CommandError  # an unknown revision, a branch point: the operator's
 from flask.cli import AppGroup
 from sqlalchemy import Engine
 
@@ -46,6 +45,9 @@ def db_downgrade_command(revision: str) -> None:
 
 
 def migrate(step: Callable[[Engine, str], None], revision: str) -> None:
+    # An unknown revision, a branch point: the operator's (imported here: see `billing.db`).
+    from alembic.util import CommandError
+
     rt = runtime()
     with operator_errors(CommandError):
         step(rt.engine, revision)
