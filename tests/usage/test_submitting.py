@@ -329,6 +329,7 @@ def test_a_record_visits_its_rows_in_id_order_on_a_small_outbox_too(billing_runt
         record = sa.update(UsageSubmission).where(pending_among(ids, "postgresql"))
         default_plan = _plan(connection, record.values(status="sent"))
         assert begin_record(session) == "postgresql"
+        assert connection.scalar(sa.text("SHOW synchronous_commit")) == "off"
         recorded_plan = _plan(connection, record.values(status="sent"))
         updated = connection.execute(record.values(status="sent")).rowcount
     assert "Seq Scan" in default_plan, default_plan  # what the record is kept from
