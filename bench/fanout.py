@@ -119,7 +119,7 @@ def _start_worker(settings: Any, processes: int, log_path: Path) -> subprocess.P
 
 def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers: int, tag: str):
     from billing.broker import make_sender
-    from billing.celery_app import FLUSH_HOURLY_TASK
+    from billing.task_names import FLUSH_HOURLY_TASK
 
     calls = flush_bench._rearm(tag)
     queue = f"bench-fanout-{os.getpid()}-{tag}"

@@ -236,7 +236,7 @@ def signed(bodies: list[bytes]) -> list[tuple[bytes, str]]:
 
 def component_costs(runtime: Any, customer: str, subscription: str, n: int = 2000) -> dict:
     """Wall and CPU microseconds per call of each piece of an accepted delivery."""
-    from billing.celery_app import WEBHOOK_PROCESS_TASK as PROCESS_TASK
+    from billing.task_names import WEBHOOK_PROCESS_TASK as PROCESS_TASK
     from billing.webhooks import service
     from billing.webhooks.publish import enqueuer
 

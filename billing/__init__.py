@@ -6,8 +6,9 @@ existing one, and `billing.celery_app` is the Celery app, configured from the sa
 Layers, lowest first. A module imports modules of its own layer or of lower ones only, inside
 functions too (tests/test_structure.py reads this table and checks every import):
 
-    foundation:  errors masking config logs models db metrics migrations
-    infra:       ops_records rate_limits stripe_gateway broker runtime celery_app accounts
+    foundation:  errors masking config logs models db metrics migrations task_names
+    infra:       ops_records rate_limits stripe_gateway publish_transport broker runtime celery_app
+                 accounts
     checks:      checks
     usage:       usage
     billing:     adjustments entitlements

@@ -1,14 +1,12 @@
-"""Publishing tasks from the web process: kombu's Redis transport keeping one Redis client per
-channel, a task publisher that keeps a pool of producers, and a background publisher that sends
-tasks in batches for callers that must not wait for the broker.
+"""Publishing tasks from the web process: a Celery app that only sends (`make_sender`) on kombu's
+Redis transport keeping one Redis client per channel (`billing.publish_transport`), a task
+publisher that keeps a pool of producers, and a background publisher that sends tasks in
+batches for callers that must not wait for the broker. The worker and beat use kombu's transport
+unchanged; tests/test_broker.py fails when kombu changes what the override relies on.
 
-kombu's Redis channel builds a new `redis.Redis` client for every message it publishes (`_put` →
-`conn_or_acquire()` → `_create_client()`); building one fills its table of ~170 response
-callbacks, a large share of Celery's CPU cost of a publish. A `redis.Redis` client is thread-safe
-and stateless beyond its connection pool (which the channel already keeps), so the web process's
-sender reuses one per channel. Messages, queues and routing are kombu's own: only the client
-object is kept. The worker and beat use kombu's transport unchanged. tests/test_broker.py fails
-when kombu changes what the override relies on.
+Celery is imported where a sender is built and kombu's Redis transport when it first connects:
+every `flask billing` command imports this module through `billing.runtime`, and most of them
+never publish (the two imports were ~110-170 ms of each command's start).
 """
 
 from __future__ import annotations
@@ -19,40 +17,19 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from celery import Celery
-from kombu.transport import redis as kombu_redis
-from kombu.utils.uuid import uuid
 
 from billing.config import Settings
 
 if TYPE_CHECKING:
+    from celery import Celery
     from kombu import Producer
 
 # Passed to Celery as `broker_transport` (kombu imports a transport named by its path).
-PUBLISH_TRANSPORT = "billing.broker:PublishTransport"
+PUBLISH_TRANSPORT = "billing.publish_transport:PublishTransport"
 REDIS_SCHEMES = ("redis://", "rediss://")
-
-
-class PublishChannel(kombu_redis.Channel):
-    _publish_client: Any = None
-
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        if client is None:
-            # The channel drops its pool on close and after a fork: a client follows its pool.
-            cached = self._publish_client
-            if cached is None or cached.connection_pool is not self.pool:
-                cached = self._publish_client = self._create_client()
-            client = cached
-        yield client
-
-
-class PublishTransport(kombu_redis.Transport):
-    Channel = PublishChannel
 
 
 def publish_transport(broker_url: str) -> str | None:
@@ -123,7 +100,7 @@ class TaskPublisher:
         # ignore_result in the message: Celery lets the request's flag override the task's, and
         # the published tasks' results are read by nobody (their retries stored states anyway).
         return self.app.amqp.as_task_v2(
-            uuid(),
+            str(uuid.uuid4()),  # a task id as Celery makes one
             task_name,
             args=args,
             argsrepr=repr(args),
@@ -301,6 +278,8 @@ def make_sender(settings: Settings) -> Celery:
     The web process enqueues with it; publishing retries once, briefly, so a broker outage costs
     a request a fraction of a second, never a lost event (the row is already stored).
     """
+    from celery import Celery
+
     sender = Celery("billing-webhook-sender", set_as_current=False)
     sender.conf.update(
         # Celery lets a CELERY_BROKER_URL in the environment override `broker_url`; the write

@@ -25,15 +25,14 @@ from billing import logs
 from billing.config import ConfigError, Settings
 from billing.masking import scrub
 from billing.runtime import get_runtime
+from billing.task_names import (
+    FLUSH_HOURLY_TASK,
+    RECONCILE_ERROR_REPORTS_TASK,
+    RECONCILE_TASK,
+    VALIDATE_CONTRACT_TASK,
+    WEBHOOK_SWEEP_TASK,
+)
 
-# Task names are a wire contract (beat entries, queued messages, Flower): never rename one.
-FLUSH_HOURLY_TASK = "billing.usage.flush_hourly"
-SUBMIT_PARTS_TASK = "billing.usage.submit_parts"
-WEBHOOK_PROCESS_TASK = "billing.webhooks.process"
-WEBHOOK_SWEEP_TASK = "billing.webhooks.sweep"
-VALIDATE_CONTRACT_TASK = "billing.contract.validate"
-RECONCILE_TASK = "billing.usage.reconcile"
-RECONCILE_ERROR_REPORTS_TASK = "billing.usage.reconcile_error_reports"
 # How often beat looks for meter error reports whose summaries have settled.
 RECONCILE_ERROR_REPORTS_INTERVAL_SECONDS = 300.0
 

@@ -1,6 +1,6 @@
-"""billing.broker's one reach into kombu internals (`PublishChannel` overrides the Redis channel's
-`conn_or_acquire`): these tests fail when kombu changes what the override relies on, so an upgrade
-cannot make it silently useless or wrong."""
+"""billing.publish_transport, the one reach into kombu internals (`PublishChannel` overrides the
+Redis channel's `conn_or_acquire`): these tests fail when kombu changes what the override relies
+on, so an upgrade cannot make it silently useless or wrong."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import redis
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 
-from billing import broker
+from billing import publish_transport
 from tests.conftest import TEST_BROKER_URL
 
 
@@ -20,7 +20,7 @@ def test_kombu_still_has_what_the_publish_channel_overrides():
     channel = kombu_redis.Channel
     assert "client" in inspect.signature(channel.conn_or_acquire).parameters
     assert inspect.signature(channel._create_client).parameters.keys() == {"self", "asynchronous"}
-    assert broker.PublishTransport.Channel is broker.PublishChannel
+    assert publish_transport.PublishTransport.Channel is publish_transport.PublishChannel
 
 
 def _clients_built_for(
@@ -59,5 +59,7 @@ def test_kombu_builds_a_redis_client_per_publish_and_the_publish_channel_does_no
     assert stock[1][0] - stock[0][0] >= 10 and [q for _, q in stock] == [10, 20]
     # The override: kombu still reaches Redis through conn_or_acquire, so the clients built do
     # not grow with the messages published (the channel's own client, and the one kept).
-    ours = [_clients_built_for(broker.PublishTransport, monkeypatch, n) for n in (10, 20)]
+    ours = [
+        _clients_built_for(publish_transport.PublishTransport, monkeypatch, n) for n in (10, 20)
+    ]
     assert ours[0][0] == ours[1][0] <= 2 and [q for _, q in ours] == [10, 20]

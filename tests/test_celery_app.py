@@ -4,7 +4,8 @@ from typing import Any
 
 import pytest
 
-from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.celery_app import celery_app
+from billing.task_names import FLUSH_HOURLY_TASK
 
 ENTRY = celery_app.conf.beat_schedule["billing-hourly-usage-flush"]
 
@@ -91,7 +92,7 @@ def test_reconciliation_is_due_at_minute_43_not_at_the_flushs_13(now, due):
 
 
 def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
-    from billing.celery_app import RECONCILE_TASK
+    from billing.task_names import RECONCILE_TASK
 
     assert RECONCILE_ENTRY["task"] == RECONCILE_TASK == "billing.usage.reconcile"
     assert RECONCILE_ENTRY["options"]["queue"] == celery_app.conf.task_default_queue
@@ -99,7 +100,7 @@ def test_reconciliation_entry_runs_its_named_task_on_the_billing_queue():
 
 
 def test_meter_error_reports_are_looked_at_every_five_minutes_by_their_named_task():
-    from billing.celery_app import RECONCILE_ERROR_REPORTS_TASK
+    from billing.task_names import RECONCILE_ERROR_REPORTS_TASK
 
     entry = celery_app.conf.beat_schedule["billing-meter-error-reports-reconcile"]
     assert entry["task"] == RECONCILE_ERROR_REPORTS_TASK

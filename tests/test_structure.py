@@ -73,8 +73,11 @@ def _layers() -> dict[str, int]:
 
     table = billing.__doc__.split("Layers, lowest first.", 1)[1].split("\n\n", 2)[1]
     ranks: dict[str, int] = {}
-    for rank, line in enumerate(table.strip().splitlines()):
-        for prefix in line.split(":", 1)[1].split():
+    rank = -1
+    for line in table.strip().splitlines():
+        if ":" in line:  # a new layer; a line without one continues the layer above
+            rank, line = rank + 1, line.split(":", 1)[1]
+        for prefix in line.split():
             ranks[f"billing.{prefix}"] = rank
     return ranks
 

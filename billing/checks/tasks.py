@@ -6,9 +6,10 @@ from typing import Any
 
 from celery import Task
 
-from billing.celery_app import VALIDATE_CONTRACT_TASK, celery_app
+from billing.celery_app import celery_app
 from billing.checks.validation import validate_contract_scheduled
 from billing.runtime import get_runtime
+from billing.task_names import VALIDATE_CONTRACT_TASK
 
 
 @celery_app.task(name=VALIDATE_CONTRACT_TASK, bind=True, acks_late=True, ignore_result=True)

@@ -14,17 +14,17 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from billing.celery_app import (
-    FLUSH_HOURLY_TASK,
-    RECONCILE_ERROR_REPORTS_TASK,
-    RECONCILE_TASK,
-    SUBMIT_PARTS_TASK,
-    celery_app,
-)
+from billing.celery_app import celery_app
 from billing.config import Settings
 from billing.errors import OperatorError
 from billing.masking import scrub
 from billing.runtime import get_runtime
+from billing.task_names import (
+    FLUSH_HOURLY_TASK,
+    RECONCILE_ERROR_REPORTS_TASK,
+    RECONCILE_TASK,
+    SUBMIT_PARTS_TASK,
+)
 from billing.usage import fanout, retry_policy
 from billing.usage.error_reports import reconcile_error_reports
 from billing.usage.reconcile import reconcile_scheduled

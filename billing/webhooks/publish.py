@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from billing.broker import BackgroundPublisher
-from billing.celery_app import WEBHOOK_PROCESS_TASK
 from billing.runtime import Runtime
+from billing.task_names import WEBHOOK_PROCESS_TASK
 from billing.webhooks import service
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from celery import Task
 
-from billing.celery_app import WEBHOOK_PROCESS_TASK, WEBHOOK_SWEEP_TASK, celery_app
+from billing.celery_app import celery_app
 from billing.runtime import get_runtime
+from billing.task_names import WEBHOOK_PROCESS_TASK, WEBHOOK_SWEEP_TASK
 from billing.usage.retry_policy import retry_countdown
 from billing.webhooks import dispatch, service
 from billing.webhooks.handlers import TRANSIENT_ERRORS

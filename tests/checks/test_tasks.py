@@ -6,9 +6,10 @@ import time
 import urllib.request
 
 import celeryconfig
-from billing.celery_app import VALIDATE_CONTRACT_TASK, celery_app
+from billing.celery_app import celery_app
 from billing.checks.tasks import validate_contract
 from billing.ops.state import read_run_records
+from billing.task_names import VALIDATE_CONTRACT_TASK
 from tests.fixtures.processes import (
     CONTRACT_BREAKING_CHECKS,
     celery_worker_args,

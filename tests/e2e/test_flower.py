@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from billing.celery_app import FLUSH_HOURLY_TASK
 from billing.models import utcnow
+from billing.task_names import FLUSH_HOURLY_TASK
 from billing.usage.tasks import flush_hourly_usage
 from tests.factories import add_accounts, add_events
 from tests.fixtures.processes import free_port, settings_env, unit_command, venv_root, wait_for_http

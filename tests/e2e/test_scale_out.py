@@ -19,8 +19,8 @@ import sqlalchemy as sa
 
 from billing import logs
 from billing.broker import make_sender
-from billing.celery_app import FLUSH_HOURLY_TASK
 from billing.models import WebhookEvent
+from billing.task_names import FLUSH_HOURLY_TASK
 from tests.conftest import TEST_BROKER_URL
 from tests.factories import expected_totals
 from tests.fixtures.processes import (

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from billing.celery_app import FLUSH_HOURLY_TASK, celery_app
+from billing.celery_app import celery_app
 from billing.models import utcnow
+from billing.task_names import FLUSH_HOURLY_TASK
 from tests.factories import add_accounts, add_events, expected_totals
 from tests.process import BIN, ROOT, billing_env
 

@@ -15,10 +15,10 @@ import pytest
 import sqlalchemy as sa
 
 from billing.broker import make_sender
-from billing.celery_app import FLUSH_HOURLY_TASK, SUBMIT_PARTS_TASK
 from billing.config import ConfigError, Settings
 from billing.models import UsageSubmission
 from billing.rate_limits import SharedRateLimit
+from billing.task_names import FLUSH_HOURLY_TASK, SUBMIT_PARTS_TASK
 from billing.usage import fanout
 from billing.usage.lock import inspect_lock
 from billing.usage.service import flush_guarded

@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from billing.celery_app import FLUSH_HOURLY_TASK, RECONCILE_TASK, celery_app
+from billing.celery_app import celery_app
 from billing.models import utcnow
 from billing.ops.state import read_reconcile_record
 from billing.runtime import set_runtime
+from billing.task_names import FLUSH_HOURLY_TASK, RECONCILE_TASK
 from billing.usage.retry_policy import (
     CALLS_PER_ROW_PER_RUN,
     calls_in_pass,

@@ -11,9 +11,9 @@ import pytest
 import requests
 
 from billing import logs
-from billing.celery_app import WEBHOOK_PROCESS_TASK as PROCESS_TASK
-from billing.celery_app import WEBHOOK_SWEEP_TASK as SWEEP_TASK
 from billing.models import utcnow
+from billing.task_names import WEBHOOK_PROCESS_TASK as PROCESS_TASK
+from billing.task_names import WEBHOOK_SWEEP_TASK as SWEEP_TASK
 from billing.webhooks import handlers, service
 from billing.webhooks.publish import enqueuer
 from billing.webhooks.tasks import process_webhook, sweep_webhooks

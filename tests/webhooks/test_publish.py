@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from billing import broker, logs
+from billing import broker, logs, publish_transport
 from billing.broker import make_sender
-from billing.celery_app import WEBHOOK_PROCESS_TASK as PROCESS_TASK
+from billing.task_names import WEBHOOK_PROCESS_TASK as PROCESS_TASK
 from billing.webhooks.publish import background_publisher, enqueuer
 from tests.fixtures.webhooks import (
     AppServer,
@@ -56,7 +56,7 @@ def test_sender_publishes_celery_messages_to_the_billing_queue_through_one_clien
     }
     # One producer (one connection, one channel, one Redis client) served every publish.
     (producer,) = runtime.task_publisher._idle
-    assert isinstance(producer.channel, broker.PublishChannel)
+    assert isinstance(producer.channel, publish_transport.PublishChannel)
     client = producer.channel._publish_client
     enqueue("evt_sender_4")
     assert runtime.task_publisher._idle == [producer]
