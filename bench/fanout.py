@@ -8,6 +8,9 @@ over `--rounds`) it starts a real prefork worker (`celery worker -c W`) on the b
 in-process sending, no fan-out), waits for it to be ready, queues `billing.usage.flush_hourly`
 and times it to its result. The emulator runs at `--limits live` (1,000 meter events/s, 429
 beyond); the client limit is `--rate` (with W>1 the shared Redis limit of every process).
+`--latency-ms 0,20` holds every meter event call that long in the emulator, as a network round
+trip to Stripe would (a lane then sends at most 1,000/latency calls a second); each latency is run
+with every worker count in every round.
 
 Printed, and written as JSON (`--output`, default bench/results/fanout.json): calls, 429s, wall
 seconds, calls/s, worker CPU (every pool process) and emulator CPU per call, load average, and
@@ -39,6 +42,7 @@ from bench import flush as flush_bench  # noqa: E402  (its emulator, schema and 
 RESULTS = ROOT / "bench" / "results" / "fanout.json"
 BIN = Path(sys.executable).parent
 REDIS_URL = os.environ.get("BILLING_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+METER_EVENTS = "/v1/billing/meter_events"
 QUICK = {"events": 6000, "orgs": 400, "hours": 2, "rounds": 1}
 
 
@@ -144,7 +148,7 @@ def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers:
         worker.terminate()
         worker.wait(30)
     stats = flush_bench._control(api_base, "stats")
-    by_status = stats["responses"].get("POST /v1/billing/meter_events", {})
+    by_status = stats["responses"].get(f"POST {METER_EVENTS}", {})
     unsent = int(flush_bench._sql("SELECT count(*) FROM usage_submissions WHERE status <> 'sent'"))
     accepted = by_status.get("200", 0)
     return {
@@ -166,14 +170,16 @@ def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers:
 
 
 HEADER = (
-    f"{'round':>5} {'workers':>7} | {'calls':>6} {'429':>5} {'wall s':>7} {'calls/s':>8} | "
+    f"{'round':>5} {'ms/call':>7} {'workers':>7} | "
+    f"{'calls':>6} {'429':>5} {'wall s':>7} {'calls/s':>8} | "
     f"{'worker CPU ms/call':>18} {'emulator':>8} | {'load1':>5} | exact"
 )
 
 
 def _print(row: dict[str, Any], round_: int) -> None:
     print(
-        f"{round_:>5} {row['workers']:>7} | {row['calls']:>6} {row['rate_limited_429']:>5} "
+        f"{round_:>5} {row['latency_ms']:>7g} {row['workers']:>7} | "
+        f"{row['calls']:>6} {row['rate_limited_429']:>5} "
         f"{row['wall_seconds']:>7.2f} {row['calls_per_second']:>8.0f} | "
         f"{row['worker_cpu_ms_per_call']:>18.3f} {row['emulator_cpu_ms_per_call']:>8.3f} | "
         f"{row['load1_before']:>5.1f} | {'yes' if row['exact'] else 'NO'}",
@@ -181,13 +187,26 @@ def _print(row: dict[str, Any], round_: int) -> None:
     )
 
 
+def _set_latency(api_base: str, latency_ms: float) -> None:
+    flush_bench._control(api_base, "faults", {"clear": True})
+    if latency_ms:
+        rule = {"path": METER_EVENTS, "method": "POST", "latency_ms": latency_ms}
+        flush_bench._control(api_base, "faults", rule)
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    by_workers: dict[int, list[float]] = {}
+    """W workers' calls/s over one worker's at the same latency, medians of the rounds."""
+    by_shape: dict[tuple[float, int], list[float]] = {}
     for row in rows:
-        by_workers.setdefault(row["workers"], []).append(row["calls_per_second"])
-    medians = {w: flush_bench._median(v) for w, v in by_workers.items()}
-    base = medians.get(1)
-    return {f"{w}_vs_1": medians[w] / base for w in sorted(medians) if base and w != 1}
+        key = (row.get("latency_ms", 0.0), row["workers"])
+        by_shape.setdefault(key, []).append(row["calls_per_second"])
+    medians = {key: flush_bench._median(v) for key, v in by_shape.items()}
+    summary = {}
+    for (latency, workers), median in sorted(medians.items()):
+        base = medians.get((latency, 1))
+        if base and workers != 1:
+            summary[f"{workers}_vs_1_at_{latency:g}ms"] = median / base
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--limits", choices=("live", "off"), default="live")
     parser.add_argument("--rate", type=float, default=1000.0, help="the client's limit, calls/s")
+    parser.add_argument(
+        "--latency-ms", default="0", help="comma-separated round trips of a meter event call"
+    )
     parser.add_argument("--broker", default=REDIS_URL, help="CELERY_BROKER_URL of the workers")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK} (under a minute)")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -207,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in QUICK.items():
             setattr(args, name, value)
     counts = [int(w) for w in args.workers.split(",")]
+    latencies = [float(ms) for ms in args.latency_ms.split(",")]
 
     emulator, api_base = flush_bench.start_emulator()
     rows: list[dict[str, Any]] = []
@@ -227,29 +250,34 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.events} events over {args.orgs} organizations and {args.hours} h: "
             f"{prepared['groups']} groups ({claimed.submissions_sent} outbox rows); machine "
-            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; emulator {args.limits}",
             flush=True,
         )
         flush_bench._control(api_base, "limits", {"preset": args.limits})
         print(HEADER, flush=True)
         for round_ in range(1, args.rounds + 1):
-            for workers in counts:
-                row = run_one(args, api_base, emulator.pid, workers, f"r{round_}w{workers}")
-                row["round"] = round_
-                rows.append(row)
-                _print(row, round_)
+            for latency in latencies:
+                _set_latency(api_base, latency)
+                for workers in counts:
+                    tag = f"r{round_}l{latency:g}w{workers}"
+                    row = run_one(args, api_base, emulator.pid, workers, tag)
+                    row.update(round=round_, latency_ms=latency)
+                    rows.append(row)
+                    _print(row, round_)
     finally:
         emulator.terminate()
         emulator.wait(10)
         flush_bench._drop_schema()
     summary = ratios(rows)
     for name, value in summary.items():
-        print(f"calls/s {name.replace('_vs_', ' workers vs ')}: {value:.2f}x (median of rounds)")
+        workers, latency = name.split("_vs_1_at_")
+        print(f"calls/s {workers} workers vs 1 at {latency}: {value:.2f}x (median of rounds)")
     report = {
         "benchmark": "hourly task sending on 1, 2, 4 worker processes",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "shape": {"events": args.events, "orgs": args.orgs, "hours": args.hours},
         "limits": args.limits,
+        "latencies_ms": latencies,
         "client_rate_per_second": args.rate,
         "runs": rows,
         "ratios": summary,

@@ -862,6 +862,7 @@ def _delegate(args: argparse.Namespace) -> int:
         from bench import fanout
 
         shape = ["--workers", args.workers, "--limits", args.limits, "--rounds", str(args.rounds)]
+        shape += ["--latency-ms", args.latency_ms]
         if args.sizes:
             shape += ["--events", args.sizes.split(",")[0]]
         if args.orgs:
@@ -972,6 +973,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --groups: that many groups on v1 and v2 side by side (bench/stream.py)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="--submit: interleaved rounds")
+    parser.add_argument(
+        "--latency-ms",
+        default="0",
+        help="with --workers: comma-separated round trips of a meter event call (e.g. 0,20)",
+    )
     parser.add_argument(
         "--baseline", type=Path, help="another checkout (e.g. main) whose flush runs beside"
     )

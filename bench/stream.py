@@ -10,13 +10,15 @@ limit under each ceiling (v1 900/s, v2 9,000 requests/s), logging at INFO to a f
 production. It prints and writes (`--output`, default bench/results/stream.json): wall time,
 its split (claim batches, stream requests, recording their rows), requests and events sent (the
 emulator's counts), groups/s, the flush process's CPU per group, peak RSS, whether Stripe's
-totals equal the database's, and the v2/v1 speed-up per N.
+totals equal the database's, and the v2/v1 speed-up per N; beside each flush, the seconds of a
+plain `INSERT … SELECT` of its N events and the flush's multiple of it (machines of this kind
+differ by up to 3x: the multiple travels, the seconds do not).
 
-v1 at a million groups takes over half an hour: `--v1-groups M` flushes M groups with v1 *and* v2
-side by side (the measured ratio), and v2 alone at each `--groups` N, whose v1 time is then
-extrapolated linearly from v1's time per group at M (printed as such). `--profile PATH` writes a
-cProfile of the largest v2 flush's main thread, and `PATH.laneN` one per lane run (open with
-`python -m pstats`).
+v1 at a million groups takes about 19 minutes (its 900/s client limit): `--v1-groups M` flushes M
+groups with v1 *and* v2 side by side (the measured ratio), and v2 alone at each `--groups` N,
+whose v1 time is then extrapolated linearly from v1's time per group at M (printed as such).
+`--profile PATH` writes a cProfile of the largest v2 flush's main thread, and `PATH.laneN` one per
+lane run (open with `python -m pstats`).
 
     .venv/bin/python bench/stream.py [--groups 2000,10000] [--v1-groups M] [--quick]
         [--profile PATH] [--output PATH]
@@ -78,6 +80,7 @@ def prepare(api_base: str, groups: int) -> dict[str, float]:
             "FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS t(id, n)",
             {"ids": made["ids"]},
         )
+        events_started = time.monotonic()
         connection.exec_driver_sql(
             "INSERT INTO billable_events (organization_id, event_type, quantity, occurred_at, "
             "source, idempotency_key, created_at) "
@@ -85,6 +88,7 @@ def prepare(api_base: str, groups: int) -> dict[str, float]:
             "1 + mod(i, 7), date_trunc('hour', now()) - interval '50 minutes', 'zeitgeist', "
             f"'bench-' || i, now() FROM generate_series(0, {orgs * len(METERS) - 1}) AS i"
         )
+        events_seconds = time.monotonic() - events_started
         connection.exec_driver_sql("ANALYZE billing_accounts")
         connection.exec_driver_sql("ANALYZE billable_events")
         connection.exec_driver_sql("CHECKPOINT")
@@ -92,6 +96,8 @@ def prepare(api_base: str, groups: int) -> dict[str, float]:
     return {
         "customers_seconds": round(customers_seconds, 2),
         "rows_seconds": round(time.monotonic() - started, 2),
+        # The machine's pace beside the flush: a plain INSERT … SELECT of the same N events.
+        "insert_events_seconds": round(events_seconds, 2),
     }
 
 
@@ -246,6 +252,7 @@ def run_one(
         "groups": groups,
         "setup_seconds": setup,
         "seconds": round(seconds, 3),
+        "x_insert_events": round(seconds / setup["insert_events_seconds"], 2),
         "phases_seconds": flushed["phases_seconds"],
         "batches": flushed["batches"],
         "requests": requests,
@@ -265,7 +272,7 @@ def run_one(
 HEADER = (
     f"{'api':>3} {'groups':>8} {'seconds':>8} {'requests':>8} {'events':>8} {'429s':>5} "
     f"{'groups/s':>9} {'cpu µs/grp':>10} {'emu µs/grp':>10} {'rss MB':>7} {'claim s':>7} "
-    f"{'send s':>7} {'record s':>8} {'load1':>5} exact"
+    f"{'send s':>7} {'record s':>8} {'insert s':>8} {'x ins':>6} {'load1':>5} exact"
 )
 
 
@@ -278,7 +285,8 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['peak_rss_mb']:>7.0f} "
         f"{phases.get('claim', 0):>7.1f} "
         f"{phases.get('stream_requests', phases.get('v1_calls', 0)):>7.1f} "
-        f"{phases.get('record', 0):>8.1f} {row['load1_before']:>5.1f} {row['exact']}",
+        f"{phases.get('record', 0):>8.1f} {row['setup_seconds']['insert_events_seconds']:>8.2f} "
+        f"{row['x_insert_events']:>6.1f} {row['load1_before']:>5.1f} {row['exact']}",
         flush=True,
     )
 

@@ -88,6 +88,30 @@ def test_coordinator_alone_sends_every_part_exactly_once(
     assert leftover_keys(runtime) == []
 
 
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_parts_read_in_several_chunks_count_every_row_once(
+    billing_settings, make_runtime, emulator, backlog, api
+):
+    """Parts of ~60 rows, each loaded 7 rows at a time on v1 (v2 loads `streaming.LOAD_ROWS` at
+    a time and streams each part's rows): the run's result counts every row once."""
+    customers, rows = backlog
+    runtime = make_runtime(
+        billing_settings.replace(
+            submit_fanout_tasks=3,
+            submit_fanout_part_rows=60,
+            flush_batch_size=7,
+            stripe_meter_event_api=api,
+        )
+    )
+    result = flush_guarded(runtime, fan_out=fanout.Coordinator(runtime, lambda *_: None))
+    groups = len(groups_by_org(runtime))
+    assert result.ok and result.submissions_sent == groups
+    assert sum(result.billed_value.values()) == sum(r["quantity"] for r in rows)
+    assert emulator.billed() == expected_totals(rows, customers)
+    assert emulator.stats()["meter_events"]["accepted"] == groups
+    assert submission_statuses(runtime) == {"sent": groups}
+
+
 def test_submit_tasks_share_the_parts_and_the_result_counts_them_all(
     billing_settings, make_runtime, emulator, backlog
 ):
