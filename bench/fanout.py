@@ -13,9 +13,9 @@ trip to Stripe would (a lane then sends at most 1,000/latency calls a second); e
 with every worker count in every round.
 
 Printed, and written as JSON (`--output`, default bench/results/fanout.json): calls, 429s, wall
-seconds, calls/s, worker CPU (every pool process) and emulator CPU per call, load average, and
-whether every row was sent with Stripe's totals equal to the database's; then the ratios of
-W workers' calls/s to one worker's (median over the rounds).
+seconds, calls/s, worker CPU (every pool process) and emulator CPU per call, the largest pool
+process's peak RSS, load average, and whether every row was sent with Stripe's totals equal to
+the database's; then the ratios of W workers' calls/s to one worker's (median over the rounds).
 
     .venv/bin/python bench/fanout.py [--events 20000] [--orgs 1000] [--workers 1,2,4] [--quick]
 """
@@ -92,6 +92,18 @@ def _pool_cpu(worker_pid: int) -> float:
     return sum(flush_bench._process_cpu(int(pid)) for pid in [worker_pid, *map(int, children)])
 
 
+def _pool_peak_rss_mb(worker_pid: int) -> float:
+    """The largest peak resident set (VmHWM) of the worker and its pool children, in MB: forked
+    children share the parent's pages, so a sum would count those again."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    peaks = []
+    for pid in [worker_pid, *map(int, children)]:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
 def _start_worker(settings: Any, processes: int, log_path: Path) -> subprocess.Popen:
     command = [
         str(BIN / "celery"),
@@ -143,6 +155,7 @@ def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers:
             sender.close()
         wall = time.monotonic() - started
         cpu = _pool_cpu(worker.pid) - cpu_before
+        peak_rss = _pool_peak_rss_mb(worker.pid)
         emulator_cpu = flush_bench._process_cpu(emulator_pid) - emulator_before
     finally:
         worker.terminate()
@@ -160,6 +173,7 @@ def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers:
         "calls_per_second": calls / wall,
         "worker_cpu_ms_per_call": cpu / calls * 1000,
         "emulator_cpu_ms_per_call": emulator_cpu / calls * 1000,
+        "peak_rss_mb": peak_rss,
         "load1_before": load_before,
         "load1_after": os.getloadavg()[0],
         "exact": outcome["ok"]
@@ -172,7 +186,7 @@ def run_one(args: argparse.Namespace, api_base: str, emulator_pid: int, workers:
 HEADER = (
     f"{'round':>5} {'ms/call':>7} {'workers':>7} | "
     f"{'calls':>6} {'429':>5} {'wall s':>7} {'calls/s':>8} | "
-    f"{'worker CPU ms/call':>18} {'emulator':>8} | {'load1':>5} | exact"
+    f"{'worker CPU ms/call':>18} {'emulator':>8} | {'RSS MB':>6} | {'load1':>5} | exact"
 )
 
 
@@ -182,6 +196,7 @@ def _print(row: dict[str, Any], round_: int) -> None:
         f"{row['calls']:>6} {row['rate_limited_429']:>5} "
         f"{row['wall_seconds']:>7.2f} {row['calls_per_second']:>8.0f} | "
         f"{row['worker_cpu_ms_per_call']:>18.3f} {row['emulator_cpu_ms_per_call']:>8.3f} | "
+        f"{row['peak_rss_mb']:>6.0f} | "
         f"{row['load1_before']:>5.1f} | {'yes' if row['exact'] else 'NO'}",
         flush=True,
     )
