@@ -86,18 +86,22 @@ def _env(settings: Any) -> dict[str, str]:
     return env
 
 
+def _pool_pids(worker_pid: int) -> list[int]:
+    """The worker's pid and its pool children's."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    return [worker_pid, *map(int, children)]
+
+
 def _pool_cpu(worker_pid: int) -> float:
     """CPU seconds of the worker and its pool children so far."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
-    return sum(flush_bench._process_cpu(int(pid)) for pid in [worker_pid, *map(int, children)])
+    return sum(flush_bench._process_cpu(pid) for pid in _pool_pids(worker_pid))
 
 
 def _pool_peak_rss_mb(worker_pid: int) -> float:
     """The largest peak resident set (VmHWM) of the worker and its pool children, in MB: forked
     children share the parent's pages, so a sum would count those again."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
     peaks = []
-    for pid in [worker_pid, *map(int, children)]:
+    for pid in _pool_pids(worker_pid):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peaks.append(int(line.split()[1]) / 1024)
