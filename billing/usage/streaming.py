@@ -19,6 +19,7 @@ the rows' identifiers make the re-send harmless, as after a crash. Logging is pe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -97,6 +98,9 @@ class StreamSender:
         self.retrying = retrying
         self.call_attempts = call_attempts
         self.log = lane_log
+        # Lanes count into the one run result at once: a read-add-write of a total must not
+        # interleave with another lane's, or a count is lost.
+        self._counting = threading.Lock()
 
     def submit(self, rows: Sequence[UsageSubmission]) -> None:
         send_lane = logs.carry_context(self._send_lane)
@@ -122,7 +126,8 @@ class StreamSender:
     def _sendable(self, row: UsageSubmission) -> bool:
         if self.call_attempts >= 1 and self.stops.covering(row) is None:
             return True
-        self.result.submissions_stopped += 1  # left pending, untouched, for the next run
+        with self._counting:
+            self.result.submissions_stopped += 1  # left pending, untouched, for the next run
         return False
 
     def _send_request(self, rows: list[UsageSubmission]) -> bool:
@@ -169,10 +174,11 @@ class StreamSender:
         self._count_sent([r for r in rows if r.id in recorded])
 
     def _count_sent(self, rows: list[UsageSubmission]) -> None:
-        self.result.submissions_sent += len(rows)
-        billed = self.result.billed_value
-        for row in rows:
-            billed[row.event_type] = billed.get(row.event_type, 0) + row.value
+        with self._counting:
+            self.result.submissions_sent += len(rows)
+            billed = self.result.billed_value
+            for row in rows:
+                billed[row.event_type] = billed.get(row.event_type, 0) + row.value
 
     def _failed(self, rows: list[UsageSubmission], error: StripeGatewayError) -> None:
         transient = isinstance(error, TransientStripeError)
@@ -194,7 +200,8 @@ class StreamSender:
             )
         if isinstance(error, PermanentStripeError) and error.scope != ErrorScope.ROW:
             self.stops.stop(error, rows[0])  # the key or the account: rows stay pending
-            self.result.submissions_stopped += len(rows)
+            with self._counting:
+                self.result.submissions_stopped += len(rows)
             return
         status = SubmissionStatus.PENDING if transient else SubmissionStatus.FAILED
         now = self.clock()
@@ -212,8 +219,9 @@ class StreamSender:
                     key_generation=UsageSubmission.key_generation + (0 if transient else 1),
                 )
             )
-        if transient:
-            self.result.submissions_pending += len(rows)
-        else:
-            self.result.submissions_failed += len(rows)
-        self.result.last_error = str(error)
+        with self._counting:
+            if transient:
+                self.result.submissions_pending += len(rows)
+            else:
+                self.result.submissions_failed += len(rows)
+            self.result.last_error = str(error)

@@ -5,6 +5,7 @@ request re-sent whole, a flush killed mid-stream repaired by the next run."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import timedelta
 
@@ -13,8 +14,9 @@ import sqlalchemy as sa
 
 from billing import logs, metrics
 from billing.models import UsageSubmission, utcnow
+from billing.usage.result import FlushResult
 from billing.usage.service import flush_pass
-from billing.usage.streaming import deal
+from billing.usage.streaming import StreamSender, deal
 from tests.factories import (
     add_accounts,
     add_events,
@@ -210,3 +212,30 @@ def test_lanes_are_dealt_runs_of_ids_and_a_pair_stays_in_one_lane():
         for r in lane:
             assert lane_of_pair.setdefault((r.stripe_customer_id, r.event_name), number) == number
     assert [len(lane) for lane in deal(rows[:3], 8)] == [1, 1, 1]
+
+
+def test_lanes_counting_at_the_same_time_lose_no_count():
+    """Lanes count their recorded rows into the one run result at the same time. A lane that read
+    a total and lost the GIL before writing it back (forced here between `billed.get` and the
+    store) would overwrite another lane's count: the result's billed totals and counts would be
+    short of what was sent."""
+
+    class YieldingTotals(dict):
+        def get(self, *args):
+            value = super().get(*args)
+            time.sleep(0)  # another lane runs between this read and its write
+            return value
+
+    result = FlushResult(billed_value=YieldingTotals())
+    sender = StreamSender(
+        None, None, None, result,
+        clock=utcnow, lanes=None, lane_count=8, retrying=None, call_attempts=1, lane_log=None,
+    )  # fmt: skip
+    rows = [UsageSubmission(event_type="api_call", value=1) for _ in range(300)]
+    lanes = [threading.Thread(target=sender._count_sent, args=(rows,)) for _ in range(8)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join()
+    assert result.billed_value == {"api_call": 2400}
+    assert result.submissions_sent == 2400
