@@ -272,6 +272,15 @@ class BackgroundPublisher:
             thread.join(timeout)
 
 
+def import_sender_modules() -> None:
+    """Import what a sender publishes with, for a process that publishes from its first request
+    on (the web worker, before it freezes what it loaded: `billing.gunicorn_conf`)."""
+    import celery.app.amqp  # noqa: F401
+    import kombu.messaging  # noqa: F401
+
+    import billing.publish_transport  # noqa: F401
+
+
 def make_sender(settings: Settings) -> Celery:
     """A Celery app that only sends, built from `settings` (its broker URL, its queue).
 

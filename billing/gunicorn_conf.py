@@ -97,6 +97,10 @@ def post_worker_init(worker: Any) -> None:
     collector's reach. A full collection otherwise walks all of it with the worker stopped,
     long enough to make the endpoint's p99 (figures in docs/performance.md). What is made later
     is collected as usual; the collection first frees the start-up garbage, which freezing would
-    keep for good."""
+    keep for good. Celery and kombu are not imported by the app (the CLI does not need them):
+    imported here, they are frozen too, rather than on the first delivery, outside the freeze."""
+    from billing.broker import import_sender_modules
+
+    import_sender_modules()
     gc.collect()
     gc.freeze()

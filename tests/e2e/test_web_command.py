@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -178,6 +179,24 @@ def test_each_worker_freezes_what_the_loaded_app_holds():
         assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_a_worker_freezes_the_publishers_modules_too():
+    """The app does not import Celery or kombu (the CLI need not pay for them), but the web
+    worker publishes every delivery: they are loaded before the freeze, not on the first one."""
+    probe = (
+        "import sys, billing.app\n"
+        "assert 'celery' not in sys.modules\n"
+        "from billing import gunicorn_conf\n"
+        "gunicorn_conf.post_worker_init(worker=None)\n"
+        "names = ('celery', 'kombu', 'billing.publish_transport')\n"
+        "print(sorted(m for m in names if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['billing.publish_transport', 'celery', 'kombu']"
 
 
 @pytest.mark.parametrize(("name", "value", "line"), BAD_SETTINGS, ids=IDS)
