@@ -100,12 +100,7 @@ def _pool_cpu(worker_pid: int) -> float:
 def _pool_peak_rss_mb(worker_pid: int) -> float:
     """The largest peak resident set (VmHWM) of the worker and its pool children, in MB: forked
     children share the parent's pages, so a sum would count those again."""
-    peaks = []
-    for pid in _pool_pids(worker_pid):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks)
+    return max(flush_bench.process_peak_rss_mb(pid) for pid in _pool_pids(worker_pid))
 
 
 def _start_worker(settings: Any, processes: int, log_path: Path) -> subprocess.Popen:
@@ -213,19 +208,19 @@ def _set_latency(api_base: str, latency_ms: float) -> None:
         flush_bench._control(api_base, "faults", rule)
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """W workers' calls/s over one worker's at the same latency, medians of the rounds."""
+def ratios(rows: list[dict[str, Any]]) -> list[tuple[float, int, float]]:
+    """(latency ms, W, W workers' calls/s over one worker's at that latency), medians of the
+    rounds."""
     by_shape: dict[tuple[float, int], list[float]] = {}
     for row in rows:
-        key = (row.get("latency_ms", 0.0), row["workers"])
+        key = (row["latency_ms"], row["workers"])
         by_shape.setdefault(key, []).append(row["calls_per_second"])
     medians = {key: flush_bench._median(v) for key, v in by_shape.items()}
-    summary = {}
-    for (latency, workers), median in sorted(medians.items()):
-        base = medians.get((latency, 1))
-        if base and workers != 1:
-            summary[f"{workers}_vs_1_at_{latency:g}ms"] = median / base
-    return summary
+    return [
+        (latency, workers, median / medians[(latency, 1)])
+        for (latency, workers), median in sorted(medians.items())
+        if workers != 1 and medians.get((latency, 1))
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,9 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         emulator.wait(10)
         flush_bench._drop_schema()
     summary = ratios(rows)
-    for name, value in summary.items():
-        workers, latency = name.split("_vs_1_at_")
-        print(f"calls/s {workers} workers vs 1 at {latency}: {value:.2f}x (median of rounds)")
+    for latency, workers, ratio in summary:
+        print(f"calls/s {workers} workers vs 1 at {latency:g}ms: {ratio:.2f}x (median of rounds)")
     report = {
         "benchmark": "hourly task sending on 1, 2, 4 worker processes",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -299,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "latencies_ms": latencies,
         "client_rate_per_second": args.rate,
         "runs": rows,
-        "ratios": summary,
+        "ratios": {f"{w}_vs_1_at_{ms:g}ms": ratio for ms, w, ratio in summary},
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -477,13 +477,17 @@ def peak_rss_mb() -> float:
     bench's own peak (432 MB for a million groups, whose expected totals the parent holds), not
     its own (VmHWM, and an outside sampler of VmRSS every 0.5 s: 155 MB)."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return process_peak_rss_mb("self")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_peak_rss_mb(pid: int | str) -> float:
+    """A process's peak resident set (VmHWM from /proc), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmHWM for process {pid}")
 
 
 def _timed(fn: Any) -> tuple[Any, dict[str, float]]:
